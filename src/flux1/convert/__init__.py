@@ -1,0 +1,1 @@
+"""Converters: each outside weight naming -> the canonical names of flux1's modules."""

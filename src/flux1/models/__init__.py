@@ -1,0 +1,1 @@
+"""The MLX networks of FLUX.1."""

@@ -1,0 +1,106 @@
+"""The one linear layer of the project: dense or quantized weights, plus low-rank adapters."""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flux1 import backend
+
+
+@dataclass
+class LowRankAdapter:
+    """Adds `scale * (x @ down.T) @ up.T` to the output; `up` has the layer's full output rows
+    (a LoRA for one row slice of a fused weight is zero outside that slice)."""
+
+    down: mx.array  # [rank, in]
+    up: mx.array  # [out, rank]
+    scale: float
+
+    def __call__(self, x: mx.array) -> mx.array:
+        dtype = x.dtype
+        return (x @ self.down.astype(dtype).T) @ (self.scale * self.up.astype(dtype)).T
+
+
+class Linear(nn.Module):
+    """`y = x W^T + b`. W is dense (any float dtype) or MLX affine-quantized
+    (`weight` uint32 codes, `scales`, `biases`, with `bits` and `group_size`)."""
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool = True):
+        super().__init__()
+        self.weight = mx.zeros((output_dims, input_dims))
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+        self.bits: int | None = None
+        self.group_size: int | None = None
+        object.__setattr__(self, "adapters", [])
+
+    @property
+    def input_dims(self) -> int:
+        if self.bits is None:
+            return self.weight.shape[1]
+        return self.weight.shape[1] * 32 // self.bits
+
+    @property
+    def output_dims(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.bits is not None
+
+    def set_quantized(self, weight, scales, biases, bits: int, group_size: int) -> None:
+        """Hold already-quantized weights (from a saved folder or a GGUF file)."""
+        self.weight, self.scales, self.biases = weight, scales, biases
+        self.bits, self.group_size = bits, group_size
+
+    def quantize(self, bits: int, group_size: int) -> bool:
+        """Quantize the dense weight in place; False (and unchanged) if the width does not fit."""
+        if self.bits is not None or self.input_dims % group_size:
+            return False
+        weight, scales, biases = mx.quantize(self.weight, group_size=group_size, bits=bits)
+        self.set_quantized(weight, scales, biases, bits, group_size)
+        return True
+
+    def dense_weight(self, dtype: mx.Dtype | None = None) -> mx.array:
+        """The weight as a dense matrix [out, in] (dequantized if quantized)."""
+        if self.bits is None:
+            weight = self.weight
+        else:
+            weight = mx.dequantize(
+                self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits
+            )
+        return weight if dtype is None else weight.astype(dtype)
+
+    def add_adapter(self, adapter: LowRankAdapter) -> None:
+        expected = (self.output_dims, self.input_dims)
+        got = (adapter.up.shape[0], adapter.down.shape[1])
+        if got != expected:
+            raise ValueError(f"adapter of shape [out, in] = {list(got)} on a layer of {list(expected)}")
+        self.adapters.append(adapter)
+
+    def clear_adapters(self) -> None:
+        self.adapters.clear()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if backend.on_cpu():
+            # MLX's CPU bf16 and quantized matmuls bypass BLAS: expand to fp32 per call instead.
+            x = x.astype(mx.float32)
+            y = x @ self.dense_weight(mx.float32).T
+        elif self.bits is None:
+            y = x @ self.weight.astype(x.dtype).T
+        else:
+            y = mx.quantized_matmul(
+                x,
+                self.weight,
+                self.scales,
+                self.biases,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+            )
+        if "bias" in self:
+            y = y + self.bias.astype(y.dtype)
+        for adapter in self.adapters:
+            y = y + adapter(x)
+        return y

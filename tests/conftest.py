@@ -1,0 +1,35 @@
+"""Session-wide fixtures: tiny random-weight checkpoints, built once, in the real Hugging Face layout."""
+
+import pytest
+import torch
+
+from flux1.fixtures.build import build_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell(tmp_path_factory):
+    """A tiny FLUX.1-schnell folder (fp32), plus flux1-schnell.safetensors and ae.safetensors beside it."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-schnell"), "tiny", "schnell", "float32", bfl=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dev(tmp_path_factory):
+    """A tiny FLUX.1-dev folder (fp32, with the guidance embedder), plus its BFL single files."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-dev"), "tiny", "dev", "float32", seed=1, bfl=True)
+
+
+@pytest.fixture(scope="session", params=["schnell", "dev"])
+def tiny_checkpoint(request):
+    """Both variants, for tests that must hold for each."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+def relative_error(ours, reference) -> float:
+    """||ours - reference|| / ||reference||, as numpy float64."""
+    import numpy as np
+
+    ours = np.asarray(ours, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
