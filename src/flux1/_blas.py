@@ -33,7 +33,9 @@ def load_blas() -> str | None:
     if loaded or not sys.platform.startswith("linux"):
         return loaded  # macOS: MLX uses Accelerate / Metal already.
     if "mlx.core" in sys.modules:
-        warnings.warn("flux1: mlx was imported before flux1, so no optimized BLAS could be loaded")
+        warnings.warn(
+            "flux1: mlx was imported before flux1, so no optimized BLAS could be loaded", stacklevel=2
+        )
         return None
     # MKL's default Intel threading layer needs libiomp5; GNU OpenMP is always there with gcc.
     os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
@@ -48,6 +50,7 @@ def load_blas() -> str | None:
                 return loaded
     warnings.warn(
         "flux1: no optimized BLAS found (pip install mkl, or apt install libopenblas0): "
-        "MLX's CPU matmuls will run about 40x slower"
+        "MLX's CPU matmuls will run about 40x slower",
+        stacklevel=2,
     )
     return None
