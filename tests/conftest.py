@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flux1.fixtures.build import build_checkpoint
+import flux1  # noqa: F401  (first: loads the BLAS before anything imports mlx)
 
 torch.set_num_threads(2)
 
@@ -11,12 +11,16 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_schnell(tmp_path_factory):
     """A tiny FLUX.1-schnell folder (fp32), plus flux1-schnell.safetensors and ae.safetensors beside it."""
+    from flux1.fixtures.build import build_checkpoint
+
     return build_checkpoint(tmp_path_factory.mktemp("tiny-schnell"), "tiny", "schnell", "float32", bfl=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_dev(tmp_path_factory):
     """A tiny FLUX.1-dev folder (fp32, with the guidance embedder), plus its BFL single files."""
+    from flux1.fixtures.build import build_checkpoint
+
     return build_checkpoint(tmp_path_factory.mktemp("tiny-dev"), "tiny", "dev", "float32", seed=1, bfl=True)
 
 
