@@ -1,0 +1,156 @@
+"""The blocks of the FLUX transformer, as in Black Forest Labs' reference (flux/modules/layers.py)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flux1.models.embeddings import apply_rope
+from flux1.nn.activations import gelu_tanh
+from flux1.nn.attention import attention
+from flux1.nn.linear import Linear
+
+_EPS = 1e-6
+
+
+class GELU(nn.Module):
+    def __call__(self, x: mx.array) -> mx.array:
+        return gelu_tanh(x)
+
+
+class SiLU(nn.Module):
+    def __call__(self, x: mx.array) -> mx.array:
+        return nn.silu(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = mx.ones((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.scale.astype(x.dtype), _EPS)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+
+def layer_norm(x: mx.array) -> mx.array:
+    """LayerNorm without affine parameters (the adaptive norms bring their own scale and shift)."""
+    return mx.fast.layer_norm(x, None, None, _EPS)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    return (1 + scale) * layer_norm(x) + shift
+
+
+class Modulation(nn.Module):
+    """lin(silu(vec)) cut into (shift, scale, gate) once or twice."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.chunks = 6 if double else 3
+        self.lin = Linear(dim, self.chunks * dim)
+
+    def __call__(self, vec: mx.array) -> list[mx.array]:
+        return mx.split(self.lin(nn.silu(vec))[:, None, :], self.chunks, axis=-1)
+
+
+class SelfAttention(nn.Module):
+    """The fused qkv projection, per-head RMS norm of q and k, and the output projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = Linear(dim, dim)
+
+    def heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """x [B, L, D] -> normed q, k and v, each [B, heads, L, head_dim]."""
+        return split_heads(self.qkv(x), self.num_heads, self.norm)
+
+
+def split_heads(qkv: mx.array, num_heads: int, norm: QKNorm) -> tuple[mx.array, mx.array, mx.array]:
+    batch, length, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, length, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)
+    return norm.query_norm(q), norm.key_norm(k), v
+
+
+def rope_attention(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
+    """Attention over RoPE-rotated q and k; heads merged back: [B, L, heads * head_dim]."""
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    batch, heads, length, head_dim = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
+
+
+def mlp(dim: int, hidden: int) -> list[nn.Module]:
+    return [Linear(dim, hidden), GELU(), Linear(hidden, dim)]
+
+
+def run(layers: list[nn.Module], x: mx.array) -> mx.array:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text tokens, each with its own weights, attending jointly over [text, image]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.img_mod = Modulation(dim, double=True)
+        self.img_attn = SelfAttention(dim, num_heads)
+        self.img_mlp = mlp(dim, hidden)
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_attn = SelfAttention(dim, num_heads)
+        self.txt_mlp = mlp(dim, hidden)
+
+    def __call__(self, img, txt, vec, rope):
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.heads(modulate(img, img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(txt, txt_shift1, txt_scale1))
+        joint = [mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
+        attn = rope_attention(*joint, rope)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        img = img + img_gate1 * self.img_attn.proj(img_attn)
+        img = img + img_gate2 * run(self.img_mlp, modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2 * run(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One fused projection to q, k, v and the MLP input; one projection back from [attention, mlp]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.linear1 = Linear(dim, 3 * dim + int(dim * mlp_ratio))
+        self.linear2 = Linear(dim + int(dim * mlp_ratio), dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.modulation = Modulation(dim, double=False)
+
+    def __call__(self, x, vec, rope):
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp_in = mx.split(self.linear1(modulate(x, shift, scale)), [3 * self.dim], axis=-1)
+        attn = rope_attention(*split_heads(qkv, self.num_heads, self.norm), rope)
+        return x + gate * self.linear2(mx.concatenate([attn, gelu_tanh(mlp_in)], axis=-1))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.linear = Linear(dim, out_channels)
+        self.adaLN_modulation = [SiLU(), Linear(dim, 2 * dim)]
+
+    def __call__(self, x: mx.array, vec: mx.array) -> mx.array:
+        shift, scale = mx.split(run(self.adaLN_modulation, vec)[:, None, :], 2, axis=-1)
+        return self.linear(modulate(x, shift, scale))
