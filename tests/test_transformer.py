@@ -56,7 +56,7 @@ def _ours(model, x: dict) -> np.ndarray:
 
 def test_velocity_equals_diffusers(transformer_folder):
     reference, info = FluxTransformer2DModel.from_pretrained(transformer_folder, output_loading_info=True)
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     model = load_transformer(transformer_folder)
     x = _inputs(model.guidance_embeds)
     t = {k: None if v is None else torch.from_numpy(v) for k, v in x.items()}

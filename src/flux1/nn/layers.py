@@ -1,0 +1,26 @@
+"""Small layers with parameters, shared by the text encoders and the VAE."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dim,))
+        self.bias = mx.zeros((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.layer_norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype), self.eps)
+
+
+class Embedding(nn.Module):
+    """A lookup table (kept in its stored dtype; rows are cast by the caller)."""
+
+    def __init__(self, count: int, dim: int):
+        super().__init__()
+        self.weight = mx.zeros((count, dim))
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.weight[ids]
