@@ -1,0 +1,199 @@
+"""The FLUX.1 autoencoder (diffusers AutoencoderKL, 16 latent channels), NHWC as MLX convolves."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flux1.nn.attention import attention
+from flux1.nn.linear import Linear
+
+_EPS = 1e-6
+
+
+class Conv2d(nn.Module):
+    """Kernel [out, kh, kw, in] (MLX layout), cast to the activation dtype at use."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, padding: int = 0):
+        super().__init__()
+        self.stride, self.padding = stride, padding
+        self.weight = mx.zeros((out_channels, kernel, kernel, in_channels))
+        self.bias = mx.zeros((out_channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.conv2d(x, self.weight.astype(x.dtype), stride=self.stride, padding=self.padding)
+        return y + self.bias.astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """PyTorch's GroupNorm: groups of consecutive channels, statistics over space and group."""
+
+    def __init__(self, groups: int, channels: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        batch, height, width, channels = x.shape
+        grouped = x.reshape(batch, height * width, self.groups, channels // self.groups)
+        mean = grouped.mean(axis=(1, 3), keepdims=True)
+        var = mx.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+        normed = ((grouped - mean) * mx.rsqrt(var + _EPS)).reshape(x.shape)
+        return normed * self.weight.astype(x.dtype) + self.bias.astype(x.dtype)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm(groups, out_channels)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        return (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over all pixels of the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels)
+        self.to_q, self.to_k, self.to_v = (Linear(channels, channels) for _ in range(3))
+        self.to_out = [Linear(channels, channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        batch, height, width, channels = x.shape
+        h = self.group_norm(x).reshape(batch, 1, height * width, channels)
+        out = attention(self.to_q(h), self.to_k(h), self.to_v(h), scale=channels**-0.5)
+        return x + self.to_out[0](out).reshape(x.shape)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = [ResnetBlock(channels, channels, groups) for _ in range(2)]
+        self.attentions = [AttentionBlock(channels, groups)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, stride=2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))  # asymmetric, as the reference
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        batch, height, width, channels = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None], (batch, height, 2, width, 2, channels))
+        return self.conv(x.reshape(batch, 2 * height, 2 * width, channels))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)
+        ]
+        if downsample:
+            self.downsamplers = [Downsample(out_channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.downsamplers[0](x) if "downsamplers" in self else x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)
+        ]
+        if upsample:
+            self.upsamplers = [Upsample(out_channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.upsamplers[0](x) if "upsamplers" in self else x
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        channels, groups, layers = (
+            config["block_out_channels"],
+            config["norm_num_groups"],
+            config["layers_per_block"],
+        )
+        self.conv_in = Conv2d(config["in_channels"], channels[0], 3, padding=1)
+        inputs = [channels[0], *channels[:-1]]
+        self.down_blocks = [
+            DownBlock(c_in, c_out, layers, groups, downsample=i < len(channels) - 1)
+            for i, (c_in, c_out) in enumerate(zip(inputs, channels, strict=True))
+        ]
+        self.mid_block = MidBlock(channels[-1], groups)
+        self.conv_norm_out = GroupNorm(groups, channels[-1])
+        self.conv_out = Conv2d(channels[-1], 2 * config["latent_channels"], 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        channels = list(reversed(config["block_out_channels"]))
+        groups, layers = config["norm_num_groups"], config["layers_per_block"] + 1
+        self.conv_in = Conv2d(config["latent_channels"], channels[0], 3, padding=1)
+        self.mid_block = MidBlock(channels[0], groups)
+        inputs = [channels[0], *channels[:-1]]
+        self.up_blocks = [
+            UpBlock(c_in, c_out, layers, groups, upsample=i < len(channels) - 1)
+            for i, (c_in, c_out) in enumerate(zip(inputs, channels, strict=True))
+        ]
+        self.conv_norm_out = GroupNorm(groups, channels[-1])
+        self.conv_out = Conv2d(channels[-1], config["out_channels"], 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class VAE(nn.Module):
+    """decode: latents [B, h, w, 16] -> image [B, 8h, 8w, 3] in about [-1, 1]; encode: the mean of the
+    latent distribution. Scaling (`z / scaling_factor + shift_factor`) is the pipeline's."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        self.scaling_factor = config["scaling_factor"]
+        self.shift_factor = config["shift_factor"]
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def decode(self, z: mx.array) -> mx.array:
+        return self.decoder(z)
+
+    def encode(self, x: mx.array) -> mx.array:
+        return self.encoder(x)[..., : self.config["latent_channels"]]
