@@ -1,0 +1,80 @@
+"""What a generated PNG records: the full generation record as JSON (a PNG text chunk `flux1` and
+the EXIF UserComment, which exiftool shows), plus an AUTOMATIC1111-style `parameters` chunk that
+image sites and other tools display."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import piexif
+import piexif.helper
+from PIL import Image, PngImagePlugin
+
+TEXT_KEY = "flux1"
+
+
+def a1111_parameters(record: dict) -> str:
+    fields = [
+        ("Steps", record["steps"]),
+        ("Sampler", "Euler (flow matching)"),
+        ("Seed", record["seed"]),
+        ("Size", f"{record['width']}x{record['height']}"),
+        ("Model", f"FLUX.1-{record['base_model']}"),
+    ]
+    if record.get("guidance") is not None:
+        fields.insert(2, ("Distilled CFG Scale", record["guidance"]))
+    if record.get("quantize"):
+        fields.append(("Quantization", f"{record['quantize']}-bit"))
+    for lora in record.get("loras") or []:
+        fields.append(("Lora", f"{lora['name']}:{lora['scale']}"))
+    fields.append(("Version", f"flux1 {record['version']}"))
+    return record["prompt"] + "\n" + ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+def write_png(pixels: np.ndarray, path: Path, record: dict) -> None:
+    """Write atomically: a temporary file in the same folder, renamed when complete, so a PNG that
+    exists is always whole."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(TEXT_KEY, json.dumps(record))
+    info.add_text("parameters", a1111_parameters(record))
+    comment = piexif.helper.UserComment.dump(json.dumps(record), encoding="unicode")
+    exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: comment}})
+    _atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG", pnginfo=info, exif=exif))
+
+
+def write_json(record: dict, path: Path) -> None:
+    _atomic_write(Path(path), lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(path: Path) -> dict:
+    """The generation record of a PNG written by flux1, or of its `--metadata` JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config-from-metadata {path}: file not found")
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config-from-metadata {path}: invalid JSON ({e})") from None
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(TEXT_KEY) if hasattr(image, "text") else None
+    except OSError:
+        raise ValueError(f"--config-from-metadata {path}: not an image or JSON file") from None
+    if text is None:
+        raise ValueError(f"--config-from-metadata {path}: no flux1 generation record in this image")
+    return json.loads(text)

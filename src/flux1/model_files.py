@@ -1,0 +1,113 @@
+"""Which files make a model: a hub alias (downloaded into the standard Hugging Face cache), a local
+diffusers or flux1-saved folder, or a BFL single-file transformer."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+REPOS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
+COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+# The diffusers layout only: the repos also hold the BFL single files (another 34 GB).
+DOWNLOAD_PATTERNS = ["model_index.json", *(f"{c}/*" for c in COMPONENTS)]
+
+
+class ModelFilesError(ValueError):
+    """A model that cannot be found, downloaded or recognised; says which and what was expected."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    root: Path  # scheduler/, text_encoder(_2)/, tokenizer(_2)/ live here
+    transformer: Path  # a transformer/ folder or a single .safetensors file
+    vae: Path  # a vae/ folder or a BFL ae.safetensors
+    base_model: str  # "schnell" or "dev"
+    name: str  # what the user named: an alias, a repo id or a path
+
+    def scheduler_config(self) -> dict:
+        return json.loads((self.root / "scheduler" / "scheduler_config.json").read_text())
+
+
+def download(repo_id: str) -> Path:
+    """The diffusers-layout files of a hub repo, from the cache or downloaded (HF_HOME and
+    HF_HUB_OFFLINE respected)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS))
+    except GatedRepoError:
+        raise ModelFilesError(
+            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, then log in with "
+            "`hf auth login` (or set HF_TOKEN) and run again"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelFilesError(
+            f"{repo_id}: no such repository on the Hugging Face hub (or no access)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ModelFilesError(
+            f"{repo_id} is not in the Hugging Face cache and cannot be downloaded (offline?): "
+            "connect once, or pass --path to a local copy"
+        ) from None
+
+
+def _check_folder(root: Path, components=COMPONENTS) -> None:
+    missing = [c for c in components if not (root / c).is_dir()]
+    if missing:
+        raise ModelFilesError(
+            f"{root}: missing component folder(s) {', '.join(f'{m}/' for m in missing)} "
+            f"(expected the diffusers layout: {', '.join(COMPONENTS)})"
+        )
+
+
+def _base_of(transformer_config: dict, given: str | None, source: Path) -> str:
+    inferred = "dev" if transformer_config.get("guidance_embeds") else "schnell"
+    if given and given != inferred:
+        raise ModelFilesError(f"--base-model {given}, but {source} is a FLUX.1-{inferred} transformer")
+    return inferred
+
+
+def resolve(
+    model: str | None = None, path: str | Path | None = None, base_model: str | None = None
+) -> ModelFiles:
+    """--model alias or repo id, and/or --path (a folder or a BFL single file); --base-model says
+    which model a local file is when it cannot tell."""
+    for flag, value in (("--model", model), ("--base-model", base_model)):
+        if value is not None and value not in REPOS and (flag == "--base-model" or "/" not in value):
+            raise ModelFilesError(
+                f"unknown {flag} '{value}': expected schnell or dev"
+                + (" (or a Hugging Face repo id)" if flag == "--model" else "")
+            )
+    if path is None:
+        if model is None:
+            raise ModelFilesError("say which model: --model schnell|dev, or --path a local folder or file")
+        root = download(REPOS.get(model, model))
+        return _folder(root, base_model or (model if model in REPOS else None), model)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _folder(path, base_model or model, str(path))
+    if path.is_file():
+        return _single_file(path, base_model or model)
+    raise ModelFilesError(f"--path {path}: no such file or folder")
+
+
+def _folder(root: Path, base_model: str | None, name: str) -> ModelFiles:
+    _check_folder(root)
+    config_file = root / "transformer" / "config.json"
+    if not config_file.is_file():
+        raise ModelFilesError(f"{config_file}: file not found")
+    base = _base_of(json.loads(config_file.read_text()), base_model, root / "transformer")
+    return ModelFiles(root, root / "transformer", root / "vae", base, name)
+
+
+def _single_file(file: Path, base_model: str | None) -> ModelFiles:
+    """A BFL transformer file; the text encoders, tokenizers and scheduler come from the base model's
+    hub repo, the VAE from `ae.safetensors` beside the file if there is one."""
+    from flux1.weights.safetensors_io import read_header
+
+    header, _ = read_header(file)
+    inferred = "dev" if any(n.endswith("guidance_in.in_layer.weight") for n in header) else "schnell"
+    base = _base_of({"guidance_embeds": inferred == "dev"}, base_model, file)
+    root = download(REPOS[base])
+    ae = file.parent / "ae.safetensors"
+    return ModelFiles(root, file, ae if ae.is_file() else root / "vae", base, str(file))
