@@ -1,0 +1,1 @@
+"""Command-line programs (main.py, save.py)."""

@@ -1,0 +1,208 @@
+"""main.py: generate images with FLUX.1 (flags follow mflux's where they exist)."""
+
+import argparse
+import logging
+import random
+import sys
+from pathlib import Path
+
+from flux1.model_files import ModelFilesError
+from flux1.quantize import BITS, GROUP_SIZES
+from flux1.weights.safetensors_io import WeightFileError
+
+# Flags that -C may fill from a record; an explicitly given flag wins.
+FROM_RECORD = {
+    "prompt": "prompt",
+    "model": "model",
+    "base_model": "base_model",
+    "seed": "seed",
+    "steps": "steps",
+    "guidance": "guidance",
+    "height": "height",
+    "width": "width",
+    "quantize": "quantize",
+    "max_sequence_length": "max_sequence_length",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py", description="Generate images with FLUX.1 schnell or dev in MLX."
+    )
+    source = p.add_argument_group("model")
+    source.add_argument("--model", "-m", help="schnell or dev (from the Hugging Face hub), or a hub repo id")
+    source.add_argument(
+        "--path", help="a local diffusers folder, a folder saved by save.py, or a BFL .safetensors file"
+    )
+    source.add_argument(
+        "--base-model", choices=["schnell", "dev"], help="which model --path is, when it cannot tell"
+    )
+    source.add_argument(
+        "--quantize", "-q", type=int, choices=BITS, help="quantize transformer and text encoders to N bits"
+    )
+    source.add_argument(
+        "--group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size"
+    )
+    source.add_argument("--lora-paths", nargs="+", default=None, help="LoRA files to apply")
+    source.add_argument(
+        "--lora-scales", nargs="+", type=float, default=None, help="one scale per LoRA (default 1.0)"
+    )
+    source.add_argument(
+        "--low-ram", action="store_true", help="load each model just before use and release it after"
+    )
+    prompt = p.add_argument_group("prompt")
+    prompt.add_argument("--prompt", help="what to draw")
+    prompt.add_argument("--prompt-file", help="a text file with one prompt per line (one image each)")
+    prompt.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 256 schnell, 512 dev)")
+    image = p.add_argument_group("image")
+    image.add_argument("--seed", type=int, nargs="+", help="one image per seed (default: a random seed)")
+    image.add_argument("--auto-seeds", type=int, help="N images with random seeds")
+    image.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 1024)")
+    image.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 1024)")
+    image.add_argument("--steps", type=int, help="denoising steps (default 4 schnell, 25 dev)")
+    image.add_argument("--guidance", type=float, help="guidance scale, dev only (default 3.5)")
+    image.add_argument(
+        "--latents", help="initial noise as .npy of shape (1, 16, H/8, W/8) instead of the seed's"
+    )
+    out = p.add_argument_group("output")
+    out.add_argument("--output", default="image.png", help="PNG path (default image.png; never overwritten)")
+    out.add_argument(
+        "--metadata", action="store_true", help="also write <output>.json with the generation record"
+    )
+    out.add_argument("--config-from-metadata", "-C", help="re-run from a PNG written by flux1 or its JSON")
+    return p
+
+
+def _apply_record(args: argparse.Namespace, given: set[str]) -> None:
+    from flux1.metadata import read_record
+
+    record = read_record(Path(args.config_from_metadata))
+    for key, dest in FROM_RECORD.items():
+        if dest not in given and record.get(key) is not None:
+            value = record[key]
+            setattr(args, dest, [value] if dest == "seed" else value)
+    if "model" not in given and "path" not in given and record.get("model") not in ("schnell", "dev", None):
+        args.path, args.model = record["model"], None
+
+
+def _given_flags(argv: list[str], p: argparse.ArgumentParser) -> set[str]:
+    options = {opt: action.dest for action in p._actions for opt in action.option_strings}
+    return {options[a.split("=")[0]] for a in argv if a.split("=")[0] in options}
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt_file:
+        file = Path(args.prompt_file)
+        if not file.is_file():
+            raise ValueError(f"--prompt-file {file}: file not found")
+        prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompt-file {file}: no prompts (one per line expected)")
+        return prompts
+    if not args.prompt:
+        raise ValueError("--prompt (or --prompt-file) is required")
+    return [args.prompt]
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    if args.auto_seeds is not None:
+        if args.auto_seeds < 1:
+            raise ValueError(f"--auto-seeds {args.auto_seeds}: expected at least 1")
+        return [random.randrange(2**31) for _ in range(args.auto_seeds)]
+    return args.seed or [random.randrange(2**31)]
+
+
+def output_paths(output: Path, prompts: int, seeds: list[int]) -> list[list[Path]]:
+    """[prompt][seed] -> path. Several images carry their seed (and prompt index) in the name; a name
+    that exists already gets the first free `_1`, `_2`, ... suffix: nothing is overwritten."""
+    stem, suffix = output.stem, output.suffix or ".png"
+    taken: set[Path] = set()
+
+    def free(path: Path) -> Path:
+        candidate, n = path, 0
+        while candidate.exists() or candidate in taken or candidate.with_suffix(".json") in taken:
+            n += 1
+            candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        taken.add(candidate)
+        return candidate
+
+    paths = []
+    for i in range(prompts):
+        row = []
+        for seed in seeds:
+            name = stem + (f"_{i + 1}" if prompts > 1 else "") + (f"_seed_{seed}" if len(seeds) > 1 else "")
+            row.append(free(output.with_name(name + suffix)))
+        paths.append(row)
+    return paths
+
+
+def run(argv: list[str]) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.config_from_metadata:
+        _apply_record(args, _given_flags(argv, p))
+    from flux1.latents import load_noise
+    from flux1.pipeline import Config, Flux1, check_size
+
+    prompts, seeds = _prompts(args), _seeds(args)
+    height, width = args.height or 1024, args.width or 1024
+    check_size(height, width)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: expected at least 1")
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise ValueError(f"--output {output}: folder {output.parent} does not exist")
+    noise = load_noise(Path(args.latents), height, width) if args.latents else None
+    if args.lora_scales and len(args.lora_scales) != len(args.lora_paths or []):
+        raise ValueError(
+            f"--lora-scales has {len(args.lora_scales)} values for {len(args.lora_paths or [])} --lora-paths"
+        )
+    options = dict(
+        quantize=args.quantize,
+        group_size=args.group_size,
+        lora_paths=args.lora_paths,
+        lora_scales=args.lora_scales,
+        low_ram=args.low_ram,
+    )
+    if args.path:
+        flux = Flux1.from_path(args.path, base_model=args.base_model or args.model, **options)
+    else:
+        from flux1.model_files import resolve
+
+        flux = Flux1(resolve(model=args.model, base_model=args.base_model), **options)
+    if args.guidance is not None and flux.files.base_model == "schnell":
+        logging.getLogger("flux1").warning("--guidance is ignored: FLUX.1-schnell has no guidance input")
+    config = Config(
+        num_inference_steps=args.steps,
+        height=height,
+        width=width,
+        guidance=3.5 if args.guidance is None else args.guidance,
+        max_sequence_length=args.max_sequence_length,
+    )
+    for prompt, row in zip(prompts, output_paths(output, len(prompts), seeds)):
+        for seed, path in zip(seeds, row):
+            result = flux.generate_image(seed, prompt, config, latents=noise)
+            result.save(path, export_json=args.metadata)
+            print(f"saved {path} (seed {seed}; {result.timings.line()})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="flux1: %(message)s", level=logging.INFO)
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except (
+        ValueError,
+        ModelFilesError,
+        WeightFileError,
+        FileExistsError,
+        FileNotFoundError,
+        NotImplementedError,
+        PermissionError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
