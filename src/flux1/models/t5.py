@@ -31,10 +31,9 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
     buckets = (relative > 0).astype(np.int64) * half
     distance = np.abs(relative)
     max_exact = half // 2
-    with np.errstate(divide="ignore"):
-        scaled = np.log(distance.astype(np.float32) / max_exact) / np.float32(
-            math.log(max_distance / max_exact)
-        )
+    # Distances below max_exact take the exact branch; 1 keeps the log finite for them.
+    nonzero = np.maximum(distance, 1).astype(np.float32)
+    scaled = np.log(nonzero / max_exact) / np.float32(math.log(max_distance / max_exact))
     large = max_exact + (scaled * (half - max_exact)).astype(np.int64)
     large = np.minimum(large, half - 1)
     return buckets + np.where(distance < max_exact, distance, large)
