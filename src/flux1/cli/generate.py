@@ -4,6 +4,7 @@ import argparse
 import logging
 import random
 import sys
+import tempfile
 from pathlib import Path
 
 from flux1.model_files import ModelFilesError
@@ -136,6 +137,16 @@ def output_paths(output: Path, prompts: int, seeds: list[int]) -> list[list[Path
     return paths
 
 
+def _check_writable(output: Path) -> None:
+    """Before any work: the output folder exists and takes a file."""
+    if not output.parent.is_dir():
+        raise ValueError(f"--output {output}: folder {output.parent} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=output.parent).close()
+    except OSError as e:
+        raise ValueError(f"--output {output}: cannot write in {output.parent} ({e.strerror})") from None
+
+
 def run(argv: list[str]) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -150,8 +161,7 @@ def run(argv: list[str]) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: expected at least 1")
     output = Path(args.output)
-    if not output.parent.is_dir():
-        raise ValueError(f"--output {output}: folder {output.parent} does not exist")
+    _check_writable(output)
     noise = load_noise(Path(args.latents), height, width) if args.latents else None
     if args.lora_scales and len(args.lora_scales) != len(args.lora_paths or []):
         raise ValueError(
