@@ -92,6 +92,11 @@ def resolve(
 
 
 def _folder(root: Path, base_model: str | None, name: str) -> ModelFiles:
+    if not (root / "model_index.json").is_file():
+        raise ModelFilesError(
+            f"{root}: no model_index.json, so not a complete model folder (diffusers layout, or a save.py "
+            "folder; an interrupted save leaves none)"
+        )
     _check_folder(root)
     config_file = root / "transformer" / "config.json"
     if not config_file.is_file():
