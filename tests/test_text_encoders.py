@@ -12,7 +12,7 @@ from flux1.fixtures.presets import configs
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.tokenizers import PromptTokenizer
 
-# fp32 on both sides: only summation order differs (measured about 1e-7 relative).
+# fp32 on both sides: only summation order differs (measured 4e-7 CLIP, 2e-6 T5).
 TOLERANCE = 1e-4
 PROMPTS = [
     "A cat holding a sign that says hello world",
