@@ -9,7 +9,7 @@ from flux1.weights import saved
 from flux1.weights.assign import assign_weights
 from flux1.weights.safetensors_io import Tensors, WeightFileError, read_config, read_file, read_folder
 
-_SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 def load_transformer(source: Path, config: dict | None = None) -> FluxTransformer:
@@ -27,33 +27,39 @@ def load_transformer(source: Path, config: dict | None = None) -> FluxTransforme
         tensors = _strip_prefix(read_file(source))
         if is_diffusers(tensors.names()):
             tensors = from_diffusers(tensors)
-        model = FluxTransformer(config or infer_config(tensors, source))
+        model = FluxTransformer(
+            config or infer_config({n: a.shape for n, a in tensors.arrays.items()}, source)
+        )
     assign_weights(model, tensors, f"transformer ({source})")
     return model
 
 
+def strip_prefix(name: str) -> str:
+    for prefix in SINGLE_FILE_PREFIXES:
+        if name.startswith(prefix):
+            return name.removeprefix(prefix)
+    return name
+
+
 def _strip_prefix(tensors: Tensors) -> Tensors:
-    for prefix in _SINGLE_FILE_PREFIXES:
-        if any(n.startswith(prefix) for n in tensors.names()):
-            out = Tensors(metadata=tensors.metadata)
-            for name in tensors.names():
-                array, origin = tensors.pop(name)
-                out.add(name.removeprefix(prefix), array, origin)
-            return out
-    return tensors
+    out = Tensors(metadata=tensors.metadata)
+    for name in tensors.names():
+        array, origin = tensors.pop(name)
+        out.add(strip_prefix(name), array, origin)
+    return out
 
 
-def infer_config(tensors: Tensors, source: Path) -> dict:
-    """The diffusers config of a BFL single file, read off its tensor shapes. RoPE axes scale with
-    the head dim as in the real model (16, 56, 56 of 128)."""
+def infer_config(shapes: dict[str, tuple[int, ...]], source: Path) -> dict:
+    """The diffusers config of a BFL single file (or GGUF), read off its tensor shapes (BFL names).
+    RoPE axes scale with the head dim as in the real model (16, 56, 56 of 128)."""
     try:
-        dim, in_channels = tensors.arrays["img_in.weight"].shape
-        head_dim = tensors.arrays["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-        joint_dim = tensors.arrays["txt_in.weight"].shape[1]
-        pooled_dim = tensors.arrays["vector_in.in_layer.weight"].shape[1]
+        dim, in_channels = shapes["img_in.weight"]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        joint_dim = shapes["txt_in.weight"][1]
+        pooled_dim = shapes["vector_in.in_layer.weight"][1]
     except KeyError as e:
         raise WeightFileError(f"{source}: not a FLUX transformer checkpoint (no tensor {e})") from None
-    names = tensors.names()
+    names = list(shapes)
     depth = [
         1 + max((int(m.group(1)) for n in names if (m := re.match(rf"{p}\.(\d+)\.", n))), default=-1)
         for p in ("double_blocks", "single_blocks")
@@ -61,7 +67,7 @@ def infer_config(tensors: Tensors, source: Path) -> dict:
     return {
         "attention_head_dim": head_dim,
         "axes_dims_rope": [d * head_dim // 128 for d in DEFAULT_AXES_DIMS],
-        "guidance_embeds": "guidance_in.in_layer.weight" in tensors,
+        "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
         "in_channels": in_channels,
         "joint_attention_dim": joint_dim,
         "num_attention_heads": dim // head_dim,

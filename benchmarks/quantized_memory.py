@@ -1,0 +1,133 @@
+"""Peak memory and speed of the real 12B FLUX.1-schnell architecture, quantized, end to end.
+
+Builds (or reuses) the `full` fixture (random bf16 weights, real layout, 33 GB), saves it with -q 4 and
+-q 8 through save.py, then runs main.py on each at 512x512 and prints peak resident memory of the whole
+run, load time, seconds per step, decode time and the saved folder's size.
+
+    python benchmarks/quantized_memory.py [--cache DIR] [--steps 4] [--bits 4 8] [--runtime]
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import run_measured  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMINGS = re.compile(
+    r"load (?P<load>[\d.]+)s, encode (?P<encode>[\d.]+)s, denoise [\d.]+s \((?P<step>[\d.]+)s/step\), "
+    r"decode (?P<decode>[\d.]+)s"
+)
+
+
+def folder_gb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**30
+
+
+def ensure(cmd: list[str], target: Path, what: str) -> None:
+    if (target / "model_index.json").is_file():
+        return
+    print(f"building {what} in {target} ...", flush=True)
+    result = run_measured(cmd)
+    if result.returncode:
+        sys.exit(f"{what} failed:\n{result.stderr[-3000:]}")
+    print(f"  {result.seconds:.0f}s, peak {result.peak_rss_gb:.1f} GB", flush=True)
+
+
+def generate(source: Path, steps: int, size: int, extra: list[str], out: Path) -> dict:
+    out.unlink(missing_ok=True)
+    result = run_measured(
+        [
+            str(ROOT / "main.py"),
+            "--path",
+            str(source),
+            "--prompt",
+            "a lighthouse at dusk",
+            "--seed",
+            "0",
+            "--steps",
+            str(steps),
+            "--height",
+            str(size),
+            "--width",
+            str(size),
+            "--low-ram",
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
+    if result.returncode:
+        sys.exit(f"main.py failed:\n{result.stderr[-3000:]}")
+    timings = {k: float(v) for k, v in TIMINGS.search(result.stdout).groupdict().items()}
+    return {"peak_gb": result.peak_rss_gb, "total_s": result.seconds, **timings}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 8])
+    parser.add_argument(
+        "--runtime", action="store_true", help="also quantize at load time from the bf16 folder"
+    )
+    args = parser.parse_args()
+    full = args.cache / "full-schnell-bf16"
+    ensure(
+        [
+            "-m",
+            "flux1.fixtures",
+            "--preset",
+            "full",
+            "--variant",
+            "schnell",
+            "--dtype",
+            "bfloat16",
+            "--out",
+            str(full),
+        ],
+        full,
+        "the full bf16 fixture",
+    )
+    rows = []
+    for bits in args.bits:
+        saved = args.cache / f"full-schnell-q{bits}"
+        ensure(
+            [str(ROOT / "save.py"), "--source", str(full), "--path", str(saved), "-q", str(bits)],
+            saved,
+            f"the {bits}-bit save",
+        )
+        rows.append(
+            (
+                f"saved -q {bits}",
+                folder_gb(saved),
+                generate(saved, args.steps, args.size, [], args.cache / "image.png"),
+            )
+        )
+        if args.runtime:
+            rows.append(
+                (
+                    f"bf16 + -q {bits} at load",
+                    folder_gb(full),
+                    generate(full, args.steps, args.size, ["-q", str(bits)], args.cache / "image.png"),
+                )
+            )
+    print(f"\nFLUX.1-schnell 12B architecture, {args.size}x{args.size}, {args.steps} steps, --low-ram")
+    print(
+        f"{'run':<24}{'on disk GB':>11}{'peak RSS GB':>12}{'load s':>9}{'encode s':>10}{'s/step':>9}"
+        f"{'decode s':>10}{'total s':>9}"
+    )
+    for name, disk, r in rows:
+        print(
+            f"{name:<24}{disk:>11.2f}{r['peak_gb']:>12.2f}{r['load']:>9.1f}{r['encode']:>10.1f}"
+            f"{r['step']:>9.1f}{r['decode']:>10.1f}{r['total_s']:>9.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

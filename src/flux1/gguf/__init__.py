@@ -1,0 +1,1 @@
+"""GGUF transformer files (city96 / stable-diffusion.cpp style) as MLX layers holding the same values."""
