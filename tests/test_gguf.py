@@ -145,3 +145,35 @@ def test_missing_tensor(gguf_files, tmp_path):
     )
     with pytest.raises(WeightFileError, match="missing tensors: final_layer.linear.bias"):
         load_transformer_gguf(tmp_path / "partial.gguf")
+
+
+def test_main_and_save_take_a_gguf_transformer(tiny_schnell, gguf_files, tmp_path):
+    from flux1.cli.generate import main
+    from flux1.cli.save import main as save_main
+    from flux1.metadata import read_record
+
+    common = ["--prompt", "a fox", "--height", "32", "--width", "48", "--steps", "2", "--seed", "1"]
+    gguf_file = str(gguf_files["Q4_K"])
+    assert (
+        main(["--path", str(tiny_schnell), "--gguf", gguf_file, *common, "--output", str(tmp_path / "a.png")])
+        == 0
+    )
+    assert read_record(tmp_path / "a.png")["gguf"] == gguf_file
+    assert (
+        save_main(["--source", str(tiny_schnell), "--gguf", gguf_file, "--path", str(tmp_path / "saved")])
+        == 0
+    )
+    assert main(["--path", str(tmp_path / "saved"), *common, "--output", str(tmp_path / "b.png")]) == 0
+    from PIL import Image
+
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    )
+
+
+def test_gguf_of_another_base_model_is_refused(tiny_schnell, tiny_dev, tmp_path):
+    from flux1.model_files import ModelFilesError, resolve
+
+    write_gguf(tiny_dev / "transformer", tmp_path / "dev.gguf", "Q8_0")
+    with pytest.raises(ModelFilesError, match=r"dev.gguf is a FLUX.1-dev transformer"):
+        resolve(path=tiny_schnell, gguf=tmp_path / "dev.gguf")

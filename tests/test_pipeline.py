@@ -19,7 +19,7 @@ PROMPT = "A cat holding a sign that says hello world"
 @pytest.fixture(scope="module")
 def reference_image(tiny_checkpoint):
     def run(config: Config, noise: mx.array, max_length: int) -> np.ndarray:
-        pipe = FluxPipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32)
+        pipe = FluxPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32)
         packed = torch.from_numpy(np.array(latents.pack(noise)))
         return pipe(
             PROMPT,

@@ -40,8 +40,9 @@ def test_saved_twin_gives_bit_identical_images(tiny_schnell, saved_q4):
 
 
 def test_saved_folder_is_self_describing(saved_q4):
-    assert saved.saved_quantization(saved_q4 / "transformer") == {"bits": 4, "group_size": 32}
-    assert saved.saved_quantization(saved_q4 / "vae") is None
+    layers = saved.saved_quantization(saved_q4 / "transformer")
+    assert layers["double_blocks.0.img_attn.qkv"] == [4, 32] and saved.bits_of(layers) == 4
+    assert saved.saved_quantization(saved_q4 / "vae") == {}
     model = load_transformer(saved_q4 / "transformer")
     assert model.double_blocks[0].img_attn.qkv.bits == 4
     assert model.double_blocks[0].img_attn.qkv.weight.dtype == mx.uint32

@@ -36,7 +36,8 @@ def test_save_and_load_round_trip_exactly(tmp_path, bits, monkeypatch):
     assert (tmp_path / "flux1.safetensors.index.json").is_file()
     loaded = Net()
     quantization = saved.load_saved_component(loaded, tmp_path, "net")
-    assert quantization == ({"bits": bits, "group_size": 64} if bits else None)
+    assert quantization == ({"blocks.0": [bits, 64], "blocks.1": [bits, 64]} if bits else {})
+    assert saved.bits_of(quantization) == bits
     ours, theirs = dict(tree_flatten(loaded.parameters())), dict(tree_flatten(net.parameters()))
     assert ours.keys() == theirs.keys()
     for name in ours:

@@ -2,7 +2,7 @@
 diffusers or flux1-saved folder, or a BFL single-file transformer."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPOS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
@@ -68,10 +68,16 @@ def _base_of(transformer_config: dict, given: str | None, source: Path) -> str:
 
 
 def resolve(
-    model: str | None = None, path: str | Path | None = None, base_model: str | None = None
+    model: str | None = None,
+    path: str | Path | None = None,
+    base_model: str | None = None,
+    gguf: str | Path | None = None,
 ) -> ModelFiles:
     """--model alias or repo id, and/or --path (a folder or a BFL single file); --base-model says
-    which model a local file is when it cannot tell."""
+    which model a local file is when it cannot tell. --gguf replaces the transformer by a GGUF file,
+    the other components coming from --path, --model or the GGUF's base model on the hub."""
+    if gguf is not None:
+        return _with_gguf(Path(gguf).expanduser(), model, path, base_model)
     for flag, value in (("--model", model), ("--base-model", base_model)):
         if value is not None and value not in REPOS and (flag == "--base-model" or "/" not in value):
             raise ModelFilesError(
@@ -116,3 +122,24 @@ def _single_file(file: Path, base_model: str | None) -> ModelFiles:
     root = download(REPOS[base])
     ae = file.parent / "ae.safetensors"
     return ModelFiles(root, file, ae if ae.is_file() else root / "vae", base, str(file))
+
+
+def _with_gguf(file: Path, model: str | None, path: str | Path | None, base_model: str | None) -> ModelFiles:
+    from gguf import GGUFReader
+
+    if not file.is_file():
+        raise ModelFilesError(f"--gguf {file}: file not found")
+    try:
+        names = [t.name for t in GGUFReader(file).tensors]
+    except Exception as e:
+        raise ModelFilesError(f"--gguf {file}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    inferred = "dev" if any(n.endswith("guidance_in.in_layer.weight") for n in names) else "schnell"
+    _base_of({"guidance_embeds": inferred == "dev"}, base_model, file)
+    others = resolve(
+        model=model or (None if path else inferred), path=path, base_model=base_model or inferred
+    )
+    if others.base_model != inferred:
+        raise ModelFilesError(
+            f"--gguf {file} is a FLUX.1-{inferred} transformer, but the other components are {others.base_model}"
+        )
+    return replace(others, transformer=file)

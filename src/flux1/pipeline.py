@@ -15,6 +15,7 @@ from tqdm import tqdm
 import flux1
 from flux1 import backend, latents, metadata
 from flux1.fixtures.presets import MAX_SEQUENCE_LENGTH
+from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.loaders.transformer import load_transformer
 from flux1.loaders.vae import load_vae
@@ -39,12 +40,20 @@ class Config:
 
 @dataclass
 class Timings:
+    """Seconds per phase; loading weights is counted apart from the phase that needed them."""
+
+    load: float = 0.0
     encode: float = 0.0
     denoise: float = 0.0
     decode: float = 0.0
+    steps: int = 0
 
     def line(self) -> str:
-        return f"encode {self.encode:.1f}s, denoise {self.denoise:.1f}s, decode {self.decode:.1f}s"
+        per_step = self.denoise / max(self.steps, 1)
+        return (
+            f"load {self.load:.1f}s, encode {self.encode:.1f}s, denoise {self.denoise:.1f}s "
+            f"({per_step:.2f}s/step), decode {self.decode:.1f}s"
+        )
 
 
 @dataclass
@@ -105,6 +114,9 @@ class Flux1:
         if self.lora_paths:
             raise NotImplementedError("--lora-paths: LoRA loading is not yet supported")
         self._models: dict[str, nn.Module] = {}
+        self._tokenizers: dict[tuple[str, int], PromptTokenizer] = {}
+        self.load_seconds = 0.0  # reading (and quantizing) weights, all models so far
+        self.saved_bits: int | str | None = None
         self._check_saved_quantization()
 
     @classmethod
@@ -124,12 +136,19 @@ class Flux1:
             loader = {
                 "clip": lambda: load_clip(root / "text_encoder"),
                 "t5": lambda: load_t5(root / "text_encoder_2"),
-                "transformer": lambda: load_transformer(self.files.transformer),
+                "transformer": lambda: (
+                    load_transformer_gguf(self.files.transformer)
+                    if self.files.transformer.suffix == ".gguf"
+                    else load_transformer(self.files.transformer)
+                ),
                 "vae": lambda: load_vae(self.files.vae),
             }[name]
+            start = time.perf_counter()
             model = loader()
             if self.quantize is not None and name != "vae":
                 quantize_linears(model, self.quantize, self.group_size)
+            mx.eval(model.parameters())  # read now, so loading is timed as loading
+            self.load_seconds += time.perf_counter() - start
             self._models[name] = model
         return self._models[name]
 
@@ -144,27 +163,34 @@ class Flux1:
         folder = self.files.transformer
         if not (folder.is_dir() and saved.is_saved(folder)):
             return
-        stored = saved.saved_quantization(folder)
-        stored_bits = stored["bits"] if stored else None
+        stored_bits = saved.bits_of(saved.saved_quantization(folder))
         if self.quantize is not None and self.quantize != stored_bits:
             raise ValueError(
                 f"-q {self.quantize}: {self.files.root} was saved "
                 + (f"with {stored_bits}-bit quantization" if stored_bits else "unquantized")
                 + "; drop -q to use it as saved (requantizing saved weights would compound the error)"
             )
-        self.quantize = None  # already applied; the record below reports what was stored
-        self.saved_quantization = stored_bits
+        self.quantize = None  # already applied; the record reports what was stored
+        self.saved_bits = stored_bits
 
     @property
-    def quantization_bits(self) -> int | None:
-        return self.quantize if self.quantize is not None else getattr(self, "saved_quantization", None)
+    def quantization_bits(self) -> int | str | None:
+        if self.files.transformer.suffix == ".gguf":
+            return "gguf" if self.quantize is None else f"gguf + {self.quantize}"
+        return self.quantize if self.quantize is not None else self.saved_bits
+
+    def _tokenizer(self, kind: str, max_length: int) -> PromptTokenizer:
+        key = (kind, max_length)
+        if key not in self._tokenizers:
+            folder = self.files.root / ("tokenizer" if kind == "clip" else "tokenizer_2")
+            self._tokenizers[key] = PromptTokenizer(folder, kind, max_length)
+        return self._tokenizers[key]
 
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> tuple[mx.array, mx.array]:
         """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), computing in the device's dtype."""
         dtype = backend.compute_dtype()
-        clip_tokens = PromptTokenizer(self.files.root / "tokenizer", "clip", CLIP_LENGTH)(prompt)
-        t5_tokenizer = PromptTokenizer(self.files.root / "tokenizer_2", "t5", max_sequence_length)
-        t5_tokens = t5_tokenizer(prompt)
+        clip_tokens = self._tokenizer("clip", CLIP_LENGTH)(prompt)
+        t5_tokens = self._tokenizer("t5", max_sequence_length)(prompt)
         for tokenizer, tokens in (("CLIP", clip_tokens), ("T5", t5_tokens)):
             if tokens.truncated:
                 log.warning(
@@ -222,19 +248,24 @@ class Flux1:
         if steps < 1:
             raise ValueError(f"--steps {steps}: expected at least 1")
         max_length = config.max_sequence_length or MAX_SEQUENCE_LENGTH[self.files.base_model]
-        timings, start = Timings(), time.perf_counter()
-        hidden, pooled = self.encode_prompt(prompt, max_length)
-        timings.encode = time.perf_counter() - start
+        timings = Timings(steps=steps)
+        loaded_before = self.load_seconds
+
+        def timed(phase: str, compute):
+            start, load_start = time.perf_counter(), self.load_seconds
+            result = compute()
+            setattr(timings, phase, time.perf_counter() - start - (self.load_seconds - load_start))
+            return result
+
+        hidden, pooled = timed("encode", lambda: self.encode_prompt(prompt, max_length))
         noise = latents.noise(seed, config.height, config.width) if noise is None else noise
-        start = time.perf_counter()
-        packed = self.denoise(noise, hidden, pooled, config, steps, progress)
-        timings.denoise = time.perf_counter() - start
-        start = time.perf_counter()
-        image = self.decode(packed, config)
-        timings.decode = time.perf_counter() - start
+        packed = timed("denoise", lambda: self.denoise(noise, hidden, pooled, config, steps, progress))
+        image = timed("decode", lambda: self.decode(packed, config))
+        timings.load = self.load_seconds - loaded_before
         record = {
             "prompt": prompt,
             "model": self.files.name,
+            "gguf": str(self.files.transformer) if self.files.transformer.suffix == ".gguf" else None,
             "base_model": self.files.base_model,
             "seed": seed,
             "steps": steps,
@@ -248,7 +279,7 @@ class Flux1:
                 {"name": Path(p).name, "path": p, "scale": s}
                 for p, s in zip(self.lora_paths, self.lora_scales)
             ],
-            "generation_seconds": round(timings.encode + timings.denoise + timings.decode, 2),
+            "generation_seconds": round(timings.load + timings.encode + timings.denoise + timings.decode, 2),
             "version": flux1.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }

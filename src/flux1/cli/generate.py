@@ -23,6 +23,7 @@ FROM_RECORD = {
     "width": "width",
     "quantize": "quantize",
     "max_sequence_length": "max_sequence_length",
+    "gguf": "gguf",
 }
 
 
@@ -34,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--model", "-m", help="schnell or dev (from the Hugging Face hub), or a hub repo id")
     source.add_argument(
         "--path", help="a local diffusers folder, a folder saved by save.py, or a BFL .safetensors file"
+    )
+    source.add_argument(
+        "--gguf", help="a GGUF transformer file (other components from --path, --model or the hub)"
     )
     source.add_argument(
         "--base-model", choices=["schnell", "dev"], help="which model --path is, when it cannot tell"
@@ -174,12 +178,13 @@ def run(argv: list[str]) -> int:
         lora_scales=args.lora_scales,
         low_ram=args.low_ram,
     )
-    if args.path:
-        flux = Flux1.from_path(args.path, base_model=args.base_model or args.model, **options)
-    else:
-        from flux1.model_files import resolve
+    from flux1.model_files import resolve
 
-        flux = Flux1(resolve(model=args.model, base_model=args.base_model), **options)
+    if args.path:
+        files = resolve(path=args.path, base_model=args.base_model or args.model, gguf=args.gguf)
+    else:
+        files = resolve(model=args.model, base_model=args.base_model, gguf=args.gguf)
+    flux = Flux1(files, **options)
     if args.guidance is not None and flux.files.base_model == "schnell":
         logging.getLogger("flux1").warning("--guidance is ignored: FLUX.1-schnell has no guidance input")
     config = Config(

@@ -23,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True, help="the folder to write (must not exist, or be empty)")
     p.add_argument("--model", "-m", help="schnell or dev from the Hugging Face hub (or a repo id)")
     p.add_argument("--source", help="a local model instead: diffusers folder, flux1 save or BFL .safetensors")
+    p.add_argument("--gguf", help="a GGUF transformer file to save (its quantized layers kept as they are)")
     p.add_argument(
         "--base-model", choices=["schnell", "dev"], help="which model --source is, when it cannot tell"
     )
@@ -59,7 +60,7 @@ def save_model(flux, out: Path) -> None:
             flux._models.pop(name)  # one component in memory at a time
         index = json.loads((flux.files.root / "model_index.json").read_text())
         index["flux1"] = {
-            "quantization": saved.saved_quantization(tmp / "transformer"),
+            "quantization": saved.bits_of(saved.saved_quantization(tmp / "transformer")),
             "base_model": flux.files.base_model,
             "source": flux.files.name,
         }
@@ -78,7 +79,7 @@ def run(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.model and args.source:
         raise ValueError("give --model (hub) or --source (local), not both")
-    files = resolve(model=args.model, path=args.source, base_model=args.base_model)
+    files = resolve(model=args.model, path=args.source, base_model=args.base_model, gguf=args.gguf)
     flux = Flux1(
         files,
         quantize=args.quantize,

@@ -26,12 +26,19 @@ def is_saved(folder: Path) -> bool:
     return (folder / f"{STEM}.safetensors").is_file() or (folder / f"{STEM}.safetensors.index.json").is_file()
 
 
-def quantization_of(module: nn.Module) -> dict | None:
-    """{"bits", "group_size"} of the module's quantized layers, or None if all are dense."""
-    for _, layer in module.named_modules():
-        if isinstance(layer, Linear) and layer.is_quantized:
-            return {"bits": layer.bits, "group_size": layer.group_size}
-    return None
+def quantization_of(module: nn.Module) -> dict[str, list[int]]:
+    """{layer path: [bits, group_size]} of the module's quantized layers (a GGUF source can mix them)."""
+    return {
+        path: [layer.bits, layer.group_size]
+        for path, layer in module.named_modules()
+        if isinstance(layer, Linear) and layer.is_quantized
+    }
+
+
+def bits_of(quantization: dict[str, list[int]]) -> int | str | None:
+    """One number for a record: the bits of every quantized layer, "mixed", or None."""
+    bits = {b for b, _ in quantization.values()}
+    return None if not bits else bits.pop() if len(bits) == 1 else "mixed"
 
 
 def save_component(module: nn.Module, folder: Path) -> None:
@@ -44,28 +51,28 @@ def save_component(module: nn.Module, folder: Path) -> None:
     write_sharded(folder, STEM, names, sizes, shards, lambda group: {n: params[n] for n in group}, metadata)
 
 
-def saved_quantization(folder: Path) -> dict | None:
+def saved_quantization(folder: Path) -> dict[str, list[int]]:
     return _quantization(read_folder(folder, STEM), Path(folder))
 
 
-def _quantization(tensors: Tensors, folder: Path) -> dict | None:
+def _quantization(tensors: Tensors, folder: Path) -> dict[str, list[int]]:
     if _QUANTIZATION_KEY not in tensors.metadata:
         raise WeightFileError(f"{folder}: {STEM} shards without '{_QUANTIZATION_KEY}' metadata")
     return json.loads(tensors.metadata[_QUANTIZATION_KEY])
 
 
-def load_saved_component(module: nn.Module, folder: Path, component: str) -> dict | None:
+def load_saved_component(module: nn.Module, folder: Path, component: str) -> dict[str, list[int]]:
     """Load a saved component into `module` (built from its config.json); returns its quantization."""
     folder = Path(folder)
     tensors = read_folder(folder, STEM)
     quantization = _quantization(tensors, folder)
     for path, layer in module.named_modules():
         if isinstance(layer, Linear) and f"{path}.scales" in tensors:
-            if quantization is None:
+            if path not in quantization:
                 raise WeightFileError(
-                    f"{tensors.origin(path + '.scales')}: quantized layer in an unquantized save"
+                    f"{tensors.origin(path + '.scales')}: no quantization recorded for '{path}'"
                 )
             arrays = (tensors.arrays[f"{path}.{p}"] for p in ("weight", "scales", "biases"))
-            layer.set_quantized(*arrays, quantization["bits"], quantization["group_size"])
+            layer.set_quantized(*arrays, *quantization[path])
     assign_weights(module, tensors, component)
     return quantization
