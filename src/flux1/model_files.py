@@ -135,9 +135,7 @@ def _with_gguf(file: Path, model: str | None, path: str | Path | None, base_mode
         raise ModelFilesError(f"--gguf {file}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     inferred = "dev" if any(n.endswith("guidance_in.in_layer.weight") for n in names) else "schnell"
     _base_of({"guidance_embeds": inferred == "dev"}, base_model, file)
-    others = resolve(
-        model=model or (None if path else inferred), path=path, base_model=base_model or inferred
-    )
+    others = resolve(model=model or (None if path else inferred), path=path, base_model=base_model)
     if others.base_model != inferred:
         raise ModelFilesError(
             f"--gguf {file} is a FLUX.1-{inferred} transformer, but the other components are {others.base_model}"
