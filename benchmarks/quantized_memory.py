@@ -70,6 +70,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
+    parser.add_argument(
+        "--preset", default="full", choices=["tiny", "wide", "full"], help="tiny: a smoke test"
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 8])
@@ -77,28 +80,14 @@ def main() -> None:
         "--runtime", action="store_true", help="also quantize at load time from the bf16 folder"
     )
     args = parser.parse_args()
-    full = args.cache / "full-schnell-bf16"
-    ensure(
-        [
-            "-m",
-            "flux1.fixtures",
-            "--preset",
-            "full",
-            "--variant",
-            "schnell",
-            "--dtype",
-            "bfloat16",
-            "--out",
-            str(full),
-        ],
-        full,
-        "the full bf16 fixture",
-    )
+    fixture = args.cache / f"{args.preset}-schnell-bfloat16"
+    build = ["-m", "flux1.fixtures", "--preset", args.preset, "--variant", "schnell", "--dtype", "bfloat16"]
+    ensure([*build, "--out", str(fixture)], fixture, f"the {args.preset} bf16 fixture")
     rows = []
     for bits in args.bits:
-        saved = args.cache / f"full-schnell-q{bits}"
+        saved = args.cache / f"{args.preset}-schnell-q{bits}"
         ensure(
-            [str(ROOT / "save.py"), "--source", str(full), "--path", str(saved), "-q", str(bits)],
+            [str(ROOT / "save.py"), "--source", str(fixture), "--path", str(saved), "-q", str(bits)],
             saved,
             f"the {bits}-bit save",
         )
@@ -113,11 +102,11 @@ def main() -> None:
             rows.append(
                 (
                     f"bf16 + -q {bits} at load",
-                    folder_gb(full),
-                    generate(full, args.steps, args.size, ["-q", str(bits)], args.cache / "image.png"),
+                    folder_gb(fixture),
+                    generate(fixture, args.steps, args.size, ["-q", str(bits)], args.cache / "image.png"),
                 )
             )
-    print(f"\nFLUX.1-schnell 12B architecture, {args.size}x{args.size}, {args.steps} steps, --low-ram")
+    print(f"\nFLUX.1-schnell, {args.preset} preset, {args.size}x{args.size}, {args.steps} steps, --low-ram")
     print(
         f"{'run':<24}{'on disk GB':>11}{'peak RSS GB':>12}{'load s':>9}{'encode s':>10}{'s/step':>9}"
         f"{'decode s':>10}{'total s':>9}"

@@ -47,6 +47,7 @@ class Timings:
     denoise: float = 0.0
     decode: float = 0.0
     steps: int = 0
+    step_seconds: list[float] = field(default_factory=list)
 
     def line(self) -> str:
         per_step = self.denoise / max(self.steps, 1)
@@ -208,9 +209,17 @@ class Flux1:
         return hidden, pooled
 
     def denoise(
-        self, noise: mx.array, hidden: mx.array, pooled: mx.array, config: Config, steps: int, progress: bool
+        self,
+        noise: mx.array,
+        hidden: mx.array,
+        pooled: mx.array,
+        config: Config,
+        steps: int,
+        progress: bool,
+        step_seconds: list[float] | None = None,
     ) -> mx.array:
-        """Packed latents after the Euler steps, from initial noise [1, 16, H/8, W/8]."""
+        """Packed latents after the Euler steps, from initial noise [1, 16, H/8, W/8]; the seconds
+        of each step are appended to `step_seconds`."""
         transformer = self._model("transformer")
         dtype = backend.compute_dtype()
         x = latents.pack(noise.astype(mx.float32))
@@ -221,11 +230,14 @@ class Flux1:
         for sigma, sigma_next in tqdm(
             list(zip(schedule[:-1], schedule[1:])), disable=not progress, unit="step"
         ):
+            start = time.perf_counter()
             # diffusers passes (sigma * 1000) / 1000 in float32; the same rounding keeps us bit-close.
             t = mx.array(np.array([sigma * np.float32(1000)], np.float32) / np.float32(1000))
             v = transformer(x.astype(dtype), img_ids, hidden, txt_ids, t, pooled, guidance)
             x = euler_step(x, v, sigma, sigma_next)
             mx.eval(x)
+            if step_seconds is not None:
+                step_seconds.append(time.perf_counter() - start)
         self._release("transformer")
         return x
 
@@ -259,7 +271,10 @@ class Flux1:
 
         hidden, pooled = timed("encode", lambda: self.encode_prompt(prompt, max_length))
         noise = latents.noise(seed, config.height, config.width) if noise is None else noise
-        packed = timed("denoise", lambda: self.denoise(noise, hidden, pooled, config, steps, progress))
+        packed = timed(
+            "denoise",
+            lambda: self.denoise(noise, hidden, pooled, config, steps, progress, timings.step_seconds),
+        )
         image = timed("decode", lambda: self.decode(packed, config))
         timings.load = self.load_seconds - loaded_before
         record = {

@@ -1,0 +1,69 @@
+"""Smoke tests of the benchmark scripts on the tiny preset: they run and print every row (no timing
+is asserted: speed is the benchmarks' business, not the tests')."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_compare_prints_every_row(tmp_path):
+    out = _run(
+        "compare.py",
+        "--preset",
+        "tiny",
+        "--size",
+        "32",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--cache",
+        str(tmp_path),
+    )
+    table = out[out.index("tiny preset, 32x32, 1 steps") :].splitlines()
+    rows = {line[:20].strip(): line.split() for line in table[2:]}
+    assert list(rows) == [
+        "flux1 fp32",
+        "flux1 bf16 weights",
+        "flux1 -q 8",
+        "flux1 -q 4",
+        "diffusers fp32",
+        "diffusers bf16",
+    ]
+    assert rows["diffusers fp32"][-2:] == ["1.00", "inf"]
+    assert float(rows["flux1 fp32"][-1]) > 60  # same weights, same noise: the images agree
+
+
+def test_quantized_memory_prints_every_row(tmp_path):
+    out = _run(
+        "quantized_memory.py",
+        "--preset",
+        "tiny",
+        "--size",
+        "32",
+        "--steps",
+        "1",
+        "--bits",
+        "4",
+        "8",
+        "--runtime",
+        "--cache",
+        str(tmp_path),
+    )
+    table = out[out.index("FLUX.1-schnell, tiny preset") :].splitlines()
+    assert [line[:24].strip() for line in table[2:]] == [
+        "saved -q 4",
+        "bf16 + -q 4 at load",
+        "saved -q 8",
+        "bf16 + -q 8 at load",
+    ]
