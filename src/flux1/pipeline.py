@@ -19,6 +19,7 @@ from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.loaders.transformer import load_transformer
 from flux1.loaders.vae import load_vae
+from flux1.lora.apply import LoraReport, apply_file, file_digest
 from flux1.model_files import ModelFiles, resolve
 from flux1.quantize import check_quantization, quantize_linears
 from flux1.sampler import euler_step, sigmas
@@ -102,6 +103,7 @@ class Flux1:
         lora_paths: list[str] | None = None,
         lora_scales: list[float] | None = None,
         low_ram: bool = False,
+        lora_strict: bool = True,
     ):
         if quantize is not None:
             check_quantization(quantize, group_size)
@@ -112,8 +114,14 @@ class Flux1:
             raise ValueError(
                 f"--lora-scales has {len(self.lora_scales)} values for {len(self.lora_paths)} --lora-paths"
             )
-        if self.lora_paths:
-            raise NotImplementedError("--lora-paths: LoRA loading is not yet supported")
+        for path in self.lora_paths:
+            if not Path(path).is_file():
+                raise ValueError(f"--lora-paths {path}: file not found")
+        self.lora_strict = lora_strict
+        self._lora_applied: set[str] = set()
+        self.lora_reports = [
+            LoraReport(p, "", s, 0, sha256=file_digest(p)) for p, s in zip(self.lora_paths, self.lora_scales)
+        ]
         self._models: dict[str, nn.Module] = {}
         self._tokenizers: dict[tuple[str, int], PromptTokenizer] = {}
         self.load_seconds = 0.0  # reading (and quantizing) weights, all models so far
@@ -148,10 +156,30 @@ class Flux1:
             model = loader()
             if self.quantize is not None and name != "vae":
                 quantize_linears(model, self.quantize, self.group_size)
+            if name != "vae":
+                self._apply_loras(name, model)
             mx.eval(model.parameters())  # read now, so loading is timed as loading
             self.load_seconds += time.perf_counter() - start
             self._models[name] = model
         return self._models[name]
+
+    def _apply_loras(self, name: str, model: nn.Module) -> None:
+        """LoRAs go on after quantization: low-rank changes stay adapters beside quantized weights.
+        A network reloaded (--low-ram) gets them again; the reports count its first time only."""
+        first_time = name not in self._lora_applied
+        self._lora_applied.add(name)
+        for report in self.lora_reports:
+            part = apply_file({name: model}, Path(report.path), report.scale, self.lora_strict)
+            if not first_time:
+                continue
+            if part.dialect != "unknown":
+                report.dialect = " + ".join(
+                    sorted({*filter(None, report.dialect.split(" + ")), part.dialect})
+                )
+            report.layers += part.layers
+            report.unmatched += part.unmatched
+            if name == "transformer":
+                log.info("%s", report.line())
 
     def _release(self, *names: str) -> None:
         if self.low_ram:
@@ -291,8 +319,8 @@ class Flux1:
             "precision": f"compute {backend.compute_dtype()}".replace("mlx.core.", ""),
             "quantize": self.quantization_bits,
             "loras": [
-                {"name": Path(p).name, "path": p, "scale": s}
-                for p, s in zip(self.lora_paths, self.lora_scales)
+                {"name": Path(r.path).name, "path": r.path, "scale": r.scale, "sha256": r.sha256}
+                for r in self.lora_reports
             ],
             "generation_seconds": round(timings.load + timings.encode + timings.denoise + timings.decode, 2),
             "version": flux1.__version__,

@@ -53,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
         "--lora-scales", nargs="+", type=float, default=None, help="one scale per LoRA (default 1.0)"
     )
     source.add_argument(
+        "--lora-lenient",
+        action="store_true",
+        help="warn about LoRA keys that match no layer instead of failing",
+    )
+    source.add_argument(
         "--low-ram", action="store_true", help="load each model just before use and release it after"
     )
     prompt = p.add_argument_group("prompt")
@@ -177,6 +182,7 @@ def run(argv: list[str]) -> int:
         lora_paths=args.lora_paths,
         lora_scales=args.lora_scales,
         low_ram=args.low_ram,
+        lora_strict=not args.lora_lenient,
     )
     from flux1.model_files import resolve
 

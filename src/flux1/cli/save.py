@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from flux1.model_files import ModelFilesError, resolve
+from flux1.nn.linear import Linear
 from flux1.quantize import BITS, GROUP_SIZES
 from flux1.weights.safetensors_io import WeightFileError
 
@@ -54,6 +55,9 @@ def save_model(flux, out: Path) -> None:
             ("vae", "vae"),
         ):
             model = flux._model(name)
+            for _, layer in model.named_modules():
+                if isinstance(layer, Linear):
+                    layer.merge_adapters()  # LoRAs baked in, then re-quantized where quantized
             (tmp / folder).mkdir()
             (tmp / folder / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
             saved.save_component(model, tmp / folder)

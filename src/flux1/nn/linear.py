@@ -17,9 +17,34 @@ class LowRankAdapter:
     up: mx.array  # [out, rank]
     scale: float
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.up.shape[0], self.down.shape[1]
+
+    def delta(self) -> mx.array:
+        return self.scale * (self.up.astype(mx.float32) @ self.down.astype(mx.float32))
+
     def __call__(self, x: mx.array) -> mx.array:
         dtype = x.dtype
         return (x @ self.down.astype(dtype).T) @ (self.scale * self.up.astype(dtype)).T
+
+
+@dataclass
+class DenseDeltaAdapter:
+    """Adds `x @ change.T`: a full-rank change (LoHa, LoKr, ComfyUI .diff) kept beside a quantized
+    weight, which merging would erase."""
+
+    change: mx.array  # [out, in]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.change.shape
+
+    def delta(self) -> mx.array:
+        return self.change.astype(mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.change.astype(x.dtype).T
 
 
 class Linear(nn.Module):
@@ -72,15 +97,26 @@ class Linear(nn.Module):
             )
         return weight if dtype is None else weight.astype(dtype)
 
-    def add_adapter(self, adapter: LowRankAdapter) -> None:
+    def add_adapter(self, adapter: LowRankAdapter | DenseDeltaAdapter) -> None:
         expected = (self.output_dims, self.input_dims)
-        got = (adapter.up.shape[0], adapter.down.shape[1])
+        got = tuple(adapter.shape)
         if got != expected:
             raise ValueError(f"adapter of shape [out, in] = {list(got)} on a layer of {list(expected)}")
         self.adapters.append(adapter)
 
-    def clear_adapters(self) -> None:
+    def merge_adapters(self) -> None:
+        """Fold the adapters into the weight (re-quantized at the same bits and group if quantized)."""
+        if not self.adapters:
+            return
+        weight = self.dense_weight(mx.float32) + sum(adapter.delta() for adapter in self.adapters)
         self.adapters.clear()
+        if self.bits is None:
+            self.weight = weight.astype(self.weight.dtype)
+        else:
+            bits, group_size, dtype = self.bits, self.group_size, self.scales.dtype
+            self.bits = None
+            self.weight = weight.astype(dtype)
+            self.quantize(bits, group_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         if backend.on_cpu():

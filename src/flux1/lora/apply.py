@@ -1,0 +1,228 @@
+"""Apply LoRA files to loaded networks: every key converted to a canonical target, or reported.
+
+Low-rank changes stay adapters beside the weight (exact on quantized bases, where merging into 4-bit
+weights would erase them; on CPU two skinny matmuls per layer). Full-rank changes (LoHa, LoKr,
+ComfyUI .diff) and DoRA are merged into dense weights; on quantized bases a full-rank change is kept
+as a dense delta adapter."""
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flux1.lora.dialects import parse_key
+from flux1.lora.targets import Target, build_table, xlabs_target
+from flux1.nn.linear import DenseDeltaAdapter, Linear, LowRankAdapter
+from flux1.weights.safetensors_io import read_file
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be applied as a whole; says which keys and why."""
+
+
+@dataclass
+class LoraReport:
+    path: str
+    dialect: str
+    scale: float
+    layers: int
+    unmatched: list[str] = field(default_factory=list)
+    sha256: str = ""
+
+    def line(self) -> str:
+        skipped = f", {len(self.unmatched)} keys matched no layer" if self.unmatched else ""
+        return f"{Path(self.path).name}: {self.dialect} LoRA, {self.layers} layers changed, scale {self.scale}{skipped}"
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class _Group:
+    """The tensors of one layer of one file."""
+
+    target: Target
+    keys: list[str] = field(default_factory=list)
+    tensors: dict[str, mx.array] = field(default_factory=dict)
+
+
+def _peft_config(metadata: dict) -> dict:
+    text = metadata.get("lora_adapter_metadata")
+    return json.loads(text) if text else {}
+
+
+def _pattern_value(patterns: dict, layer: str, default):
+    for pattern, value in patterns.items():
+        if layer == pattern or layer.endswith("." + pattern) or re.fullmatch(rf"(.*\.)?{pattern}", layer):
+            return value
+    return default
+
+
+def _scale(group: _Group, rank: int | None, peft: dict, layer: str) -> float:
+    """alpha / rank (or / sqrt(rank) with rsLoRA); 1 without an alpha."""
+    alpha = None
+    if "alpha" in group.tensors:
+        alpha = float(group.tensors["alpha"].item())
+    elif peft:
+        alpha = _pattern_value(peft.get("alpha_pattern") or {}, layer, peft.get("lora_alpha"))
+        rank = _pattern_value(peft.get("rank_pattern") or {}, layer, rank)
+    if alpha is None or not rank:
+        return 1.0
+    return alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
+
+
+def _full_delta(t: dict[str, mx.array]) -> tuple[mx.array, int | None] | None:
+    """LoHa / LoKr / .diff -> (dW, rank used by alpha or None)."""
+    if "hada_w1_a" in t:
+        w1 = t["hada_w1_a"] @ t["hada_w1_b"]
+        return w1 * (t["hada_w2_a"] @ t["hada_w2_b"]), t["hada_w1_b"].shape[0]
+    if "lokr_w1" in t or "lokr_w1_a" in t:
+        rank = None
+        w1 = t.get("lokr_w1")
+        if w1 is None:
+            w1, rank = t["lokr_w1_a"] @ t["lokr_w1_b"], t["lokr_w1_b"].shape[0]
+        w2 = t.get("lokr_w2")
+        if w2 is None:
+            w2, rank = t["lokr_w2_a"] @ t["lokr_w2_b"], t["lokr_w2_b"].shape[0]
+        return mx.kron(w1, w2), rank
+    if "diff" in t:
+        return t["diff"], None
+    return None
+
+
+def _check_control_lora(tensors, path: Path) -> None:
+    names = tensors.names()
+    widened = [
+        n
+        for n in names
+        if re.search(r"(x_embedder|img_in)\.lora_A(\.weight)?$", n) and tensors.arrays[n].shape[-1] == 128
+    ]
+    if widened or any(n.endswith(("norm.scale", "_norm.scale")) and "lora" not in n for n in names):
+        raise LoraError(
+            f"{path}: a FLUX.1 control LoRA (Canny/Depth): it widens img_in to 128 input channels (image + "
+            "control latents) and replaces norm scales, so it needs a control pipeline, which flux1 does not have"
+        )
+
+
+def _groups(tensors, tables) -> tuple[dict[tuple[str, str], _Group], list[str], set[str]]:
+    groups: dict[tuple[str, str], _Group] = {}
+    unmatched, dialects = [], set()
+    for key in tensors.names():
+        parsed = parse_key(key)
+        # Keys of networks not given here wait for their pass; keys of no network belong to the transformer's.
+        if (parsed is not None and parsed.component not in tables) or (
+            parsed is None and "transformer" not in tables
+        ):
+            continue
+        target = None
+        if parsed is not None:
+            table = tables.get(parsed.component, {})
+            target = xlabs_target(parsed.layer) if parsed.dialect == "XLabs" else table.get(parsed.layer)
+        if target is None:
+            unmatched.append(key)
+            continue
+        dialects.add(parsed.dialect)
+        group = groups.setdefault((parsed.component, parsed.layer), _Group(target))
+        group.keys.append(key)
+        group.tensors[parsed.role] = tensors.arrays[key].astype(mx.float32)
+    return groups, unmatched, dialects
+
+
+def _place(rows_of_part: mx.array, rows: slice, total: int) -> mx.array:
+    """rows of one part -> the full-height matrix, zero elsewhere."""
+    before = mx.zeros((rows.start, *rows_of_part.shape[1:]), rows_of_part.dtype)
+    after = mx.zeros((total - rows.stop, *rows_of_part.shape[1:]), rows_of_part.dtype)
+    return mx.concatenate([before, rows_of_part, after], axis=0)
+
+
+def _swap(x: mx.array) -> mx.array:
+    half = x.shape[0] // 2
+    return mx.concatenate([x[half:], x[:half]], axis=0)
+
+
+def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict: bool = True) -> LoraReport:
+    """Apply the keys of `path` that belong to the networks in `models` (the others are left for a
+    later call with their network: the pipeline loads one network at a time)."""
+    path = Path(path)
+    tensors = read_file(path)
+    _check_control_lora(tensors, path)
+    groups, unmatched, dialects = _groups(tensors, build_table(models))
+    dialect = " + ".join(sorted(dialects)) or "unknown"
+    if unmatched and strict:
+        shown = ", ".join(unmatched[:12]) + (
+            f" (and {len(unmatched) - 12} more)" if len(unmatched) > 12 else ""
+        )
+        raise LoraError(f"{path}: {len(unmatched)} keys match no layer (format detected: {dialect}): {shown}")
+    peft = _peft_config(tensors.metadata)
+    layers = {c: dict(m.named_modules()) for c, m in models.items()}
+    low_rank: dict[tuple[str, str], list[tuple[mx.array, mx.array]]] = {}
+    for (component, name), group in groups.items():
+        target, t = group.target, group.tensors
+        layer: Linear = layers[component][target.module]
+        rows = target.rows(layer)
+        height = rows.stop - rows.start
+        if "down" in t and "up" in t:
+            down, up = t["down"], t["up"]
+            if down.shape[1] != layer.input_dims or up.shape[0] != height or up.shape[1] != down.shape[0]:
+                raise LoraError(
+                    f"{path}: '{group.keys[0]}': down {list(down.shape)} / up {list(up.shape)} do not fit "
+                    f"layer '{target.module}' of {component} ([out, in] = [{height}, {layer.input_dims}])"
+                )
+            up = up * (strength * _scale(group, down.shape[0], peft, name))
+            up = _swap(up) if target.swap_halves else up
+            low_rank.setdefault((component, target.module), []).append(
+                (down, _place(up, rows, layer.output_dims))
+            )
+        elif (full := _full_delta(t)) is not None:
+            delta, rank = full
+            if tuple(delta.shape) != (height, layer.input_dims):
+                raise LoraError(
+                    f"{path}: '{group.keys[0]}': change of shape {list(delta.shape)} for layer "
+                    f"'{target.module}' of {component} ([out, in] = [{height}, {layer.input_dims}])"
+                )
+            scale = 1.0 if "diff" in t or rank is None else _scale(group, rank, peft, name)
+            delta = _place(_swap(delta) if target.swap_halves else delta, rows, layer.output_dims)
+            _add_full(layer, delta * (strength * scale))
+        if "up_bias" in t or "diff_b" in t:
+            bias = t.get("up_bias", t.get("diff_b")) * strength
+            if "bias" not in layer:
+                raise LoraError(
+                    f"{path}: '{group.keys[0]}': bias change for '{target.module}', which has no bias"
+                )
+            layer.bias = layer.bias + _place(
+                _swap(bias) if target.swap_halves else bias, rows, layer.output_dims
+            ).astype(layer.bias.dtype)
+        if "dora" in t or "magnitude" in t:
+            raise LoraError(f"{path}: '{group.keys[0]}': DoRA magnitudes are not supported yet")
+    for (component, module), pairs in low_rank.items():
+        down = mx.concatenate([d for d, _ in pairs], axis=0)
+        up = mx.concatenate([u for _, u in pairs], axis=1)
+        layers[component][module].add_adapter(LowRankAdapter(down, up, 1.0))
+    changed = {(g.target.component, g.target.module) for g in groups.values()}
+    return LoraReport(str(path), dialect, strength, len(changed), unmatched)
+
+
+def _add_full(layer: Linear, delta: mx.array) -> None:
+    if layer.is_quantized:
+        layer.add_adapter(DenseDeltaAdapter(delta))
+    else:
+        layer.weight = (layer.weight.astype(mx.float32) + delta).astype(layer.weight.dtype)
+
+
+def apply_loras(
+    models: dict[str, nn.Module], paths: list[str | Path], scales: list[float], strict: bool = True
+) -> list[LoraReport]:
+    """Apply each file with its scale to `models` ({"transformer": ..., "clip": ..., "t5": ...})."""
+    if len(scales) != len(paths):
+        raise ValueError(f"--lora-scales has {len(scales)} values for {len(paths)} --lora-paths")
+    return [apply_file(models, Path(p), s, strict) for p, s in zip(paths, scales)]

@@ -1,0 +1,277 @@
+"""LoRA files of each dialect change the transformer exactly as the independent math says: the
+reference transformer with the expected change added to its diffusers weights gives the same output."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from tests import lora_files
+from tests.conftest import relative_error
+from tests.test_transformer import _inputs, _ours
+
+from flux1.loaders.transformer import load_transformer
+from flux1.lora.apply import LoraError, apply_file
+from flux1.quantize import quantize_linears
+
+DIALECTS = [
+    "peft",
+    "peft-alpha-tensors",
+    "kohya",
+    "comfyui",
+    "bfl-peft",
+    "onetrainer",
+    "loha",
+    "comfyui-diff",
+]
+STRENGTH = 0.7
+# fp32 on both sides, as the transformer parity test: 1e-4.
+TOLERANCE = 1e-4
+
+
+def _reference_output(folder, changes: dict[str, np.ndarray], strength: float) -> np.ndarray:
+    reference = FluxTransformer2DModel.from_pretrained(folder)
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for layer, change in changes.items():
+            params[f"{layer}.weight"] += strength * torch.from_numpy(change)
+        t = {k: None if v is None else torch.from_numpy(v) for k, v in _inputs(False).items()}
+        return reference(
+            hidden_states=t["img"],
+            encoder_hidden_states=t["txt"],
+            pooled_projections=t["y"],
+            timestep=t["timesteps"],
+            img_ids=t["img_ids"],
+            txt_ids=t["txt_ids"],
+        ).sample.numpy()
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_dialect_equals_reference_with_expected_change(tiny_schnell, tmp_path, dialect):
+    file = tmp_path / f"{dialect}.safetensors"
+    changes = lora_files.write(file, dialect)
+    model = load_transformer(tiny_schnell / "transformer")
+    report = apply_file({"transformer": model}, file, STRENGTH)
+    assert report.layers == len(lora_files.LAYOUT) and report.unmatched == []
+    expected = _reference_output(tiny_schnell / "transformer", changes, STRENGTH)
+    assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE
+
+
+def test_detected_dialects(tiny_schnell, tmp_path):
+    names = {
+        "peft": "diffusers",
+        "kohya": "kohya",
+        "comfyui": "ComfyUI",
+        "bfl-peft": "BFL-PEFT",
+        "onetrainer": "OneTrainer",
+        "loha": "LyCORIS",
+    }
+    for dialect, name in names.items():
+        lora_files.write(tmp_path / f"{dialect}.safetensors", dialect)
+        model = load_transformer(tiny_schnell / "transformer")
+        assert apply_file({"transformer": model}, tmp_path / f"{dialect}.safetensors", 1.0).dialect == name
+
+
+def test_two_loras_add_and_scale_zero_changes_nothing(tiny_schnell, tmp_path):
+    first = lora_files.write(tmp_path / "a.safetensors", "kohya", seed=1)
+    second = lora_files.write(tmp_path / "b.safetensors", "peft", seed=2)
+    model = load_transformer(tiny_schnell / "transformer")
+    apply_file({"transformer": model}, tmp_path / "a.safetensors", 1.0)
+    apply_file({"transformer": model}, tmp_path / "b.safetensors", 0.6)
+    both = {k: first[k] + 0.6 * second[k] for k in first}
+    expected = _reference_output(tiny_schnell / "transformer", both, 1.0)
+    assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE
+
+    plain = load_transformer(tiny_schnell / "transformer")
+    zero = load_transformer(tiny_schnell / "transformer")
+    apply_file({"transformer": zero}, tmp_path / "a.safetensors", 0.0)
+    assert np.array_equal(_ours(zero, _inputs(False)), _ours(plain, _inputs(False)))
+
+
+def test_lora_survives_a_4_bit_base(tiny_schnell, tmp_path):
+    lora_files.write(tmp_path / "a.safetensors", "kohya", seed=3)
+    x = _inputs(False)
+    dense = load_transformer(tiny_schnell / "transformer")
+    apply_file({"transformer": dense}, tmp_path / "a.safetensors", 1.0)
+    quantized = load_transformer(tiny_schnell / "transformer")
+    quantize_linears(quantized, 4, 32)
+    without = _ours(quantized, x)
+    apply_file({"transformer": quantized}, tmp_path / "a.safetensors", 1.0)
+    assert quantized.double_blocks[0].img_attn.qkv.bits == 4  # the base stays quantized
+    with_lora, reference = _ours(quantized, x), _ours(dense, x)
+    # The LoRA's effect is kept whole: what is left is the 4-bit error of the base alone.
+    assert relative_error(with_lora, reference) < 0.25 * relative_error(without, reference)
+
+
+def test_unmatched_keys_are_listed_with_the_dialect(tiny_schnell, tmp_path):
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": mx.zeros((4, 64)),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": mx.zeros((192, 4)),
+        "lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight": mx.zeros((4, 64)),
+        "some_other_tensor": mx.zeros((2,)),
+    }
+    mx.save_safetensors(str(tmp_path / "x.safetensors"), tensors)
+    model = load_transformer(tiny_schnell / "transformer")
+    with pytest.raises(
+        LoraError,
+        match=r"x.safetensors: 2 keys match no layer \(format detected: kohya\): "
+        r"lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight, some_other_tensor",
+    ):
+        apply_file({"transformer": model}, tmp_path / "x.safetensors", 1.0)
+    report = apply_file({"transformer": model}, tmp_path / "x.safetensors", 1.0, strict=False)
+    assert report.layers == 1 and len(report.unmatched) == 2
+
+
+def test_shape_mismatch_names_key_and_shapes(tiny_schnell, tmp_path):
+    tensors = {
+        "transformer.proj_out.lora_A.weight": mx.zeros((4, 3072)),
+        "transformer.proj_out.lora_B.weight": mx.zeros((64, 4)),
+    }
+    mx.save_safetensors(str(tmp_path / "big.safetensors"), tensors)
+    model = load_transformer(tiny_schnell / "transformer")
+    with pytest.raises(
+        LoraError,
+        match=r"'transformer.proj_out.lora_A.weight': down \[4, 3072\] / up \[64, 4\] "
+        r"do not fit layer 'final_layer.linear' of transformer \(\[out, in\] = \[64, 64\]\)",
+    ):
+        apply_file({"transformer": model}, tmp_path / "big.safetensors", 1.0)
+
+
+def test_xlabs_processors(tiny_schnell, tmp_path):
+    rng = np.random.default_rng(5)
+    down, up = rng.standard_normal((4, 64), dtype=np.float32), rng.standard_normal((192, 4), dtype=np.float32)
+    proj_down, proj_up = (
+        rng.standard_normal((4, 320), dtype=np.float32),
+        rng.standard_normal((64, 4), dtype=np.float32),
+    )
+    tensors = {
+        "double_blocks.0.processor.qkv_lora2.down.weight": down,
+        "double_blocks.0.processor.qkv_lora2.up.weight": up,
+        "single_blocks.1.processor.qkv_lora.down.weight": down,
+        "single_blocks.1.processor.qkv_lora.up.weight": up,
+        "single_blocks.1.processor.proj_lora.down.weight": proj_down,
+        "single_blocks.1.processor.proj_lora.up.weight": proj_up,
+    }
+    mx.save_safetensors(str(tmp_path / "xlabs.safetensors"), {k: mx.array(v) for k, v in tensors.items()})
+    qkv = up @ down  # rows q, k, v of 64 each; no alpha in XLabs files
+    changes = {
+        "transformer_blocks.0.attn.add_q_proj": qkv[:64],
+        "transformer_blocks.0.attn.add_k_proj": qkv[64:128],
+        "transformer_blocks.0.attn.add_v_proj": qkv[128:],
+        "single_transformer_blocks.1.attn.to_q": qkv[:64],
+        "single_transformer_blocks.1.attn.to_k": qkv[64:128],
+        "single_transformer_blocks.1.attn.to_v": qkv[128:],
+        "single_transformer_blocks.1.proj_out": proj_up @ proj_down,
+    }
+    model = load_transformer(tiny_schnell / "transformer")
+    assert apply_file({"transformer": model}, tmp_path / "xlabs.safetensors", 1.0).dialect == "XLabs"
+    expected = _reference_output(tiny_schnell / "transformer", changes, 1.0)
+    assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE
+
+
+def test_text_encoder_loras(tiny_schnell, tmp_path):
+    """kohya CLIP (lora_te1_) and ComfyUI T5 keys change the text encoders as transformers computes it."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from flux1.loaders.text_encoders import load_clip, load_t5
+    from flux1.tokenizers import PromptTokenizer
+
+    rng = np.random.default_rng(6)
+    clip_down, clip_up = (
+        rng.standard_normal((4, 40), dtype=np.float32),
+        rng.standard_normal((40, 4), dtype=np.float32),
+    )
+    t5_down, t5_up = (
+        rng.standard_normal((4, 48), dtype=np.float32),
+        rng.standard_normal((32, 4), dtype=np.float32),
+    )
+    tensors = {
+        "lora_te1_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight": clip_down,
+        "lora_te1_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight": clip_up,
+        "lora_te1_text_model_encoder_layers_1_self_attn_q_proj.alpha": np.array(8.0, np.float32),
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.lora_down.weight": t5_down,
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.lora_up.weight": t5_up,
+    }
+    mx.save_safetensors(str(tmp_path / "te.safetensors"), {k: mx.array(v) for k, v in tensors.items()})
+    clip, t5 = load_clip(tiny_schnell / "text_encoder"), load_t5(tiny_schnell / "text_encoder_2")
+    report = apply_file({"clip": clip, "t5": t5}, tmp_path / "te.safetensors", 1.0)
+    assert report.layers == 2 and report.dialect == "ComfyUI + kohya"
+
+    clip_ids = PromptTokenizer(tiny_schnell / "tokenizer", "clip", 77)("a red fox").ids
+    t5_ids = PromptTokenizer(tiny_schnell / "tokenizer_2", "t5", 32)("a red fox").ids
+    ref_clip = CLIPTextModel.from_pretrained(tiny_schnell / "text_encoder", dtype=torch.float32)
+    ref_t5 = T5EncoderModel.from_pretrained(tiny_schnell / "text_encoder_2", dtype=torch.float32)
+    with torch.no_grad():
+        ref_clip.encoder.layers[1].self_attn.q_proj.weight += torch.from_numpy(
+            2.0 * clip_up @ clip_down
+        )
+        ref_t5.encoder.block[0].layer[0].SelfAttention.k.weight += torch.from_numpy(t5_up @ t5_down)
+        clip_expected = ref_clip(torch.from_numpy(clip_ids).long()).pooler_output.numpy()
+        t5_expected = ref_t5(torch.from_numpy(t5_ids).long()).last_hidden_state.numpy()
+    assert relative_error(clip(mx.array(clip_ids)), clip_expected) < TOLERANCE
+    assert relative_error(t5(mx.array(t5_ids)), t5_expected) < TOLERANCE
+
+
+def test_cli_records_loras_and_save_bakes_them(tiny_schnell, tmp_path):
+    from PIL import Image
+
+    from flux1.cli.generate import main
+    from flux1.cli.save import main as save_main
+    from flux1.lora.apply import file_digest
+    from flux1.metadata import read_record
+
+    lora = tmp_path / "style.safetensors"
+    lora_files.write(lora, "kohya", seed=4)
+    common = ["--prompt", "a fox", "--height", "32", "--width", "48", "--steps", "2", "--seed", "1"]
+    assert (
+        main(
+            [
+                "--path",
+                str(tiny_schnell),
+                *common,
+                "--lora-paths",
+                str(lora),
+                "--lora-scales",
+                "0.8",
+                "--output",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 0
+    )
+    assert read_record(tmp_path / "a.png")["loras"] == [
+        {"name": "style.safetensors", "path": str(lora), "scale": 0.8, "sha256": file_digest(lora)}
+    ]
+    assert (
+        save_main(
+            [
+                "--source",
+                str(tiny_schnell),
+                "--path",
+                str(tmp_path / "baked"),
+                "--lora-paths",
+                str(lora),
+                "--lora-scales",
+                "0.8",
+            ]
+        )
+        == 0
+    )
+    assert main(["--path", str(tmp_path / "baked"), *common, "--output", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n), np.float64) for n in ("a.png", "b.png"))
+    assert np.abs(a - b).max() <= 1  # merged vs adapter: the same sums in another order, then 8-bit rounding
+
+
+def test_control_lora_is_refused(tiny_schnell, tmp_path):
+    tensors = {
+        "transformer.x_embedder.lora_A.weight": mx.zeros((4, 128)),
+        "transformer.x_embedder.lora_B.weight": mx.zeros((64, 4)),
+        "transformer.x_embedder.lora_B.bias": mx.zeros((64,)),
+    }
+    mx.save_safetensors(str(tmp_path / "canny.safetensors"), tensors)
+    with pytest.raises(LoraError, match="a FLUX.1 control LoRA \\(Canny/Depth\\): it widens img_in to 128"):
+        apply_file(
+            {"transformer": load_transformer(tiny_schnell / "transformer")},
+            tmp_path / "canny.safetensors",
+            1.0,
+        )
