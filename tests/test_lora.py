@@ -202,9 +202,7 @@ def test_text_encoder_loras(tiny_schnell, tmp_path):
     ref_clip = CLIPTextModel.from_pretrained(tiny_schnell / "text_encoder", dtype=torch.float32)
     ref_t5 = T5EncoderModel.from_pretrained(tiny_schnell / "text_encoder_2", dtype=torch.float32)
     with torch.no_grad():
-        ref_clip.encoder.layers[1].self_attn.q_proj.weight += torch.from_numpy(
-            2.0 * clip_up @ clip_down
-        )
+        ref_clip.encoder.layers[1].self_attn.q_proj.weight += torch.from_numpy(2.0 * clip_up @ clip_down)
         ref_t5.encoder.block[0].layer[0].SelfAttention.k.weight += torch.from_numpy(t5_up @ t5_down)
         clip_expected = ref_clip(torch.from_numpy(clip_ids).long()).pooler_output.numpy()
         t5_expected = ref_t5(torch.from_numpy(t5_ids).long()).last_hidden_state.numpy()
@@ -275,3 +273,66 @@ def test_control_lora_is_refused(tiny_schnell, tmp_path):
             tmp_path / "canny.safetensors",
             1.0,
         )
+
+
+def _reference_with_weights(folder, weights: dict[str, np.ndarray]) -> np.ndarray:
+    reference = FluxTransformer2DModel.from_pretrained(folder)
+    current = {n: p.detach().numpy().copy() for n, p in reference.named_parameters()}
+    return _reference_output(folder, {k: v - current[f"{k}.weight"] for k, v in weights.items()}, 1.0)
+
+
+@pytest.mark.parametrize("style", ["peft", "lycoris"])
+def test_dora(tiny_schnell, tmp_path, style):
+    """W'' = m (W + s dW) / norm(W + s dW): per output row (PEFT) or per input column (LyCORIS)."""
+    rng = np.random.default_rng(8)
+    down, up = rng.standard_normal((4, 64), dtype=np.float32), rng.standard_normal((64, 4), dtype=np.float32)
+    base = (
+        FluxTransformer2DModel.from_pretrained(tiny_schnell / "transformer")
+        .x_embedder.weight.detach()
+        .numpy()
+    )
+    changed = base + 0.5 * up @ down  # alpha 2 / rank 4
+    if style == "peft":
+        magnitude = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+        tensors = {
+            "transformer.x_embedder.lora_A.weight": down,
+            "transformer.x_embedder.lora_B.weight": up,
+            "transformer.x_embedder.alpha": np.array(2.0, np.float32),
+            "transformer.x_embedder.lora_magnitude_vector": magnitude,
+        }
+        expected = magnitude[:, None] * changed / np.linalg.norm(changed, axis=1, keepdims=True)
+    else:
+        magnitude = rng.uniform(0.5, 1.5, (1, 64)).astype(np.float32)
+        tensors = {
+            "lycoris_x_embedder.lora_down.weight": down,
+            "lycoris_x_embedder.lora_up.weight": up,
+            "lycoris_x_embedder.alpha": np.array(2.0, np.float32),
+            "lycoris_x_embedder.dora_scale": magnitude,
+        }
+        expected = magnitude * changed / np.linalg.norm(changed, axis=0, keepdims=True)
+    mx.save_safetensors(str(tmp_path / "dora.safetensors"), {k: mx.array(v) for k, v in tensors.items()})
+    model = load_transformer(tiny_schnell / "transformer")
+    apply_file({"transformer": model}, tmp_path / "dora.safetensors", 1.0)
+    reference = _reference_with_weights(tiny_schnell / "transformer", {"x_embedder": expected})
+    assert relative_error(_ours(model, _inputs(False)), reference) < TOLERANCE
+
+
+def test_lokr(tiny_schnell, tmp_path):
+    """dW = kron(w1, w2a @ w2b) * alpha / rank of the decomposed factor."""
+    rng = np.random.default_rng(9)
+    w1 = rng.standard_normal((4, 4), dtype=np.float32)
+    w2a, w2b = rng.standard_normal((16, 2), dtype=np.float32), rng.standard_normal((2, 16), dtype=np.float32)
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_proj.lokr_w1": w1,
+        "lora_unet_double_blocks_0_img_attn_proj.lokr_w2_a": w2a,
+        "lora_unet_double_blocks_0_img_attn_proj.lokr_w2_b": w2b,
+        "lora_unet_double_blocks_0_img_attn_proj.alpha": np.array(1.0, np.float32),
+    }
+    mx.save_safetensors(str(tmp_path / "lokr.safetensors"), {k: mx.array(v) for k, v in tensors.items()})
+    model = load_transformer(tiny_schnell / "transformer")
+    assert apply_file({"transformer": model}, tmp_path / "lokr.safetensors", 1.0).dialect == "LyCORIS"
+    change = np.kron(w1, w2a @ w2b) * 0.5 * 0.1
+    expected = _reference_output(
+        tiny_schnell / "transformer", {"transformer_blocks.0.attn.to_out.0": change}, 1 / 0.1
+    )
+    assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE

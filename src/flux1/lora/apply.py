@@ -52,6 +52,7 @@ class _Group:
     """The tensors of one layer of one file."""
 
     target: Target
+    dialects: set[str] = field(default_factory=set)
     keys: list[str] = field(default_factory=list)
     tensors: dict[str, mx.array] = field(default_factory=dict)
 
@@ -131,10 +132,12 @@ def _groups(tensors, tables) -> tuple[dict[tuple[str, str], _Group], list[str], 
         if target is None:
             unmatched.append(key)
             continue
-        dialects.add(parsed.dialect)
         group = groups.setdefault((parsed.component, parsed.layer), _Group(target))
+        group.dialects.add(parsed.dialect)
         group.keys.append(key)
         group.tensors[parsed.role] = tensors.arrays[key].astype(mx.float32)
+    for group in groups.values():  # LyCORIS files keep kohya's prefixes and `.alpha`
+        dialects.update({"LyCORIS"} if "LyCORIS" in group.dialects else group.dialects)
     return groups, unmatched, dialects
 
 
@@ -180,9 +183,12 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
                 )
             up = up * (strength * _scale(group, down.shape[0], peft, name))
             up = _swap(up) if target.swap_halves else up
-            low_rank.setdefault((component, target.module), []).append(
-                (down, _place(up, rows, layer.output_dims))
-            )
+            if "dora" in t or "magnitude" in t:
+                _merge_dora(layer, rows, up @ down, t.get("magnitude", t.get("dora")))
+            else:
+                low_rank.setdefault((component, target.module), []).append(
+                    (down, _place(up, rows, layer.output_dims))
+                )
         elif (full := _full_delta(t)) is not None:
             delta, rank = full
             if tuple(delta.shape) != (height, layer.input_dims):
@@ -202,14 +208,26 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
             layer.bias = layer.bias + _place(
                 _swap(bias) if target.swap_halves else bias, rows, layer.output_dims
             ).astype(layer.bias.dtype)
-        if "dora" in t or "magnitude" in t:
-            raise LoraError(f"{path}: '{group.keys[0]}': DoRA magnitudes are not supported yet")
     for (component, module), pairs in low_rank.items():
         down = mx.concatenate([d for d, _ in pairs], axis=0)
         up = mx.concatenate([u for _, u in pairs], axis=1)
         layers[component][module].add_adapter(LowRankAdapter(down, up, 1.0))
     changed = {(g.target.component, g.target.module) for g in groups.values()}
     return LoraReport(str(path), dialect, strength, len(changed), unmatched)
+
+
+def _merge_dora(layer: Linear, rows: slice, delta: mx.array, magnitude: mx.array) -> None:
+    """W'' = m * (W + s dW) / norm(W + s dW) on the target rows. PEFT's magnitude [out] normalises
+    each output row, LyCORIS/OneTrainer's `dora_scale` [1, in] each input column. A quantized layer
+    becomes dense: the normalisation needs the whole weight."""
+    weight = layer.dense_weight(mx.float32)
+    changed = weight[rows] + delta
+    if magnitude.ndim == 2 and magnitude.shape[0] == 1:
+        norm = mx.linalg.norm(changed, axis=0, keepdims=True)
+    else:
+        magnitude, norm = magnitude.reshape(-1, 1), mx.linalg.norm(changed, axis=1, keepdims=True)
+    weight[rows] = magnitude * changed / norm
+    layer.set_dense(weight)
 
 
 def _add_full(layer: Linear, delta: mx.array) -> None:

@@ -79,6 +79,16 @@ class Linear(nn.Module):
         self.weight, self.scales, self.biases = weight, scales, biases
         self.bits, self.group_size = bits, group_size
 
+    def set_dense(self, weight: mx.array) -> None:
+        """Hold `weight` as a dense matrix (in the dtype of the scales if the layer was quantized)."""
+        if self.bits is not None:
+            dtype = self.scales.dtype
+            del self["scales"], self["biases"]
+            self.bits = self.group_size = None
+        else:
+            dtype = self.weight.dtype
+        self.weight = weight.astype(dtype)
+
     def quantize(self, bits: int, group_size: int) -> bool:
         """Quantize the dense weight in place; False (and unchanged) if the width does not fit."""
         if self.bits is not None or self.input_dims % group_size:
@@ -110,12 +120,9 @@ class Linear(nn.Module):
             return
         weight = self.dense_weight(mx.float32) + sum(adapter.delta() for adapter in self.adapters)
         self.adapters.clear()
-        if self.bits is None:
-            self.weight = weight.astype(self.weight.dtype)
-        else:
-            bits, group_size, dtype = self.bits, self.group_size, self.scales.dtype
-            self.bits = None
-            self.weight = weight.astype(dtype)
+        bits, group_size = self.bits, self.group_size
+        self.set_dense(weight)
+        if bits is not None:
             self.quantize(bits, group_size)
 
     def __call__(self, x: mx.array) -> mx.array:
