@@ -336,3 +336,29 @@ def test_lokr(tiny_schnell, tmp_path):
         tiny_schnell / "transformer", {"transformer_blocks.0.attn.to_out.0": change}, 1 / 0.1
     )
     assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE
+
+
+def test_peft_metadata_alpha_pattern_and_rslora(tiny_schnell, tmp_path):
+    """alpha_pattern overrides lora_alpha per module; use_rslora divides by sqrt(rank)."""
+    rng = np.random.default_rng(10)
+    factors = {
+        name: (rng.standard_normal((4, 64), dtype=np.float32), rng.standard_normal((64, 4), dtype=np.float32))
+        for name in ("x_embedder", "proj_out")
+    }
+    tensors = {}
+    for name, (down, up) in factors.items():
+        tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"] = down, up
+    config = '{"r": 4, "lora_alpha": 8, "alpha_pattern": {"x_embedder": 2}, "use_rslora": true}'
+    mx.save_safetensors(
+        str(tmp_path / "peft.safetensors"),
+        {k: mx.array(v) for k, v in tensors.items()},
+        metadata={"lora_adapter_metadata": config},
+    )
+    model = load_transformer(tiny_schnell / "transformer")
+    apply_file({"transformer": model}, tmp_path / "peft.safetensors", 1.0)
+    changes = {
+        "x_embedder": 1.0 * factors["x_embedder"][1] @ factors["x_embedder"][0],  # 2 / sqrt(4)
+        "proj_out": 4.0 * factors["proj_out"][1] @ factors["proj_out"][0],
+    }  # 8 / sqrt(4)
+    expected = _reference_output(tiny_schnell / "transformer", changes, 1.0)
+    assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE
