@@ -106,3 +106,16 @@ def test_missing_tensor(folder):
     mx.save_safetensors(str(folder / index["weight_map"]["proj_out.weight"]), tensors)
     with pytest.raises(WeightFileError, match="missing tensors: final_layer.linear.bias"):
         load_transformer(folder)
+
+
+def test_folder_missing_a_component(tiny_schnell, tmp_path):
+    from flux1.model_files import ModelFilesError, resolve
+
+    partial = shutil.copytree(
+        tiny_schnell, tmp_path / "model", ignore=shutil.ignore_patterns("text_encoder_2")
+    )
+    with pytest.raises(
+        ModelFilesError,
+        match=r"model: missing component folder\(s\) text_encoder_2/ \(expected the diffusers layout",
+    ):
+        resolve(path=partial)
