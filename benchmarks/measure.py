@@ -18,9 +18,9 @@ class Measured:
 
 
 def run_measured(args: list[str], env: dict | None = None) -> Measured:
-    """Run `args` (with this Python when they start with a .py file or -m); the peak RSS is the
+    """Run `args` (with this Python when they start with a .py file, -m or -c); the peak RSS is the
     child's own, from the rusage that wait4 returns for it."""
-    if args[0].endswith(".py") or args[0] == "-m":
+    if args[0].endswith(".py") or args[0] in ("-m", "-c"):
         args = [sys.executable, *args]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()

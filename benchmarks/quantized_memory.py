@@ -2,9 +2,10 @@
 
 Builds (or reuses) the `full` fixture (random bf16 weights, real layout, 33 GB), saves it with -q 4 and
 -q 8 through save.py, then runs main.py on each at 512x512 and prints peak resident memory of the whole
-run, load time, seconds per step, decode time and the saved folder's size.
+run, load time, seconds per step, decode time and the saved folder's size; beside them, the transformer
+as a GGUF file (Q4_K by default; the fixture builder writes it) with the text encoders at -q 4.
 
-    python benchmarks/quantized_memory.py [--cache DIR] [--steps 4] [--bits 4 8] [--runtime]
+    python benchmarks/quantized_memory.py [--cache DIR] [--steps 4] [--bits 4 8] [--runtime] [--gguf Q4_K]
 """
 
 import argparse
@@ -79,6 +80,13 @@ def main() -> None:
     parser.add_argument(
         "--runtime", action="store_true", help="also quantize at load time from the bf16 folder"
     )
+    parser.add_argument(
+        "--gguf",
+        nargs="*",
+        default=["Q4_K"],
+        metavar="TYPE",
+        help="also run the transformer as a GGUF file of each type (text encoders at -q 4); none: skip",
+    )
     args = parser.parse_args()
     fixture = args.cache / f"{args.preset}-schnell-bfloat16"
     build = ["-m", "flux1.fixtures", "--preset", args.preset, "--variant", "schnell", "--dtype", "bfloat16"]
@@ -106,6 +114,35 @@ def main() -> None:
                     generate(fixture, args.steps, args.size, ["-q", str(bits)], args.cache / "image.png"),
                 )
             )
+    for qtype in args.gguf:
+        gguf_file = args.cache / f"{args.preset}-schnell-{qtype}.gguf"
+        if not gguf_file.is_file():
+            print(f"writing {gguf_file} ...", flush=True)
+            result = run_measured(
+                [
+                    "-c",
+                    "import sys; from flux1.fixtures.gguf import write_gguf; write_gguf(*sys.argv[1:])",
+                    str(fixture / "transformer"),
+                    str(gguf_file),
+                    qtype,
+                ]
+            )
+            if result.returncode:
+                sys.exit(f"writing {gguf_file} failed:\n{result.stderr[-3000:]}")
+            print(f"  {result.seconds:.0f}s, peak {result.peak_rss_gb:.1f} GB", flush=True)
+        rows.append(
+            (
+                f"gguf {qtype}, text -q 4",
+                gguf_file.stat().st_size / 2**30,
+                generate(
+                    fixture,
+                    args.steps,
+                    args.size,
+                    ["--gguf", str(gguf_file), "-q", "4"],
+                    args.cache / "image.png",
+                ),
+            )
+        )
     print(f"\nFLUX.1-schnell, {args.preset} preset, {args.size}x{args.size}, {args.steps} steps, --low-ram")
     print(
         f"{'run':<24}{'on disk GB':>11}{'peak RSS GB':>12}{'load s':>9}{'encode s':>10}{'s/step':>9}"

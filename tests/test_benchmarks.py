@@ -57,6 +57,8 @@ def test_quantized_memory_prints_every_row(tmp_path):
         "4",
         "8",
         "--runtime",
+        "--gguf",
+        "Q8_0",
         "--cache",
         str(tmp_path),
     )
@@ -66,4 +68,5 @@ def test_quantized_memory_prints_every_row(tmp_path):
         "bf16 + -q 4 at load",
         "saved -q 8",
         "bf16 + -q 8 at load",
+        "gguf Q8_0, text -q 4",
     ]
