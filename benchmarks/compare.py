@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import run_measured  # noqa: E402
+from measure import fixture_folder, run_measured  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 ROWS = {  # name -> (implementation, fixture dtype, extra options)
@@ -87,29 +87,6 @@ def worker_diffusers(
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
-def fixture_folder(cache: Path, preset: str, dtype: str) -> Path:
-    folder = cache / f"{preset}-schnell-{dtype}"
-    if not (folder / "model_index.json").is_file():
-        print(f"building {folder} ...", flush=True)
-        result = run_measured(
-            [
-                "-m",
-                "flux1.fixtures",
-                "--preset",
-                preset,
-                "--variant",
-                "schnell",
-                "--dtype",
-                dtype,
-                "--out",
-                str(folder),
-            ]
-        )
-        if result.returncode:
-            sys.exit(result.stderr[-3000:])
-    return folder
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Run a command as a child process and measure its wall time and peak resident memory."""
+"""Helpers of the benchmarks: run a child process measuring its wall time and peak resident memory;
+build (or reuse) a fixture."""
 
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -31,3 +33,26 @@ def run_measured(args: list[str], env: dict | None = None) -> Measured:
         out.seek(0)
         err.seek(0)
         return Measured(seconds, usage.ru_maxrss * 1024 / 2**30, out.read(), err.read(), process.returncode)
+
+
+def fixture_folder(cache: Path, preset: str, dtype: str) -> Path:
+    folder = cache / f"{preset}-schnell-{dtype}"
+    if not (folder / "model_index.json").is_file():
+        print(f"building {folder} ...", flush=True)
+        result = run_measured(
+            [
+                "-m",
+                "flux1.fixtures",
+                "--preset",
+                preset,
+                "--variant",
+                "schnell",
+                "--dtype",
+                dtype,
+                "--out",
+                str(folder),
+            ]
+        )
+        if result.returncode:
+            sys.exit(result.stderr[-3000:])
+    return folder

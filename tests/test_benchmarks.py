@@ -70,3 +70,24 @@ def test_quantized_memory_prints_every_row(tmp_path):
         "bf16 + -q 8 at load",
         "gguf Q8_0, text -q 4",
     ]
+
+
+def test_quantization_quality_prints_every_level(tmp_path):
+    out = _run(
+        "quantization_quality.py",
+        "--preset",
+        "tiny",
+        "--size",
+        "32",
+        "--steps",
+        "1",
+        "--cache",
+        str(tmp_path),
+    )
+    table = out[out.index("tiny preset (float32 weights)") :].splitlines()[2:]
+    rows = {int(line.split()[0]): [float(v) for v in line.split()[1:]] for line in table}
+    assert list(rows) == [8, 6, 5, 4, 3]
+    errors, psnrs = [rows[b][0] for b in rows], [rows[b][1] for b in rows]
+    # Fewer bits, more error: each level strictly worse than the one above it.
+    assert errors == sorted(errors) and len(set(errors)) == 5
+    assert psnrs == sorted(psnrs, reverse=True)
