@@ -1,0 +1,135 @@
+"""Where one denoising step's time goes, and how far it is from the BLAS floor.
+
+Runs the transformer of a fixture (default `wide`, 512x512) once to warm up, then once with every
+linear layer, attention, GELU, RoPE and adaptive norm timed on its own (each evaluated before and
+after, so the parts are separated; the sum is a little above an unprofiled step, which is also
+timed). The floor is the step's floating-point work (2 * tokens * in * out per linear layer,
+4 * heads * tokens^2 * head_dim per attention) divided by this machine's fp32 matmul rate, measured
+here with MLX on a 4096 x 3072 x 3072 product.
+
+    python benchmarks/profile_step.py [--preset wide] [--dtype float32] [--size 512] [--repeats 3]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import flux1  # noqa: F401  (first: loads the BLAS before mlx)
+
+# isort: split
+import mlx.core as mx
+
+from flux1 import latents
+from flux1.loaders.transformer import load_transformer
+from flux1.models import flux_blocks
+from flux1.nn.linear import Linear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import fixture_folder  # noqa: E402
+
+seconds: dict[str, float] = defaultdict(float)
+flops: dict[str, float] = defaultdict(float)
+
+
+def timed(category: str, function, count_flops=None):
+    def wrapper(*args, **kwargs):
+        mx.eval([a for a in args if isinstance(a, mx.array)])
+        start = time.perf_counter()
+        out = function(*args, **kwargs)
+        mx.eval(out)
+        seconds[category] += time.perf_counter() - start
+        if count_flops:
+            flops[category] += count_flops(*args)
+        return out
+
+    return wrapper
+
+
+def linear_flops(layer: Linear, x: mx.array) -> float:
+    return 2.0 * x.size // x.shape[-1] * layer.input_dims * layer.output_dims
+
+
+def attention_flops(q: mx.array, k: mx.array, *_) -> float:
+    batch, heads, length, head_dim = q.shape
+    return 4.0 * batch * heads * length * k.shape[2] * head_dim
+
+
+def blas_rate() -> float:
+    a, b = mx.random.normal((4096, 3072)), mx.random.normal((3072, 3072))
+    mx.eval(a @ b)
+    start = time.perf_counter()
+    for _ in range(3):
+        mx.eval(a @ b)
+    return 3 * 2.0 * 4096 * 3072 * 3072 / (time.perf_counter() - start)
+
+
+def instrument() -> None:
+    Linear.__call__ = timed("linear layers (matmul + bias)", Linear.__call__, linear_flops)
+    flux_blocks.attention = timed("attention (q k^T, softmax, @ v)", flux_blocks.attention, attention_flops)
+    flux_blocks.gelu_tanh = timed("GELU", flux_blocks.gelu_tanh)
+    flux_blocks.apply_rope = timed("RoPE", flux_blocks.apply_rope)
+    flux_blocks.modulate = timed("layer norm + modulation", flux_blocks.modulate)
+    flux_blocks.split_heads = timed("q/k RMS norm + head split", flux_blocks.split_heads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps timed (median)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
+    args = parser.parse_args()
+    transformer = load_transformer(fixture_folder(args.cache, args.preset, args.dtype) / "transformer")
+    mx.eval(transformer.parameters())
+    text_tokens = 256
+    inputs = [
+        latents.pack(latents.noise(0, args.size, args.size)),
+        latents.image_ids(args.size, args.size),
+        mx.random.normal((1, text_tokens, transformer.txt_in.input_dims)),
+        mx.zeros((1, text_tokens, 3)),
+        mx.array([1.0]),
+        mx.random.normal((1, transformer.vector_in.in_layer.input_dims)),
+    ]
+    if transformer.guidance_embeds:
+        inputs.append(mx.array([3.5]))
+    mx.eval(inputs)
+
+    def step() -> float:
+        start = time.perf_counter()
+        mx.eval(transformer(*inputs))
+        return time.perf_counter() - start
+
+    step()
+    step_seconds = statistics.median(step() for _ in range(args.repeats))
+    rate = blas_rate()
+    instrument()
+    profiled = step()
+    work = sum(flops.values())
+    others = profiled - sum(seconds.values())
+
+    print(
+        f"\n{args.preset} preset ({args.dtype} weights), {args.size}x{args.size}, {text_tokens} text tokens"
+    )
+    print(f"{'part':<34}{'seconds':>9}{'share':>8}{'GFLOP':>9}{'GFLOP/s':>9}")
+    for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
+        gflop = flops.get(name, 0.0) / 1e9
+        speed = f"{gflop / value:>9.1f}" if gflop else f"{'-':>9}"
+        print(f"{name:<34}{value:>9.3f}{value / profiled:>8.1%}{gflop:>9.1f}{speed}")
+    print(f"{'everything else':<34}{others:>9.3f}{others / profiled:>8.1%}")
+    print(f"{'profiled step':<34}{profiled:>9.3f}")
+    print(f"{'unprofiled step (median)':<34}{step_seconds:>9.3f}")
+    floor = work / rate
+    print(
+        f"\nfp32 matmul rate {rate / 1e9:.1f} GFLOP/s; step work {work / 1e9:.1f} GFLOP; floor {floor:.2f}s; "
+        f"achieved fraction of the floor {floor / step_seconds:.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
