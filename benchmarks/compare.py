@@ -32,14 +32,23 @@ ROWS = {  # name -> (implementation, fixture dtype, extra options)
 
 
 def worker_flux1(fixture: Path, noise: np.ndarray, size: int, steps: int, options: dict) -> dict:
+    import flux1  # noqa: F401  (first: loads the BLAS before mlx)
+
+    # isort: split
     import mlx.core as mx
 
-    import flux1  # noqa: F401  (loads the BLAS before mlx)
     from flux1 import Config, Flux1
 
     flux = Flux1.from_path(fixture, **options)
     image, _, t = flux.generate_array(0, PROMPT, Config(steps, size, size), mx.array(noise), progress=False)
-    return {"load": t.load, "encode": t.encode, "steps": t.step_seconds, "decode": t.decode, "image": image}
+    return {
+        "load": t.load,
+        "encode": t.encode,
+        "steps": t.step_seconds,
+        "decode": t.decode,
+        "image": image,
+        "blas": flux1._blas.loaded or "MLX's own (Accelerate on macOS, reference BLAS on Linux)",
+    }
 
 
 def worker_diffusers(
@@ -159,9 +168,11 @@ def main() -> None:
         return statistics.median(values)
 
     base = "diffusers fp32" if "diffusers fp32" in results else None
+    blas = {r["blas"] for row in results.values() for r in row if "blas" in r}
     print(
         f"\n{args.preset} preset, {args.size}x{args.size}, {args.steps} steps, median of {args.repeats} runs each"
     )
+    print(f"flux1's BLAS: {', '.join(sorted(blas)) or '-'}")
     print(
         f"{'row':<20}{'encode s':>9}{'step s':>8}{'decode s':>9}{'total s':>9}{'peak GB':>9}"
         f"{'step / diffusers fp32':>23}{'PSNR dB':>9}"

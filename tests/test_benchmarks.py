@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts on the tiny preset: they run and print every row (no timing
 is asserted: speed is the benchmarks' business, not the tests')."""
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,9 @@ def test_compare_prints_every_row(tmp_path):
         str(tmp_path),
     )
     table = out[out.index("tiny preset, 32x32, 1 steps") :].splitlines()
-    rows = {line[:20].strip(): line.split() for line in table[2:]}
+    if sys.platform == "linux" and platform.machine() == "x86_64":  # requirements.txt installs MKL there
+        assert table[1].startswith("flux1's BLAS: MKL"), table[1]
+    rows = {line[:20].strip(): line.split() for line in table[3:]}
     assert list(rows) == [
         "flux1 fp32",
         "flux1 bf16 weights",
@@ -91,3 +94,23 @@ def test_quantization_quality_prints_every_level(tmp_path):
     # Fewer bits, more error: each level strictly worse than the one above it.
     assert errors == sorted(errors) and len(set(errors)) == 5
     assert psnrs == sorted(psnrs, reverse=True)
+
+
+def test_profile_step_prints_every_part(tmp_path):
+    out = _run(
+        "profile_step.py", "--preset", "tiny", "--size", "32", "--repeats", "1", "--cache", str(tmp_path)
+    )
+    table = out[out.index("tiny preset (float32 weights)") :].splitlines()
+    parts = {line[:34].strip() for line in table[2:] if line.strip() and not line.startswith("fp32")}
+    assert parts == {
+        "linear layers (matmul + bias)",
+        "attention (q k^T, softmax, @ v)",
+        "GELU",
+        "RoPE",
+        "layer norm + modulation",
+        "q/k RMS norm + head split",
+        "everything else",
+        "profiled step",
+        "unprofiled step (median)",
+    }
+    assert "achieved fraction of the floor" in table[-1]

@@ -1,0 +1,99 @@
+"""What a LoRA costs per denoising step: kept as a runtime adapter beside the weight, or merged into it.
+
+On the `wide` preset (real widths), a rank-r adapter on every linear layer of the transformer (as a
+LoRA trained on all layers would be): the median step without adapters, with them as runtime adapters
+(`x W^T + s (x A^T) B^T`), and after merging them into the weights (`W + s B A`), for the dense base
+and, with --bits, quantized bases (adapters only: merging into quantized weights would erase the LoRA).
+
+    python benchmarks/lora_overhead.py [--preset wide] [--size 512] [--rank 16] [--bits 4] [--repeats 3]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import flux1  # noqa: F401  (first: loads the BLAS before mlx)
+
+# isort: split
+import mlx.core as mx
+
+from flux1 import latents
+from flux1.loaders.transformer import load_transformer
+from flux1.nn.linear import Linear, LowRankAdapter
+from flux1.quantize import quantize_linears
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import fixture_folder  # noqa: E402
+
+
+def step_seconds(transformer, inputs: list, repeats: int) -> float:
+    mx.eval(transformer(*inputs))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(transformer(*inputs))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def add_adapters(transformer, rank: int) -> int:
+    layers = [layer for _, layer in transformer.named_modules() if isinstance(layer, Linear)]
+    for layer in layers:
+        down = mx.random.normal((rank, layer.input_dims)) * layer.input_dims**-0.5
+        up = mx.random.normal((layer.output_dims, rank)) * 0.01
+        layer.add_adapter(LowRankAdapter(down, up, 1.0))
+    mx.eval([(a.down, a.up) for layer in layers for a in layer.adapters])
+    return len(layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--bits", type=int, nargs="*", default=[4], help="quantized bases to measure too")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
+    args = parser.parse_args()
+    folder = fixture_folder(args.cache, args.preset, args.dtype) / "transformer"
+    text_tokens = 256
+    rows = []
+    for bits in [None, *args.bits]:
+        transformer = load_transformer(folder)
+        if bits is not None:
+            quantize_linears(transformer, bits, 64)
+        mx.eval(transformer.parameters())
+        inputs = [
+            latents.pack(latents.noise(0, args.size, args.size)),
+            latents.image_ids(args.size, args.size),
+            mx.random.normal((1, text_tokens, transformer.txt_in.input_dims)),
+            mx.zeros((1, text_tokens, 3)),
+            mx.array([1.0]),
+            mx.random.normal((1, transformer.vector_in.in_layer.input_dims)),
+            *([mx.array([3.5])] if transformer.guidance_embeds else []),
+        ]
+        base = "dense" if bits is None else f"{bits}-bit"
+        plain = step_seconds(transformer, inputs, args.repeats)
+        count = add_adapters(transformer, args.rank)
+        adapted = step_seconds(transformer, inputs, args.repeats)
+        rows.append((base, "no LoRA", plain, plain))
+        rows.append((base, f"{count} runtime adapters", adapted, plain))
+        if bits is None:  # merging into quantized weights would erase the LoRA: never done
+            for _, layer in transformer.named_modules():
+                if isinstance(layer, Linear):
+                    layer.merge_adapters()
+            rows.append((base, "merged", step_seconds(transformer, inputs, args.repeats), plain))
+        del transformer
+    print(f"\n{args.preset} preset ({args.dtype} weights), {args.size}x{args.size}, LoRA rank {args.rank}")
+    print(f"{'base':<8}{'LoRA':<24}{'step s':>8}{'vs no LoRA':>12}")
+    for base, lora, seconds, plain in rows:
+        print(f"{base:<8}{lora:<24}{seconds:>8.3f}{seconds / plain - 1:>+12.1%}")
+
+
+if __name__ == "__main__":
+    main()
