@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from flux1 import backend
+from flux1.nn import cpu_linear
 
 
 @dataclass
@@ -127,23 +128,23 @@ class Linear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if backend.on_cpu():
-            # MLX's CPU bf16 and quantized matmuls bypass BLAS: expand to fp32 per call instead.
             x = x.astype(mx.float32)
-            y = x @ self.dense_weight(mx.float32).T
-        elif self.bits is None:
-            y = x @ self.weight.astype(x.dtype).T
+            y = cpu_linear.linear(x, self)  # with the bias
         else:
-            y = mx.quantized_matmul(
-                x,
-                self.weight,
-                self.scales,
-                self.biases,
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-            )
-        if "bias" in self:
-            y = y + self.bias.astype(y.dtype)
+            if self.bits is None:
+                y = x @ self.weight.astype(x.dtype).T
+            else:
+                y = mx.quantized_matmul(
+                    x,
+                    self.weight,
+                    self.scales,
+                    self.biases,
+                    transpose=True,
+                    group_size=self.group_size,
+                    bits=self.bits,
+                )
+            if "bias" in self:
+                y = y + self.bias.astype(y.dtype)
         for adapter in self.adapters:
             y = y + adapter(x)
         return y
