@@ -4,6 +4,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from flux1.nn.attention import attention
+from flux1.nn.convolution import conv2d
+from flux1.nn.group_norm import group_norm
 from flux1.nn.linear import Linear
 
 _EPS = 1e-6
@@ -19,26 +21,19 @@ class Conv2d(nn.Module):
         self.bias = mx.zeros((out_channels,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.conv2d(x, self.weight.astype(x.dtype), stride=self.stride, padding=self.padding)
-        return y + self.bias.astype(x.dtype)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 class GroupNorm(nn.Module):
-    """PyTorch's GroupNorm: groups of consecutive channels, statistics over space and group."""
-
     def __init__(self, groups: int, channels: int):
         super().__init__()
         self.groups = groups
         self.weight = mx.ones((channels,))
         self.bias = mx.zeros((channels,))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        batch, height, width, channels = x.shape
-        grouped = x.reshape(batch, height * width, self.groups, channels // self.groups)
-        mean = grouped.mean(axis=(1, 3), keepdims=True)
-        var = mx.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
-        normed = ((grouped - mean) * mx.rsqrt(var + _EPS)).reshape(x.shape)
-        return normed * self.weight.astype(x.dtype) + self.bias.astype(x.dtype)
+    def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
+        """Normalized, scaled and shifted (then SiLU'd, with `silu`)."""
+        return group_norm(x, self.groups, self.weight, self.bias, _EPS, silu)
 
 
 class ResnetBlock(nn.Module):
@@ -52,8 +47,8 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         return (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
 
 
@@ -155,7 +150,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(self.mid_block(x))))
+        return self.conv_out(self.conv_norm_out(self.mid_block(x), silu=True))
 
 
 class Decoder(nn.Module):
@@ -177,7 +172,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class VAE(nn.Module):

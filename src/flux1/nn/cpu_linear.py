@@ -8,31 +8,15 @@ use a BLAS at all. fp32 weights are used in place (a zero-copy view). The expand
 one scratch buffer reused by every layer, so a compact model holds one layer expanded at a time.
 """
 
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
 
-_THREADS = os.cpu_count() or 1
-_pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="flux1-expand")
+from flux1.nn.numpy_cpu import as_float32, as_numpy, in_parallel
+
 _lock = threading.Lock()  # guards the scratch buffer
 _scratch = np.empty(0, np.float32)
-
-
-def as_numpy(a: mx.array) -> np.ndarray:
-    """A zero-copy NumPy view of `a` (evaluated here); bf16 as its raw uint16 bits."""
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    mx.eval(a)
-    return np.asarray(a)
-
-
-def _as_float32(a: mx.array) -> np.ndarray:
-    if a.dtype == mx.bfloat16:  # a bf16 value is the upper half of the float32 of the same value
-        return np.left_shift(as_numpy(a), 16, dtype=np.uint32).view(np.float32)
-    return as_numpy(a).astype(np.float32, copy=False)
 
 
 def _codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
@@ -49,12 +33,6 @@ def _codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
     padded = np.zeros((raw.shape[0], cols, 8), np.uint8)
     padded[..., :bits] = stream
     return np.packbits(padded, axis=-1, bitorder="little")[..., 0]
-
-
-def _in_parallel(fill, rows: int) -> None:
-    """fill(start, stop) over row ranges, one per core (NumPy releases the GIL in its loops)."""
-    bounds = np.linspace(0, rows, _THREADS + 1).astype(int)
-    list(_pool.map(fill, bounds[:-1], bounds[1:]))
 
 
 def _scratch_matrix(rows: int, cols: int) -> np.ndarray:
@@ -83,8 +61,8 @@ def expanded_weight(layer) -> np.ndarray:
                 np.copyto(out[start:stop], source[start:stop])
     else:
         packed, groups = as_numpy(weight), cols // layer.group_size
-        scales = _as_float32(layer.scales)[..., None]
-        biases = _as_float32(layer.biases)[..., None]
+        scales = as_float32(layer.scales)[..., None]
+        biases = as_float32(layer.biases)[..., None]
 
         def fill(start, stop):
             codes = _codes(packed[start:stop], layer.bits, cols).reshape(stop - start, groups, -1)
@@ -92,7 +70,7 @@ def expanded_weight(layer) -> np.ndarray:
             np.multiply(codes, scales[start:stop], out=grouped)
             np.add(grouped, biases[start:stop], out=grouped)
 
-    _in_parallel(fill, rows)
+    in_parallel(fill, rows)
     return out
 
 
@@ -102,5 +80,5 @@ def linear(x: mx.array, layer) -> mx.array:
     with _lock:
         y = inputs.reshape(-1, inputs.shape[-1]) @ expanded_weight(layer).T
     if "bias" in layer:
-        y += _as_float32(layer.bias)
+        y += as_float32(layer.bias)
     return mx.array(y.reshape(*x.shape[:-1], y.shape[-1]))
