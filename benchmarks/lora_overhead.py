@@ -8,7 +8,6 @@ and, with --bits, quantized bases (adapters only: merging into quantized weights
     python benchmarks/lora_overhead.py [--preset wide] [--size 512] [--rank 16] [--bits 4] [--repeats 3]
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -19,13 +18,12 @@ import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 # isort: split
 import mlx.core as mx
 
-from flux1 import latents
 from flux1.loaders.transformer import load_transformer
 from flux1.nn.linear import Linear, LowRankAdapter
 from flux1.quantize import quantize_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder  # noqa: E402
+from measure import fixture_folder, fixture_parser, transformer_inputs  # noqa: E402
 
 
 def step_seconds(transformer, inputs: list, repeats: int) -> float:
@@ -49,34 +47,19 @@ def add_adapters(transformer, rank: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--size", type=int, default=512)
+    parser = fixture_parser(__doc__)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--bits", type=int, nargs="*", default=[4], help="quantized bases to measure too")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
     args = parser.parse_args()
     folder = fixture_folder(args.cache, args.preset, args.dtype) / "transformer"
-    text_tokens = 256
     rows = []
     for bits in [None, *args.bits]:
         transformer = load_transformer(folder)
         if bits is not None:
             quantize_linears(transformer, bits, 64)
         mx.eval(transformer.parameters())
-        inputs = [
-            latents.pack(latents.noise(0, args.size, args.size)),
-            latents.image_ids(args.size, args.size),
-            mx.random.normal((1, text_tokens, transformer.txt_in.input_dims)),
-            mx.zeros((1, text_tokens, 3)),
-            mx.array([1.0]),
-            mx.random.normal((1, transformer.vector_in.in_layer.input_dims)),
-            *([mx.array([3.5])] if transformer.guidance_embeds else []),
-        ]
+        inputs = transformer_inputs(transformer, args.size)
         base = "dense" if bits is None else f"{bits}-bit"
         plain = step_seconds(transformer, inputs, args.repeats)
         count = add_adapters(transformer, args.rank)

@@ -1,6 +1,7 @@
 """Helpers of the benchmarks: run a child process measuring its wall time and peak resident memory;
 build (or reuse) a fixture."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -56,3 +57,32 @@ def fixture_folder(cache: Path, preset: str, dtype: str) -> Path:
         if result.returncode:
             sys.exit(result.stderr[-3000:])
     return folder
+
+
+def fixture_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every in-process benchmark shares: which fixture, at which image size."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
+    return parser
+
+
+def transformer_inputs(transformer, size: int, text_tokens: int = 256) -> list:
+    """Evaluated inputs of one transformer call at `size` x `size` (random text states, sigma 1)."""
+    import mlx.core as mx  # the caller imported flux1 first (it loads the BLAS)
+
+    from flux1 import latents
+
+    inputs = [
+        latents.pack(latents.noise(0, size, size)),
+        latents.image_ids(size, size),
+        mx.random.normal((1, text_tokens, transformer.txt_in.input_dims)),
+        mx.zeros((1, text_tokens, 3)),
+        mx.array([1.0]),
+        mx.random.normal((1, transformer.vector_in.in_layer.input_dims)),
+        *([mx.array([3.5])] if transformer.guidance_embeds else []),
+    ]
+    mx.eval(inputs)
+    return inputs

@@ -10,7 +10,6 @@ here on a 4096 x 3072 x 3072 product with the BLAS that the CPU path of Linear u
     python benchmarks/profile_step.py [--preset wide] [--dtype float32] [--size 512] [--repeats 3]
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -23,13 +22,12 @@ import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from flux1 import latents
 from flux1.loaders.transformer import load_transformer
 from flux1.models import flux_blocks
 from flux1.nn.linear import Linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder  # noqa: E402
+from measure import fixture_folder, fixture_parser, transformer_inputs  # noqa: E402
 
 seconds: dict[str, float] = defaultdict(float)
 flops: dict[str, float] = defaultdict(float)
@@ -78,29 +76,13 @@ def instrument() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--size", type=int, default=512)
+    parser = fixture_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps timed (median)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
     args = parser.parse_args()
     transformer = load_transformer(fixture_folder(args.cache, args.preset, args.dtype) / "transformer")
     mx.eval(transformer.parameters())
     text_tokens = 256
-    inputs = [
-        latents.pack(latents.noise(0, args.size, args.size)),
-        latents.image_ids(args.size, args.size),
-        mx.random.normal((1, text_tokens, transformer.txt_in.input_dims)),
-        mx.zeros((1, text_tokens, 3)),
-        mx.array([1.0]),
-        mx.random.normal((1, transformer.vector_in.in_layer.input_dims)),
-    ]
-    if transformer.guidance_embeds:
-        inputs.append(mx.array([3.5]))
-    mx.eval(inputs)
+    inputs = transformer_inputs(transformer, args.size, text_tokens)
 
     def step() -> float:
         start = time.perf_counter()

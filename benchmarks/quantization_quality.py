@@ -8,7 +8,6 @@ image (every network quantized as `-q N` does it) against the unquantized image 
     python benchmarks/quantization_quality.py [--preset wide] [--size 512] [--steps 4] [--bits 8 6 5 4 3]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from flux1.loaders.transformer import load_transformer
 from flux1.quantize import quantize_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder  # noqa: E402
+from measure import fixture_folder, fixture_parser  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 GROUP_SIZE = 64
@@ -44,15 +43,9 @@ def velocity(transformer_folder: Path, bits: int | None, inputs: tuple) -> np.nd
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--size", type=int, default=512)
+    parser = fixture_parser(__doc__)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 6, 5, 4, 3])
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
     args = parser.parse_args()
     fixture = fixture_folder(args.cache, args.preset, args.dtype)
     config = Config(args.steps, args.size, args.size)

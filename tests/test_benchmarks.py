@@ -114,3 +114,18 @@ def test_profile_step_prints_every_part(tmp_path):
         "unprofiled step (median)",
     }
     assert "achieved fraction of the floor" in table[-1]
+
+
+def test_lora_overhead_prints_every_row(tmp_path):
+    out = _run(
+        "lora_overhead.py", "--preset", "tiny", "--size", "32", "--repeats", "1", "--cache", str(tmp_path)
+    )
+    table = out[out.index("tiny preset (float32 weights), 32x32, LoRA rank 16") :].splitlines()[2:]
+    # tiny schnell: 2 double blocks x 10 linears + 2 single x 3 + img_in, txt_in, 2 time, 2 vector, 2 final
+    assert [[line[:8].strip(), line[8:32].strip()] for line in table] == [
+        ["dense", "no LoRA"],
+        ["dense", "34 runtime adapters"],
+        ["dense", "merged"],
+        ["4-bit", "no LoRA"],
+        ["4-bit", "34 runtime adapters"],
+    ]
