@@ -2,6 +2,7 @@
 with no -q flag and no original weights."""
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -10,6 +11,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import mlx.core as mx
 
 from flux1.model_files import ModelFilesError, resolve
 from flux1.nn.linear import Linear
@@ -61,7 +64,9 @@ def save_model(flux, out: Path) -> None:
             (tmp / folder).mkdir()
             (tmp / folder / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
             saved.save_component(model, tmp / folder)
-            flux._models.pop(name)  # one component in memory at a time
+            flux._models.pop(name)  # one component in memory at a time:
+            gc.collect()
+            mx.clear_cache()  # MLX keeps freed buffers for reuse; give them back before the next
         index = json.loads((flux.files.root / "model_index.json").read_text())
         index["flux1"] = {
             "quantization": saved.bits_of(saved.saved_quantization(tmp / "transformer")),
