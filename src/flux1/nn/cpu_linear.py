@@ -9,11 +9,12 @@ one scratch buffer reused by every layer, so a compact model holds one layer exp
 """
 
 import threading
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 
-from flux1.nn.numpy_cpu import as_float32, as_numpy, in_parallel
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
 
 _lock = threading.Lock()  # guards the scratch buffer
 _scratch = np.empty(0, np.float32)
@@ -24,15 +25,22 @@ def _codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
     raw = packed.view(np.uint8)
     if bits == 8:
         return raw
+    rows = raw.shape[0]
+    codes = np.empty((rows, cols // 8, 8), np.uint8)
     if bits == 4:
-        codes = np.empty((raw.shape[0], cols), np.uint8)
-        np.bitwise_and(raw, 0xF, out=codes[:, 0::2])
-        np.right_shift(raw, 4, out=codes[:, 1::2])
-        return codes
-    stream = np.unpackbits(raw, axis=-1, bitorder="little").reshape(raw.shape[0], cols, bits)
-    padded = np.zeros((raw.shape[0], cols, 8), np.uint8)
-    padded[..., :bits] = stream
-    return np.packbits(padded, axis=-1, bitorder="little")[..., 0]
+        pairs = raw.reshape(rows, cols // 8, 4)
+        np.bitwise_and(pairs, 0xF, out=codes[..., 0::2])
+        np.right_shift(pairs, 4, out=codes[..., 1::2])
+        return codes.reshape(rows, cols)
+    # Any width: 8 codes fill `bits` bytes; read them as one integer and shift each code out.
+    octets = raw.reshape(rows, cols // 8, bits)
+    word = octets[..., 0].astype(np.uint64)
+    for i in range(1, bits):
+        word |= octets[..., i].astype(np.uint64) << np.uint64(8 * i)
+    mask = np.uint64((1 << bits) - 1)
+    for k in range(8):
+        codes[..., k] = (word >> np.uint64(k * bits)) & mask
+    return codes.reshape(rows, cols)
 
 
 def _scratch_matrix(rows: int, cols: int) -> np.ndarray:
@@ -65,20 +73,47 @@ def expanded_weight(layer) -> np.ndarray:
         biases = as_float32(layer.biases)[..., None]
 
         def fill(start, stop):
-            codes = _codes(packed[start:stop], layer.bits, cols).reshape(stop - start, groups, -1)
-            grouped = out[start:stop].reshape(stop - start, groups, -1)
-            np.multiply(codes, scales[start:stop], out=grouped)
-            np.add(grouped, biases[start:stop], out=grouped)
+            step = max(1, CACHED_VALUES // cols)
+            for first in range(start, stop, step):
+                last = min(first + step, stop)
+                codes = _codes(packed[first:last], layer.bits, cols).reshape(last - first, groups, -1)
+                grouped = out[first:last].reshape(last - first, groups, -1)
+                np.multiply(codes, scales[first:last], out=grouped)
+                np.add(grouped, biases[first:last], out=grouped)
 
     in_parallel(fill, rows)
     return out
 
 
 def linear(x: mx.array, layer) -> mx.array:
-    """x @ W^T (+ bias) in fp32 for a `Linear` on the CPU."""
+    """x @ W^T + bias + the adapters' terms, in fp32, for a `Linear` on the CPU."""
     inputs = as_numpy(x.astype(mx.float32))
+    flat = inputs.reshape(-1, inputs.shape[-1])
     with _lock:
-        y = inputs.reshape(-1, inputs.shape[-1]) @ expanded_weight(layer).T
-    if "bias" in layer:
-        y += as_float32(layer.bias)
+        y = flat @ expanded_weight(layer).T
+    bias = as_float32(layer.bias) if "bias" in layer else None
+    terms = [_adapter_term(flat, adapter) for adapter in layer.adapters]
+    if bias is not None or terms:
+        in_parallel(partial(_add_to_rows, y, bias, terms), y.shape[0])
     return mx.array(y.reshape(*x.shape[:-1], y.shape[-1]))
+
+
+def _adapter_term(flat: np.ndarray, adapter) -> np.ndarray:
+    """What the adapter adds to the output: scale * (x @ down^T) @ up^T, or x @ change^T."""
+    if hasattr(adapter, "down"):  # low rank: the [tokens, rank] product first
+        t = flat @ as_float32(adapter.down).T
+        t *= adapter.scale
+        return t @ as_float32(adapter.up).T
+    return flat @ as_float32(adapter.change).T
+
+
+def _add_to_rows(y: np.ndarray, bias, terms: list, start: int, stop: int) -> None:
+    """Adds the bias and the adapters' terms to rows start..stop of y, a cache-sized block at a
+    time (one pass over y, instead of one per term)."""
+    step = max(1, CACHED_VALUES // y.shape[1])
+    for row in range(start, stop, step):
+        block = y[row : min(row + step, stop)]
+        if bias is not None:
+            block += bias
+        for term in terms:
+            block += term[row : row + len(block)]

@@ -11,10 +11,9 @@ import mlx.nn as nn
 import numpy as np
 
 from flux1 import backend
-from flux1.nn.numpy_cpu import as_float32, in_parallel
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, in_parallel
 
 _CHUNK = 4096  # pixels summed in float32 at a time
-_CACHED_VALUES = 2**17  # 512 KB of float32: a core's L2 holds it
 
 
 def group_norm(
@@ -54,7 +53,7 @@ def group_norm(
     out = np.empty_like(pixels)
 
     def normalize(start, stop):
-        step = max(1, _CACHED_VALUES // channels)  # each pass of the chunk stays in the core's cache
+        step = max(1, CACHED_VALUES // channels)  # each pass of the chunk stays in the core's cache
         t = np.empty((batch, step, channels), np.float32)
         for chunk in range(start, stop, step):
             end = min(chunk + step, stop)

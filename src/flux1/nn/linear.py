@@ -128,23 +128,21 @@ class Linear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if backend.on_cpu():
-            x = x.astype(mx.float32)
-            y = cpu_linear.linear(x, self)  # with the bias
+            return cpu_linear.linear(x, self)  # with the bias and the adapters
+        if self.bits is None:
+            y = x @ self.weight.astype(x.dtype).T
         else:
-            if self.bits is None:
-                y = x @ self.weight.astype(x.dtype).T
-            else:
-                y = mx.quantized_matmul(
-                    x,
-                    self.weight,
-                    self.scales,
-                    self.biases,
-                    transpose=True,
-                    group_size=self.group_size,
-                    bits=self.bits,
-                )
-            if "bias" in self:
-                y = y + self.bias.astype(y.dtype)
+            y = mx.quantized_matmul(
+                x,
+                self.weight,
+                self.scales,
+                self.biases,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+            )
+        if "bias" in self:
+            y = y + self.bias.astype(y.dtype)
         for adapter in self.adapters:
             y = y + adapter(x)
         return y

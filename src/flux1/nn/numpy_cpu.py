@@ -17,6 +17,7 @@ from flux1 import backend
 THREADS = os.cpu_count() or 1
 _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="flux1-cpu")
 _M_MMAP_MAX = -4  # glibc's mallopt parameter
+CACHED_VALUES = 2**17  # 512 KB of float32: a block that one core's L2 cache holds
 
 
 def _serve_large_blocks_from_the_heap() -> None:
