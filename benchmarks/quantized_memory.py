@@ -76,7 +76,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 8])
+    parser.add_argument(
+        "--bits", type=int, nargs="*", default=[4, 8], help="saved -q levels to run; none: skip"
+    )
     parser.add_argument(
         "--runtime", action="store_true", help="also quantize at load time from the bf16 folder"
     )

@@ -66,15 +66,34 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def to_mlx_affine(raw: np.ndarray, qtype: T, shape: tuple[int, int]):
     """(codes uint32 [rows, cols*bits/32], scales fp32 [rows, cols/32], biases fp32, bits) of a tensor
-    of logical `shape` [rows, cols] stored as raw bytes."""
+    of logical `shape` [rows, cols] stored as raw bytes. Converted a band of rows at a time, so the
+    fp32 values of gguf-py's dequantization exist for one band only."""
     rows, cols = shape
-    block_size, type_size = quants.GGML_QUANT_SIZES[qtype]
-    blocks = raw.reshape(-1, type_size)
-    scales, biases = group_scales(blocks, qtype)
-    values = quants.dequantize(raw, qtype).reshape(rows, cols // GROUP, GROUP)
+    bits = EXACT[qtype].bits
+    raw_rows = raw.reshape(rows, -1)  # every row holds whole blocks
+    codes = np.empty((rows, cols * bits // 32), np.uint32)
+    scales = np.empty((rows, cols // GROUP), np.float32)
+    biases = np.empty((rows, cols // GROUP), np.float32)
+    for first, last in row_bands(rows, cols):
+        codes[first:last], scales[first:last], biases[first:last] = _band_affine(
+            raw_rows[first:last], qtype, cols, bits
+        )
+    return codes, scales, biases, bits
+
+
+def row_bands(rows: int, cols: int, values: int = 2**20):
+    """(first, last) row ranges of about `values` values each."""
+    step = max(1, values // cols)
+    return [(first, min(first + step, rows)) for first in range(0, rows, step)]
+
+
+def _band_affine(raw_rows: np.ndarray, qtype: T, cols: int, bits: int):
+    rows = raw_rows.shape[0]
+    _, type_size = quants.GGML_QUANT_SIZES[qtype]
+    scales, biases = group_scales(raw_rows.reshape(-1, type_size), qtype)
+    values = quants.dequantize(raw_rows, qtype).reshape(rows, cols // GROUP, GROUP)
     scales, biases = scales.reshape(rows, cols // GROUP), biases.reshape(rows, cols // GROUP)
     with np.errstate(divide="ignore", invalid="ignore"):
         codes = np.rint((values - biases[..., None]) / scales[..., None])
     codes = np.where(scales[..., None] == 0, 0, codes).astype(np.uint8).reshape(rows, cols)
-    bits = EXACT[qtype].bits
-    return pack_codes(codes, bits), scales, biases, bits
+    return pack_codes(codes, bits), scales, biases

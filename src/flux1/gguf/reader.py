@@ -1,6 +1,7 @@
 """Read a FLUX transformer GGUF file into canonical (BFL-named) MLX arrays, memory-mapped, one tensor
 at a time: quantized layers as MLX affine triples, everything else dense in its stored dtype."""
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, quants
 
-from flux1.gguf.blocks import DENSE, EXACT, GROUP, REQUANTIZED, SUPPORTED, to_mlx_affine
+from flux1.gguf.blocks import DENSE, EXACT, GROUP, REQUANTIZED, SUPPORTED, row_bands, to_mlx_affine
 from flux1.loaders.transformer import strip_prefix
 from flux1.weights.safetensors_io import Tensors, WeightFileError
 
@@ -34,6 +35,25 @@ def _dense(data: np.ndarray, qtype: T) -> mx.array:
     if qtype == T.BF16:
         return mx.array(np.ascontiguousarray(data).view(np.uint16)).view(mx.bfloat16)
     return mx.array(np.ascontiguousarray(data))
+
+
+def _release(reader: GGUFReader, tensor) -> None:
+    """Drop a tensor's pages of the memory-mapped file from this process once it has been copied:
+    clean file pages are reclaimable, but they count as resident memory until unmapped."""
+    start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    reader.data._mmap.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+
+
+def _requantized(raw: np.ndarray, qtype: T, shape: tuple[int, int], bits: int, group: int):
+    """Dequantized by gguf-py and quantized by MLX a band of rows at a time."""
+    rows, cols = shape
+    raw_rows = raw.reshape(rows, -1)
+    bands = []
+    for first, last in row_bands(rows, cols):
+        values = quants.dequantize(raw_rows[first:last], qtype).reshape(last - first, cols)
+        bands.append(mx.quantize(mx.array(values), group_size=group, bits=bits))
+        mx.eval(bands[-1])
+    return tuple(mx.concatenate(parts) for parts in zip(*bands, strict=True))
 
 
 def read_gguf(path: Path) -> tuple[Tensors, dict[str, QuantizedWeight]]:
@@ -62,6 +82,7 @@ def read_gguf(path: Path) -> tuple[Tensors, dict[str, QuantizedWeight]]:
             raise WeightFileError(f"{origin}: unsupported type; supported: {supported}")
         if qtype in DENSE:
             dense.add(name, _dense(tensor.data, qtype).reshape(shape), origin)
+            _release(reader, tensor)
             continue
         if len(shape) != 2 or not name.endswith(".weight"):
             raise WeightFileError(
@@ -72,8 +93,8 @@ def read_gguf(path: Path) -> tuple[Tensors, dict[str, QuantizedWeight]]:
             triple, group = (mx.array(codes), mx.array(scales), mx.array(biases)), GROUP
         else:
             bits, group = REQUANTIZED[qtype]
-            values = mx.array(quants.dequantize(tensor.data, qtype).reshape(shape))
-            triple = mx.quantize(values, group_size=group, bits=bits)
+            triple = _requantized(tensor.data, qtype, shape, bits, group)
         mx.eval(triple)
+        _release(reader, tensor)
         quantized[name.removesuffix(".weight")] = QuantizedWeight(*triple, bits, group, shape, origin)
     return dense, quantized
