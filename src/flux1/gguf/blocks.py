@@ -12,6 +12,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
+from flux1.nn.numpy_cpu import in_parallel
+
 GROUP = 32
 
 
@@ -66,18 +68,21 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def to_mlx_affine(raw: np.ndarray, qtype: T, shape: tuple[int, int]):
     """(codes uint32 [rows, cols*bits/32], scales fp32 [rows, cols/32], biases fp32, bits) of a tensor
-    of logical `shape` [rows, cols] stored as raw bytes. Converted a band of rows at a time, so the
-    fp32 values of gguf-py's dequantization exist for one band only."""
+    of logical `shape` [rows, cols] stored as raw bytes. Converted a band of rows at a time on each
+    core, so the fp32 values of gguf-py's dequantization exist for one band per core only."""
     rows, cols = shape
     bits = EXACT[qtype].bits
     raw_rows = raw.reshape(rows, -1)  # every row holds whole blocks
     codes = np.empty((rows, cols * bits // 32), np.uint32)
     scales = np.empty((rows, cols // GROUP), np.float32)
     biases = np.empty((rows, cols // GROUP), np.float32)
-    for first, last in row_bands(rows, cols):
-        codes[first:last], scales[first:last], biases[first:last] = _band_affine(
-            raw_rows[first:last], qtype, cols, bits
-        )
+
+    def convert(start: int, stop: int) -> None:
+        for first, last in row_bands(stop - start, cols):
+            band = slice(start + first, start + last)
+            codes[band], scales[band], biases[band] = _band_affine(raw_rows[band], qtype, cols, bits)
+
+    in_parallel(convert, rows)
     return codes, scales, biases, bits
 
 
