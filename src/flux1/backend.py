@@ -1,19 +1,81 @@
-"""Where and in which precision the networks compute.
+"""Which kernels the networks compute with, and in which precision.
 
-CPU (the MLX CPU backend): weights stay compact (bf16 or quantized) in memory and are expanded
-to fp32 per layer, because only fp32 matmuls go through BLAS. GPU (Metal, CUDA): MLX's native
-bf16 and quantized kernels.
+Two compute paths, one switch (`FLUX1_COMPUTE`, read here only):
+- "mlx": MLX's own kernels (bf16 matmul, `quantized_matmul`, fused attention, `conv2d`): what Metal
+  and CUDA run. Activations follow the weights' float dtype (a 16-bit checkpoint computes in bf16),
+  or fp32 when asked.
+- "numpy": the CPU device's kernels. MLX's CPU backend runs bf16 and quantized matmuls without a BLAS
+  and elementwise work on one core, so weights stay compact in memory and each layer is expanded to
+  fp32 and multiplied through NumPy's BLAS on all cores (`nn/cpu_linear.py` and its siblings).
+`auto` (the default) takes "numpy" on the CPU device and "mlx" on a GPU; `mlx` forces MLX's kernels on
+any device (how CI runs what Metal and CUDA users run). `use("mlx")` does the same for a block of code.
 """
 
+import contextlib
+import os
+
 import mlx.core as mx
+
+SETTINGS = ("auto", "mlx")
+PRECISIONS = ("auto", "fp32", "bf16")
+_override: str | None = None
+
+
+def setting() -> str:
+    value = _override or os.environ.get("FLUX1_COMPUTE", "auto").strip().lower() or "auto"
+    if value not in SETTINGS:
+        raise ValueError(f"FLUX1_COMPUTE={value}: expected one of {', '.join(SETTINGS)}")
+    return value
+
+
+@contextlib.contextmanager
+def use(value: str):
+    """Compute with `value` ("auto" or "mlx") inside the block, whatever FLUX1_COMPUTE says."""
+    global _override
+    if value not in SETTINGS:
+        raise ValueError(f"compute path {value}: expected one of {', '.join(SETTINGS)}")
+    previous, _override = _override, value
+    try:
+        yield
+    finally:
+        _override = previous
 
 
 def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
-def compute_dtype(weight_dtype: mx.Dtype = mx.bfloat16) -> mx.Dtype:
-    """Activation dtype: fp32 on CPU, the weights' float dtype on GPU."""
-    if on_cpu() or weight_dtype not in (mx.float16, mx.bfloat16):
+def numpy_kernels() -> bool:
+    """True where the CPU kernels (fp32 through NumPy's BLAS) compute instead of MLX's own."""
+    return on_cpu() and setting() == "auto"
+
+
+def path_name() -> str:
+    return "numpy" if numpy_kernels() else "mlx"
+
+
+def weights_dtype(module) -> mx.Dtype:
+    """bf16 if the module holds 16-bit float weights (bf16 or fp16, dense or quantization scales),
+    else fp32. fp16 weights compute in bf16: FLUX's residual stream overflows fp16's range."""
+    from mlx.utils import tree_flatten
+
+    for _, array in tree_flatten(module.parameters()):
+        if array.dtype in (mx.bfloat16, mx.float16):
+            return mx.bfloat16
+    return mx.float32
+
+
+def compute_dtype(weights: mx.Dtype = mx.float32, precision: str = "auto") -> mx.Dtype:
+    """The activation dtype for weights of float dtype `weights` under `precision`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if numpy_kernels():
+        if precision == "bf16":
+            raise ValueError(
+                "--precision bf16: the CPU kernels compute in fp32 (MLX's CPU bf16 matmul has no BLAS); "
+                "set FLUX1_COMPUTE=mlx to run MLX's own bf16 kernels"
+            )
         return mx.float32
-    return weight_dtype
+    if precision == "auto":
+        return mx.bfloat16 if weights in (mx.bfloat16, mx.float16) else mx.float32
+    return mx.bfloat16 if precision == "bf16" else mx.float32

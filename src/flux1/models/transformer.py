@@ -51,14 +51,15 @@ class FluxTransformer(nn.Module):
         guidance: mx.array | None = None,
     ) -> mx.array:
         """Velocity [B, N, 64] of the packed latents img [B, N, 64] at sigma `timesteps` [B]."""
+        dtype = img.dtype  # the activations' dtype: every input is cast to it, as in diffusers
         img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps))
+        vec = self.time_in(timestep_embedding(timesteps).astype(dtype))
         if self.guidance_embeds:
             if guidance is None:
                 raise ValueError("this transformer (FLUX.1-dev) needs a guidance value")
-            vec = vec + self.guidance_in(timestep_embedding(guidance))
-        vec = vec + self.vector_in(y)
-        txt = self.txt_in(txt)
+            vec = vec + self.guidance_in(timestep_embedding(guidance).astype(dtype))
+        vec = vec + self.vector_in(y.astype(dtype))
+        txt = self.txt_in(txt.astype(dtype))
         rope = rope_frequencies(mx.concatenate([txt_ids, img_ids], axis=1), self.axes_dims, ROPE_THETA)
 
         for block in self.double_blocks:

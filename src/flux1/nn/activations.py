@@ -13,7 +13,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def gelu_tanh(x: mx.array) -> mx.array:
     """GELU with the tanh approximation (FLUX's MLPs, T5's gated-gelu "gelu_new")."""
-    if not backend.on_cpu():
+    if not backend.numpy_kernels():
         return nn_gelu_tanh(x)
     xn = as_numpy(x.astype(mx.float32))
     out = np.empty_like(xn)

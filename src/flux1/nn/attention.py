@@ -18,7 +18,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     """softmax(scale * q k^T + mask) v for q, k, v of shape [B, heads, tokens, head_dim].
 
     mask is additive and broadcasts to [B, heads, q_tokens, k_tokens]."""
-    if not backend.on_cpu():
+    if not backend.numpy_kernels():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     q, k, v = (a.astype(mx.float32) for a in (q, k, v))
     arrays = [q, k, v] if mask is None else [q, k, v, mask.astype(mx.float32)]

@@ -20,7 +20,7 @@ def group_norm(
     x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float, silu: bool = False
 ) -> mx.array:
     """x [B, H, W, C] NHWC."""
-    if not backend.on_cpu():
+    if not backend.numpy_kernels():
         return _group_norm_mlx(x, groups, weight, bias, eps, silu)
     batch, height, width, channels = x.shape
     pixels = as_float32(x.astype(mx.float32)).reshape(batch, height * width, channels)

@@ -127,16 +127,18 @@ class Linear(nn.Module):
             self.quantize(bits, group_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if backend.on_cpu():
+        if backend.numpy_kernels():
             return cpu_linear.linear(x, self)  # with the bias and the adapters
         if self.bits is None:
             y = x @ self.weight.astype(x.dtype).T
         else:
+            # Scales kept in fp32 (GGUF, -q of an fp32 checkpoint) would promote the activations
+            # and the whole residual stream after this layer: computed in the activations' dtype.
             y = mx.quantized_matmul(
                 x,
                 self.weight,
-                self.scales,
-                self.biases,
+                self.scales.astype(x.dtype),
+                self.biases.astype(x.dtype),
                 transpose=True,
                 group_size=self.group_size,
                 bits=self.bits,
