@@ -5,7 +5,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-REPOS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
+from flux1.configs import REPOS
+
 COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 # The diffusers layout only: the repos also hold the BFL single files (another 34 GB).
 DOWNLOAD_PATTERNS = ["model_index.json", *(f"{c}/*" for c in COMPONENTS)]

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import flux1
 from flux1 import backend, latents, metadata
-from flux1.fixtures.presets import MAX_SEQUENCE_LENGTH
+from flux1.configs import CLIP_LENGTH, DEFAULT_STEPS, MAX_SEQUENCE_LENGTH
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.loaders.transformer import load_transformer
@@ -23,11 +23,10 @@ from flux1.lora.apply import LoraReport, apply_file, file_digest
 from flux1.model_files import ModelFiles, resolve
 from flux1.quantize import check_quantization, quantize_linears
 from flux1.sampler import euler_step, sigmas
-from flux1.tokenizers import CLIP_LENGTH, PromptTokenizer
+from flux1.tokenizers import PromptTokenizer
 from flux1.weights import saved
 
 log = logging.getLogger("flux1")
-DEFAULT_STEPS = {"schnell": 4, "dev": 25}
 
 
 @dataclass

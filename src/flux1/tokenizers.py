@@ -8,8 +8,6 @@ import numpy as np
 
 from flux1.weights.safetensors_io import WeightFileError
 
-CLIP_LENGTH = 77
-
 
 @dataclass(frozen=True)
 class TokenizedPrompt:

@@ -10,8 +10,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, quants
 
+from flux1.convert.transformer_bfl import strip_prefix
 from flux1.gguf.blocks import DENSE, EXACT, GROUP, REQUANTIZED, SUPPORTED, row_bands, to_mlx_affine
-from flux1.loaders.transformer import strip_prefix
 from flux1.weights.safetensors_io import Tensors, WeightFileError
 
 

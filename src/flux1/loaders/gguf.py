@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from flux1.convert.transformer_bfl import infer_config
 from flux1.gguf.reader import read_gguf
-from flux1.loaders.transformer import infer_config
 from flux1.models.transformer import FluxTransformer
 from flux1.nn.linear import Linear
 from flux1.weights.assign import assign_weights

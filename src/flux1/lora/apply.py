@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from flux1.convert.transformer_diffusers import swap_halves
 from flux1.lora.dialects import parse_key
 from flux1.lora.targets import Target, build_table, xlabs_target
 from flux1.nn.linear import DenseDeltaAdapter, Linear, LowRankAdapter
@@ -148,11 +149,6 @@ def _place(rows_of_part: mx.array, rows: slice, total: int) -> mx.array:
     return mx.concatenate([before, rows_of_part, after], axis=0)
 
 
-def _swap(x: mx.array) -> mx.array:
-    half = x.shape[0] // 2
-    return mx.concatenate([x[half:], x[:half]], axis=0)
-
-
 def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict: bool = True) -> LoraReport:
     """Apply the keys of `path` that belong to the networks in `models` (the others are left for a
     later call with their network: the pipeline loads one network at a time)."""
@@ -182,7 +178,7 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
                     f"layer '{target.module}' of {component} ([out, in] = [{height}, {layer.input_dims}])"
                 )
             up = up * (strength * _scale(group, down.shape[0], peft, name))
-            up = _swap(up) if target.swap_halves else up
+            up = swap_halves(up) if target.swap_halves else up
             if "dora" in t or "magnitude" in t:
                 _merge_dora(layer, rows, up @ down, t.get("magnitude", t.get("dora")))
             else:
@@ -197,7 +193,7 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
                     f"'{target.module}' of {component} ([out, in] = [{height}, {layer.input_dims}])"
                 )
             scale = 1.0 if "diff" in t or rank is None else _scale(group, rank, peft, name)
-            delta = _place(_swap(delta) if target.swap_halves else delta, rows, layer.output_dims)
+            delta = _place(swap_halves(delta) if target.swap_halves else delta, rows, layer.output_dims)
             _add_full(layer, delta * (strength * scale))
         if "up_bias" in t or "diff_b" in t:
             bias = t.get("up_bias", t.get("diff_b")) * strength
@@ -206,7 +202,7 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
                     f"{path}: '{group.keys[0]}': bias change for '{target.module}', which has no bias"
                 )
             layer.bias = layer.bias + _place(
-                _swap(bias) if target.swap_halves else bias, rows, layer.output_dims
+                swap_halves(bias) if target.swap_halves else bias, rows, layer.output_dims
             ).astype(layer.bias.dtype)
     for (component, module), pairs in low_rank.items():
         down = mx.concatenate([d for d, _ in pairs], axis=0)
@@ -235,12 +231,3 @@ def _add_full(layer: Linear, delta: mx.array) -> None:
         layer.add_adapter(DenseDeltaAdapter(delta))
     else:
         layer.weight = (layer.weight.astype(mx.float32) + delta).astype(layer.weight.dtype)
-
-
-def apply_loras(
-    models: dict[str, nn.Module], paths: list[str | Path], scales: list[float], strict: bool = True
-) -> list[LoraReport]:
-    """Apply each file with its scale to `models` ({"transformer": ..., "clip": ..., "t5": ...})."""
-    if len(scales) != len(paths):
-        raise ValueError(f"--lora-scales has {len(scales)} values for {len(paths)} --lora-paths")
-    return [apply_file(models, Path(p), s, strict) for p, s in zip(paths, scales)]

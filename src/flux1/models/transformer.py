@@ -3,13 +3,10 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from flux1.configs import AXES_DIMS_ROPE, MLP_RATIO, ROPE_THETA
 from flux1.models.embeddings import MLPEmbedder, rope_frequencies, timestep_embedding
 from flux1.models.flux_blocks import DoubleStreamBlock, LastLayer, SingleStreamBlock
 from flux1.nn.linear import Linear
-
-DEFAULT_AXES_DIMS = (16, 56, 56)
-ROPE_THETA = 10000.0
-MLP_RATIO = 4.0
 
 
 class FluxTransformer(nn.Module):
@@ -20,7 +17,7 @@ class FluxTransformer(nn.Module):
         self.config = dict(config)
         heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
         dim = heads * head_dim
-        self.axes_dims = tuple(config.get("axes_dims_rope") or DEFAULT_AXES_DIMS)
+        self.axes_dims = tuple(config.get("axes_dims_rope") or AXES_DIMS_ROPE)
         if sum(self.axes_dims) != head_dim:
             raise ValueError(
                 f"axes_dims_rope {list(self.axes_dims)} must sum to attention_head_dim {head_dim}"

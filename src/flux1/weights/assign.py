@@ -1,6 +1,5 @@
 """Put converted (canonically named) tensors into a module, strictly."""
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -33,10 +32,3 @@ def assign_weights(module: nn.Module, tensors: Tensors, component: str) -> None:
                 f"but the {component} config expects {list(want)} for '{name}'"
             )
     module.update(tree_unflatten(list(tensors.arrays.items())))
-
-
-def cast_floats(tensors: Tensors, dtype: mx.Dtype) -> None:
-    """Store every float tensor as `dtype` (lazily); integer tensors (quantized codes) stay."""
-    for name, array in tensors.arrays.items():
-        if mx.issubdtype(array.dtype, mx.floating):
-            tensors.arrays[name] = array.astype(dtype)

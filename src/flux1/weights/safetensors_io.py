@@ -60,6 +60,16 @@ class Tensors:
     def origin(self, name: str) -> str:
         return self.origins.get(name, f"tensor '{name}'")
 
+    def renamed(self, rename) -> "Tensors":
+        """The same tensors under `rename(name)`; a name renamed to None is dropped."""
+        out = Tensors(metadata=self.metadata)
+        for name in self.names():
+            array, origin = self.pop(name)
+            new = rename(name)
+            if new is not None:
+                out.add(new, array, origin)
+        return out
+
 
 def read_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a safetensors file, checked against the file's size."""
