@@ -158,9 +158,12 @@ def _bad(tiny, tmp_path, *args) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--height", "1000"], "--height 1000: must be a positive multiple of 16 (nearest: 992 or 1008)"),
-        (["--width", "8"], "--width 8: must be a positive multiple of 16 (nearest: 16)"),
-        (["--steps", "0"], "--steps 0: expected at least 1"),
+        (
+            ["--height", "1000"],
+            "--height 1000: must be a multiple of 16 from 16 to 8192 (nearest: 992 or 1008)",
+        ),
+        (["--width", "8"], "--width 8: must be a multiple of 16 from 16 to 8192 (nearest: 16)"),
+        (["--steps", "0"], "--steps 0: expected 1 to 1000"),
         (
             ["--lora-paths", "a.safetensors", "--lora-scales", "1.0", "0.5"],
             "--lora-scales has 2 values for 1 --lora-paths",

@@ -6,6 +6,14 @@ import mlx.core as mx
 import numpy as np
 
 LATENT_CHANNELS = 16
+MAX_SEED = 2**64 - 1  # MLX's random keys are 64-bit
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"--seed {seed!r}: expected a whole number")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed {seed}: expected 0 to 2**64 - 1")
 
 
 def noise(seed: int, height: int, width: int) -> mx.array:

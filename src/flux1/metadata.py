@@ -2,6 +2,7 @@
 the EXIF UserComment, which exiftool shows), plus an AUTOMATIC1111-style `parameters` chunk that
 image sites and other tools display."""
 
+import datetime
 import json
 import os
 import tempfile
@@ -13,6 +14,39 @@ import piexif.helper
 from PIL import Image, PngImagePlugin
 
 TEXT_KEY = "flux1"
+
+
+def generation_record(
+    flux, seed: int, prompt: str, config, steps: int, max_length: int, seconds: float
+) -> dict:
+    """Everything that made the image, as stored in the PNG and read back by -C."""
+    import flux1
+    from flux1 import backend
+
+    files = flux.files
+    return {
+        "prompt": prompt,
+        "model": files.name,
+        "gguf": str(files.transformer) if files.transformer_format == "gguf" else None,
+        "base_model": files.base_model,
+        "seed": seed,
+        "steps": steps,
+        "guidance": config.guidance if files.base_model == "dev" else None,
+        "height": config.height,
+        "width": config.width,
+        "max_sequence_length": max_length,
+        "precision": str(flux.compute_dtype("transformer")).removeprefix("mlx.core."),
+        "compute": f"{backend.path_name()} kernels",
+        "quantize": flux.quantization_bits,
+        "group_size": flux.group_size if flux.quantize is not None else None,
+        "loras": [
+            {"name": Path(r.path).name, "path": r.path, "scale": r.scale, "sha256": r.sha256}
+            for r in flux.lora_reports
+        ],
+        "generation_seconds": round(seconds, 2),
+        "version": flux1.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def a1111_parameters(record: dict) -> str:

@@ -24,6 +24,17 @@ class ModelFiles:
     base_model: str  # "schnell" or "dev"
     name: str  # what the user named: an alias, a repo id or a path
 
+    @property
+    def transformer_format(self) -> str:
+        """ "gguf", "single_file" (BFL/ComfyUI .safetensors), "saved" (a flux1 save) or "diffusers"."""
+        from flux1.weights import saved
+
+        if self.transformer.suffix == ".gguf":
+            return "gguf"
+        if self.transformer.is_file():
+            return "single_file"
+        return "saved" if saved.is_saved(self.transformer) else "diffusers"
+
     def scheduler_config(self) -> dict:
         return json.loads((self.root / "scheduler" / "scheduler_config.json").read_text())
 

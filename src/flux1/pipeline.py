@@ -1,9 +1,9 @@
 """Flux1: load once, generate many. Text -> (CLIP, T5) -> transformer + Euler sampler -> VAE -> pixels."""
 
-import datetime
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +12,9 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-import flux1
 from flux1 import backend, latents, metadata
-from flux1.configs import CLIP_LENGTH, DEFAULT_STEPS, MAX_SEQUENCE_LENGTH
+from flux1.configs import CLIP_LENGTH
+from flux1.generation import Config, check_lora_options
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.loaders.transformer import load_transformer
@@ -27,15 +27,7 @@ from flux1.tokenizers import PromptTokenizer
 from flux1.weights import saved
 
 log = logging.getLogger("flux1")
-
-
-@dataclass
-class Config:
-    num_inference_steps: int | None = None  # 4 for schnell, 25 for dev
-    height: int = 1024
-    width: int = 1024
-    guidance: float = 3.5  # dev only
-    max_sequence_length: int | None = None  # T5 tokens: 256 for schnell, 512 for dev
+NETWORKS = ("clip", "t5", "transformer", "vae")
 
 
 @dataclass
@@ -49,12 +41,29 @@ class Timings:
     steps: int = 0
     step_seconds: list[float] = field(default_factory=list)
 
+    @property
+    def total(self) -> float:
+        return self.load + self.encode + self.denoise + self.decode
+
     def line(self) -> str:
         per_step = self.denoise / max(self.steps, 1)
         return (
             f"load {self.load:.1f}s, encode {self.encode:.1f}s, denoise {self.denoise:.1f}s "
             f"({per_step:.2f}s/step), decode {self.decode:.1f}s"
         )
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a step callback sees after step `index` (1-based) of `total`."""
+
+    index: int
+    total: int
+    sigma: float
+    sigma_next: float
+    latents: mx.array  # packed latents after the step
+    velocity: mx.array  # the transformer's output at this step
+    seconds: float  # the step's compute time
 
 
 @dataclass
@@ -83,16 +92,6 @@ class GeneratedImage:
         return path
 
 
-def check_size(height: int, width: int) -> None:
-    """Sizes must be multiples of 16 (8x VAE, 2x2 packing); refused with the nearest valid values
-    rather than rounded silently."""
-    for flag, value in (("--height", height), ("--width", width)):
-        if value < 16 or value % 16:
-            low, high = max(16, value // 16 * 16), max(16, -(-value // 16) * 16)
-            nearest = f"{low}" if low == high else f"{low} or {high}"
-            raise ValueError(f"{flag} {value}: must be a positive multiple of 16 (nearest: {nearest})")
-
-
 class Flux1:
     def __init__(
         self,
@@ -103,25 +102,23 @@ class Flux1:
         lora_scales: list[float] | None = None,
         low_ram: bool = False,
         lora_strict: bool = True,
+        precision: str = "auto",
     ):
         if quantize is not None:
             check_quantization(quantize, group_size)
+        backend.compute_dtype(precision=precision)  # refuses an unknown or impossible precision now
         self.files, self.quantize, self.group_size, self.low_ram = files, quantize, group_size, low_ram
+        self.precision = precision
         self.lora_paths = [str(p) for p in lora_paths or []]
         self.lora_scales = list(lora_scales) if lora_scales else [1.0] * len(self.lora_paths)
-        if len(self.lora_scales) != len(self.lora_paths):
-            raise ValueError(
-                f"--lora-scales has {len(self.lora_scales)} values for {len(self.lora_paths)} --lora-paths"
-            )
-        for path in self.lora_paths:
-            if not Path(path).is_file():
-                raise ValueError(f"--lora-paths {path}: file not found")
+        check_lora_options(self.lora_paths, self.lora_scales)
         self.lora_strict = lora_strict
         self._lora_applied: set[str] = set()
         self.lora_reports = [
             LoraReport(p, "", s, 0, sha256=file_digest(p)) for p, s in zip(self.lora_paths, self.lora_scales)
         ]
         self._models: dict[str, nn.Module] = {}
+        self._dtypes: dict[str, mx.Dtype] = {}
         self._tokenizers: dict[tuple[str, int], PromptTokenizer] = {}
         self.load_seconds = 0.0  # reading (and quantizing) weights, all models so far
         self.saved_bits: int | str | None = None
@@ -137,30 +134,61 @@ class Flux1:
         """A local diffusers folder, a folder saved by flux1, or a BFL single-file transformer."""
         return cls(resolve(path=path, base_model=base_model), **options)
 
-    # Models are loaded on first use, quantized layer by layer as they are read.
-    def _model(self, name: str) -> nn.Module:
+    def load(self, name: str) -> nn.Module:
+        """The network `name` (clip, t5, transformer or vae), read on first use and kept until
+        released: quantized layer by layer as it is read, then LoRAs applied."""
+        if name not in NETWORKS:
+            raise ValueError(f"unknown network '{name}': expected one of {', '.join(NETWORKS)}")
         if name not in self._models:
-            root = self.files.root
-            loader = {
-                "clip": lambda: load_clip(root / "text_encoder"),
-                "t5": lambda: load_t5(root / "text_encoder_2"),
-                "transformer": lambda: (
-                    load_transformer_gguf(self.files.transformer)
-                    if self.files.transformer.suffix == ".gguf"
-                    else load_transformer(self.files.transformer)
-                ),
-                "vae": lambda: load_vae(self.files.vae),
-            }[name]
             start = time.perf_counter()
-            model = loader()
+            model = self._read(name)
             if self.quantize is not None and name != "vae":
-                quantize_linears(model, self.quantize, self.group_size)
+                report = quantize_linears(model, self.quantize, self.group_size)
+                if report.kept_dense:
+                    log.info(
+                        "%s: %d layers left dense (input width not a multiple of --group-size %d): %s",
+                        name,
+                        len(report.kept_dense),
+                        self.group_size,
+                        ", ".join(report.kept_dense),
+                    )
             if name != "vae":
                 self._apply_loras(name, model)
-            mx.eval(model.parameters())  # read now, so loading is timed as loading
+            # Read now, so loading is timed as loading. The VAE's encoder is read only if a mode uses it.
+            mx.eval((model.decoder if name == "vae" else model).parameters())
             self.load_seconds += time.perf_counter() - start
             self._models[name] = model
+            self._dtypes[name] = backend.compute_dtype(backend.weights_dtype(model), self.precision)
         return self._models[name]
+
+    def release(self, *names: str) -> None:
+        """Drop the networks `names` (all if none is named) and give their memory back."""
+        for name in names or NETWORKS:
+            self._models.pop(name, None)
+        gc.collect()
+        mx.clear_cache()  # MLX keeps freed buffers for reuse; give them back
+
+    def compute_dtype(self, name: str) -> mx.Dtype:
+        """The activation dtype of a loaded network."""
+        return self._dtypes[name]
+
+    def save(self, path: str | Path) -> Path:
+        """Write every network (quantized, LoRAs baked in) as a folder `main.py --path` loads."""
+        from flux1.saving import save_model
+
+        return save_model(self, Path(path))
+
+    def _read(self, name: str) -> nn.Module:
+        root, files = self.files.root, self.files
+        if name == "clip":
+            return load_clip(root / "text_encoder")
+        if name == "t5":
+            return load_t5(root / "text_encoder_2")
+        if name == "vae":
+            return load_vae(files.vae)
+        if files.transformer_format == "gguf":
+            return load_transformer_gguf(files.transformer)
+        return load_transformer(files.transformer)
 
     def _apply_loras(self, name: str, model: nn.Module) -> None:
         """LoRAs go on after quantization: low-rank changes stay adapters beside quantized weights.
@@ -180,17 +208,14 @@ class Flux1:
             if name == "transformer":
                 log.info("%s", report.line())
 
-    def _release(self, *names: str) -> None:
+    def _done_with(self, *names: str) -> None:
         if self.low_ram:
-            for name in names:
-                self._models.pop(name, None)
-            gc.collect()
-            mx.clear_cache()
+            self.release(*names)
 
     def _check_saved_quantization(self) -> None:
-        folder = self.files.transformer
-        if not (folder.is_dir() and saved.is_saved(folder)):
+        if self.files.transformer_format != "saved":
             return
+        folder = self.files.transformer
         stored_bits = saved.bits_of(saved.saved_quantization(folder))
         if self.quantize is not None and self.quantize != stored_bits:
             raise ValueError(
@@ -203,7 +228,7 @@ class Flux1:
 
     @property
     def quantization_bits(self) -> int | str | None:
-        if self.files.transformer.suffix == ".gguf":
+        if self.files.transformer_format == "gguf":
             return "gguf" if self.quantize is None else f"gguf + {self.quantize}"
         return self.quantize if self.quantize is not None else self.saved_bits
 
@@ -215,8 +240,7 @@ class Flux1:
         return self._tokenizers[key]
 
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> tuple[mx.array, mx.array]:
-        """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), computing in the device's dtype."""
-        dtype = backend.compute_dtype()
+        """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), each in its network's dtype."""
         clip_tokens = self._tokenizer("clip", CLIP_LENGTH)(prompt)
         t5_tokens = self._tokenizer("t5", max_sequence_length)(prompt)
         for tokenizer, tokens in (("CLIP", clip_tokens), ("T5", t5_tokens)):
@@ -227,12 +251,12 @@ class Flux1:
                     tokenizer,
                     tokens.max_length,
                 )
-        pooled = self._model("clip")(mx.array(clip_tokens.ids), dtype)
+        pooled = self.load("clip")(mx.array(clip_tokens.ids), self.compute_dtype("clip"))
         mx.eval(pooled)
-        self._release("clip")
-        hidden = self._model("t5")(mx.array(t5_tokens.ids), dtype)
+        self._done_with("clip")
+        hidden = self.load("t5")(mx.array(t5_tokens.ids), self.compute_dtype("t5"))
         mx.eval(hidden)
-        self._release("t5")
+        self._done_with("t5")
         return hidden, pooled
 
     def denoise(
@@ -242,51 +266,57 @@ class Flux1:
         pooled: mx.array,
         config: Config,
         steps: int,
-        progress: bool,
-        step_seconds: list[float] | None = None,
+        progress: bool = True,
+        on_step: Callable[[Step], None] | None = None,
     ) -> mx.array:
-        """Packed latents after the Euler steps, from initial noise [1, 16, H/8, W/8]; the seconds
-        of each step are appended to `step_seconds`."""
-        transformer = self._model("transformer")
-        dtype = backend.compute_dtype()
+        """Packed latents after the Euler steps, from initial noise [1, 16, H/8, W/8]; `on_step` is
+        called after each step (progress, previews, timing, cancelling by raising)."""
+        transformer = self.load("transformer")
+        dtype = self.compute_dtype("transformer")
         x = latents.pack(noise.astype(mx.float32))
         img_ids = latents.image_ids(config.height, config.width)
         txt_ids = mx.zeros((1, hidden.shape[1], 3))
         schedule = sigmas(steps, x.shape[1], self.files.scheduler_config())
         guidance = mx.array([config.guidance], mx.float32) if transformer.guidance_embeds else None
-        for sigma, sigma_next in tqdm(
-            list(zip(schedule[:-1], schedule[1:])), disable=not progress, unit="step"
-        ):
+        pairs = list(zip(schedule[:-1], schedule[1:]))
+        for index, (sigma, sigma_next) in enumerate(tqdm(pairs, disable=not progress, unit="step"), 1):
             start = time.perf_counter()
             # diffusers passes (sigma * 1000) / 1000 in float32; the same rounding keeps us bit-close.
             t = mx.array(np.array([sigma * np.float32(1000)], np.float32) / np.float32(1000))
             v = transformer(x.astype(dtype), img_ids, hidden, txt_ids, t, pooled, guidance)
             x = euler_step(x, v, sigma, sigma_next)
             mx.eval(x)
-            if step_seconds is not None:
-                step_seconds.append(time.perf_counter() - start)
-        self._release("transformer")
+            if on_step is not None:
+                step = Step(
+                    index, len(pairs), float(sigma), float(sigma_next), x, v, time.perf_counter() - start
+                )
+                on_step(step)
+        self._done_with("transformer")
         return x
 
     def decode(self, packed: mx.array, config: Config) -> np.ndarray:
         """Float image [H, W, 3] in [0, 1]."""
-        vae = self._model("vae")
+        vae = self.load("vae")
         z = latents.unpack(packed, config.height, config.width) / vae.scaling_factor + vae.shift_factor
-        image = vae.decode(z.astype(backend.compute_dtype()))
+        image = vae.decode(z.astype(self.compute_dtype("vae")))
         image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
         mx.eval(image)
-        self._release("vae")
+        self._done_with("vae")
         return np.array(image[0])
 
     def generate_array(
-        self, seed: int, prompt: str, config: Config, noise: mx.array | None = None, progress: bool = True
+        self,
+        seed: int,
+        prompt: str,
+        config: Config,
+        noise: mx.array | None = None,
+        progress: bool = True,
+        on_step: Callable[[Step], None] | None = None,
     ) -> tuple[np.ndarray, dict, Timings]:
         """The float image [H, W, 3] in [0, 1] (before 8-bit rounding), its record and timings."""
-        check_size(config.height, config.width)
-        steps = config.num_inference_steps or DEFAULT_STEPS[self.files.base_model]
-        if steps < 1:
-            raise ValueError(f"--steps {steps}: expected at least 1")
-        max_length = config.max_sequence_length or MAX_SEQUENCE_LENGTH[self.files.base_model]
+        latents.check_seed(seed)
+        steps = config.steps_for(self.files.base_model)
+        max_length = config.max_length_for(self.files.base_model)
         timings = Timings(steps=steps)
         loaded_before = self.load_seconds
 
@@ -296,35 +326,19 @@ class Flux1:
             setattr(timings, phase, time.perf_counter() - start - (self.load_seconds - load_start))
             return result
 
+        def step_done(step: Step) -> None:
+            timings.step_seconds.append(step.seconds)
+            if on_step is not None:
+                on_step(step)
+
         hidden, pooled = timed("encode", lambda: self.encode_prompt(prompt, max_length))
         noise = latents.noise(seed, config.height, config.width) if noise is None else noise
         packed = timed(
-            "denoise",
-            lambda: self.denoise(noise, hidden, pooled, config, steps, progress, timings.step_seconds),
+            "denoise", lambda: self.denoise(noise, hidden, pooled, config, steps, progress, step_done)
         )
         image = timed("decode", lambda: self.decode(packed, config))
         timings.load = self.load_seconds - loaded_before
-        record = {
-            "prompt": prompt,
-            "model": self.files.name,
-            "gguf": str(self.files.transformer) if self.files.transformer.suffix == ".gguf" else None,
-            "base_model": self.files.base_model,
-            "seed": seed,
-            "steps": steps,
-            "guidance": config.guidance if self.files.base_model == "dev" else None,
-            "height": config.height,
-            "width": config.width,
-            "max_sequence_length": max_length,
-            "precision": f"compute {backend.compute_dtype()}".replace("mlx.core.", ""),
-            "quantize": self.quantization_bits,
-            "loras": [
-                {"name": Path(r.path).name, "path": r.path, "scale": r.scale, "sha256": r.sha256}
-                for r in self.lora_reports
-            ],
-            "generation_seconds": round(timings.load + timings.encode + timings.denoise + timings.decode, 2),
-            "version": flux1.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        record = metadata.generation_record(self, seed, prompt, config, steps, max_length, timings.total)
         return image, record, timings
 
     def generate_image(
@@ -334,8 +348,11 @@ class Flux1:
         config: Config | None = None,
         latents: mx.array | None = None,
         progress: bool = True,
+        on_step: Callable[[Step], None] | None = None,
     ) -> GeneratedImage:
         """One image; `latents` injects the initial noise [1, 16, H/8, W/8] instead of the seed's."""
-        image, record, timings = self.generate_array(seed, prompt, config or Config(), latents, progress)
+        image, record, timings = self.generate_array(
+            seed, prompt, config or Config(), latents, progress, on_step
+        )
         # As diffusers' image processor: scale to 0..255, round half to even, 8 bits.
         return GeneratedImage((image * 255).round().astype(np.uint8), record, timings)

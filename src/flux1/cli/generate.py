@@ -7,6 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from flux1.backend import PRECISIONS
+from flux1.configs import DEFAULT_GUIDANCE
 from flux1.model_files import ModelFilesError
 from flux1.quantize import BITS, GROUP_SIZES
 from flux1.weights.safetensors_io import WeightFileError
@@ -59,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--low-ram", action="store_true", help="load each model just before use and release it after"
+    )
+    source.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="activation dtype: auto (fp32 on the CPU kernels, the weights' dtype on MLX's), fp32 or bf16",
     )
     prompt = p.add_argument_group("prompt")
     prompt.add_argument("--prompt", help="what to draw")
@@ -161,21 +169,26 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.config_from_metadata:
         _apply_record(args, _given_flags(argv, p))
-    from flux1.latents import load_noise
-    from flux1.pipeline import Config, Flux1, check_size
+    from flux1 import backend
+    from flux1.generation import Config, check_lora_options
+    from flux1.latents import check_seed, load_noise
+    from flux1.pipeline import Flux1
 
     prompts, seeds = _prompts(args), _seeds(args)
-    height, width = args.height or 1024, args.width or 1024
-    check_size(height, width)
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: expected at least 1")
+    for seed in seeds:
+        check_seed(seed)
+    config = Config(
+        num_inference_steps=args.steps,
+        height=1024 if args.height is None else args.height,
+        width=1024 if args.width is None else args.width,
+        guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        max_sequence_length=args.max_sequence_length,
+    )
+    backend.compute_dtype(precision=args.precision)
+    check_lora_options(args.lora_paths or [], args.lora_scales or [1.0] * len(args.lora_paths or []))
     output = Path(args.output)
     _check_writable(output)
-    noise = load_noise(Path(args.latents), height, width) if args.latents else None
-    if args.lora_scales and len(args.lora_scales) != len(args.lora_paths or []):
-        raise ValueError(
-            f"--lora-scales has {len(args.lora_scales)} values for {len(args.lora_paths or [])} --lora-paths"
-        )
+    noise = load_noise(Path(args.latents), config.height, config.width) if args.latents else None
     options = dict(
         quantize=args.quantize,
         group_size=args.group_size,
@@ -183,6 +196,7 @@ def run(argv: list[str]) -> int:
         lora_scales=args.lora_scales,
         low_ram=args.low_ram,
         lora_strict=not args.lora_lenient,
+        precision=args.precision,
     )
     from flux1.model_files import resolve
 
@@ -193,13 +207,6 @@ def run(argv: list[str]) -> int:
     flux = Flux1(files, **options)
     if args.guidance is not None and flux.files.base_model == "schnell":
         logging.getLogger("flux1").warning("--guidance is ignored: FLUX.1-schnell has no guidance input")
-    config = Config(
-        num_inference_steps=args.steps,
-        height=height,
-        width=width,
-        guidance=3.5 if args.guidance is None else args.guidance,
-        max_sequence_length=args.max_sequence_length,
-    )
     for prompt, row in zip(prompts, output_paths(output, len(prompts), seeds)):
         for seed, path in zip(seeds, row):
             result = flux.generate_image(seed, prompt, config, latents=noise)

@@ -2,24 +2,14 @@
 with no -q flag and no original weights."""
 
 import argparse
-import gc
-import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
 from flux1.model_files import ModelFilesError, resolve
-from flux1.nn.linear import Linear
 from flux1.quantize import BITS, GROUP_SIZES
 from flux1.weights.safetensors_io import WeightFileError
-
-COPIED = ("scheduler", "tokenizer", "tokenizer_2")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,50 +28,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def save_model(flux, out: Path) -> None:
-    """Write every component of `flux` (a Flux1) into `out`, atomically: everything goes to a hidden
-    temporary folder beside it, model_index.json last, renamed to `out` only when complete."""
-    from flux1.weights import saved
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--path {out}: exists and is not an empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        for folder in COPIED:
-            shutil.copytree(flux.files.root / folder, tmp / folder)
-        for name, folder in (
-            ("clip", "text_encoder"),
-            ("t5", "text_encoder_2"),
-            ("transformer", "transformer"),
-            ("vae", "vae"),
-        ):
-            model = flux._model(name)
-            for _, layer in model.named_modules():
-                if isinstance(layer, Linear):
-                    layer.merge_adapters()  # LoRAs baked in, then re-quantized where quantized
-            (tmp / folder).mkdir()
-            (tmp / folder / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
-            saved.save_component(model, tmp / folder)
-            flux._models.pop(name)  # one component in memory at a time:
-            gc.collect()
-            mx.clear_cache()  # MLX keeps freed buffers for reuse; give them back before the next
-        index = json.loads((flux.files.root / "model_index.json").read_text())
-        index["flux1"] = {
-            "quantization": saved.bits_of(saved.saved_quantization(tmp / "transformer")),
-            "base_model": flux.files.base_model,
-            "source": flux.files.name,
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def run(argv: list[str]) -> int:
     from flux1.pipeline import Flux1
 
@@ -97,7 +43,7 @@ def run(argv: list[str]) -> int:
         lora_scales=args.lora_scales,
     )
     start = time.perf_counter()
-    save_model(flux, Path(args.path))
+    flux.save(args.path)
     size = sum(f.stat().st_size for f in Path(args.path).rglob("*") if f.is_file())
     print(f"saved {args.path} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.1f}s")
     return 0

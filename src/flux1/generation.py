@@ -1,0 +1,74 @@
+"""What one image is made with (`Config`), and the checks every input passes once, before any model
+is loaded: ranges, finiteness, types, each error naming the flag and what was expected."""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flux1.configs import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEQUENCE_LENGTH
+
+MAX_STEPS = 1000
+MAX_SIDE = 8192  # pixels; what fits in memory is checked apart (and FLUX.1 is trained up to 2 MP)
+
+
+def _check_integer(flag: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{flag} {value!r}: expected a whole number")
+    if not low <= value <= high:
+        raise ValueError(f"{flag} {value}: expected {low} to {high}")
+
+
+def check_size(height, width) -> None:
+    """Sizes must be multiples of 16 (8x VAE, 2x2 packing); refused with the nearest valid values
+    rather than rounded silently."""
+    for flag, value in (("--height", height), ("--width", width)):
+        _check_integer(flag, value, -(2**63), 2**63)
+        if value < 16 or value % 16 or value > MAX_SIDE:
+            low, high = min(MAX_SIDE, max(16, value // 16 * 16)), min(MAX_SIDE, max(16, -(-value // 16) * 16))
+            nearest = f"{low}" if low == high else f"{low} or {high}"
+            raise ValueError(
+                f"{flag} {value}: must be a multiple of 16 from 16 to {MAX_SIDE} (nearest: {nearest})"
+            )
+
+
+@dataclass
+class Config:
+    """What one image is made with; every value is checked when the Config is made."""
+
+    num_inference_steps: int | None = None  # 4 for schnell, 25 for dev
+    height: int = 1024
+    width: int = 1024
+    guidance: float = DEFAULT_GUIDANCE  # dev only
+    max_sequence_length: int | None = None  # T5 tokens: 256 for schnell, 512 for dev
+
+    def __post_init__(self):
+        check_size(self.height, self.width)
+        if self.num_inference_steps is not None:
+            _check_integer("--steps", self.num_inference_steps, 1, MAX_STEPS)
+        if self.max_sequence_length is not None:
+            _check_integer(
+                "--max-sequence-length", self.max_sequence_length, 1, max(MAX_SEQUENCE_LENGTH.values())
+            )
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float):
+            raise ValueError(f"--guidance {self.guidance!r}: expected a number")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise ValueError(f"--guidance {self.guidance}: expected a finite number >= 0")
+
+    def steps_for(self, base_model: str) -> int:
+        return self.num_inference_steps or DEFAULT_STEPS[base_model]
+
+    def max_length_for(self, base_model: str) -> int:
+        return self.max_sequence_length or MAX_SEQUENCE_LENGTH[base_model]
+
+
+def check_lora_options(paths: list[str], scales: list[float]) -> None:
+    if len(scales) != len(paths):
+        raise ValueError(f"--lora-scales has {len(scales)} values for {len(paths)} --lora-paths")
+    for scale in scales:
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise ValueError(f"--lora-scales {scale!r}: expected a finite number")
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"--lora-paths {path}: file not found")
