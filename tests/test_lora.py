@@ -47,7 +47,7 @@ def _reference_output(folder, changes: dict[str, np.ndarray], strength: float) -
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
-def test_dialect_equals_reference_with_expected_change(tiny_schnell, tmp_path, dialect):
+def test_dialect_equals_reference_with_expected_change(tiny_schnell, tmp_path, dialect, compute_path):
     file = tmp_path / f"{dialect}.safetensors"
     changes = lora_files.write(file, dialect)
     model = load_transformer(tiny_schnell / "transformer")
@@ -88,7 +88,7 @@ def test_two_loras_add_and_scale_zero_changes_nothing(tiny_schnell, tmp_path):
     assert np.array_equal(_ours(zero, _inputs(False)), _ours(plain, _inputs(False)))
 
 
-def test_lora_survives_a_4_bit_base(tiny_schnell, tmp_path):
+def test_lora_survives_a_4_bit_base(tiny_schnell, tmp_path, compute_path):
     lora_files.write(tmp_path / "a.safetensors", "kohya", seed=3)
     x = _inputs(False)
     dense = load_transformer(tiny_schnell / "transformer")
