@@ -241,16 +241,11 @@ class Flux1:
 
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> tuple[mx.array, mx.array]:
         """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), each in its network's dtype."""
-        clip_tokens = self._tokenizer("clip", CLIP_LENGTH)(prompt)
-        t5_tokens = self._tokenizer("t5", max_sequence_length)(prompt)
-        for tokenizer, tokens in (("CLIP", clip_tokens), ("T5", t5_tokens)):
+        clip, t5 = self._tokenizer("clip", CLIP_LENGTH), self._tokenizer("t5", max_sequence_length)
+        clip_tokens, t5_tokens = clip(prompt), t5(prompt)
+        for tokenizer, tokens in ((clip, clip_tokens), (t5, t5_tokens)):
             if tokens.truncated:
-                log.warning(
-                    "the prompt has %d %s tokens; only the first %d are used",
-                    tokens.token_count,
-                    tokenizer,
-                    tokens.max_length,
-                )
+                log.warning("%s", tokenizer.describe_truncation(tokens))
         pooled = self.load("clip")(mx.array(clip_tokens.ids), self.compute_dtype("clip"))
         mx.eval(pooled)
         self._done_with("clip")
