@@ -107,6 +107,7 @@ class Flux1:
         if quantize is not None:
             check_quantization(quantize, group_size)
         backend.compute_dtype(precision=precision)  # refuses an unknown or impossible precision now
+        files.check()
         self.files, self.quantize, self.group_size, self.low_ram = files, quantize, group_size, low_ram
         self.precision = precision
         self.lora_paths = [str(p) for p in lora_paths or []]

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from flux1.configs import check_config
 from flux1.convert.transformer_bfl import infer_config
 from flux1.gguf.reader import read_gguf
 from flux1.models.transformer import FluxTransformer
@@ -15,7 +16,7 @@ def load_transformer_gguf(path: Path, config: dict | None = None) -> FluxTransfo
     tensors, quantized = read_gguf(path)
     shapes = {n: a.shape for n, a in tensors.arrays.items()}
     shapes.update({f"{module}.weight": q.shape for module, q in quantized.items()})
-    model = FluxTransformer(config or infer_config(shapes, path))
+    model = FluxTransformer(config or check_config("transformer", infer_config(shapes, path), path))
     layers = dict(model.named_modules())
     for module, q in quantized.items():
         layer = layers.get(module)
