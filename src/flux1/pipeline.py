@@ -19,7 +19,7 @@ from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.loaders.transformer import load_transformer
 from flux1.loaders.vae import load_vae
-from flux1.lora.apply import LoraReport, apply_file, file_digest
+from flux1.lora.apply import LoraReport, apply_file, check_lora_file, file_digest
 from flux1.model_files import ModelFiles, resolve
 from flux1.quantize import check_quantization, quantize_linears
 from flux1.sampler import euler_step, sigmas
@@ -113,6 +113,8 @@ class Flux1:
         self.lora_paths = [str(p) for p in lora_paths or []]
         self.lora_scales = list(lora_scales) if lora_scales else [1.0] * len(self.lora_paths)
         check_lora_options(self.lora_paths, self.lora_scales)
+        for path in self.lora_paths:
+            check_lora_file(Path(path))
         self.lora_strict = lora_strict
         self._lora_applied: set[str] = set()
         self.lora_reports = [

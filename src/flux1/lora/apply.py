@@ -127,6 +127,19 @@ def _full_delta(t: dict[str, mx.array]) -> tuple[mx.array, int | None] | None:
     return None
 
 
+def check_lora_file(path: Path):
+    """The file's tensors, refused before anything is applied if it holds none, or a value that is
+    not finite (it would turn every image black without a word)."""
+    tensors = read_file(path)
+    if not len(tensors):
+        raise LoraError(f"{path}: holds no tensors, so it changes nothing")
+    for name, array in tensors.arrays.items():
+        if mx.issubdtype(array.dtype, mx.floating) and not mx.all(mx.isfinite(array)).item():
+            raise LoraError(f"{path}: tensor '{name}' holds NaN or infinite values")
+    _check_control_lora(tensors, path)
+    return tensors
+
+
 def _check_control_lora(tensors, path: Path) -> None:
     names = tensors.names()
     widened = [
@@ -178,8 +191,7 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
     """Apply the keys of `path` that belong to the networks in `models` (the others are left for a
     later call with their network: the pipeline loads one network at a time)."""
     path = Path(path)
-    tensors = read_file(path)
-    _check_control_lora(tensors, path)
+    tensors = check_lora_file(path)
     groups, unmatched, dialects = _groups(tensors, build_table(models))
     dialect = " + ".join(sorted(dialects)) or "unknown"
     if unmatched and strict:
@@ -194,8 +206,17 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
         layer: Linear = layers[component][target.module]
         rows = target.rows(layer)
         height = rows.stop - rows.start
+        if ("down" in t) != ("up" in t):
+            raise LoraError(
+                f"{path}: '{group.keys[0]}': a {'down' if 'down' in t else 'up'} matrix without its "
+                f"{'up' if 'down' in t else 'down'} matrix changes nothing"
+            )
         if "down" in t and "up" in t:
             down, up = t["down"], t["up"]
+            if down.ndim != 2 or down.shape[0] == 0:
+                raise LoraError(
+                    f"{path}: '{group.keys[0]}': rank 0 (down {list(down.shape)}) changes nothing"
+                )
             if down.shape[1] != layer.input_dims or up.shape[0] != height or up.shape[1] != down.shape[0]:
                 raise LoraError(
                     f"{path}: '{group.keys[0]}': down {list(down.shape)} / up {list(up.shape)} do not fit "
@@ -222,6 +243,10 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
             scale = 1.0 if "diff" in t or rank is None else _scale(group, rank, peft, name)
             delta = _place(swap_halves(delta) if target.swap_halves else delta, rows, layer.output_dims)
             _add_full(layer, delta * (strength * scale))
+        elif "up_bias" not in t and "diff_b" not in t:
+            raise LoraError(
+                f"{path}: '{group.keys[0]}': no change for this layer (only {', '.join(sorted(t))})"
+            )
         if "up_bias" in t or "diff_b" in t:
             bias = t.get("up_bias", t.get("diff_b")) * strength
             if "bias" not in layer:
