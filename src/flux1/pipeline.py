@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from flux1 import backend, latents, metadata
 from flux1.configs import CLIP_LENGTH
-from flux1.generation import Config, check_lora_options
+from flux1.generation import Config, check_fits, check_lora_options
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.loaders.transformer import load_transformer
@@ -315,6 +315,7 @@ class Flux1:
         latents.check_seed(seed)
         steps = config.steps_for(self.files.base_model)
         max_length = config.max_length_for(self.files.base_model)
+        check_fits(config, max_length)
         timings = Timings(steps=steps)
         loaded_before = self.load_seconds
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flux1.backend import PRECISIONS
 from flux1.cli import run_program
-from flux1.configs import DEFAULT_GUIDANCE
+from flux1.configs import DEFAULT_GUIDANCE, MAX_SEQUENCE_LENGTH
 from flux1.quantize import BITS, GROUP_SIZES
 
 # Flags that -C fills from a record (record key -> flag dest); an explicitly given flag wins.
@@ -220,7 +220,7 @@ def run(argv: list[str]) -> int:
     if args.config_from_metadata:
         _apply_record(args, _given_flags(argv, p))
     from flux1 import backend
-    from flux1.generation import Config, check_lora_options
+    from flux1.generation import Config, check_fits, check_lora_options
     from flux1.latents import check_seed, load_noise
     from flux1.lora.apply import file_digest
     from flux1.pipeline import Flux1
@@ -235,6 +235,7 @@ def run(argv: list[str]) -> int:
         guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
         max_sequence_length=args.max_sequence_length,
     )
+    check_fits(config, config.max_sequence_length or max(MAX_SEQUENCE_LENGTH.values()))
     backend.compute_dtype(precision=args.precision)
     check_lora_options(args.lora_paths or [], args.lora_scales or [1.0] * len(args.lora_paths or []))
     output = output_file(args.output)
