@@ -159,9 +159,11 @@ def read_folder(folder: Path, stem: str) -> Tensors:
             raise WeightFileError(f"{index}: not a safetensors index ({e})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise WeightFileError(f"{index}: not a safetensors index (weight_map must map names to files)")
-        tensors = Tensors()
-        for shard in sorted(set(weight_map.values())):
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:  # every name checked before any file is opened
             check_inside(folder, shard, index)
+        tensors = Tensors()
+        for shard in shards:
             if not (folder / shard).is_file():
                 raise WeightFileError(f"{index}: names shard {shard}, which is missing from {folder}")
             read_file(folder / shard, into=tensors)
