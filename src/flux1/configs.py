@@ -172,7 +172,7 @@ _BOUNDS = {
         "out_channels": 3,
     },
 }
-_OPTIONAL = {"out_channels", "in_channels"}
+_OPTIONAL = {"out_channels"}  # diffusers writes null: the same as in_channels
 
 
 class ConfigError(ValueError):
@@ -192,7 +192,7 @@ def check_config(component: str, config: dict, source) -> dict:
         if type(value) is not int or not 1 <= value <= high:
             fail(f"'{key}' is {str(value)[:40]}, expected a whole number from 1 to {high}")
     if component == "transformer":
-        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+        head_dim = config["attention_head_dim"]
         axes = config.get("axes_dims_rope") or AXES_DIMS_ROPE
         if not (
             isinstance(axes, list | tuple)
@@ -202,7 +202,7 @@ def check_config(component: str, config: dict, source) -> dict:
             fail(f"'axes_dims_rope' is {str(axes)[:40]}, expected three positive even numbers")
         if sum(axes) != head_dim:
             fail(f"'axes_dims_rope' {list(axes)} must sum to attention_head_dim {head_dim}")
-        if config["in_channels"] % 4 or heads * head_dim < 1:
+        if config["in_channels"] % 4:
             fail(f"'in_channels' {config['in_channels']} must be a multiple of 4 (2x2 patches)")
     elif component == "text_encoder":
         if config["hidden_size"] % config["num_attention_heads"]:

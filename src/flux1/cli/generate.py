@@ -2,6 +2,7 @@
 
 import argparse
 import copy
+import json
 import logging
 import os
 import random
@@ -102,6 +103,7 @@ def _apply_record(args: argparse.Namespace, given: set[str]) -> None:
 
     source = args.config_from_metadata
     record = read_record(Path(source))
+    _check_record_types(record, source)
     for key, dest in FROM_RECORD.items():
         if dest not in given and record.get(key) is not None:
             value = record[key]
@@ -133,6 +135,53 @@ def _apply_record(args: argparse.Namespace, given: set[str]) -> None:
                 f"-C {source}: the image was made from --latents {path}, which is gone or changed"
             )
         args.latents = str(path)
+
+
+# The type each record value must have (None: absent); what the values mean is checked by Config & co.
+_RECORD_TYPES = {
+    "prompt": str,
+    "model": str,
+    "base_model": str,
+    "seed": int,
+    "steps": int,
+    "guidance": (int, float),
+    "height": int,
+    "width": int,
+    "quantize": (int, str),
+    "group_size": int,
+    "max_sequence_length": int,
+    "gguf": str,
+    "precision": str,
+    "loras": list,
+    "latents": dict,
+}
+_FILE_ENTRY = {"path": str, "sha256": str}
+
+
+def _check_record_types(record, source) -> None:
+    def fail(what: str, value, expected: str):
+        raise ValueError(f"-C {source}: '{what}' is {json.dumps(value)[:60]}, expected {expected}")
+
+    if not isinstance(record, dict):
+        raise ValueError(f"-C {source}: the record is not a JSON object")
+    for key, kind in _RECORD_TYPES.items():
+        value = record.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            fail(
+                key,
+                value,
+                "a " + " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,))),
+            )
+    entries = [("latents", record["latents"])] if record.get("latents") else []
+    entries += [("loras", lora) for lora in record.get("loras") or []]
+    for key, entry in entries:
+        if not isinstance(entry, dict) or any(
+            not isinstance(entry.get(k), t) for k, t in _FILE_ENTRY.items()
+        ):
+            fail(key, entry, "a file entry with a path and a sha256")
+        scale = entry.get("scale", 1.0)
+        if key == "loras" and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+            fail("loras", entry, "a scale that is a number")
 
 
 def _given_flags(argv: list[str], p: argparse.ArgumentParser) -> set[str]:
