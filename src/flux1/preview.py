@@ -59,5 +59,7 @@ def fit(vae, dtype: mx.Dtype = mx.float32, seed: int = 0) -> LatentToRGB:
     design = np.concatenate([inputs, np.ones((len(inputs), 1), np.float32)], axis=1).astype(np.float64)
     solution, *_ = np.linalg.lstsq(design, pooled.astype(np.float64), rcond=None)
     residual = design @ solution - pooled
-    error = float(np.sqrt((residual**2).mean()) / max(np.sqrt(((pooled - pooled.mean(0)) ** 2).mean()), 1e-12))
+    error = float(
+        np.sqrt((residual**2).mean()) / max(np.sqrt(((pooled - pooled.mean(0)) ** 2).mean()), 1e-12)
+    )
     return LatentToRGB(solution[:-1].astype(np.float32), solution[-1].astype(np.float32), error)

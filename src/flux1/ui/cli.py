@@ -19,14 +19,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", nargs="+", default=[], help="schnell, dev or hub repo ids (one or more)")
     p.add_argument("--path", nargs="+", default=[], help="local model folders or BFL files (one or more)")
     p.add_argument("--gguf", help="a GGUF transformer for the (single) model given")
-    p.add_argument("--base-model", choices=["schnell", "dev"], help="which model --path is, when it cannot tell")
-    p.add_argument("--quantize", "-q", type=int, choices=BITS, help="initial quantization (the page changes it)")
+    p.add_argument(
+        "--base-model", choices=["schnell", "dev"], help="which model --path is, when it cannot tell"
+    )
+    p.add_argument(
+        "--quantize", "-q", type=int, choices=BITS, help="initial quantization (the page changes it)"
+    )
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size")
     p.add_argument("--lora-dir", help="a folder of LoRA .safetensors files offered in the page")
     p.add_argument("--lora-lenient", action="store_true", help="report LoRA keys that match no layer")
-    p.add_argument("--low-ram", action="store_true", help="load each network just before use, release it after")
+    p.add_argument(
+        "--low-ram", action="store_true", help="load each network just before use, release it after"
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="activation dtype, as main.py")
-    p.add_argument("--output-dir", default="outputs", help="where images go (main.py's naming, never overwritten)")
+    p.add_argument(
+        "--output-dir", default="outputs", help="where images go (main.py's naming, never overwritten)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--auth", help="USER:PASS, required to bind anything but loopback")

@@ -19,7 +19,9 @@ def _gallery(engine: Engine) -> list[tuple[str, str]]:
     return [(str(path), f"seed {record['seed']}: {record['prompt']}") for path, record in engine.gallery]
 
 
-def build_page(engine: Engine, sources: dict[str, Source], loras: list[Path], quantize: int | None) -> gr.Blocks:
+def build_page(
+    engine: Engine, sources: dict[str, Source], loras: list[Path], quantize: int | None
+) -> gr.Blocks:
     with gr.Blocks(title="flux1", analytics_enabled=False) as page:
         gr.Markdown("## flux1: FLUX.1 text to image")
         with gr.Row():
@@ -27,7 +29,9 @@ def build_page(engine: Engine, sources: dict[str, Source], loras: list[Path], qu
                 # The generation fields, in the order build() takes them: a new mode is one more entry.
                 fields = {
                     "prompt": gr.Textbox(label="Prompt", lines=3, elem_id="prompt"),
-                    "model": gr.Dropdown(list(sources), value=next(iter(sources)), label="Model", elem_id="model"),
+                    "model": gr.Dropdown(
+                        list(sources), value=next(iter(sources)), label="Model", elem_id="model"
+                    ),
                     "quantize": gr.Dropdown(
                         QUANTIZATIONS,
                         value=NO_QUANTIZATION if quantize is None else str(quantize),
@@ -44,7 +48,9 @@ def build_page(engine: Engine, sources: dict[str, Source], loras: list[Path], qu
                     fields["steps"] = gr.Number(
                         0, label="Steps (0: 4 schnell, 25 dev)", precision=0, elem_id="steps"
                     )
-                    fields["guidance"] = gr.Number(DEFAULT_GUIDANCE, label="Guidance (dev)", elem_id="guidance")
+                    fields["guidance"] = gr.Number(
+                        DEFAULT_GUIDANCE, label="Guidance (dev)", elem_id="guidance"
+                    )
                 with gr.Row():
                     fields["seed"] = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
                     fields["batch"] = gr.Number(1, label="Batch count", precision=0, elem_id="batch")
@@ -70,7 +76,7 @@ def build_page(engine: Engine, sources: dict[str, Source], loras: list[Path], qu
                 )
                 record = gr.JSON(label="Generation record", elem_id="record")
 
-        def generate_images(*values, request: gr.Request):
+        def generate_images(request: gr.Request, *values):
             named = dict(zip(fields, values[: len(fields)]))
             chosen = dict(zip(loras, values[len(fields) :]))
             try:
@@ -80,9 +86,17 @@ def build_page(engine: Engine, sources: dict[str, Source], loras: list[Path], qu
                 return
             for event in engine.run(job, request.session_hash):
                 if isinstance(event, Progress):
-                    yield {status: event.message, **({image: event.preview} if event.preview is not None else {})}
+                    yield {
+                        status: event.message,
+                        **({image: event.preview} if event.preview is not None else {}),
+                    }
                 elif isinstance(event, Saved):
-                    yield {status: event.message, image: str(event.path), gallery: _gallery(engine), record: event.record}
+                    yield {
+                        status: event.message,
+                        image: str(event.path),
+                        gallery: _gallery(engine),
+                        record: event.record,
+                    }
                 else:
                     yield {status: event.message}
 
@@ -133,7 +147,10 @@ def build_page(engine: Engine, sources: dict[str, Source], loras: list[Path], qu
 
         run = generate.click(arm, None, None, queue=False)
         run.then(
-            generate_images, list(fields.values()) + sliders, [status, image, gallery, record], api_name="generate"
+            generate_images,
+            list(fields.values()) + sliders,
+            [status, image, gallery, record],
+            api_name="generate",
         )
         cancel.click(stop, None, None, queue=False)
         for side in (fields["width"], fields["height"]):
