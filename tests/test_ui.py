@@ -91,6 +91,7 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
@@ -190,7 +191,14 @@ def test_generate_in_the_page_writes_what_main_py_writes(server, browser, tmp_pa
     # The image shown (and downloaded) is the saved file, byte for byte, metadata included.
     shown = page.find("#image img").get_attribute("src")
     assert urllib.request.urlopen(shown, timeout=10).read() == (out / name).read_bytes()
-    assert json.loads(json.dumps(record))["seed"] == 7 and "seed 7" in page.text("status")
+    assert "seed 7" in page.text("status")
+    # Nothing the page loads comes from beyond this machine (no CDN fonts or scripts, no analytics).
+    requested = [
+        json.loads(entry["message"])["message"].get("params", {}).get("request", {}).get("url", "")
+        for entry in browser.get_log("performance")
+    ]
+    outside = [u for u in requested if u and not u.startswith((url, "data:", "blob:"))]
+    assert any(u.startswith(url) for u in requested) and not outside, outside
 
 
 @needs_browser

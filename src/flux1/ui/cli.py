@@ -126,6 +126,7 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="flux1: %(message)s", level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own requests to itself
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except ValueError as e:

@@ -70,9 +70,14 @@ def build_page(
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", elem_id="cancel")
                 status = gr.Markdown(elem_id="status")
-                image = gr.Image(label="Image", format="png", interactive=False, elem_id="image")
+                image = gr.Image(label="Image", format="png", interactive=False, height=360, elem_id="image")
                 gallery = gr.Gallery(
-                    label="Made since start", format="png", columns=6, height=240, elem_id="gallery"
+                    label="Made since start (select one for its record)",
+                    format="png",
+                    columns=8,
+                    height=160,
+                    preview=False,
+                    elem_id="gallery",
                 )
                 record = gr.JSON(label="Generation record", elem_id="record")
 
@@ -101,11 +106,12 @@ def build_page(
                     yield {status: event.message}
 
         def check_size(width, height):
+            preset = f"{width}x{height}"
             try:
                 build(sources, "-", next(iter(sources)), NO_QUANTIZATION, width, height, 0, 0.0, 0, 1, {})
             except ValueError as e:
-                return f"Error: {e}"
-            return ""
+                return {size_message: f"Error: {e}", size: FREE_SIZE}
+            return {size_message: "", size: preset if preset in SIZES else FREE_SIZE}
 
         def load_settings(path):
             if path is None:
@@ -154,7 +160,7 @@ def build_page(
         )
         cancel.click(stop, None, None, queue=False)
         for side in (fields["width"], fields["height"]):
-            side.change(check_size, [fields["width"], fields["height"]], size_message, queue=False)
+            side.change(check_size, [fields["width"], fields["height"]], [size_message, size], queue=False)
         size.change(pick_size, size, [fields["width"], fields["height"]], queue=False)
         settings.upload(load_settings, settings, [*fields.values(), size, status], queue=False)
         gallery.select(show_record, None, record, queue=False)
