@@ -300,3 +300,23 @@ def test_five_requests_from_two_clients_complete_in_order(server):
     # Names are taken as each job starts (image.png, image_1.png, ...): their order is the run order.
     order = [int(Path(name).stem.removeprefix("image").removeprefix("_") or 0) for name in saved]
     assert order == sorted(order) and len(set(order)) == 5
+
+
+def test_serving_beyond_loopback_requires_auth(tiny_schnell, tmp_path, capsys):
+    from flux1.ui.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--path", str(tiny_schnell), "--output-dir", str(out), "--host", "0.0.0.0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --host 0.0.0.0: serving beyond this machine requires --auth USER:PASS "
+        "(anyone who reaches the port could run the model and read the outputs)\n"
+    )
+    assert main(["--path", str(tiny_schnell), "--host", "0.0.0.0", "--auth", "nopassword"]) == 2
+    assert capsys.readouterr().err == "error: --auth: expected USER:PASS\n"
+    assert not out.exists()
+
+
+def test_flux1_imports_without_gradio():
+    code = "import sys; sys.modules['gradio'] = None; import flux1, flux1.pipeline, flux1.preview, flux1.cli.generate"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
