@@ -56,7 +56,7 @@ def load(src: Path, kind: str, source: Path, compute: str = "auto") -> tuple[flo
     if result.returncode:
         sys.exit(f"loading {source} failed:\n{result.stderr[-3000:]}")
     seconds, held = result.stdout.split()[-2:]
-    return float(seconds), int(held) / 1e9, result.peak_rss_gb
+    return float(seconds), int(held) / 2**30, result.peak_rss_gb
 
 
 def ensure_gguf(fixture: Path, qtype: str, out: Path) -> None:
@@ -108,12 +108,13 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, row in rows.items():
             runs[name].append(load(*row))
-    print(f"\nGGUF transformer load, {args.preset} preset, median of {args.repeats}; CPU: {cpu_model()}")
+    print(f"\nGGUF transformer load, {args.preset} preset, median of {args.repeats}, GB = 2^30 bytes")
+    print(f"CPU: {cpu_model()}")
     print(f"{'row':<30}{'file GB':>9}{'load s':>9}{'held GB':>9}{'peak RSS GB':>13}")
     for name, (_, kind, source, _) in rows.items():
         size = source.stat().st_size if source.is_file() else sum(f.stat().st_size for f in source.glob("*"))
         seconds, held, peak = (statistics.median(r[i] for r in runs[name]) for i in range(3))
-        disk = "" if kind == "none" else f"{size / 1e9:.3f}"
+        disk = "" if kind == "none" else f"{size / 2**30:.3f}"
         print(f"{name:<30}{disk:>9}{seconds:>9.2f}{held:>9.3f}{peak:>13.3f}")
 
 
