@@ -138,7 +138,7 @@ def main() -> None:
         others, extra = (saved4, []) if 4 in args.bits else (fixture, ["-q", "4"])
         rows.append(
             (
-                f"gguf {qtype}, others " + ("saved -q 4" if 4 in args.bits else "-q 4"),
+                f"gguf {qtype}, text -q 4",
                 gguf_file.stat().st_size / 2**30,
                 generate(
                     others,
@@ -151,12 +151,12 @@ def main() -> None:
         )
     print(f"\nFLUX.1-schnell, {args.preset} preset, {args.size}x{args.size}, {args.steps} steps, --low-ram")
     print(
-        f"{'run':<32}{'on disk GB':>11}{'peak RSS GB':>12}{'load s':>9}{'encode s':>10}{'s/step':>9}"
+        f"{'run':<24}{'on disk GB':>11}{'peak RSS GB':>12}{'load s':>9}{'encode s':>10}{'s/step':>9}"
         f"{'decode s':>10}{'total s':>9}"
     )
     for name, disk, r in rows:
         print(
-            f"{name:<32}{disk:>11.2f}{r['peak_gb']:>12.2f}{r['load']:>9.1f}{r['encode']:>10.1f}"
+            f"{name:<24}{disk:>11.2f}{r['peak_gb']:>12.2f}{r['load']:>9.1f}{r['encode']:>10.1f}"
             f"{r['step']:>9.1f}{r['decode']:>10.1f}{r['total_s']:>9.0f}"
         )
 
