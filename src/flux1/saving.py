@@ -59,6 +59,7 @@ def save_model(flux, out: Path) -> Path:
             for _, layer in model.named_modules():
                 if isinstance(layer, Linear):
                     layer.merge_adapters()  # LoRAs baked in, then re-quantized where quantized
+                    layer.to_affine()  # saved folders hold MLX affine, not GGUF blocks
             (tmp / folder).mkdir()
             (tmp / folder / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
             saved.save_component(model, tmp / folder)
