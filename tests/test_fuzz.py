@@ -3,6 +3,7 @@ generation records either load or are refused with flux1's own error (a ValueErr
 file), never another exception."""
 
 import json
+import os
 import struct
 
 import mlx.core as mx
@@ -18,7 +19,11 @@ from flux1.model_files import resolve
 from flux1.models.transformer import FluxTransformer
 from flux1.weights.safetensors_io import WeightFileError, read_file, read_folder
 
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# 25 examples a test in CI (under a minute in all); FLUX1_FUZZ=deep runs 500.
+settings.register_profile("ci", max_examples=25)
+settings.register_profile("deep", max_examples=500)
+settings.load_profile(os.environ.get("FLUX1_FUZZ", "ci"))
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
