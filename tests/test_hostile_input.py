@@ -262,7 +262,12 @@ def test_quantize_short_form_wins_over_the_record(tiny_schnell, tmp_path):
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        ({"height": "tall"}, "--height 'tall': expected a whole number"),
+        ({"height": "tall"}, "-C {record}: 'height' is \"tall\", expected a whole number"),
+        (
+            {"loras": [{"path": 3}]},
+            "-C {record}: 'loras' is {\"path\": 3}, expected a file entry with a path and a sha256",
+        ),
+        ({"guidance": -1}, "--guidance -1: expected a finite number >= 0"),
         ({"seed": -1}, "--seed -1: expected 0 to 2**64 - 1"),
         ({"steps": 0}, "--steps 0: expected 1 to 1000"),
     ],
@@ -270,6 +275,7 @@ def test_quantize_short_form_wins_over_the_record(tiny_schnell, tmp_path):
 def test_records_with_wrong_values_are_refused(tiny_schnell, tmp_path, capsys, record, message):
     base = {"prompt": "fox", "model": str(tiny_schnell), "seed": 3, "steps": 1, "height": 32, "width": 48}
     (tmp_path / "r.json").write_text(json.dumps({**base, **record}))
+    message = message.replace("{record}", str(tmp_path / "r.json"))
     _refused(capsys, ["-C", str(tmp_path / "r.json"), "--output", str(tmp_path / "o.png")], message, tmp_path)
 
 

@@ -27,6 +27,7 @@ GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q
 BF16_TOLERANCE = 2e-2
 # Both paths hold the same quantized values and compute in fp32: only summation order differs.
 FP32_TOLERANCE = 1e-4
+REQUANTIZED_BOUND = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +155,12 @@ def test_gguf_transformer_equal_on_both_paths(tiny_schnell, tmp_path, qtype):
     model = load_transformer_gguf(file)
     x = _inputs(False)
     cpu = _ours(model, x)
-    with backend.use("mlx"):  # fp32 activations: the GGUF's fp32 scales then compute as stored
-        assert relative_error(_ours(model, x), cpu) < FP32_TOLERANCE
+    # fp32 activations on both paths. The CPU kernels expand the file's blocks exactly; MLX's kernels
+    # need affine groups, which Q6_K/Q3_K/Q2_K's 16-value sub-blocks are not: re-quantized there, to
+    # 5e-3..1.3e-2 of the weights (gguf/affine.py); measured 1.3e-3 to 3.6e-3 on the velocity.
+    bound = REQUANTIZED_BOUND if qtype in ("Q6_K", "Q3_K", "Q2_K") else FP32_TOLERANCE
+    with backend.use("mlx"):
+        assert relative_error(_ours(model, x), cpu) < bound
 
 
 @pytest.mark.parametrize("dialect", ["kohya", "loha"])  # low-rank adapters; a dense (full-rank) adapter

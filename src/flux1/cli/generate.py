@@ -138,22 +138,23 @@ def _apply_record(args: argparse.Namespace, given: set[str]) -> None:
 
 
 # The type each record value must have (None: absent); what the values mean is checked by Config & co.
-_RECORD_TYPES = {
-    "prompt": str,
-    "model": str,
-    "base_model": str,
-    "seed": int,
-    "steps": int,
-    "guidance": (int, float),
-    "height": int,
-    "width": int,
-    "quantize": (int, str),
-    "group_size": int,
-    "max_sequence_length": int,
-    "gguf": str,
-    "precision": str,
-    "loras": list,
-    "latents": dict,
+_NUMBER, _WHOLE, _TEXT = ((int, float), "a number"), (int, "a whole number"), (str, "text")
+_RECORD_TYPES = {  # the type each record value must have (None: absent), and its name in a message
+    "prompt": _TEXT,
+    "model": _TEXT,
+    "base_model": _TEXT,
+    "seed": _WHOLE,
+    "steps": _WHOLE,
+    "guidance": _NUMBER,
+    "height": _WHOLE,
+    "width": _WHOLE,
+    "quantize": ((int, str), "a whole number or text"),
+    "group_size": _WHOLE,
+    "max_sequence_length": _WHOLE,
+    "gguf": _TEXT,
+    "precision": _TEXT,
+    "loras": (list, "a list"),
+    "latents": (dict, "a file entry"),
 }
 _FILE_ENTRY = {"path": str, "sha256": str}
 
@@ -164,14 +165,10 @@ def _check_record_types(record, source) -> None:
 
     if not isinstance(record, dict):
         raise ValueError(f"-C {source}: the record is not a JSON object")
-    for key, kind in _RECORD_TYPES.items():
+    for key, (kind, name) in _RECORD_TYPES.items():
         value = record.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            fail(
-                key,
-                value,
-                "a " + " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,))),
-            )
+            fail(key, value, name)
     entries = [("latents", record["latents"])] if record.get("latents") else []
     entries += [("loras", lora) for lora in record.get("loras") or []]
     for key, entry in entries:
