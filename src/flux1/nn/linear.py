@@ -35,6 +35,10 @@ class LowRankAdapter(nn.Module):
         change = self.scale * (self.up.astype(mx.float32) @ self.down.astype(mx.float32))
         return self._placed(change, axis=0)
 
+    def full_up(self) -> mx.array:
+        """`up` at its rows of the layer's output, zero elsewhere."""
+        return self._placed(self.up, axis=0)
+
     def __call__(self, x: mx.array) -> mx.array:
         dtype = x.dtype
         term = (x @ self.down.astype(dtype).T) @ (self.scale * self.up.astype(dtype)).T
