@@ -59,7 +59,10 @@ class _Group:
 
 def _peft_config(metadata: dict) -> dict:
     text = metadata.get("lora_adapter_metadata")
-    return json.loads(text) if text else {}
+    config = json.loads(text) if text else {}
+    # diffusers' save_lora_weights prefixes each LoraConfig key with its component (`transformer.r`).
+    prefixed = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+    return prefixed or config
 
 
 def _pattern_value(patterns: dict, layer: str, default):

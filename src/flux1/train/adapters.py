@@ -84,13 +84,6 @@ def attach(transformer: nn.Module, target: str, rank: int, alpha: float, key: mx
     return TrainedAdapters(names, targets, adapters)
 
 
-def detach(transformer: nn.Module, trained: TrainedAdapters) -> None:
-    """Take the trained adapters off their layers (the base is as loaded again)."""
-    layers = dict(transformer.named_modules())
-    for target, adapter in zip(trained.targets, trained.adapters):
-        layers[target.module].adapters.remove(adapter)
-
-
 def peft_tensors(trained: TrainedAdapters, tree: list[dict] | None = None) -> dict[str, mx.array]:
     """`transformer.<diffusers name>.lora_A.weight` / `lora_B.weight` of the adapters' parameters (or of a
     tree shaped like them, e.g. gradients). diffusers' norm_out rows are BFL's with halves swapped."""

@@ -70,8 +70,8 @@ class Run:
             validation = models.encode(flux, o.validation_prompt, MAX_SEQUENCE_LENGTH[flux.files.base_model])
             for name in ("clip", "t5"):
                 models.release(flux, name)
-        transformer = models.load(flux, "transformer")
-        trained = attach(transformer, o.target, o.rank, o.lora_alpha, mx.random.key(o.seed))
+        self.transformer = transformer = models.load(flux, "transformer")
+        self.trained = trained = attach(transformer, o.target, o.rank, o.lora_alpha, mx.random.key(o.seed))
         mx.eval(trained.parameters())
         log.info("training %d adapters (rank %d, %s) on %d images", len(trained.adapters), o.rank, o.target, len(images))
         optimizer = make_optimizer(o)
@@ -81,7 +81,7 @@ class Run:
             saved = files.load_checkpoint(Path(o.resume), trained, optimizer, self.record)
             start, self.losses = saved["step"], saved.get("losses", [])
             log.info("resumed from %s at step %d", o.resume, start)
-        drawer = BatchDrawer(images, o.batch_size, o.seed, self.weighting, training_sigmas(flux.files.scheduler_config()))
+        self.drawer = drawer = BatchDrawer(images, o.batch_size, o.seed, self.weighting, training_sigmas(flux.files.scheduler_config()))
         guidance = o.guidance
         bar = tqdm(range(start, o.steps), initial=start, total=o.steps, unit="step")
         for step in bar:
