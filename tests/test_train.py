@@ -228,3 +228,82 @@ def test_kohya_file_draws_what_the_peft_file_draws(trained_run, tiny_schnell, tm
     kohya = tmp_path / "kohya.safetensors"
     files.write_lora(kohya, trained_run.trained, "kohya", 4, 2.0, "all", {})
     assert np.array_equal(_flux1_image(tiny_schnell, [kohya]), _flux1_image(tiny_schnell, [trained_run.output]))
+
+
+def _tensors(path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def test_resume_ends_with_the_adapters_of_an_uninterrupted_run(tiny_schnell, tmp_path):
+    data = _write_images(tmp_path / "data")
+    extra = ["--steps", "4", "--learning-rate", "1e-2", "--gradient-accumulation", "2"]
+    assert train_main(_args(tiny_schnell, data, tmp_path / "whole.safetensors", *extra, "--checkpoint-every", "2")) == 0
+    checkpoint = tmp_path / "whole_checkpoints" / "step_000002.safetensors"
+    resumed = ["--resume", str(checkpoint)]
+    assert train_main(_args(tiny_schnell, data, tmp_path / "resumed.safetensors", *extra, *resumed)) == 0
+    whole, again = _tensors(tmp_path / "whole.safetensors"), _tensors(tmp_path / "resumed.safetensors")
+    assert set(whole) == set(again) and all(np.array_equal(whole[k], again[k]) for k in whole)
+    assert any(np.abs(whole[k]).max() > 0 for k in whole if k.endswith("lora_B.weight"))
+
+
+def _refused(argv, capsys, message: str, output) -> None:
+    assert train_main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists() and not output.with_name(f"{output.stem}_checkpoints").exists()
+
+
+def test_bad_input_is_refused_with_its_reason(tiny_schnell, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refused(_args(tiny_schnell, empty, out), capsys, f"--data {empty}: no images", out)
+    uncaptioned = _write_images(tmp_path / "uncaptioned")
+    (uncaptioned / "image1.txt").unlink()
+    _refused(
+        _args(tiny_schnell, uncaptioned, out), capsys, f"{uncaptioned / 'image1.png'}: no caption (expected image1.txt", out
+    )
+    broken = _write_images(tmp_path / "broken")
+    (broken / "image0.png").write_bytes(b"not a png")
+    _refused(_args(tiny_schnell, broken, out), capsys, f"{broken / 'image0.png'}: cannot be read as an image", out)
+    data = _write_images(tmp_path / "data")
+    bad_size = [*_args(tiny_schnell, data, out), "--resolution", "500"]
+    _refused(bad_size, capsys, "--resolution 500: must be a positive multiple of 16 (nearest: 496 or 512)", out)
+    _refused([*_args(tiny_schnell, data, out), "--rank", "0"], capsys, "--rank 0: expected a whole number of at least 1", out)
+
+
+def test_resume_from_another_configuration_is_refused(tiny_schnell, tmp_path, capsys):
+    data = _write_images(tmp_path / "data")
+    first = tmp_path / "first.safetensors"
+    assert train_main(_args(tiny_schnell, data, first, "--steps", "2", "--checkpoint-every", "1")) == 0
+    checkpoint = tmp_path / "first_checkpoints" / "step_000001.safetensors"
+    out = tmp_path / "other.safetensors"
+    other = [*_args(tiny_schnell, data, out, "--steps", "2", "--resume", str(checkpoint)), "--learning-rate", "0.5"]
+    _refused(other, capsys, "--learning-rate 0.0001 (checkpoint) vs 0.5 (this run)", out)
+    (data / "image0.txt").write_text("another caption")
+    _refused(_args(tiny_schnell, data, out, "--steps", "2", "--resume", str(checkpoint)), capsys, "data_sha256 differs", out)
+
+
+def test_interrupted_training_leaves_the_last_complete_checkpoint(tiny_schnell, tmp_path):
+    """Killed (SIGKILL, no clean-up) while it writes a checkpoint a step: every checkpoint file there
+    is whole and resumes; no LoRA file was written."""
+    data = _write_images(tmp_path / "data")
+    out = tmp_path / "lora.safetensors"
+    command = [sys.executable, "train.py", *_args(tiny_schnell, data, out, "--steps", "1000", "--checkpoint-every", "1")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / "lora_checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(folder.glob("step_*.safetensors"))) < 3:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert not out.exists()
+    from flux1.train import files
+
+    last = files.latest_checkpoint(out)
+    assert last is not None and last.name >= "step_000003.safetensors"
+    step = int(last.stem.split("_")[1])
+    resumed = tmp_path / "resumed.safetensors"
+    args = _args(tiny_schnell, data, resumed, "--steps", str(step + 1), "--checkpoint-every", "1", "--resume", str(last))
+    assert train_main(args) == 0 and resumed.is_file()

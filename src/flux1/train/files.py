@@ -7,11 +7,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from flux1.metadata import _atomic_write
 from flux1.train.adapters import TARGETS, TrainedAdapters, kohya_tensors, peft_tensors
-from flux1.weights.safetensors_io import WeightFileError, read_file
 
 CHECKPOINT_KEY = "flux1_checkpoint"
 TRAINING_KEY = "flux1_training"
@@ -45,16 +45,17 @@ def load_checkpoint(path: Path, trained: TrainedAdapters, optimizer, record: dic
     """Put a checkpoint's adapters and optimizer state in place; returns its record (step, losses). Refused, with every
     difference named, if it was written by a run of other settings, data or layers."""
     try:
-        tensors = read_file(Path(path))
-    except WeightFileError as e:
+        with safe_open(str(path), framework="numpy") as f:
+            stored = f.metadata() or {}
+            arrays = {name: mx.array(f.get_tensor(name)) for name in f.keys()}
+    except (OSError, SafetensorError) as e:
         raise ResumeError(f"--resume {path}: {e}") from None
-    if CHECKPOINT_KEY not in tensors.metadata:
+    if CHECKPOINT_KEY not in stored:
         raise ResumeError(f"--resume {path}: not a flux1 training checkpoint (no '{CHECKPOINT_KEY}' metadata)")
-    saved = json.loads(tensors.metadata[CHECKPOINT_KEY])
+    saved = json.loads(stored[CHECKPOINT_KEY])
     differences = _differences(saved, {**record, "layers": trained.names})
     if differences:
         raise ResumeError(f"--resume {path}: written by a run with other settings: {'; '.join(differences)}")
-    arrays = tensors.arrays
     trained.update(tree_unflatten([(k[len("adapters.") :], v) for k, v in arrays.items() if k.startswith("adapters.")]))
     optimizer.state = tree_unflatten(
         [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
