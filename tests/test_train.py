@@ -55,11 +55,16 @@ def _reference_step(folder, lora: dict, batch: Batch, scheme: str, guidance: flo
     """diffusers' train_dreambooth_lora_flux.py loss on the same batch, and the LoRA gradients."""
     model = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.float32)
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS["all"]))
+    model.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS["all"])
+    )
     state = {k.removeprefix("transformer."): torch.from_numpy(np.array(v)) for k, v in lora.items()}
     result = set_peft_model_state_dict(model, state)
     assert not result.unexpected_keys
-    t = {k: torch.from_numpy(np.array(getattr(batch, k))) for k in ("latents", "hidden", "pooled", "noise", "sigmas")}
+    t = {
+        k: torch.from_numpy(np.array(getattr(batch, k)))
+        for k in ("latents", "hidden", "pooled", "noise", "sigmas")
+    }
     x, noise, sigmas = t["latents"], t["noise"], t["sigmas"]
     b, c, h, w = x.shape
     noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * x + sigmas.view(-1, 1, 1, 1) * noise
@@ -121,7 +126,9 @@ def test_loss_weights_are_diffusers():
     sigmas = np.array([0.05, 0.5, 0.97], np.float32)
     for scheme in ("sigma_sqrt", "cosmap", "logit_normal", "mode", "none"):
         expected = compute_loss_weighting_for_sd3(scheme, torch.from_numpy(sigmas)).numpy()
-        np.testing.assert_allclose(np.array(Weighting(scheme).loss_weights(mx.array(sigmas))), expected, rtol=1e-6)
+        np.testing.assert_allclose(
+            np.array(Weighting(scheme).loss_weights(mx.array(sigmas))), expected, rtol=1e-6
+        )
 
 
 def _write_images(folder, captions=("a red square on blue", "a green disc on black"), size=(40, 32)):
@@ -169,7 +176,9 @@ def _fixed_loss(transformer, drawer, draws: int = 8) -> float:
     from flux1.train.objective import loss
 
     with backend.use("mlx"):
-        return float(np.mean([loss(transformer, drawer.draw(g), drawer.weighting, 3.5).item() for g in range(draws)]))
+        return float(
+            np.mean([loss(transformer, drawer.draw(g), drawer.weighting, 3.5).item() for g in range(draws)])
+        )
 
 
 def test_two_images_overfit(trained_run, tiny_schnell):
@@ -197,7 +206,9 @@ def test_file_is_what_diffusers_trainer_writes(trained_run):
 
     tensors = load_file(trained_run.output)
     assert len(tensors) == 2 * len(trained_run.trained.adapters)
-    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    assert all(
+        k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors
+    )
 
 
 SIZE = 32
@@ -206,7 +217,9 @@ SIZE = 32
 def _flux1_image(folder, loras: list) -> np.ndarray:
     flux = Flux1.from_path(folder, lora_paths=loras)
     config = Config(num_inference_steps=2, height=SIZE, width=SIZE)
-    return flux.generate_image(3, "a red square on blue", config, latents=latents.noise(3, SIZE, SIZE), progress=False).pixels
+    return flux.generate_image(
+        3, "a red square on blue", config, latents=latents.noise(3, SIZE, SIZE), progress=False
+    ).pixels
 
 
 def test_trained_file_changes_the_image_and_diffusers_draws_the_same(trained_run, tiny_schnell):
@@ -227,7 +240,9 @@ def test_kohya_file_draws_what_the_peft_file_draws(trained_run, tiny_schnell, tm
 
     kohya = tmp_path / "kohya.safetensors"
     files.write_lora(kohya, trained_run.trained, "kohya", 4, 2.0, "all", {})
-    assert np.array_equal(_flux1_image(tiny_schnell, [kohya]), _flux1_image(tiny_schnell, [trained_run.output]))
+    assert np.array_equal(
+        _flux1_image(tiny_schnell, [kohya]), _flux1_image(tiny_schnell, [trained_run.output])
+    )
 
 
 def _tensors(path) -> dict:
@@ -239,7 +254,12 @@ def _tensors(path) -> dict:
 def test_resume_ends_with_the_adapters_of_an_uninterrupted_run(tiny_schnell, tmp_path):
     data = _write_images(tmp_path / "data")
     extra = ["--steps", "4", "--learning-rate", "1e-2", "--gradient-accumulation", "2"]
-    assert train_main(_args(tiny_schnell, data, tmp_path / "whole.safetensors", *extra, "--checkpoint-every", "2")) == 0
+    assert (
+        train_main(
+            _args(tiny_schnell, data, tmp_path / "whole.safetensors", *extra, "--checkpoint-every", "2")
+        )
+        == 0
+    )
     checkpoint = tmp_path / "whole_checkpoints" / "step_000002.safetensors"
     resumed = ["--resume", str(checkpoint)]
     assert train_main(_args(tiny_schnell, data, tmp_path / "resumed.safetensors", *extra, *resumed)) == 0
@@ -262,15 +282,27 @@ def test_bad_input_is_refused_with_its_reason(tiny_schnell, tmp_path, capsys):
     uncaptioned = _write_images(tmp_path / "uncaptioned")
     (uncaptioned / "image1.txt").unlink()
     _refused(
-        _args(tiny_schnell, uncaptioned, out), capsys, f"{uncaptioned / 'image1.png'}: no caption (expected image1.txt", out
+        _args(tiny_schnell, uncaptioned, out),
+        capsys,
+        f"{uncaptioned / 'image1.png'}: no caption (expected image1.txt",
+        out,
     )
     broken = _write_images(tmp_path / "broken")
     (broken / "image0.png").write_bytes(b"not a png")
-    _refused(_args(tiny_schnell, broken, out), capsys, f"{broken / 'image0.png'}: cannot be read as an image", out)
+    _refused(
+        _args(tiny_schnell, broken, out), capsys, f"{broken / 'image0.png'}: cannot be read as an image", out
+    )
     data = _write_images(tmp_path / "data")
     bad_size = [*_args(tiny_schnell, data, out), "--resolution", "500"]
-    _refused(bad_size, capsys, "--resolution 500: must be a positive multiple of 16 (nearest: 496 or 512)", out)
-    _refused([*_args(tiny_schnell, data, out), "--rank", "0"], capsys, "--rank 0: expected a whole number of at least 1", out)
+    _refused(
+        bad_size, capsys, "--resolution 500: must be a positive multiple of 16 (nearest: 496 or 512)", out
+    )
+    _refused(
+        [*_args(tiny_schnell, data, out), "--rank", "0"],
+        capsys,
+        "--rank 0: expected a whole number of at least 1",
+        out,
+    )
 
 
 def test_resume_from_another_configuration_is_refused(tiny_schnell, tmp_path, capsys):
@@ -279,10 +311,19 @@ def test_resume_from_another_configuration_is_refused(tiny_schnell, tmp_path, ca
     assert train_main(_args(tiny_schnell, data, first, "--steps", "2", "--checkpoint-every", "1")) == 0
     checkpoint = tmp_path / "first_checkpoints" / "step_000001.safetensors"
     out = tmp_path / "other.safetensors"
-    other = [*_args(tiny_schnell, data, out, "--steps", "2", "--resume", str(checkpoint)), "--learning-rate", "0.5"]
+    other = [
+        *_args(tiny_schnell, data, out, "--steps", "2", "--resume", str(checkpoint)),
+        "--learning-rate",
+        "0.5",
+    ]
     _refused(other, capsys, "--learning-rate 0.0001 (checkpoint) vs 0.5 (this run)", out)
     (data / "image0.txt").write_text("another caption")
-    _refused(_args(tiny_schnell, data, out, "--steps", "2", "--resume", str(checkpoint)), capsys, "data_sha256 differs", out)
+    _refused(
+        _args(tiny_schnell, data, out, "--steps", "2", "--resume", str(checkpoint)),
+        capsys,
+        "data_sha256 differs",
+        out,
+    )
 
 
 def test_interrupted_training_leaves_the_last_complete_checkpoint(tiny_schnell, tmp_path):
@@ -290,7 +331,11 @@ def test_interrupted_training_leaves_the_last_complete_checkpoint(tiny_schnell, 
     is whole and resumes; no LoRA file was written."""
     data = _write_images(tmp_path / "data")
     out = tmp_path / "lora.safetensors"
-    command = [sys.executable, "train.py", *_args(tiny_schnell, data, out, "--steps", "1000", "--checkpoint-every", "1")]
+    command = [
+        sys.executable,
+        "train.py",
+        *_args(tiny_schnell, data, out, "--steps", "1000", "--checkpoint-every", "1"),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = tmp_path / "lora_checkpoints"
     deadline = time.monotonic() + 300
@@ -305,5 +350,15 @@ def test_interrupted_training_leaves_the_last_complete_checkpoint(tiny_schnell, 
     assert last is not None and last.name >= "step_000003.safetensors"
     step = int(last.stem.split("_")[1])
     resumed = tmp_path / "resumed.safetensors"
-    args = _args(tiny_schnell, data, resumed, "--steps", str(step + 1), "--checkpoint-every", "1", "--resume", str(last))
+    args = _args(
+        tiny_schnell,
+        data,
+        resumed,
+        "--steps",
+        str(step + 1),
+        "--checkpoint-every",
+        "1",
+        "--resume",
+        str(last),
+    )
     assert train_main(args) == 0 and resumed.is_file()

@@ -36,7 +36,11 @@ _EVERY_LINEAR = _ATTENTION_MLP + [
     "norm_out.linear",
     "x_embedder",
     "context_embedder",
-    *(f"time_text_embed.{e}.linear_{i}" for e in ("timestep_embedder", "text_embedder", "guidance_embedder") for i in (1, 2)),
+    *(
+        f"time_text_embed.{e}.linear_{i}"
+        for e in ("timestep_embedder", "text_embedder", "guidance_embedder")
+        for i in (1, 2)
+    ),
 ]
 TARGETS = {"attention": _ATTENTION, "attention+mlp": _ATTENTION_MLP, "all": _EVERY_LINEAR}
 

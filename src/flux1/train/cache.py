@@ -46,7 +46,9 @@ def cache_examples(flux, examples: list[Example], resolution: int, max_length: i
         mx.eval(*embeddings[caption])
     models.release(flux, "clip")
     models.release(flux, "t5")
-    log.info("cached %d images and %d captions; VAE and text encoders released", len(examples), len(embeddings))
+    log.info(
+        "cached %d images and %d captions; VAE and text encoders released", len(examples), len(embeddings)
+    )
     return [
         CachedImage(mean, std, *embeddings[e.caption], (mean.shape[3] * 8, mean.shape[2] * 8))
         for e, (mean, std) in zip(examples, posteriors)
@@ -74,7 +76,9 @@ class BatchDrawer:
         batches = []
         for size in sorted(self.groups):
             order = rng.permutation(self.groups[size])
-            batches += [order[k : k + self.batch_size].tolist() for k in range(0, len(order), self.batch_size)]
+            batches += [
+                order[k : k + self.batch_size].tolist() for k in range(0, len(order), self.batch_size)
+            ]
         return batches[rng.permutation(len(batches))[position]]
 
     def draw(self, micro_step: int) -> Batch:
@@ -89,4 +93,3 @@ class BatchDrawer:
             noise=mx.random.normal(mean.shape, key=noise_key),
             sigmas=sigmas_of(self.weighting.sample_u(len(chosen), time_key), self.sigmas),
         )
-

@@ -69,7 +69,7 @@ def _from_metadata(listing: Path) -> list[Example]:
         caption = next((entry[k] for k in CAPTION_KEYS if isinstance(entry.get(k), str)), None)
         if "file_name" not in entry or caption is None:
             raise DataError(
-                f"{listing}, line {number}: expected a \"file_name\" and a caption ({', '.join(CAPTION_KEYS)})"
+                f'{listing}, line {number}: expected a "file_name" and a caption ({", ".join(CAPTION_KEYS)})'
             )
         image = listing.parent / entry["file_name"]
         if not image.is_file():

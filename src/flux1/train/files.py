@@ -47,16 +47,20 @@ def load_checkpoint(path: Path, trained: TrainedAdapters, optimizer, record: dic
     try:
         with safe_open(str(path), framework="numpy") as f:
             stored = f.metadata() or {}
-            arrays = {name: mx.array(f.get_tensor(name)) for name in f.keys()}
+            arrays = {name: mx.array(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (no __iter__)
     except (OSError, SafetensorError) as e:
         raise ResumeError(f"--resume {path}: {e}") from None
     if CHECKPOINT_KEY not in stored:
-        raise ResumeError(f"--resume {path}: not a flux1 training checkpoint (no '{CHECKPOINT_KEY}' metadata)")
+        raise ResumeError(
+            f"--resume {path}: not a flux1 training checkpoint (no '{CHECKPOINT_KEY}' metadata)"
+        )
     saved = json.loads(stored[CHECKPOINT_KEY])
     differences = _differences(saved, {**record, "layers": trained.names})
     if differences:
         raise ResumeError(f"--resume {path}: written by a run with other settings: {'; '.join(differences)}")
-    trained.update(tree_unflatten([(k[len("adapters.") :], v) for k, v in arrays.items() if k.startswith("adapters.")]))
+    trained.update(
+        tree_unflatten([(k[len("adapters.") :], v) for k, v in arrays.items() if k.startswith("adapters.")])
+    )
     optimizer.state = tree_unflatten(
         [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
     )
@@ -73,7 +77,9 @@ def _differences(saved: dict, current: dict) -> list[str]:
     old, new = saved.get("options", {}), current.get("options", {})
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            found.append(f"--{key.replace('_', '-')} {old.get(key)} (checkpoint) vs {new.get(key)} (this run)")
+            found.append(
+                f"--{key.replace('_', '-')} {old.get(key)} (checkpoint) vs {new.get(key)} (this run)"
+            )
     return found
 
 
@@ -99,7 +105,9 @@ def peft_config(rank: int, alpha: float, target: str) -> dict:
     }
 
 
-def write_lora(path: Path, trained: TrainedAdapters, form: str, rank: int, alpha: float, target: str, record: dict) -> None:
+def write_lora(
+    path: Path, trained: TrainedAdapters, form: str, rank: int, alpha: float, target: str, record: dict
+) -> None:
     """The trained LoRA: PEFT/diffusers names with `lora_adapter_metadata` packed as diffusers packs it
     (`transformer.`-prefixed LoraConfig keys), or the kohya/ComfyUI layout; `flux1_training` records
     the run."""
@@ -110,5 +118,7 @@ def write_lora(path: Path, trained: TrainedAdapters, form: str, rank: int, alpha
         metadata["lora_adapter_metadata"] = json.dumps(config, indent=2, sort_keys=True)
     else:
         tensors = kohya_tensors(trained)
-        metadata.update(ss_network_module="networks.lora_flux", ss_network_dim=str(rank), ss_network_alpha=str(alpha))
+        metadata.update(
+            ss_network_module="networks.lora_flux", ss_network_dim=str(rank), ss_network_alpha=str(alpha)
+        )
     write_safetensors(path, tensors, metadata)

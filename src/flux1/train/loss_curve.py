@@ -32,7 +32,10 @@ def draw(path: Path, steps: list[int], losses: list[float]) -> None:
                 MARGIN + (1 - (loss - low) / span) * height,
             )
 
-        for series, colour in ((losses, (170, 190, 230)), (moving_average(losses, max(1, len(losses) // 20)), (20, 50, 160))):
+        for series, colour in (
+            (losses, (170, 190, 230)),
+            (moving_average(losses, max(1, len(losses) // 20)), (20, 50, 160)),
+        ):
             pen.line([point(s, v) for s, v in zip(steps, series)], fill=colour, width=2)
         pen.text((MARGIN, 15), f"training loss, steps {steps[0]}..{steps[-1]}", fill="black")
         pen.text((5, MARGIN), f"{high:.4g}", fill="black")

@@ -79,7 +79,10 @@ class TrainOptions:
         ):
             if value < 1:
                 raise ValueError(f"--{flag} {value}: expected a whole number of at least 1")
-        for flag, value in (("validation-every", self.validation_every), ("checkpoint-every", self.checkpoint_every)):
+        for flag, value in (
+            ("validation-every", self.validation_every),
+            ("checkpoint-every", self.checkpoint_every),
+        ):
             if value is not None and value < 1:
                 raise ValueError(f"--{flag} {value}: expected a whole number of at least 1")
         if self.alpha is not None and self.alpha <= 0:
@@ -134,5 +137,7 @@ def read_config(path: Path) -> dict:
     config = {k.replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(config) - set(field_names()) - {"config"})
     if unknown:
-        raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)} (expected flag names of train.py)")
+        raise ValueError(
+            f"--config {path}: unknown keys {', '.join(unknown)} (expected flag names of train.py)"
+        )
     return config

@@ -26,7 +26,9 @@ from flux1.train.options import TrainOptions
 log = logging.getLogger("flux1")
 
 
-def loss_and_gradients(transformer, trained: TrainedAdapters, batch: Batch, weighting: Weighting, guidance: float):
+def loss_and_gradients(
+    transformer, trained: TrainedAdapters, batch: Batch, weighting: Weighting, guidance: float
+):
     """One micro-batch's loss and the gradients of the adapters' parameters, on MLX's own kernels
     (the CPU kernels are NumPy, which MLX cannot differentiate), blocks checkpointed."""
     with backend.use("mlx"), checkpointed_blocks(transformer, trained):
@@ -47,7 +49,9 @@ def make_optimizer(options: TrainOptions) -> optim.AdamW:
     }[options.lr_schedule]
     if warmup:
         schedule = optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), schedule], [warmup])
-    return optim.AdamW(schedule, betas=[0.9, 0.999], eps=1e-8, weight_decay=options.weight_decay, bias_correction=True)
+    return optim.AdamW(
+        schedule, betas=[0.9, 0.999], eps=1e-8, weight_decay=options.weight_decay, bias_correction=True
+    )
 
 
 class Run:
@@ -58,7 +62,9 @@ class Run:
         self.examples = find_examples(Path(options.data))
         self.data_sha256 = data_hash(self.examples)
         self.flux = models.open_base(options)
-        self.weighting = Weighting(options.weighting_scheme, options.logit_mean, options.logit_std, options.mode_scale)
+        self.weighting = Weighting(
+            options.weighting_scheme, options.logit_mean, options.logit_std, options.mode_scale
+        )
         self.record = {"options": options.identity(), "data_sha256": self.data_sha256}
         self.losses: list[float] = []
 
@@ -73,7 +79,13 @@ class Run:
         self.transformer = transformer = models.load(flux, "transformer")
         self.trained = trained = attach(transformer, o.target, o.rank, o.lora_alpha, mx.random.key(o.seed))
         mx.eval(trained.parameters())
-        log.info("training %d adapters (rank %d, %s) on %d images", len(trained.adapters), o.rank, o.target, len(images))
+        log.info(
+            "training %d adapters (rank %d, %s) on %d images",
+            len(trained.adapters),
+            o.rank,
+            o.target,
+            len(images),
+        )
         optimizer = make_optimizer(o)
         optimizer.init(trained.trainable_parameters())
         start = 0
@@ -81,7 +93,9 @@ class Run:
             saved = files.load_checkpoint(Path(o.resume), trained, optimizer, self.record)
             start, self.losses = saved["step"], saved.get("losses", [])
             log.info("resumed from %s at step %d", o.resume, start)
-        self.drawer = drawer = BatchDrawer(images, o.batch_size, o.seed, self.weighting, training_sigmas(flux.files.scheduler_config()))
+        self.drawer = drawer = BatchDrawer(
+            images, o.batch_size, o.seed, self.weighting, training_sigmas(flux.files.scheduler_config())
+        )
         guidance = o.guidance
         bar = tqdm(range(start, o.steps), initial=start, total=o.steps, unit="step")
         for step in bar:
@@ -106,9 +120,19 @@ class Run:
                 self._validate(validation, done)
         if validation:
             self._validate(validation, o.steps)
-        loss_curve.draw(self.output.with_name(f"{self.output.stem}_loss.png"), list(range(1, len(self.losses) + 1)), self.losses)
+        loss_curve.draw(
+            self.output.with_name(f"{self.output.stem}_loss.png"),
+            list(range(1, len(self.losses) + 1)),
+            self.losses,
+        )
         files.write_lora(self.output, trained, o.format, o.rank, o.lora_alpha, o.target, self._final_record())
-        log.info("saved %s (%s, %d layers, final loss %.4f)", self.output, o.format, len(trained.adapters), self.losses[-1] if self.losses else float("nan"))
+        log.info(
+            "saved %s (%s, %d layers, final loss %.4f)",
+            self.output,
+            o.format,
+            len(trained.adapters),
+            self.losses[-1] if self.losses else float("nan"),
+        )
         return self.output
 
     def _checkpoint(self, trained, optimizer, step: int) -> None:
