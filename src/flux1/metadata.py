@@ -76,11 +76,11 @@ def write_png(pixels: np.ndarray, path: Path, record: dict) -> None:
     info.add_text("parameters", a1111_parameters(record))
     comment = piexif.helper.UserComment.dump(json.dumps(record), encoding="unicode")
     exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: comment}})
-    _atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG", pnginfo=info, exif=exif))
+    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG", pnginfo=info, exif=exif))
 
 
 def write_json(record: dict, path: Path) -> None:
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
+    atomic_write(Path(path), lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
 
 
 def umask() -> int:
@@ -89,7 +89,7 @@ def umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:

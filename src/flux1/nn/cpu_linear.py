@@ -106,7 +106,11 @@ def _adapter_term(flat: np.ndarray, adapter) -> np.ndarray:
     if hasattr(adapter, "down"):  # low rank: the [tokens, rank] product first
         t = flat @ as_float32(adapter.down).T
         t *= adapter.scale
-        return t @ as_float32(adapter.up).T
+        if adapter.rows is None:
+            return t @ as_float32(adapter.up).T
+        term = np.zeros((flat.shape[0], adapter.output_dims), np.float32)
+        np.matmul(t, as_float32(adapter.up).T, out=term[:, adapter.rows])
+        return term
     return flat @ as_float32(adapter.change).T
 
 

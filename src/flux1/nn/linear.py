@@ -13,25 +13,48 @@ from flux1.nn import cpu_linear
 from flux1.nn.numpy_cpu import as_numpy
 
 
-@dataclass
-class LowRankAdapter:
-    """Adds `scale * (x @ down.T) @ up.T` to the output; `up` has the layer's full output rows
-    (a LoRA for one row slice of a fused weight is zero outside that slice)."""
+class LowRankAdapter(nn.Module):
+    """Adds `scale * (x @ down.T) @ up.T` to the output rows `rows` (all rows when None: a LoRA of a
+    whole layer, or one whose `up` is zero outside its slice). An MLX module whose only parameters
+    are `down` and `up`, so a trainer can differentiate and optimize exactly these; a `Linear`
+    keeps its adapters out of its own parameters (weight files stay strict)."""
 
-    down: mx.array  # [rank, in]
-    up: mx.array  # [out, rank]
-    scale: float
+    def __init__(self, down: mx.array, up: mx.array, scale: float, rows: slice | None = None):
+        super().__init__()
+        if rows is not None and rows.stop - rows.start != up.shape[0]:
+            raise ValueError(f"adapter up of {up.shape[0]} rows for rows {rows.start}..{rows.stop}")
+        self.down = down  # [rank, in]
+        self.up = up  # [len(rows) or out, rank]
+        self.scale = scale
+        object.__setattr__(self, "rows", rows)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.up.shape[0], self.down.shape[1]
+        """[out, in] of the layer it fits (for a row slice, the least output width that holds it)."""
+        out = self.up.shape[0] if self.rows is None else self.rows.stop
+        return out, self.down.shape[1]
 
     def delta(self) -> mx.array:
-        return self.scale * (self.up.astype(mx.float32) @ self.down.astype(mx.float32))
+        """The full-height change of the layer it was added to (`output_dims` rows)."""
+        change = self.scale * (self.up.astype(mx.float32) @ self.down.astype(mx.float32))
+        return self._placed(change, axis=0)
+
+    def full_up(self) -> mx.array:
+        """`up` at its rows of the layer's output, zero elsewhere."""
+        return self._placed(self.up, axis=0)
 
     def __call__(self, x: mx.array) -> mx.array:
         dtype = x.dtype
-        return (x @ self.down.astype(dtype).T) @ (self.scale * self.up.astype(dtype)).T
+        term = (x @ self.down.astype(dtype).T) @ (self.scale * self.up.astype(dtype)).T
+        return self._placed(term, axis=-1)
+
+    def _placed(self, part: mx.array, axis: int) -> mx.array:
+        """`part` (the rows' share) at its rows of the layer's output, zero elsewhere."""
+        if self.rows is None:
+            return part
+        widths = [(0, 0)] * part.ndim
+        widths[axis] = (self.rows.start, self.output_dims - self.rows.stop)
+        return mx.pad(part, widths)
 
 
 @dataclass
@@ -135,8 +158,12 @@ class Linear(nn.Module):
     def add_adapter(self, adapter: LowRankAdapter | DenseDeltaAdapter) -> None:
         expected = (self.output_dims, self.input_dims)
         got = tuple(adapter.shape)
-        if got != expected:
+        row_slice = getattr(adapter, "rows", None) is not None
+        fits = got[1] == expected[1] and (got[0] <= expected[0] if row_slice else got[0] == expected[0])
+        if not fits:
             raise ValueError(f"adapter of shape [out, in] = {list(got)} on a layer of {list(expected)}")
+        if row_slice:
+            object.__setattr__(adapter, "output_dims", self.output_dims)
         self.adapters.append(adapter)
 
     def merge_adapters(self) -> None:

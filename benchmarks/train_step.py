@@ -1,0 +1,191 @@
+"""Seconds per LoRA training step and peak memory: flux1 (MLX, blocks checkpointed, AdamW on the
+adapters) against diffusers + PEFT (torch autograd, gradient checkpointing, AdamW) on the same weights
+and batch, each in its own process, runs alternated (A B A B), medians.
+
+`wide` preset (real widths, 1 double + 1 single block), 512x512 (1024 image + 512 text tokens),
+rank 16 on the target layers of diffusers' trainer. The 12B line is an estimate from the measured step:
+the full model has 27.6x the per-token linear work of the wide preset's blocks (19 x 18 D^2 + 38 x 15 D^2
+against 18 D^2 + 15 D^2), at fp32 speed (on the CPU a quantized base costs MLX's quantized_matmul, which has
+no BLAS: far slower); its memory is the 4-bit weights, one checkpointed input per block, and what the
+measured run held beyond its weights (one block's recomputed activations, the runtime).
+
+    python benchmarks/train_step.py [--preset wide] [--size 512] [--rank 16] [--steps 3] [--repeats 2]
+"""
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import fixture_folder, fixture_parser, run_measured  # noqa: E402
+
+TEXT_TOKENS = 512
+FULL_BLOCK_RATIO = (19 * 18 + 38 * 15) / (18 + 15)
+FULL_BLOCKS, HIDDEN = 57, 3072
+FULL_Q4_WEIGHTS_GB = 6.7  # 11.9e9 parameters at 4 bits + a bf16 scale and bias per 64
+
+
+def batch(size: int, text_width: int, pooled_width: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = (1, 16, size // 8, size // 8)
+    return {
+        "latents": rng.standard_normal(shape, dtype=np.float32),
+        "noise": rng.standard_normal(shape, dtype=np.float32),
+        "hidden": rng.standard_normal((1, TEXT_TOKENS, text_width), dtype=np.float32),
+        "pooled": rng.standard_normal((1, pooled_width), dtype=np.float32),
+        "sigmas": np.array([0.6], np.float32),
+    }
+
+
+def flux1_steps(folder: Path, size: int, rank: int, target: str, steps: int) -> list[float]:
+    import flux1  # noqa: F401  (first: loads the BLAS before mlx)
+
+    # isort: split
+    import mlx.core as mx
+
+    from flux1.loaders.transformer import load_transformer
+    from flux1.train.adapters import attach
+    from flux1.train.objective import Batch, Weighting
+    from flux1.train.options import TrainOptions
+    from flux1.train.trainer import loss_and_gradients, make_optimizer
+
+    transformer = load_transformer(folder / "transformer")
+    trained = attach(transformer, target, rank, rank, mx.random.key(0))
+    optimizer = make_optimizer(TrainOptions(data="", output="", steps=steps))
+    arrays = batch(size, transformer.txt_in.input_dims, transformer.vector_in.in_layer.input_dims)
+    inputs = Batch(**{k: mx.array(v) for k, v in arrays.items()})
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        _, gradients = loss_and_gradients(transformer, trained, inputs, Weighting("none"), 3.5)
+        optimizer.update(trained, gradients)
+        mx.eval(trained.parameters(), optimizer.state)
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def diffusers_steps(folder: Path, size: int, rank: int, target: str, steps: int) -> list[float]:
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from flux1.train.adapters import TARGETS
+
+    torch.set_num_threads(2)
+    model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32)
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS[target])
+    )
+    model.enable_gradient_checkpointing()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    t = {
+        k: torch.from_numpy(v)
+        for k, v in batch(size, model.config.joint_attention_dim, model.config.pooled_projection_dim).items()
+    }
+    x, noise, sigmas = t["latents"], t["noise"], t["sigmas"]
+    b, c, h, w = x.shape
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * x + sigmas.view(-1, 1, 1, 1) * noise
+        prediction = model(
+            hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w),
+            timestep=sigmas,
+            guidance=torch.full((b,), 3.5) if model.config.guidance_embeds else None,
+            pooled_projections=t["pooled"],
+            encoder_hidden_states=t["hidden"],
+            txt_ids=torch.zeros(TEXT_TOKENS, 3),
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        prediction = FluxPipeline._unpack_latents(prediction, height=h * 8, width=w * 8, vae_scale_factor=8)
+        loss = torch.mean((prediction - (noise - x)) ** 2)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next(
+        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+        platform.processor(),
+    )
+
+
+def main() -> None:
+    parser = fixture_parser(__doc__)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--target", default="attention")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", choices=["flux1", "diffusers"], help=argparse_hidden())
+    parser.add_argument("--folder", type=Path, help=argparse_hidden())
+    args = parser.parse_args()
+    if args.child:
+        run = flux1_steps if args.child == "flux1" else diffusers_steps
+        print("RESULT " + json.dumps(run(args.folder, args.size, args.rank, args.target, args.steps)))
+        return
+    folder = fixture_folder(args.cache, args.preset, args.dtype)
+    rows: dict[str, list] = {"flux1 (MLX)": [], "diffusers + peft": []}
+    for _ in range(args.repeats):
+        for name, child in (("flux1 (MLX)", "flux1"), ("diffusers + peft", "diffusers")):
+            common = [
+                "--size",
+                str(args.size),
+                "--rank",
+                str(args.rank),
+                "--target",
+                args.target,
+                "--steps",
+                str(args.steps),
+            ]
+            result = run_measured([__file__, "--child", child, "--folder", str(folder), *common])
+            if result.returncode:
+                sys.exit(result.stderr[-3000:])
+            steps = json.loads(result.stdout.split("RESULT ", 1)[1])
+            rows[name].append((statistics.median(steps), result.peak_rss_gb))
+    print(
+        f"\nLoRA training step, {args.preset} preset ({args.dtype}), {args.size}x{args.size}, rank {args.rank}, "
+        f"target {args.target}, median of {args.steps} steps x {args.repeats} runs alternated"
+    )
+    print(f"CPU: {cpu_model()}")
+    print(f"{'row':<34} {'s/step':>8} {'peak RSS GB':>12}")
+    medians = {}
+    for name, runs in rows.items():
+        medians[name] = statistics.median(s for s, _ in runs), max(r for _, r in runs)
+        print(f"{name:<34} {medians[name][0]:>8.2f} {medians[name][1]:>12.2f}")
+    step, peak = medians["flux1 (MLX)"]
+    weights_gb = sum(f.stat().st_size for f in (folder / "transformer").glob("*.safetensors")) / 2**30
+    tokens = (args.size // 16) ** 2 + TEXT_TOKENS
+    block_inputs_gb = FULL_BLOCKS * tokens * HIDDEN * 4 / 2**30
+    memory = FULL_Q4_WEIGHTS_GB + block_inputs_gb + (peak - weights_gb)
+    print(
+        f"{'12B -q 4, estimated':<34} {step * FULL_BLOCK_RATIO:>8.0f} {memory:>12.1f}"
+        f"  (= step x {FULL_BLOCK_RATIO:.1f}; {FULL_Q4_WEIGHTS_GB} GB weights + {block_inputs_gb:.2f} GB block"
+        f" inputs + {peak - weights_gb:.2f} GB measured beyond the weights)"
+    )
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
