@@ -126,6 +126,50 @@ class Linear(nn.Module):
         if bits is not None:
             self.quantize(bits, group_size)
 
+    def keep_rows(self, rows: list[tuple[int, int]]) -> None:
+        """Keep only the output rows in the ranges `rows` (a column-parallel shard): the weight's rows
+        (codes, scales and biases if quantized), the bias and the adapters' rows. Lazy arrays stay lazy:
+        `mx.take` copies, so evaluating the shard does not keep the whole tensor alive."""
+        index = _indices(rows)
+        self.weight = mx.take(self.weight, index, axis=0)
+        if self.bits is not None:
+            self.scales = mx.take(self.scales, index, axis=0)
+            self.biases = mx.take(self.biases, index, axis=0)
+        if "bias" in self:
+            self.bias = mx.take(self.bias, index, axis=0)
+        self.adapters[:] = [
+            LowRankAdapter(a.down, mx.take(a.up, index, axis=0), a.scale)
+            if isinstance(a, LowRankAdapter)
+            else DenseDeltaAdapter(mx.take(a.change, index, axis=0))
+            for a in self.adapters
+        ]
+
+    def keep_columns(self, columns: list[tuple[int, int]]) -> None:
+        """Keep only the input columns in the ranges `columns` (a row-parallel shard: the outputs of
+        the shards sum to the layer's output without its bias, which the caller adds once). A quantized
+        layer can only be cut at multiples of its group."""
+        index = _indices(columns)
+        if self.bits is None:
+            self.weight = mx.take(self.weight, index, axis=1)
+        else:
+            cuts = [c for pair in columns for c in pair if c % self.group_size]
+            if cuts:
+                raise ValueError(
+                    f"cannot split the {self.input_dims} inputs of a {self.bits}-bit layer at column "
+                    f"{cuts[0]}: not a multiple of its quantization group {self.group_size}"
+                )
+            words = [(a * self.bits // 32, b * self.bits // 32) for a, b in columns]
+            groups = [(a // self.group_size, b // self.group_size) for a, b in columns]
+            self.weight = mx.take(self.weight, _indices(words), axis=1)
+            self.scales = mx.take(self.scales, _indices(groups), axis=1)
+            self.biases = mx.take(self.biases, _indices(groups), axis=1)
+        self.adapters[:] = [
+            LowRankAdapter(mx.take(a.down, index, axis=1), a.up, a.scale)
+            if isinstance(a, LowRankAdapter)
+            else DenseDeltaAdapter(mx.take(a.change, index, axis=1))
+            for a in self.adapters
+        ]
+
     def __call__(self, x: mx.array) -> mx.array:
         if backend.numpy_kernels():
             return cpu_linear.linear(x, self)  # with the bias and the adapters
@@ -148,3 +192,7 @@ class Linear(nn.Module):
         for adapter in self.adapters:
             y = y + adapter(x)
         return y
+
+
+def _indices(ranges: list[tuple[int, int]]) -> mx.array:
+    return mx.concatenate([mx.arange(start, stop) for start, stop in ranges])
