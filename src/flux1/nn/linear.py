@@ -131,16 +131,16 @@ class Linear(nn.Module):
         (codes, scales and biases if quantized), the bias and the adapters' rows. Lazy arrays stay lazy:
         `mx.take` copies, so evaluating the shard does not keep the whole tensor alive."""
         index = _indices(rows)
-        self.weight = mx.take(self.weight, index, axis=0)
+        self.weight = _take(self.weight, index, 0)
         if self.bits is not None:
-            self.scales = mx.take(self.scales, index, axis=0)
-            self.biases = mx.take(self.biases, index, axis=0)
+            self.scales = _take(self.scales, index, 0)
+            self.biases = _take(self.biases, index, 0)
         if "bias" in self:
-            self.bias = mx.take(self.bias, index, axis=0)
+            self.bias = _take(self.bias, index, 0)
         self.adapters[:] = [
-            LowRankAdapter(a.down, mx.take(a.up, index, axis=0), a.scale)
+            LowRankAdapter(a.down, _take(a.up, index, 0), a.scale)
             if isinstance(a, LowRankAdapter)
-            else DenseDeltaAdapter(mx.take(a.change, index, axis=0))
+            else DenseDeltaAdapter(_take(a.change, index, 0))
             for a in self.adapters
         ]
 
@@ -150,7 +150,7 @@ class Linear(nn.Module):
         layer can only be cut at multiples of its group."""
         index = _indices(columns)
         if self.bits is None:
-            self.weight = mx.take(self.weight, index, axis=1)
+            self.weight = _take(self.weight, index, 1)
         else:
             cuts = [c for pair in columns for c in pair if c % self.group_size]
             if cuts:
@@ -160,13 +160,13 @@ class Linear(nn.Module):
                 )
             words = [(a * self.bits // 32, b * self.bits // 32) for a, b in columns]
             groups = [(a // self.group_size, b // self.group_size) for a, b in columns]
-            self.weight = mx.take(self.weight, _indices(words), axis=1)
-            self.scales = mx.take(self.scales, _indices(groups), axis=1)
-            self.biases = mx.take(self.biases, _indices(groups), axis=1)
+            self.weight = _take(self.weight, _indices(words), 1)
+            self.scales = _take(self.scales, _indices(groups), 1)
+            self.biases = _take(self.biases, _indices(groups), 1)
         self.adapters[:] = [
-            LowRankAdapter(mx.take(a.down, index, axis=1), a.up, a.scale)
+            LowRankAdapter(_take(a.down, index, 1), a.up, a.scale)
             if isinstance(a, LowRankAdapter)
-            else DenseDeltaAdapter(mx.take(a.change, index, axis=1))
+            else DenseDeltaAdapter(_take(a.change, index, 1))
             for a in self.adapters
         ]
 
@@ -196,3 +196,9 @@ class Linear(nn.Module):
 
 def _indices(ranges: list[tuple[int, int]]) -> mx.array:
     return mx.concatenate([mx.arange(start, stop) for start, stop in ranges])
+
+
+def _take(array: mx.array, index: mx.array, axis: int) -> mx.array:
+    """A row-major copy of the slices `index` along `axis` (`mx.take` along the last axis may give a
+    column-major result, which the CPU kernels' zero-copy NumPy views cannot reinterpret)."""
+    return mx.contiguous(mx.take(array, index, axis=axis))
