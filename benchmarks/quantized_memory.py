@@ -3,7 +3,9 @@
 Builds (or reuses) the `full` fixture (random bf16 weights, real layout, 33 GB), saves it with -q 4 and
 -q 8 through save.py, then runs main.py on each at 512x512 and prints peak resident memory of the whole
 run, load time, seconds per step, decode time and the saved folder's size; beside them, the transformer
-as a GGUF file (Q4_K by default; the fixture builder writes it) with the text encoders at -q 4.
+as a GGUF file (Q4_K by default; the fixture builder writes it) with the other components from the
+saved -q 4 folder when --bits has 4 (so that only the transformer differs), else from the bf16
+fixture at -q 4.
 
     python benchmarks/quantized_memory.py [--cache DIR] [--steps 4] [--bits 4 8] [--runtime] [--gguf Q4_K]
 """
@@ -132,15 +134,17 @@ def main() -> None:
             if result.returncode:
                 sys.exit(f"writing {gguf_file} failed:\n{result.stderr[-3000:]}")
             print(f"  {result.seconds:.0f}s, peak {result.peak_rss_gb:.1f} GB", flush=True)
+        saved4 = args.cache / f"{args.preset}-schnell-q4"
+        others, extra = (saved4, []) if 4 in args.bits else (fixture, ["-q", "4"])
         rows.append(
             (
                 f"gguf {qtype}, text -q 4",
                 gguf_file.stat().st_size / 2**30,
                 generate(
-                    fixture,
+                    others,
                     args.steps,
                     args.size,
-                    ["--gguf", str(gguf_file), "-q", "4"],
+                    ["--gguf", str(gguf_file), *extra],
                     args.cache / "image.png",
                 ),
             )

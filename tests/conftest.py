@@ -30,6 +30,16 @@ def tiny_checkpoint(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
+@pytest.fixture(params=["auto", "mlx"])
+def compute_path(request):
+    """Runs a test on this CPU device's kernels (NumPy/BLAS) and on MLX's own kernels, the ones Metal
+    and CUDA users run (FLUX1_COMPUTE=mlx)."""
+    from flux1 import backend
+
+    with backend.use(request.param):
+        yield request.param
+
+
 def relative_error(ours, reference) -> float:
     """||ours - reference|| / ||reference||, as numpy float64."""
     import numpy as np

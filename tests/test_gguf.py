@@ -1,6 +1,7 @@
-"""GGUF transformers: every supported type loads to exactly gguf-py's values (or, for the K-types
-without an exact MLX form, within their documented re-quantization error), and computes what the
-reference transformer computes with those values."""
+"""GGUF transformers: every supported type is decoded from its bytes to exactly gguf-py's values; the
+CPU kernels hold the file's blocks (exact for every type), MLX's kernels the MLX affine form (exact
+for the 32-value types, within the documented re-quantization error for Q6_K, Q3_K and Q2_K); both
+compute what the reference transformer computes with those values."""
 
 import gguf
 import mlx.core as mx
@@ -12,17 +13,56 @@ from gguf import GGMLQuantizationType as T
 from tests.conftest import relative_error
 from tests.test_transformer import _inputs, _ours
 
+from flux1 import backend
 from flux1.convert.transformer_diffusers import to_diffusers
-from flux1.fixtures.gguf import write_gguf
+from flux1.fixtures.gguf import K_QUANTS, random_k_blocks, write_gguf
 from flux1.fixtures.presets import configs
-from flux1.gguf.blocks import EXACT, REQUANTIZED
+from flux1.gguf.affine import REQUANTIZED, mlx_form, to_mlx_affine
+from flux1.gguf.blocks import LAYOUTS, block_size, decode
+from flux1.gguf.expand import expanded
 from flux1.loaders.gguf import load_transformer_gguf
-from flux1.nn.linear import Linear
+from flux1.nn.linear import Linear, LowRankAdapter
 from flux1.weights.safetensors_io import WeightFileError
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "F16", "BF16"]
 # Re-quantization error bounds of the K-types without an exact MLX form (measured ~5e-3 and ~1e-2).
 REQUANTIZATION_BOUND = {T.Q6_K: 1e-2, T.Q3_K: 3e-2, T.Q2_K: 3e-2}
+# Byte offsets of each type's f16 scales inside a block.
+F16_SCALES = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q5_0: (0,), T.Q4_1: (0, 2), T.Q5_1: (0, 2)} | {
+    qtype: offsets for qtype, (offsets, _) in K_QUANTS.items()
+}
+
+
+def random_blocks(qtype: T, count: int, seed: int = 0) -> np.ndarray:
+    """Random bytes with finite f16 scales of every kind: zero, subnormal, negative, 1e-6 to 1e2."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (count, block_size(qtype)[1]), dtype=np.uint8)
+    for offset in F16_SCALES[qtype]:
+        d = rng.standard_normal(count) * rng.choice([1e-6, 1e-3, 1.0, 100.0], count)
+        d[:8], d[8:16] = 0.0, 6e-8 * rng.integers(1, 100, 8)  # zero and f16 subnormals
+        blocks[:, offset : offset + 2] = d.astype(np.float16).view(np.uint8).reshape(count, 2)
+    return blocks
+
+
+@pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
+def test_blocks_decode_to_gguf_values_bit_for_bit(qtype):
+    blocks = random_blocks(qtype, 3000)
+    codes, scales, offsets = decode(blocks, qtype)
+    assert codes.dtype == np.uint8 and codes.max() < 2 ** LAYOUTS[qtype].bits
+    assert scales.shape == offsets.shape == (3000, block_size(qtype)[0] // LAYOUTS[qtype].group)
+    rows = blocks.reshape(60, -1)  # 50 blocks a row
+    expected = gguf.quants.dequantize(rows, qtype)
+    assert np.array_equal(expanded(rows, qtype, expected.shape[1]), expected)
+
+
+@pytest.mark.parametrize("qtype", [t for t in LAYOUTS if t not in REQUANTIZED], ids=lambda t: t.name)
+def test_mlx_affine_form_is_exact_for_32_value_groups(qtype):
+    rows = random_blocks(qtype, 2000).reshape(40, -1)
+    expected = gguf.quants.dequantize(rows, qtype)
+    codes, scales, biases, bits, group = to_mlx_affine(rows, qtype, expected.shape[1])
+    assert (bits, group) == (LAYOUTS[qtype].bits, 32) and scales.dtype == mx.float32
+    values = mx.dequantize(codes, scales, biases, group_size=group, bits=bits)
+    assert np.array_equal(np.array(values), expected)
 
 
 @pytest.fixture(scope="module")
@@ -43,31 +83,50 @@ def _loaded_values(model) -> dict[str, np.ndarray]:
     return values
 
 
+@pytest.mark.parametrize("compute", ["auto", "mlx"])
 @pytest.mark.parametrize("qtype", TYPES)
-def test_loaded_weights_equal_gguf_dequantize(gguf_files, qtype):
-    model = load_transformer_gguf(gguf_files[qtype])
-    ours = _loaded_values(model)
+def test_loaded_weights_equal_gguf_dequantize(gguf_files, qtype, compute):
+    """CPU kernels: the file's blocks, every type exact. MLX's kernels: MLX affine, exact but for the
+    re-quantized types."""
+    with backend.use(compute):
+        model = load_transformer_gguf(gguf_files[qtype])
+        ours = _loaded_values(model)
     quantized_layers = 0
     for tensor in gguf.GGUFReader(gguf_files[qtype]).tensors:
         if not tensor.name.endswith(".weight") or tensor.name not in ours:
             continue
         expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(ours[tensor.name].shape)
-        if tensor.tensor_type in REQUANTIZED:
+        if compute == "mlx" and tensor.tensor_type in REQUANTIZED:
             assert relative_error(ours[tensor.name], expected) < REQUANTIZATION_BOUND[tensor.tensor_type]
         else:
             assert np.array_equal(ours[tensor.name], expected), tensor.name
-        quantized_layers += tensor.tensor_type in EXACT or tensor.tensor_type in REQUANTIZED
+        quantized_layers += tensor.tensor_type in LAYOUTS
     assert quantized_layers > 0 or qtype in ("F16", "BF16")
-    if T[qtype] in EXACT:
-        assert model.double_blocks[0].img_mlp[2].bits == EXACT[T[qtype]].bits  # kept quantized
+    if T[qtype] in LAYOUTS:
+        layer = model.double_blocks[0].img_mlp[2]
+        if compute == "auto":  # the file's bytes, as they are
+            tensor = next(
+                t
+                for t in gguf.GGUFReader(gguf_files[qtype]).tensors
+                if t.name == "double_blocks.0.img_mlp.2.weight"
+            )
+            assert layer.gguf_type == T[qtype] and layer.weight.nbytes == tensor.n_bytes
+        else:
+            assert (layer.bits, layer.group_size) == mlx_form(T[qtype]) and layer.gguf_type is None
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q5_K"])
-def test_output_equals_reference_with_dequantized_weights(gguf_files, qtype):
+@pytest.mark.parametrize(
+    "qtype, compute",
+    [(t, "auto") for t in ("Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")]
+    + [("Q4_K", "mlx"), ("Q5_1", "mlx")],
+)
+def test_output_equals_reference_with_dequantized_weights(gguf_files, qtype, compute):
     """fp32 both sides on the very same values: bound 1e-4 as for the dense transformer."""
-    model = load_transformer_gguf(gguf_files[qtype])
-    config = configs("tiny", "schnell")["transformer"]
-    canonical = {name: a.astype(mx.float32) for name, a in _all_parameters(model).items()}
+    with backend.use(compute):
+        model = load_transformer_gguf(gguf_files[qtype])
+        config = configs("tiny", "schnell")["transformer"]
+        canonical = {name: a.astype(mx.float32) for name, a in _all_parameters(model).items()}
+        ours = _ours(model, _inputs(False))
     state = {k: torch.from_numpy(np.array(v)) for k, v in to_diffusers(canonical, 64).items()}
     reference = FluxTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
     reference.load_state_dict(state, strict=True)  # raises on any missing or unexpected key
@@ -82,7 +141,7 @@ def test_output_equals_reference_with_dequantized_weights(gguf_files, qtype):
             img_ids=t["img_ids"],
             txt_ids=t["txt_ids"],
         ).sample.numpy()
-    assert relative_error(_ours(model, x), expected) < 1e-4
+    assert relative_error(ours, expected) < 1e-4
 
 
 def _all_parameters(model) -> dict[str, mx.array]:
@@ -177,3 +236,75 @@ def test_gguf_of_another_base_model_is_refused(tiny_schnell, tiny_dev, tmp_path)
     write_gguf(tiny_dev / "transformer", tmp_path / "dev.gguf", "Q8_0")
     with pytest.raises(ModelFilesError, match=r"dev.gguf is a FLUX.1-dev transformer"):
         resolve(path=tiny_schnell, gguf=tmp_path / "dev.gguf")
+
+
+def test_quantized_tensor_that_is_not_a_weight_is_refused(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "bias.gguf"), "flux")
+    raw = gguf.quants.quantize(np.ones((1, 64), np.float32), T.Q8_0)
+    writer.add_tensor("img_in.bias", raw.reshape(-1), raw_dtype=T.Q8_0)
+    (
+        writer.write_header_to_file(),
+        writer.write_kv_data_to_file(),
+        writer.write_tensors_to_file(),
+        writer.close(),
+    )
+    with pytest.raises(
+        WeightFileError,
+        match=r"bias.gguf: tensor 'img_in.bias' \(Q8_0\): quantized tensor of shape \[64\]; only 2-D weights can be",
+    ):
+        load_transformer_gguf(tmp_path / "bias.gguf")
+
+
+@pytest.fixture(scope="module")
+def q4_k_rows():
+    """A 48 x 512 Q4_K weight (2 blocks a row) as raw rows, and its values."""
+    raw = random_k_blocks(48, 512, T.Q4_K, 0.05, np.random.default_rng(1))
+    return raw, gguf.quants.dequantize(raw, T.Q4_K)
+
+
+def _gguf_linear(raw: np.ndarray) -> Linear:
+    layer = Linear(512, 48)
+    layer.bias = mx.array(np.random.default_rng(2).standard_normal(48, np.float32))
+    layer.set_gguf(mx.array(raw), T.Q4_K)
+    return layer
+
+
+@pytest.mark.parametrize("compute", ["auto", "mlx"])
+def test_linear_holding_gguf_blocks(q4_k_rows, compute):
+    """y = x W^T + b on both compute paths; the MLX path converts the blocks to MLX affine once."""
+    raw, weight = q4_k_rows
+    layer = _gguf_linear(raw)
+    assert (layer.output_dims, layer.input_dims, layer.is_quantized) == (48, 512, True)
+    x = np.random.default_rng(3).standard_normal((2, 5, 512), np.float32)
+    with backend.use(compute):
+        y = np.array(layer(mx.array(x)))
+    expected = x @ weight.T.astype(np.float64) + np.array(layer.bias)
+    assert relative_error(y, expected) < 1e-6
+    assert np.array_equal(np.array(layer.dense_weight()), weight)
+    assert layer.gguf_type == (T.Q4_K if compute == "auto" else None)
+
+
+def test_gguf_linear_with_adapters_merges_into_its_mlx_form(q4_k_rows):
+    raw, weight = q4_k_rows
+    rng = np.random.default_rng(4)
+    down, up = rng.standard_normal((4, 512), np.float32), rng.standard_normal((48, 4), np.float32)
+    layer = _gguf_linear(raw)
+    adapter = LowRankAdapter(mx.array(down), mx.array(up), 0.01)
+    layer.add_adapter(adapter)
+    x = rng.standard_normal((7, 512), np.float32)
+    expected = x @ (weight + 0.01 * up @ down).T + np.array(layer.bias)
+    assert relative_error(np.array(layer(mx.array(x))), expected) < 1e-6  # exact base, adapter beside it
+    layer.merge_adapters()
+    assert (layer.bits, layer.group_size, layer.gguf_type, layer.adapters) == (4, 32, None, [])
+    requantized = mx.quantize(mx.array(weight) + adapter.delta(), group_size=32, bits=4)
+    assert np.array_equal(
+        np.array(layer.dense_weight()), np.array(mx.dequantize(*requantized, group_size=32, bits=4))
+    )
+
+
+def test_gguf_linear_made_dense_holds_its_values_in_fp32(q4_k_rows):
+    raw, weight = q4_k_rows
+    layer = _gguf_linear(raw)
+    layer.set_dense(layer.dense_weight())
+    assert (layer.is_quantized, layer.weight.dtype, layer.input_dims) == (False, mx.float32, 512)
+    assert np.array_equal(np.array(layer.weight), weight)

@@ -57,7 +57,10 @@ def test_corrupt_header(folder):
     data = bytearray(shard.read_bytes())
     data[8:20] = b"not json at "
     shard.write_bytes(bytes(data))
-    with pytest.raises(WeightFileError, match="00001-of-00003.safetensors: corrupt safetensors header"):
+    with pytest.raises(
+        WeightFileError,
+        match=r"00001-of-00003.safetensors: not a safetensors file \(its header is not JSON\)",
+    ):
         load_transformer(folder)
 
 

@@ -47,7 +47,7 @@ def _reference_output(folder, changes: dict[str, np.ndarray], strength: float) -
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
-def test_dialect_equals_reference_with_expected_change(tiny_schnell, tmp_path, dialect):
+def test_dialect_equals_reference_with_expected_change(tiny_schnell, tmp_path, dialect, compute_path):
     file = tmp_path / f"{dialect}.safetensors"
     changes = lora_files.write(file, dialect)
     model = load_transformer(tiny_schnell / "transformer")
@@ -88,7 +88,7 @@ def test_two_loras_add_and_scale_zero_changes_nothing(tiny_schnell, tmp_path):
     assert np.array_equal(_ours(zero, _inputs(False)), _ours(plain, _inputs(False)))
 
 
-def test_lora_survives_a_4_bit_base(tiny_schnell, tmp_path):
+def test_lora_survives_a_4_bit_base(tiny_schnell, tmp_path, compute_path):
     lora_files.write(tmp_path / "a.safetensors", "kohya", seed=3)
     x = _inputs(False)
     dense = load_transformer(tiny_schnell / "transformer")
@@ -362,3 +362,66 @@ def test_peft_metadata_alpha_pattern_and_rslora(tiny_schnell, tmp_path):
     }  # 8 / sqrt(4)
     expected = _reference_output(tiny_schnell / "transformer", changes, 1.0)
     assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE
+
+
+def test_file_written_by_diffusers_pipeline_applies_its_prefixed_metadata(tiny_schnell, tmp_path, caplog):
+    """diffusers' FluxPipeline.save_lora_weights (what its DreamBooth LoRA script calls) stores the
+    LoraConfig with `transformer.` / `text_encoder.` prefixed keys: alpha 8 / rank 4 must give scale 2,
+    for the transformer and CLIP, exactly as diffusers' own load_lora_weights applies it."""
+    from diffusers import FluxPipeline
+
+    from flux1.loaders.text_encoders import load_clip
+    from flux1.tokenizers import PromptTokenizer
+
+    rng = np.random.default_rng(9)
+
+    def pair(out_dim, in_dim):
+        return {
+            "lora_A.weight": torch.from_numpy(rng.standard_normal((4, in_dim), dtype=np.float32)),
+            "lora_B.weight": torch.from_numpy(rng.standard_normal((out_dim, 4), dtype=np.float32) * 0.1),
+        }
+
+    transformer_layers = {
+        f"{module}.{k}": v
+        for module, (out_dim, in_dim) in {
+            "transformer_blocks.0.attn.to_q": (64, 64),
+            "transformer_blocks.1.ff.net.2": (64, 256),
+            "single_transformer_blocks.0.proj_out": (64, 320),
+        }.items()
+        for k, v in pair(out_dim, in_dim).items()
+    }
+    clip_layers = {f"text_model.encoder.layers.0.self_attn.v_proj.{k}": v for k, v in pair(40, 40).items()}
+    config = {"r": 4, "lora_alpha": 8}
+    FluxPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=transformer_layers,
+        text_encoder_lora_layers=clip_layers,
+        transformer_lora_adapter_metadata={
+            **config,
+            "target_modules": sorted({k.rsplit(".", 2)[0] for k in transformer_layers}),
+        },
+        text_encoder_lora_adapter_metadata={**config, "target_modules": ["v_proj"]},
+        weight_name="lora.safetensors",
+    )
+    file = tmp_path / "lora.safetensors"
+    pipe = FluxPipeline.from_pretrained(tiny_schnell, dtype=torch.float32)
+    pipe.load_lora_weights(file)
+
+    model = load_transformer(tiny_schnell / "transformer")
+    clip = load_clip(tiny_schnell / "text_encoder")
+    report = apply_file({"transformer": model, "clip": clip}, file, 1.0)
+    assert report.layers == 4 and report.unmatched == []
+    t = {k: None if v is None else torch.from_numpy(v) for k, v in _inputs(False).items()}
+    ids = PromptTokenizer(tiny_schnell / "tokenizer", "clip", 77)("a red fox").ids
+    with torch.no_grad():
+        expected = pipe.transformer(
+            hidden_states=t["img"],
+            encoder_hidden_states=t["txt"],
+            pooled_projections=t["y"],
+            timestep=t["timesteps"],
+            img_ids=t["img_ids"],
+            txt_ids=t["txt_ids"],
+        ).sample.numpy()
+        clip_expected = pipe.text_encoder(torch.from_numpy(ids).long()).pooler_output.numpy()
+    assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE
+    assert relative_error(clip(mx.array(ids)), clip_expected) < TOLERANCE

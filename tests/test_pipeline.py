@@ -35,7 +35,7 @@ def reference_image(tiny_checkpoint):
     return run
 
 
-def test_image_equals_diffusers_pipeline(tiny_checkpoint, reference_image):
+def test_image_equals_diffusers_pipeline(tiny_checkpoint, reference_image, compute_path):
     flux = Flux1.from_path(tiny_checkpoint)
     config = Config(num_inference_steps=3, height=HEIGHT, width=WIDTH, guidance=4.0)
     noise = latents.noise(11, HEIGHT, WIDTH)

@@ -35,7 +35,7 @@ def _assert_clean(info):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 
-def test_clip_pooled_output_equals_transformers(folders):
+def test_clip_pooled_output_equals_transformers(folders, compute_path):
     reference, info = CLIPTextModel.from_pretrained(
         folders / "text_encoder", output_loading_info=True, dtype=torch.float32
     )
@@ -49,7 +49,7 @@ def test_clip_pooled_output_equals_transformers(folders):
 
 
 @pytest.mark.parametrize("length", [256, 12])
-def test_t5_hidden_states_equal_transformers(folders, length):
+def test_t5_hidden_states_equal_transformers(folders, length, compute_path):
     reference, info = T5EncoderModel.from_pretrained(
         folders / "text_encoder_2", output_loading_info=True, dtype=torch.float32
     )

@@ -54,7 +54,7 @@ def _ours(model, x: dict) -> np.ndarray:
     return np.array(out)
 
 
-def test_velocity_equals_diffusers(transformer_folder):
+def test_velocity_equals_diffusers(transformer_folder, compute_path):
     reference, info = FluxTransformer2DModel.from_pretrained(transformer_folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     model = load_transformer(transformer_folder)

@@ -39,14 +39,14 @@ def _nchw(x: mx.array) -> np.ndarray:
     return np.array(x).transpose(0, 3, 1, 2)
 
 
-def test_decode_equals_diffusers(vae_folder, reference):
+def test_decode_equals_diffusers(vae_folder, reference, compute_path):
     z = np.random.default_rng(0).standard_normal((1, 16, 6, 10), dtype=np.float32)
     with torch.no_grad():
         expected = reference.decode(torch.from_numpy(z)).sample.numpy()
     assert relative_error(_nchw(load_vae(vae_folder).decode(_nhwc(z))), expected) < TOLERANCE
 
 
-def test_encode_equals_diffusers(vae_folder, reference):
+def test_encode_equals_diffusers(vae_folder, reference, compute_path):
     x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 48, 80)).astype(np.float32)
     with torch.no_grad():
         expected = reference.encode(torch.from_numpy(x)).latent_dist.mean.numpy()

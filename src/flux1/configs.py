@@ -131,3 +131,122 @@ MODEL_INDEX = {
     "transformer": ["diffusers", "FluxTransformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
+
+
+# Bounds of every config value flux1 builds modules from: the real FLUX.1 family's sizes at most
+# (a config beyond them is no FLUX.1 model, and would allocate without limit before failing).
+_BOUNDS = {
+    "transformer": {
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "in_channels": 384,  # FLUX.1 Fill: 64 latent + 64 masked-image + 256 mask values
+        "out_channels": 64,
+    },
+    "text_encoder": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+    },
+    "text_encoder_2": {
+        "d_model": 4096,
+        "d_ff": 10240,
+        "d_kv": 64,
+        "num_heads": 64,
+        "num_layers": 24,
+        "vocab_size": 32128,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+    },
+    "vae": {
+        "latent_channels": 16,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+    },
+}
+_OPTIONAL = {"out_channels"}  # diffusers writes null: the same as in_channels
+
+
+class ConfigError(ValueError):
+    """A config.json that describes no FLUX.1 component; names the file and the value."""
+
+
+def check_config(component: str, config: dict, source) -> dict:
+    """Types, ranges and consistency of a component's config, checked before any module is built."""
+
+    def fail(message: str):
+        raise ConfigError(f"{source}: {message}")
+
+    for key, high in _BOUNDS[component].items():
+        value = config.get(key)
+        if value is None and key in _OPTIONAL:
+            continue
+        if type(value) is not int or not 1 <= value <= high:
+            fail(f"'{key}' is {str(value)[:40]}, expected a whole number from 1 to {high}")
+    if component == "transformer":
+        head_dim = config["attention_head_dim"]
+        axes = config.get("axes_dims_rope") or AXES_DIMS_ROPE
+        if not (
+            isinstance(axes, list | tuple)
+            and len(axes) == 3
+            and all(type(a) is int and a > 0 and a % 2 == 0 for a in axes)
+        ):
+            fail(f"'axes_dims_rope' is {str(axes)[:40]}, expected three positive even numbers")
+        if sum(axes) != head_dim:
+            fail(f"'axes_dims_rope' {list(axes)} must sum to attention_head_dim {head_dim}")
+        if config["in_channels"] % 4:
+            fail(f"'in_channels' {config['in_channels']} must be a multiple of 4 (2x2 patches)")
+    elif component == "text_encoder":
+        if config["hidden_size"] % config["num_attention_heads"]:
+            fail("'hidden_size' must be a multiple of 'num_attention_heads'")
+        if not _finite(config.get("layer_norm_eps")):
+            fail(f"'layer_norm_eps' is {str(config.get('layer_norm_eps'))[:40]}, expected a finite number")
+    elif component == "text_encoder_2":
+        if not _finite(config.get("layer_norm_epsilon")):
+            fail(
+                f"'layer_norm_epsilon' is {str(config.get('layer_norm_epsilon'))[:40]}, expected a finite number"
+            )
+    elif component == "vae":
+        channels = config.get("block_out_channels")
+        if not (
+            isinstance(channels, list)
+            and 1 <= len(channels) <= 4
+            and all(type(c) is int and 1 <= c <= 512 for c in channels)
+        ):
+            fail(f"'block_out_channels' is {str(channels)[:60]}, expected 1 to 4 whole numbers up to 512")
+        if any(c % config["norm_num_groups"] for c in channels):
+            fail("every 'block_out_channels' value must be a multiple of 'norm_num_groups'")
+        for key in ("scaling_factor", "shift_factor"):
+            if not _finite(config.get(key)):
+                fail(f"'{key}' is {str(config.get(key))[:40]}, expected a finite number")
+    return config
+
+
+def check_scheduler_config(config: dict, source) -> dict:
+    for key in ("shift", "base_shift", "max_shift"):
+        value = config.get(key, 1.0)
+        if not _finite(value) or (key == "shift" and value <= 0):
+            raise ConfigError(f"{source}: '{key}' is {str(value)[:40]}, expected a finite number")
+    for key in ("base_image_seq_len", "max_image_seq_len"):
+        value = config.get(key, 1)
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{source}: '{key}' is {str(value)[:40]}, expected a positive whole number")
+    if config.get("max_image_seq_len", 2) == config.get("base_image_seq_len", 1):
+        raise ConfigError(f"{source}: 'max_image_seq_len' must differ from 'base_image_seq_len'")
+    if not isinstance(config.get("use_dynamic_shifting", False), bool):
+        raise ConfigError(f"{source}: 'use_dynamic_shifting' must be true or false")
+    return config
+
+
+def _finite(value) -> bool:
+    import math
+
+    return type(value) in (int, float) and math.isfinite(value)

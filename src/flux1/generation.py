@@ -2,6 +2,7 @@
 is loaded: ranges, finiteness, types, each error naming the flag and what was expected."""
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +73,36 @@ def check_lora_options(paths: list[str], scales: list[float]) -> None:
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"--lora-paths {path}: file not found")
+
+
+def activation_bytes(height: int, width: int, text_tokens: int, batch: int = 1) -> dict[str, int]:
+    """Peak activation memory of one image, per phase, at the real model's widths (an upper bound for
+    smaller fixtures): the transformer's widest intermediates over all tokens plus one head's attention
+    scores (the CPU kernels compute attention a head at a time), and the VAE decoder's full-resolution
+    128-channel feature maps plus its mid-block attention over the latent pixels."""
+    tokens = height * width // 256 + text_tokens
+    transformer = batch * 4 * (tokens * (3 * 3072 + 12288) * 3 + tokens * tokens)
+    latent_pixels = height * width // 64
+    vae = batch * 4 * (height * width * 128 * 4 + latent_pixels * latent_pixels)
+    return {"transformer": transformer, "VAE decoder": vae}
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(config: "Config", text_tokens: int, batch: int = 1) -> None:
+    """Refuse a size whose activations alone exceed this machine's memory, with the estimate."""
+    total = physical_memory()
+    if total is None:
+        return
+    needs = activation_bytes(config.height, config.width, text_tokens, batch)
+    phase, largest = max(needs.items(), key=lambda item: item[1])
+    if largest > total:
+        raise ValueError(
+            f"--height {config.height} --width {config.width}: the {phase} needs about "
+            f"{largest / 1e9:.1f} GB of activations, more than this machine's {total / 1e9:.1f} GB"
+        )

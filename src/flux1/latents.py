@@ -23,16 +23,21 @@ def noise(seed: int, height: int, width: int) -> mx.array:
 
 
 def load_noise(path: Path, height: int, width: int) -> mx.array:
-    """Injected initial latents from a .npy file of shape (1, 16, H/8, W/8)."""
+    """Injected initial latents from a .npy file of shape (1, 16, H/8, W/8), finite floats."""
     try:
-        array = np.load(path)
-    except (OSError, ValueError) as e:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"--latents {path}: cannot be read as a .npy array ({e})") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ValueError(f"--latents {path}: an .npz archive, expected one .npy array")
     expected = (1, LATENT_CHANNELS, height // 8, width // 8)
     if array.shape != expected:
         raise ValueError(
             f"--latents {path}: shape {array.shape}, expected {expected} for {width}x{height} (1, 16, H/8, W/8)"
         )
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        raise ValueError(f"--latents {path}: expected finite floating-point values ({array.dtype})")
     return mx.array(array.astype(np.float32))
 
 

@@ -36,7 +36,33 @@ class ModelFiles:
         return "saved" if saved.is_saved(self.transformer) else "diffusers"
 
     def scheduler_config(self) -> dict:
-        return json.loads((self.root / "scheduler" / "scheduler_config.json").read_text())
+        from flux1.configs import check_scheduler_config
+        from flux1.weights.safetensors_io import read_config
+
+        folder = self.root / "scheduler"
+        return check_scheduler_config(
+            read_config(folder, "scheduler_config.json"), folder / "scheduler_config.json"
+        )
+
+    def check(self) -> None:
+        """Open and check every component's config and the tokenizers' files, so a broken file is
+        named before the first network runs rather than after minutes of work."""
+        from flux1.configs import check_config
+        from flux1.weights.safetensors_io import read_config
+
+        self.scheduler_config()
+        for component in ("text_encoder", "text_encoder_2"):
+            check_config(component, read_config(self.root / component), self.root / component / "config.json")
+        if self.transformer_format in ("diffusers", "saved"):
+            check_config("transformer", read_config(self.transformer), self.transformer / "config.json")
+        if self.vae.is_dir():
+            check_config("vae", read_config(self.vae), self.vae / "config.json")
+        for folder, needed in (
+            ("tokenizer", ("vocab.json", "merges.txt")),
+            ("tokenizer_2", ("spiece.model", "tokenizer.json")),
+        ):
+            if not any((self.root / folder / name).is_file() for name in needed):
+                raise ModelFilesError(f"{self.root / folder}: no tokenizer files ({' or '.join(needed)})")
 
 
 def download(repo_id: str) -> Path:
@@ -89,7 +115,7 @@ def resolve(
     which model a local file is when it cannot tell. --gguf replaces the transformer by a GGUF file,
     the other components coming from --path, --model or the GGUF's base model on the hub."""
     if gguf is not None:
-        return _with_gguf(Path(gguf).expanduser(), model, path, base_model)
+        return _with_gguf(Path(gguf).expanduser().absolute(), model, path, base_model)
     for flag, value in (("--model", model), ("--base-model", base_model)):
         if value is not None and value not in REPOS and (flag == "--base-model" or "/" not in value):
             raise ModelFilesError(
@@ -101,7 +127,7 @@ def resolve(
             raise ModelFilesError("say which model: --model schnell|dev, or --path a local folder or file")
         root = download(REPOS.get(model, model))
         return _folder(root, base_model or (model if model in REPOS else None), model)
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # the record names it from anywhere
     if path.is_dir():
         return _folder(path, base_model or model, str(path))
     if path.is_file():

@@ -16,12 +16,12 @@ from flux1 import backend, latents, metadata
 from flux1.configs import CLIP_LENGTH
 from flux1.distributed.agreement import agree_on_model
 from flux1.distributed.tensor_parallel import shard_transformer
-from flux1.generation import Config, check_lora_options
+from flux1.generation import Config, check_fits, check_lora_options
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.loaders.transformer import load_transformer
 from flux1.loaders.vae import load_vae
-from flux1.lora.apply import LoraReport, apply_file, file_digest
+from flux1.lora.apply import LoraReport, apply_file, check_lora_file, file_digest
 from flux1.model_files import ModelFiles, resolve
 from flux1.quantize import check_quantization, quantize_linears
 from flux1.sampler import euler_step, sigmas
@@ -111,11 +111,14 @@ class Flux1:
         if quantize is not None:
             check_quantization(quantize, group_size)
         backend.compute_dtype(precision=precision)  # refuses an unknown or impossible precision now
+        files.check()
         self.files, self.quantize, self.group_size, self.low_ram = files, quantize, group_size, low_ram
         self.precision = precision
         self.lora_paths = [str(p) for p in lora_paths or []]
         self.lora_scales = list(lora_scales) if lora_scales else [1.0] * len(self.lora_paths)
         check_lora_options(self.lora_paths, self.lora_scales)
+        for path in self.lora_paths:
+            check_lora_file(Path(path))
         self.lora_strict = lora_strict
         self._lora_applied: set[str] = set()
         self.lora_reports = [
@@ -252,16 +255,11 @@ class Flux1:
 
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> tuple[mx.array, mx.array]:
         """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), each in its network's dtype."""
-        clip_tokens = self._tokenizer("clip", CLIP_LENGTH)(prompt)
-        t5_tokens = self._tokenizer("t5", max_sequence_length)(prompt)
-        for tokenizer, tokens in (("CLIP", clip_tokens), ("T5", t5_tokens)):
+        clip, t5 = self._tokenizer("clip", CLIP_LENGTH), self._tokenizer("t5", max_sequence_length)
+        clip_tokens, t5_tokens = clip(prompt), t5(prompt)
+        for tokenizer, tokens in ((clip, clip_tokens), (t5, t5_tokens)):
             if tokens.truncated:
-                log.warning(
-                    "the prompt has %d %s tokens; only the first %d are used",
-                    tokens.token_count,
-                    tokenizer,
-                    tokens.max_length,
-                )
+                log.warning("%s", tokenizer.describe_truncation(tokens))
         pooled = self.load("clip")(mx.array(clip_tokens.ids), self.compute_dtype("clip"))
         mx.eval(pooled)
         self._done_with("clip")
@@ -328,6 +326,7 @@ class Flux1:
         latents.check_seed(seed)
         steps = config.steps_for(self.files.base_model)
         max_length = config.max_length_for(self.files.base_model)
+        check_fits(config, max_length)
         timings = Timings(steps=steps)
         loaded_before = self.load_seconds
 

@@ -1,22 +1,23 @@
 """main.py: generate images with FLUX.1 (flags follow mflux's where they exist)."""
 
 import argparse
+import copy
+import json
 import logging
+import os
 import random
 import sys
 import tempfile
 from pathlib import Path
 
 from flux1.backend import PRECISIONS
-from flux1.configs import DEFAULT_GUIDANCE
-from flux1.model_files import ModelFilesError
+from flux1.cli import run_program
+from flux1.configs import DEFAULT_GUIDANCE, MAX_SEQUENCE_LENGTH
 from flux1.quantize import BITS, GROUP_SIZES
-from flux1.weights.safetensors_io import WeightFileError
 
-# Flags that -C may fill from a record; an explicitly given flag wins.
+# Flags that -C fills from a record (record key -> flag dest); an explicitly given flag wins.
 FROM_RECORD = {
     "prompt": "prompt",
-    "model": "model",
     "base_model": "base_model",
     "seed": "seed",
     "steps": "steps",
@@ -24,9 +25,12 @@ FROM_RECORD = {
     "height": "height",
     "width": "width",
     "quantize": "quantize",
+    "group_size": "group_size",
     "max_sequence_length": "max_sequence_length",
     "gguf": "gguf",
 }
+# The record states the dtype computed; the flag that asks for it.
+PRECISION_FLAG = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,20 +101,100 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _apply_record(args: argparse.Namespace, given: set[str]) -> None:
+    """Every setting that determined the pixels, from the record, unless given as a flag. What cannot
+    be reproduced (a LoRA or latents file that is gone or changed) is refused, naming it."""
+    from flux1.lora.apply import file_digest
     from flux1.metadata import read_record
 
-    record = read_record(Path(args.config_from_metadata))
+    source = args.config_from_metadata
+    record = read_record(Path(source))
+    _check_record_types(record, source)
     for key, dest in FROM_RECORD.items():
         if dest not in given and record.get(key) is not None:
             value = record[key]
             setattr(args, dest, [value] if dest == "seed" else value)
-    if "model" not in given and "path" not in given and record.get("model") not in ("schnell", "dev", None):
-        args.path, args.model = record["model"], None
+    if "precision" not in given and record.get("precision") in PRECISION_FLAG:
+        args.precision = PRECISION_FLAG[record["precision"]]
+    model = record.get("model")
+    if not given & {"model", "path"} and isinstance(model, str):
+        args.path, args.model = (model, None) if Path(model).is_absolute() else (None, model)
+    if "lora_paths" not in given and record.get("loras"):
+        loras = record["loras"]
+        for lora in loras:
+            path = Path(str(lora.get("path")))
+            if not path.is_file():
+                raise ValueError(f"-C {source}: the image was made with LoRA {path}, which is not there")
+            if file_digest(path) != lora.get("sha256"):
+                raise ValueError(
+                    f"-C {source}: LoRA {path} changed since the image was made (sha256 differs)"
+                )
+        args.lora_paths = [str(lora["path"]) for lora in loras]
+        args.lora_scales = (
+            args.lora_scales if "lora_scales" in given else [lora.get("scale") for lora in loras]
+        )
+    if "latents" not in given and record.get("latents"):
+        latents = record["latents"]
+        path = Path(str(latents.get("path")))
+        if not path.is_file() or file_digest(path) != latents.get("sha256"):
+            raise ValueError(
+                f"-C {source}: the image was made from --latents {path}, which is gone or changed"
+            )
+        args.latents = str(path)
+
+
+# The type each record value must have (None: absent); what the values mean is checked by Config & co.
+_RECORD_TYPES = {
+    "prompt": str,
+    "model": str,
+    "base_model": str,
+    "seed": int,
+    "steps": int,
+    "guidance": (int, float),
+    "height": int,
+    "width": int,
+    "quantize": (int, str),
+    "group_size": int,
+    "max_sequence_length": int,
+    "gguf": str,
+    "precision": str,
+    "loras": list,
+    "latents": dict,
+}
+_FILE_ENTRY = {"path": str, "sha256": str}
+
+
+def _check_record_types(record, source) -> None:
+    def fail(what: str, value, expected: str):
+        raise ValueError(f"-C {source}: '{what}' is {json.dumps(value)[:60]}, expected {expected}")
+
+    if not isinstance(record, dict):
+        raise ValueError(f"-C {source}: the record is not a JSON object")
+    for key, kind in _RECORD_TYPES.items():
+        value = record.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            fail(
+                key,
+                value,
+                "a " + " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,))),
+            )
+    entries = [("latents", record["latents"])] if record.get("latents") else []
+    entries += [("loras", lora) for lora in record.get("loras") or []]
+    for key, entry in entries:
+        if not isinstance(entry, dict) or any(
+            not isinstance(entry.get(k), t) for k, t in _FILE_ENTRY.items()
+        ):
+            fail(key, entry, "a file entry with a path and a sha256")
+        scale = entry.get("scale", 1.0)
+        if key == "loras" and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+            fail("loras", entry, "a scale that is a number")
 
 
 def _given_flags(argv: list[str], p: argparse.ArgumentParser) -> set[str]:
-    options = {opt: action.dest for action in p._actions for opt in action.option_strings}
-    return {options[a.split("=")[0]] for a in argv if a.split("=")[0] in options}
+    """The destinations of the flags given on the command line, in any spelling (abbreviated, -q8)."""
+    quiet = copy.deepcopy(p)
+    for action in quiet._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return set(vars(quiet.parse_args(argv)))
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -135,15 +219,30 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return args.seed or [random.randrange(2**31)]
 
 
-def output_paths(output: Path, prompts: int, seeds: list[int]) -> list[list[Path]]:
+def output_file(output: str) -> Path:
+    """--output as the PNG to write: a folder (existing, or written with a trailing /) gets
+    `image.png` inside it; any other name must end in .png (flux1 writes PNG, whatever the name says)."""
+    path = Path(output)
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        return path / "image.png"
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--output {output}: flux1 writes PNG images; give a name ending in .png")
+    return path
+
+
+def output_paths(output: Path, prompts: int, seeds: list[int], sidecar: bool = False) -> list[list[Path]]:
     """[prompt][seed] -> path. Several images carry their seed (and prompt index) in the name; a name
-    that exists already gets the first free `_1`, `_2`, ... suffix: nothing is overwritten."""
-    stem, suffix = output.stem, output.suffix or ".png"
+    that exists already (or whose `.json` exists, with `sidecar`) gets the first free `_1`, `_2`, ...
+    suffix: nothing is overwritten."""
+    stem, suffix = output.stem, output.suffix
     taken: set[Path] = set()
+
+    def used(path: Path) -> bool:
+        return path.exists() or path in taken or (sidecar and path.with_suffix(".json").exists())
 
     def free(path: Path) -> Path:
         candidate, n = path, 0
-        while candidate.exists() or candidate in taken or candidate.with_suffix(".json") in taken:
+        while used(candidate):
             n += 1
             candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
         taken.add(candidate)
@@ -178,8 +277,9 @@ def run(argv: list[str]) -> int:
     from flux1.distributed.agreement import agree
     from flux1.distributed.ranks import world
     from flux1.distributed.work import run_work
-    from flux1.generation import Config, check_lora_options
+    from flux1.generation import Config, check_fits, check_lora_options
     from flux1.latents import check_seed, load_noise
+    from flux1.lora.apply import file_digest
     from flux1.pipeline import Flux1
 
     prompts, seeds = _prompts(args), _seeds(args)
@@ -192,11 +292,14 @@ def run(argv: list[str]) -> int:
         guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
         max_sequence_length=args.max_sequence_length,
     )
+    check_fits(config, config.max_sequence_length or max(MAX_SEQUENCE_LENGTH.values()))
     backend.compute_dtype(precision=args.precision)
     check_lora_options(args.lora_paths or [], args.lora_scales or [1.0] * len(args.lora_paths or []))
-    output = Path(args.output)
+    output = output_file(args.output)
     _check_writable(output)
     noise = load_noise(Path(args.latents), config.height, config.width) if args.latents else None
+    if noise is not None:
+        latents_record = {"path": str(Path(args.latents).resolve()), "sha256": file_digest(args.latents)}
     options = dict(
         quantize=args.quantize,
         group_size=args.group_size,
@@ -213,6 +316,10 @@ def run(argv: list[str]) -> int:
     else:
         files = resolve(model=args.model, base_model=args.base_model, gguf=args.gguf)
     group = world() if world().size() > 1 else None  # under mlx.launch: several ranks
+    if group is None and args.tensor_parallel:
+        logging.getLogger("flux1").warning(
+            "--tensor-parallel needs several processes (mlx.launch -n N): one runs all"
+        )
     if group is not None:
         agree({"settings": vars(args)}, group)
     flux = Flux1(files, **options, group=group, tensor_parallel=group is not None and args.tensor_parallel)
@@ -220,11 +327,13 @@ def run(argv: list[str]) -> int:
         logging.getLogger("flux1").warning("--guidance is ignored: FLUX.1-schnell has no guidance input")
 
     def work() -> list[tuple[str, int, str]]:
-        paths = output_paths(output, len(prompts), seeds)
+        paths = output_paths(output, len(prompts), seeds, args.metadata)
         return [(p, s, str(path)) for p, row in zip(prompts, paths) for s, path in zip(seeds, row)]
 
     def generate(prompt: str, seed: int, path: str, keep: bool) -> None:
         result = flux.generate_image(seed, prompt, config, latents=noise)
+        if noise is not None:
+            result.record["latents"] = latents_record
         if keep:
             result.save(path, export_json=args.metadata)
             print(f"saved {path} (seed {seed}; {result.timings.line()})")
@@ -234,20 +343,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="flux1: %(message)s", level=logging.INFO)
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except (
-        ValueError,
-        ModelFilesError,
-        WeightFileError,
-        FileExistsError,
-        FileNotFoundError,
-        NotImplementedError,
-        PermissionError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_program(run, argv)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,13 @@
 with no -q flag and no original weights."""
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
-from flux1.model_files import ModelFilesError, resolve
+from flux1.cli import run_program
+from flux1.model_files import resolve
 from flux1.quantize import BITS, GROUP_SIZES
-from flux1.weights.safetensors_io import WeightFileError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,12 +49,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="flux1: %(message)s", level=logging.INFO)
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except (ValueError, ModelFilesError, WeightFileError, NotImplementedError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_program(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,49 @@
-"""Load the FLUX transformer from a GGUF file, keeping its quantized layers quantized."""
+"""Load the FLUX transformer from a GGUF file, keeping its quantized layers quantized: as the file's
+blocks for the CPU kernels (expanded per layer, exact, 4.5 bits per weight for Q4_K), as MLX affine
+quantization for MLX's kernels (`gguf/affine.py`)."""
 
 from pathlib import Path
 
+import mlx.core as mx
+
+from flux1 import backend
+from flux1.configs import check_config
 from flux1.convert.transformer_bfl import infer_config
-from flux1.gguf.reader import read_gguf
+from flux1.gguf.affine import to_mlx_affine
+from flux1.gguf.reader import GGUFFile, RawBlocks
 from flux1.models.transformer import FluxTransformer
 from flux1.nn.linear import Linear
 from flux1.weights.assign import assign_weights
-from flux1.weights.safetensors_io import WeightFileError
+from flux1.weights.safetensors_io import Tensors, WeightFileError
 
 
 def load_transformer_gguf(path: Path, config: dict | None = None) -> FluxTransformer:
     path = Path(path)
-    tensors, quantized = read_gguf(path)
-    shapes = {n: a.shape for n, a in tensors.arrays.items()}
-    shapes.update({f"{module}.weight": q.shape for module, q in quantized.items()})
-    model = FluxTransformer(config or infer_config(shapes, path))
+    gguf_file = GGUFFile(path)
+    model = FluxTransformer(config or check_config("transformer", infer_config(gguf_file.shapes, path), path))
     layers = dict(model.named_modules())
-    for module, q in quantized.items():
+    keep_blocks = backend.numpy_kernels()
+    tensors = Tensors()
+    for name, value, origin in gguf_file.tensors():
+        if not isinstance(value, RawBlocks):
+            tensors.add(name, value, origin)
+            continue
+        module = name.removesuffix(".weight")
         layer = layers.get(module)
         if not isinstance(layer, Linear):
-            raise WeightFileError(f"{q.origin}: belongs to no linear layer of the FLUX transformer")
-        if (layer.output_dims, layer.input_dims) != q.shape:
+            raise WeightFileError(f"{origin}: belongs to no linear layer of the FLUX transformer")
+        if (layer.output_dims, layer.input_dims) != value.shape:
             raise WeightFileError(
-                f"{q.origin} has shape {list(q.shape)}, but the config expects {[layer.output_dims, layer.input_dims]}"
+                f"{origin} has shape {list(value.shape)}, but the config expects "
+                f"{[layer.output_dims, layer.input_dims]}"
             )
-        layer.set_quantized(q.weight, q.scales, q.biases, q.bits, q.group_size)
+        if keep_blocks:
+            layer.set_gguf(mx.array(value.raw), value.qtype)
+        else:
+            layer.set_quantized(*to_mlx_affine(value.raw, value.qtype, value.shape[1]))
         for param in ("weight", "scales", "biases"):
-            tensors.add(f"{module}.{param}", getattr(layer, param), q.origin)
+            if param in layer:
+                mx.eval(layer[param])
+                tensors.add(f"{module}.{param}", layer[param], origin)
     assign_weights(model, tensors, f"transformer ({path})")
     return model

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 
+from flux1.configs import check_config
 from flux1.convert.text_encoders import from_transformers_clip, from_transformers_t5
 from flux1.models.clip import CLIPTextEncoder
 from flux1.models.t5 import T5Encoder
@@ -22,11 +23,11 @@ def _load(model: nn.Module, folder: Path, component: str, convert) -> nn.Module:
 
 def load_clip(folder: Path) -> CLIPTextEncoder:
     folder = Path(folder)
-    model = CLIPTextEncoder(read_config(folder))
+    model = CLIPTextEncoder(check_config("text_encoder", read_config(folder), folder / "config.json"))
     return _load(model, folder, f"CLIP text encoder ({folder})", from_transformers_clip)
 
 
 def load_t5(folder: Path) -> T5Encoder:
     folder = Path(folder)
-    model = T5Encoder(read_config(folder))
+    model = T5Encoder(check_config("text_encoder_2", read_config(folder), folder / "config.json"))
     return _load(model, folder, f"T5 text encoder ({folder})", from_transformers_t5)

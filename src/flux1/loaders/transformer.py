@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from flux1.configs import check_config
 from flux1.convert.transformer_bfl import from_single_file, infer_config
 from flux1.convert.transformer_diffusers import from_diffusers, is_diffusers
 from flux1.models.transformer import FluxTransformer
@@ -15,7 +16,7 @@ def load_transformer(source: Path, config: dict | None = None) -> FluxTransforme
     .safetensors file with BFL (or diffusers) names. Weights stay lazy, in their stored dtype."""
     source = Path(source)
     if source.is_dir():
-        config = config or read_config(source)
+        config = config or check_config("transformer", read_config(source), source / "config.json")
         model = FluxTransformer(config)
         if saved.is_saved(source):
             saved.load_saved_component(model, source, f"transformer ({source})")
@@ -25,8 +26,7 @@ def load_transformer(source: Path, config: dict | None = None) -> FluxTransforme
         tensors = from_single_file(read_file(source))
         if is_diffusers(tensors.names()):
             tensors = from_diffusers(tensors)
-        model = FluxTransformer(
-            config or infer_config({n: a.shape for n, a in tensors.arrays.items()}, source)
-        )
+        shapes = {n: a.shape for n, a in tensors.arrays.items()}
+        model = FluxTransformer(config or check_config("transformer", infer_config(shapes, source), source))
     assign_weights(model, tensors, f"transformer ({source})")
     return model

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from flux1.configs import check_config
 from flux1.convert.vae import from_bfl, infer_config, to_mlx_layout
 from flux1.models.vae import VAE
 from flux1.weights import saved
@@ -15,14 +16,14 @@ def load_vae(source: Path, config: dict | None = None) -> VAE:
     source = Path(source)
     component = f"VAE ({source})"
     if source.is_dir():
-        model = VAE(config or read_config(source))
+        model = VAE(config or check_config("vae", read_config(source), source / "config.json"))
         if saved.is_saved(source):
             saved.load_saved_component(model, source, component)
             return model
         tensors = read_folder(source, "diffusion_pytorch_model")
     else:
         tensors = read_file(source)
-        model = VAE(config or infer_config(tensors, source))
+        model = VAE(config or check_config("vae", infer_config(tensors, source), source))
         tensors = from_bfl(tensors, model)
     assign_weights(model, to_mlx_layout(tensors), component)
     return model

@@ -7,6 +7,7 @@ as a dense delta adapter."""
 
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from flux1.lora.dialects import parse_key
 from flux1.lora.targets import Target, build_table, xlabs_target
 from flux1.nn.linear import DenseDeltaAdapter, Linear, LowRankAdapter
 from flux1.weights.safetensors_io import read_file
+
+log = logging.getLogger("flux1")
 
 
 class LoraError(ValueError):
@@ -58,9 +61,20 @@ class _Group:
     tensors: dict[str, mx.array] = field(default_factory=dict)
 
 
-def _peft_config(metadata: dict) -> dict:
+# The component prefixes of diffusers' pipeline-level `save_lora_weights` metadata, per flux1 network.
+_METADATA_PREFIXES = {"transformer": "transformer.", "clip": "text_encoder.", "t5": "text_encoder_2."}
+
+
+def _peft_config(metadata: dict, component: str) -> dict:
+    """The PEFT LoraConfig of `component`: diffusers' model-level `save_lora_adapter` writes it as is,
+    its pipeline-level `save_lora_weights` (what its training scripts call) prefixes every key with the
+    component (`transformer.r`, `text_encoder.lora_alpha`)."""
     text = metadata.get("lora_adapter_metadata")
-    return json.loads(text) if text else {}
+    config = json.loads(text) if text else {}
+    prefix = _METADATA_PREFIXES[component]
+    if any(key.startswith(tuple(_METADATA_PREFIXES.values())) for key in config):
+        return {key.removeprefix(prefix): v for key, v in config.items() if key.startswith(prefix)}
+    return config
 
 
 def _pattern_value(patterns: dict, layer: str, default):
@@ -71,13 +85,24 @@ def _pattern_value(patterns: dict, layer: str, default):
 
 
 def _scale(group: _Group, rank: int | None, peft: dict, layer: str) -> float:
-    """alpha / rank (or / sqrt(rank) with rsLoRA); 1 without an alpha."""
+    """alpha / rank (or / sqrt(rank) with rsLoRA); 1 without an alpha. A layer's own `.alpha` tensor
+    wins over the file's metadata: it is what every kohya-style loader applies, and it is specific to
+    the layer while the metadata is file-wide (a disagreement is reported)."""
     alpha = None
-    if "alpha" in group.tensors:
-        alpha = float(group.tensors["alpha"].item())
-    elif peft:
+    if peft:
         alpha = _pattern_value(peft.get("alpha_pattern") or {}, layer, peft.get("lora_alpha"))
         rank = _pattern_value(peft.get("rank_pattern") or {}, layer, rank)
+    if "alpha" in group.tensors:
+        own = float(group.tensors["alpha"].item())
+        if alpha is not None and own != alpha:
+            log.warning(
+                "%s: alpha tensor %g differs from the metadata's lora_alpha %g; using %g",
+                layer,
+                own,
+                alpha,
+                own,
+            )
+        alpha = own
     if alpha is None or not rank:
         return 1.0
     return alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
@@ -100,6 +125,19 @@ def _full_delta(t: dict[str, mx.array]) -> tuple[mx.array, int | None] | None:
     if "diff" in t:
         return t["diff"], None
     return None
+
+
+def check_lora_file(path: Path):
+    """The file's tensors, refused before anything is applied if it holds none, or a value that is
+    not finite (it would turn every image black without a word)."""
+    tensors = read_file(path)
+    if not len(tensors):
+        raise LoraError(f"{path}: holds no tensors, so it changes nothing")
+    for name, array in tensors.arrays.items():
+        if mx.issubdtype(array.dtype, mx.floating) and not mx.all(mx.isfinite(array)).item():
+            raise LoraError(f"{path}: tensor '{name}' holds NaN or infinite values")
+    _check_control_lora(tensors, path)
+    return tensors
 
 
 def _check_control_lora(tensors, path: Path) -> None:
@@ -153,8 +191,7 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
     """Apply the keys of `path` that belong to the networks in `models` (the others are left for a
     later call with their network: the pipeline loads one network at a time)."""
     path = Path(path)
-    tensors = read_file(path)
-    _check_control_lora(tensors, path)
+    tensors = check_lora_file(path)
     groups, unmatched, dialects = _groups(tensors, build_table(models))
     dialect = " + ".join(sorted(dialects)) or "unknown"
     if unmatched and strict:
@@ -162,7 +199,6 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
             f" (and {len(unmatched) - 12} more)" if len(unmatched) > 12 else ""
         )
         raise LoraError(f"{path}: {len(unmatched)} keys match no layer (format detected: {dialect}): {shown}")
-    peft = _peft_config(tensors.metadata)
     layers = {c: dict(m.named_modules()) for c, m in models.items()}
     low_rank: dict[tuple[str, str], list[tuple[mx.array, mx.array]]] = {}
     for (component, name), group in groups.items():
@@ -170,14 +206,25 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
         layer: Linear = layers[component][target.module]
         rows = target.rows(layer)
         height = rows.stop - rows.start
+        if ("down" in t) != ("up" in t):
+            raise LoraError(
+                f"{path}: '{group.keys[0]}': a {'down' if 'down' in t else 'up'} matrix without its "
+                f"{'up' if 'down' in t else 'down'} matrix changes nothing"
+            )
         if "down" in t and "up" in t:
             down, up = t["down"], t["up"]
+            if down.ndim != 2 or down.shape[0] == 0:
+                raise LoraError(
+                    f"{path}: '{group.keys[0]}': rank 0 (down {list(down.shape)}) changes nothing"
+                )
             if down.shape[1] != layer.input_dims or up.shape[0] != height or up.shape[1] != down.shape[0]:
                 raise LoraError(
                     f"{path}: '{group.keys[0]}': down {list(down.shape)} / up {list(up.shape)} do not fit "
                     f"layer '{target.module}' of {component} ([out, in] = [{height}, {layer.input_dims}])"
                 )
-            up = up * (strength * _scale(group, down.shape[0], peft, name))
+            up = up * (
+                strength * _scale(group, down.shape[0], _peft_config(tensors.metadata, component), name)
+            )
             up = swap_halves(up) if target.swap_halves else up
             if "dora" in t or "magnitude" in t:
                 _merge_dora(layer, rows, up @ down, t.get("magnitude", t.get("dora")))
@@ -192,9 +239,14 @@ def apply_file(models: dict[str, nn.Module], path: Path, strength: float, strict
                     f"{path}: '{group.keys[0]}': change of shape {list(delta.shape)} for layer "
                     f"'{target.module}' of {component} ([out, in] = [{height}, {layer.input_dims}])"
                 )
+            peft = _peft_config(tensors.metadata, component)
             scale = 1.0 if "diff" in t or rank is None else _scale(group, rank, peft, name)
             delta = _place(swap_halves(delta) if target.swap_halves else delta, rows, layer.output_dims)
             _add_full(layer, delta * (strength * scale))
+        elif "up_bias" not in t and "diff_b" not in t:
+            raise LoraError(
+                f"{path}: '{group.keys[0]}': no change for this layer (only {', '.join(sorted(t))})"
+            )
         if "up_bias" in t or "diff_b" in t:
             bias = t.get("up_bias", t.get("diff_b")) * strength
             if "bias" not in layer:

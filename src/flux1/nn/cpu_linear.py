@@ -14,6 +14,7 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
+from flux1.gguf.expand import expand_into
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
 
 _lock = threading.Lock()  # guards the scratch buffer
@@ -57,6 +58,8 @@ def expanded_weight(layer) -> np.ndarray:
         return as_numpy(weight)
     rows, cols = layer.output_dims, layer.input_dims
     out = _scratch_matrix(rows, cols)
+    if layer.gguf_type is not None:
+        return expand_into(as_numpy(layer.weight), layer.gguf_type, out)
     if layer.bits is None:
         source = as_numpy(weight)
         if weight.dtype == mx.bfloat16:

@@ -6,7 +6,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from flux1 import backend
+from flux1.gguf import affine as gguf_affine
+from flux1.gguf.blocks import block_size
+from flux1.gguf.expand import expanded
 from flux1.nn import cpu_linear
+from flux1.nn.numpy_cpu import as_numpy
 
 
 @dataclass
@@ -49,8 +53,9 @@ class DenseDeltaAdapter:
 
 
 class Linear(nn.Module):
-    """`y = x W^T + b`. W is dense (any float dtype) or MLX affine-quantized
-    (`weight` uint32 codes, `scales`, `biases`, with `bits` and `group_size`)."""
+    """`y = x W^T + b`. W is dense (any float dtype), MLX affine-quantized (`weight` uint32 codes,
+    `scales`, `biases`, with `bits` and `group_size`) or GGUF blocks (`weight` the file's uint8
+    blocks, row by row, with `gguf_type`)."""
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True):
         super().__init__()
@@ -59,10 +64,14 @@ class Linear(nn.Module):
             self.bias = mx.zeros((output_dims,))
         self.bits: int | None = None
         self.group_size: int | None = None
+        self.gguf_type: int | None = None
         object.__setattr__(self, "adapters", [])
 
     @property
     def input_dims(self) -> int:
+        if self.gguf_type is not None:
+            values, nbytes = block_size(self.gguf_type)
+            return self.weight.shape[1] // nbytes * values
         if self.bits is None:
             return self.weight.shape[1]
         return self.weight.shape[1] * 32 // self.bits
@@ -73,16 +82,29 @@ class Linear(nn.Module):
 
     @property
     def is_quantized(self) -> bool:
-        return self.bits is not None
+        return self.bits is not None or self.gguf_type is not None
 
     def set_quantized(self, weight, scales, biases, bits: int, group_size: int) -> None:
         """Hold already-quantized weights (from a saved folder or a GGUF file)."""
         self.weight, self.scales, self.biases = weight, scales, biases
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.gguf_type = bits, group_size, None
+
+    def set_gguf(self, blocks: mx.array, gguf_type: int) -> None:
+        """Hold a GGUF weight as its blocks (uint8 [out, bytes per row]), expanded per call on the CPU."""
+        self.weight, self.gguf_type = blocks, gguf_type
+
+    def to_affine(self) -> None:
+        """GGUF blocks -> MLX affine quantization, which MLX's quantized_matmul multiplies by."""
+        if self.gguf_type is not None:
+            self.set_quantized(
+                *gguf_affine.to_mlx_affine(as_numpy(self.weight), self.gguf_type, self.input_dims)
+            )
 
     def set_dense(self, weight: mx.array) -> None:
         """Hold `weight` as a dense matrix (in the dtype of the scales if the layer was quantized)."""
-        if self.bits is not None:
+        if self.gguf_type is not None:
+            dtype, self.gguf_type = mx.float32, None
+        elif self.bits is not None:
             dtype = self.scales.dtype
             del self["scales"], self["biases"]
             self.bits = self.group_size = None
@@ -100,7 +122,9 @@ class Linear(nn.Module):
 
     def dense_weight(self, dtype: mx.Dtype | None = None) -> mx.array:
         """The weight as a dense matrix [out, in] (dequantized if quantized)."""
-        if self.bits is None:
+        if self.gguf_type is not None:
+            weight = mx.array(expanded(as_numpy(self.weight), self.gguf_type, self.input_dims))
+        elif self.bits is None:
             weight = self.weight
         else:
             weight = mx.dequantize(
@@ -122,6 +146,8 @@ class Linear(nn.Module):
         weight = self.dense_weight(mx.float32) + sum(adapter.delta() for adapter in self.adapters)
         self.adapters.clear()
         bits, group_size = self.bits, self.group_size
+        if self.gguf_type is not None:
+            bits, group_size = gguf_affine.mlx_form(self.gguf_type)
         self.set_dense(weight)
         if bits is not None:
             self.quantize(bits, group_size)
@@ -173,6 +199,7 @@ class Linear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if backend.numpy_kernels():
             return cpu_linear.linear(x, self)  # with the bias and the adapters
+        self.to_affine()  # once, for a GGUF layer loaded for the CPU kernels
         if self.bits is None:
             y = x @ self.weight.astype(x.dtype).T
         else:

@@ -83,21 +83,30 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise WeightFileError(f"{path}: not a safetensors file ({size} bytes, no header)")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8 or length > 1 << 28:
-            raise WeightFileError(f"{path}: corrupt safetensors header (length {length}, file {size} bytes)")
+            raise WeightFileError(f"{path}: not a safetensors file (no valid header length; {size} bytes)")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightFileError(f"{path}: corrupt safetensors header ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise WeightFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightFileError(f"{path}: not a safetensors file (its header is not a JSON object)")
     data_start = 8 + length
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            well_formed = (
+                isinstance(shape, list)
+                and all(type(n) is int and n >= 0 for n in [*shape, begin, end])
+                and begin <= end
+            )
         except (KeyError, TypeError, ValueError):
-            raise WeightFileError(f"{path}: tensor '{name}': malformed header entry {info}") from None
+            well_formed = False
+        if not well_formed:
+            raise WeightFileError(f"{path}: tensor '{name}': malformed header entry")
         if dtype not in _ITEM_SIZES:
-            raise WeightFileError(f"{path}: tensor '{name}': unsupported dtype {dtype}")
+            raise WeightFileError(f"{path}: tensor '{name}': unsupported dtype {str(dtype)[:20]}")
         if end - begin != math.prod(shape) * _ITEM_SIZES[dtype]:
             raise WeightFileError(f"{path}: tensor '{name}': {end - begin} bytes for shape {shape} {dtype}")
         if data_start + end > size:
@@ -123,6 +132,17 @@ def read_file(path: Path, into: Tensors | None = None) -> Tensors:
     return tensors
 
 
+def check_inside(folder: Path, name: str, named_by: Path) -> Path:
+    """`folder / name` for a file name that a file of the model (an index, a model_index.json) gives:
+    a relative path that stays inside the folder, or a refusal before anything is opened. Symbolic
+    links inside the folder are followed (the Hugging Face cache is made of them): whoever can place a
+    link in the folder already controls the model."""
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts or "\0" in name:
+        raise WeightFileError(f"{named_by}: names '{name[:200]}', which is not a file inside {folder}")
+    return folder / relative
+
+
 def read_folder(folder: Path, stem: str) -> Tensors:
     """A component folder's weights: `<stem>.safetensors` or the shards its index names.
 
@@ -137,8 +157,13 @@ def read_folder(folder: Path, stem: str) -> Tensors:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightFileError(f"{index}: not a safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightFileError(f"{index}: not a safetensors index (weight_map must map names to files)")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:  # every name checked before any file is opened
+            check_inside(folder, shard, index)
         tensors = Tensors()
-        for shard in sorted(set(weight_map.values())):
+        for shard in shards:
             if not (folder / shard).is_file():
                 raise WeightFileError(f"{index}: names shard {shard}, which is missing from {folder}")
             read_file(folder / shard, into=tensors)
@@ -156,6 +181,9 @@ def read_config(folder: Path, name: str = "config.json") -> dict:
     if not path.is_file():
         raise WeightFileError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightFileError(f"{path}: invalid JSON ({e})") from None
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise WeightFileError(f"{path}: invalid JSON ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise WeightFileError(f"{path}: expected a JSON object")
+    return config

@@ -1,0 +1,322 @@
+"""flux1-ui in a real browser: the real server (`python -m flux1.ui`, a subprocess on loopback) serving
+the tiny fixture, driven by headless Chromium through Selenium; the load test through gradio_client.
+Images are 64x64 with 1-2 steps, so the module adds about a minute."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from flux1.cli.generate import main as generate_main
+from flux1.metadata import read_record
+
+pytest.importorskip("gradio", reason="the UI extra is not installed (pip install .[ui])")
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
+)
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("FLUX1_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+WAIT = 90  # seconds, the bound of every wait
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _until(check, timeout=WAIT, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _pngs(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("*.png")}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_schnell, tmp_path_factory):
+    """The UI on 127.0.0.1 with the tiny schnell fixture and a LoRA made for a wider model."""
+    root = tmp_path_factory.mktemp("ui")
+    loras, out = root / "loras", root / "out"
+    loras.mkdir()
+    mx.save_safetensors(
+        str(loras / "wide.safetensors"),
+        {
+            "transformer.proj_out.lora_A.weight": mx.zeros((4, 3072)),
+            "transformer.proj_out.lora_B.weight": mx.zeros((64, 4)),
+        },
+    )
+    port = _free_port()
+    command = [sys.executable, "-m", "flux1.ui", "--path", str(tiny_schnell), "--lora-dir", str(loras)]
+    command += ["--output-dir", str(out), "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+
+    def up():
+        try:
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except OSError:
+            return process.poll() is not None  # died: stop waiting, fail below
+
+    _until(up, what="the UI to serve")
+    assert process.poll() is None, process.stdout.read()
+    yield url, out, tiny_schnell
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+class Page:
+    def __init__(self, driver, url):
+        from selenium.webdriver.common.by import By
+
+        self.driver, self.by = driver, By
+        driver.get(url)
+        _until(lambda: self.find("#generate"), what="the page")
+
+    def find(self, css):
+        found = self.driver.find_elements(self.by.CSS_SELECTOR, css)
+        return found[0] if found else None
+
+    def fill(self, elem_id, value):
+        from selenium.webdriver.common.keys import Keys
+
+        field = self.find(f"#{elem_id} textarea") or self.find(f"#{elem_id} input[type=number]")
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(str(value), Keys.TAB)
+
+    def value(self, elem_id):
+        field = self.find(f"#{elem_id} textarea") or self.find(f"#{elem_id} input")
+        return field.get_attribute("value")
+
+    def text(self, elem_id):
+        element = self.find(f"#{elem_id}")
+        return element.text if element else ""
+
+    def wait_text(self, elem_id, part):
+        return _until(
+            lambda: part in self.text(elem_id), what=f"'{part}' in #{elem_id}: {self.text(elem_id)!r}"
+        )
+
+    def settings(self, prompt="a red fox", width=64, height=64, steps=2, seed=7):
+        for elem_id, value in (("prompt", prompt), ("width", width), ("height", height), ("steps", steps)):
+            self.fill(elem_id, value)
+        self.fill("seed", seed)
+
+    def click(self, elem_id):
+        self.find(f"#{elem_id}").click()
+
+
+def _main_py_image(checkpoint: Path, folder: Path, *flags) -> Path:
+    """What main.py writes for the same settings."""
+    out = folder / "main.png"
+    assert generate_main(["--path", str(checkpoint), "--output", str(out), *flags]) == 0
+    return out
+
+
+VOLATILE = {"created", "generation_seconds"}
+
+
+@needs_browser
+def test_generate_in_the_page_writes_what_main_py_writes(server, browser, tmp_path):
+    url, out, checkpoint = server
+    page = Page(browser, url)
+    before = _pngs(out)
+    page.settings(prompt="a red fox", seed=7)
+    page.click("generate")
+    page.wait_text("status", "Saved image")
+    (name,) = _pngs(out) - before
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "ui-page.png"))
+    record = read_record(out / name)
+    assert (record["prompt"], record["seed"], record["steps"], record["width"], record["height"]) == (
+        "a red fox",
+        7,
+        2,
+        64,
+        64,
+    )
+    reference = _main_py_image(
+        checkpoint,
+        tmp_path,
+        "--prompt",
+        "a red fox",
+        "--seed",
+        "7",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+    )
+    assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(reference)))
+    expected = read_record(reference)
+    assert {k: v for k, v in record.items() if k not in VOLATILE} == {
+        k: v for k, v in expected.items() if k not in VOLATILE
+    }
+    # The image shown (and downloaded) is the saved file, byte for byte, metadata included.
+    shown = page.find("#image img").get_attribute("src")
+    assert urllib.request.urlopen(shown, timeout=10).read() == (out / name).read_bytes()
+    assert "seed 7" in page.text("status")
+    # Nothing the page loads comes from beyond this machine (no CDN fonts or scripts, no analytics).
+    requested = [
+        json.loads(entry["message"])["message"].get("params", {}).get("request", {}).get("url", "")
+        for entry in browser.get_log("performance")
+    ]
+    outside = [u for u in requested if u and not u.startswith((url, "data:", "blob:"))]
+    assert any(u.startswith(url) for u in requested) and not outside, outside
+
+
+@needs_browser
+def test_cancel_stops_after_a_step_and_saves_nothing(server, browser):
+    url, out, _ = server
+    page = Page(browser, url)
+    before = _pngs(out)
+    page.settings(steps=300, seed=3)
+    page.click("generate")
+    page.wait_text("status", "step 2/300")
+    assert page.find("#image img") is not None  # the latent preview
+    page.click("cancel")
+    page.wait_text("status", "Cancelled at step")
+    assert _pngs(out) == before
+
+
+@needs_browser
+def test_bad_input_gives_a_message_and_writes_nothing(server, browser, tmp_path):
+    url, out, _ = server
+    page = Page(browser, url)
+    before = _pngs(out)
+    page.settings(width=40)
+    page.wait_text("size-message", "Width 40: must be a multiple of 16 from 16 to 8192 (nearest: 32 or 48)")
+    page.click("generate")
+    page.wait_text("status", "Error: Width 40: must be a multiple of 16")
+    page.fill("width", 64)
+    _until(lambda: page.text("size-message") == "", what="the size message to clear")
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    page.find("#settings input[type=file]").send_keys(str(broken))
+    page.wait_text("status", "Error: cannot load settings from broken.png: not an image or JSON file")
+
+    page.fill("lora-0", 1)
+    page.click("generate")
+    page.wait_text("status", "do not fit layer 'final_layer.linear' of transformer")
+    assert _pngs(out) == before
+    page.fill("lora-0", 0)  # the server keeps serving: the next request goes through
+    page.click("generate")
+    page.wait_text("status", "Saved image")
+
+
+@needs_browser
+def test_dropping_a_png_loads_its_settings(server, browser, tmp_path):
+    url, _, checkpoint = server
+    made = _main_py_image(
+        checkpoint,
+        tmp_path,
+        "--prompt",
+        "a blue jay",
+        "--seed",
+        "41",
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "48",
+    )
+    page = Page(browser, url)
+    page.find("#settings input[type=file]").send_keys(str(made))
+    page.wait_text("status", "Loaded the settings of main.png (seed 41)")
+    assert [page.value(k) for k in ("prompt", "seed", "steps", "width", "height")] == [
+        "a blue jay",
+        "41",
+        "1",
+        "48",
+        "32",
+    ]
+
+
+def test_five_requests_from_two_clients_complete_in_order(server):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    from flux1 import Config, Flux1
+
+    url, out, checkpoint = server
+    clients = [Client(url, verbose=False) for _ in range(2)]
+    seeds = [100 + i for i in range(5)]
+    jobs = []
+    for i, seed in enumerate(seeds):
+        job = clients[i % 2].submit(
+            "a lighthouse", str(checkpoint), "none", 64, 64, 2, 3.5, seed, 1, api_name="/generate"
+        )
+        _until(
+            lambda job=job: job.status().code not in (Status.STARTING, Status.JOINING_QUEUE), what="queued"
+        )
+        jobs.append(job)
+    assert jobs[-1].status().rank > 0  # waits its turn, and is told its place
+    results = [job.result(timeout=WAIT) for job in jobs]
+    saved = [r[0].split()[1] for r in results]  # "Saved image_3.png (seed ...)"
+    flux = Flux1.from_path(checkpoint)
+    for seed, name, result in zip(seeds, saved, results):
+        record = read_record(out / name)
+        assert record["seed"] == seed == result[3]["seed"]
+        expected = flux.generate_image(seed, "a lighthouse", Config(2, 64, 64), progress=False)
+        assert np.array_equal(np.asarray(Image.open(out / name)), expected.pixels)
+    # Names are taken as each job starts (image.png, image_1.png, ...): their order is the run order.
+    order = [int(Path(name).stem.removeprefix("image").removeprefix("_") or 0) for name in saved]
+    assert order == sorted(order) and len(set(order)) == 5
+
+
+def test_serving_beyond_loopback_requires_auth(tiny_schnell, tmp_path, capsys):
+    from flux1.ui.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--path", str(tiny_schnell), "--output-dir", str(out), "--host", "0.0.0.0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --host 0.0.0.0: serving beyond this machine requires --auth USER:PASS "
+        "(anyone who reaches the port could run the model and read the outputs)\n"
+    )
+    assert main(["--path", str(tiny_schnell), "--host", "0.0.0.0", "--auth", "nopassword"]) == 2
+    assert capsys.readouterr().err == "error: --auth: expected USER:PASS\n"
+    assert not out.exists()
+
+
+def test_flux1_imports_without_gradio():
+    code = "import sys; sys.modules['gradio'] = None; import flux1, flux1.pipeline, flux1.preview, flux1.cli.generate"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
