@@ -173,7 +173,9 @@ class Linear(nn.Module):
     def keep_columns(self, columns: list[tuple[int, int]]) -> None:
         """Keep only the input columns in the ranges `columns` (a row-parallel shard: the outputs of
         the shards sum to the layer's output without its bias, which the caller adds once). A quantized
-        layer can only be cut at multiples of its group."""
+        layer can only be cut at multiples of its group; GGUF blocks (256 values for K-quants) become MLX
+        affine groups of 32 first."""
+        self.to_affine()
         index = _indices(columns)
         if self.bits is None:
             self.weight = _take(self.weight, index, 1)
