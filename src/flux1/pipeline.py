@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from flux1 import backend, latents, metadata
 from flux1.configs import CLIP_LENGTH
+from flux1.distributed.agreement import agree_on_model
+from flux1.distributed.tensor_parallel import shard_transformer
 from flux1.generation import Config, check_fits, check_lora_options
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
@@ -103,6 +105,8 @@ class Flux1:
         low_ram: bool = False,
         lora_strict: bool = True,
         precision: str = "auto",
+        group: mx.distributed.Group | None = None,
+        tensor_parallel: bool = False,
     ):
         if quantize is not None:
             check_quantization(quantize, group_size)
@@ -126,6 +130,10 @@ class Flux1:
         self.load_seconds = 0.0  # reading (and quantizing) weights, all models so far
         self.saved_bits: int | str | None = None
         self._check_saved_quantization()
+        # Several processes (mlx.launch): the same inputs on every rank; the transformer sharded.
+        self.group, self.tensor_parallel = group, tensor_parallel
+        if group is not None:
+            agree_on_model(self, group)
 
     @classmethod
     def from_name(cls, name: str, **options) -> "Flux1":
@@ -145,8 +153,9 @@ class Flux1:
         if name not in self._models:
             start = time.perf_counter()
             model = self._read(name)
+            sharded = self.tensor_parallel and name == "transformer"  # kept lazy until sharded
             if self.quantize is not None and name != "vae":
-                report = quantize_linears(model, self.quantize, self.group_size)
+                report = quantize_linears(model, self.quantize, self.group_size, evaluate=not sharded)
                 if report.kept_dense:
                     log.info(
                         "%s: %d layers left dense (input width not a multiple of --group-size %d): %s",
@@ -157,6 +166,8 @@ class Flux1:
                     )
             if name != "vae":
                 self._apply_loras(name, model)
+            if sharded:
+                shard_transformer(model, self.group)
             # Read now, so loading is timed as loading. The VAE's encoder is read only if a mode uses it.
             mx.eval((model.decoder if name == "vae" else model).parameters())
             self.load_seconds += time.perf_counter() - start

@@ -31,15 +31,19 @@ def check_quantization(bits: int, group_size: int) -> None:
         raise ValueError(f"--group-size {group_size}: expected one of {', '.join(map(str, GROUP_SIZES))}")
 
 
-def quantize_linears(module: nn.Module, bits: int, group_size: int) -> QuantizationReport:
-    """Quantize every `Linear` of `module` in place; layers that do not fit the group stay dense."""
+def quantize_linears(
+    module: nn.Module, bits: int, group_size: int, evaluate: bool = True
+) -> QuantizationReport:
+    """Quantize every `Linear` of `module` in place; layers that do not fit the group stay dense.
+    With `evaluate` False the layers stay lazy (a caller that shards them evaluates each shard)."""
     check_quantization(bits, group_size)
     report = QuantizationReport()
     for path, layer in module.named_modules():
         if not isinstance(layer, Linear) or layer.is_quantized:
             continue
         if layer.quantize(bits, group_size):
-            mx.eval(layer.parameters())
+            if evaluate:
+                mx.eval(layer.parameters())
             report.quantized += 1
         else:
             report.kept_dense.append(path)

@@ -67,6 +67,11 @@ def parser() -> argparse.ArgumentParser:
         "--low-ram", action="store_true", help="load each model just before use and release it after"
     )
     source.add_argument(
+        "--tensor-parallel",
+        action="store_true",
+        help="under mlx.launch: split the transformer's layers across the ranks (default: split the images)",
+    )
+    source.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
@@ -266,6 +271,9 @@ def run(argv: list[str]) -> int:
     if args.config_from_metadata:
         _apply_record(args, _given_flags(argv, p))
     from flux1 import backend
+    from flux1.distributed.agreement import agree
+    from flux1.distributed.ranks import world
+    from flux1.distributed.work import run_work
     from flux1.generation import Config, check_fits, check_lora_options
     from flux1.latents import check_seed, load_noise
     from flux1.lora.apply import file_digest
@@ -304,16 +312,30 @@ def run(argv: list[str]) -> int:
         files = resolve(path=args.path, base_model=args.base_model or args.model, gguf=args.gguf)
     else:
         files = resolve(model=args.model, base_model=args.base_model, gguf=args.gguf)
-    flux = Flux1(files, **options)
+    group = world() if world().size() > 1 else None  # under mlx.launch: several ranks
+    if group is None and args.tensor_parallel:
+        logging.getLogger("flux1").warning(
+            "--tensor-parallel needs several processes (mlx.launch -n N): one runs all"
+        )
+    if group is not None:
+        agree({"settings": vars(args)}, group)
+    flux = Flux1(files, **options, group=group, tensor_parallel=group is not None and args.tensor_parallel)
     if args.guidance is not None and flux.files.base_model == "schnell":
         logging.getLogger("flux1").warning("--guidance is ignored: FLUX.1-schnell has no guidance input")
-    for prompt, row in zip(prompts, output_paths(output, len(prompts), seeds, args.metadata)):
-        for seed, path in zip(seeds, row):
-            result = flux.generate_image(seed, prompt, config, latents=noise)
-            if noise is not None:
-                result.record["latents"] = latents_record
+
+    def work() -> list[tuple[str, int, str]]:
+        paths = output_paths(output, len(prompts), seeds, args.metadata)
+        return [(p, s, str(path)) for p, row in zip(prompts, paths) for s, path in zip(seeds, row)]
+
+    def generate(prompt: str, seed: int, path: str, keep: bool) -> None:
+        result = flux.generate_image(seed, prompt, config, latents=noise)
+        if noise is not None:
+            result.record["latents"] = latents_record
+        if keep:
             result.save(path, export_json=args.metadata)
             print(f"saved {path} (seed {seed}; {result.timings.line()})")
+
+    run_work(work, generate, group, args.tensor_parallel)
     return 0
 
 

@@ -179,6 +179,52 @@ class Linear(nn.Module):
         if bits is not None:
             self.quantize(bits, group_size)
 
+    def keep_rows(self, rows: list[tuple[int, int]]) -> None:
+        """Keep only the output rows in the ranges `rows` (a column-parallel shard): the weight's rows
+        (codes, scales and biases if quantized), the bias and the adapters' rows. Lazy arrays stay lazy:
+        `mx.take` copies, so evaluating the shard does not keep the whole tensor alive."""
+        index = _indices(rows)
+        self.weight = _take(self.weight, index, 0)
+        if self.bits is not None:
+            self.scales = _take(self.scales, index, 0)
+            self.biases = _take(self.biases, index, 0)
+        if "bias" in self:
+            self.bias = _take(self.bias, index, 0)
+        self.adapters[:] = [
+            LowRankAdapter(a.down, _take(a.up, index, 0), a.scale)
+            if isinstance(a, LowRankAdapter)
+            else DenseDeltaAdapter(_take(a.change, index, 0))
+            for a in self.adapters
+        ]
+
+    def keep_columns(self, columns: list[tuple[int, int]]) -> None:
+        """Keep only the input columns in the ranges `columns` (a row-parallel shard: the outputs of
+        the shards sum to the layer's output without its bias, which the caller adds once). A quantized
+        layer can only be cut at multiples of its group; GGUF blocks (256 values for K-quants) become MLX
+        affine groups of 32 first."""
+        self.to_affine()
+        index = _indices(columns)
+        if self.bits is None:
+            self.weight = _take(self.weight, index, 1)
+        else:
+            cuts = [c for pair in columns for c in pair if c % self.group_size]
+            if cuts:
+                raise ValueError(
+                    f"cannot split the {self.input_dims} inputs of a {self.bits}-bit layer at column "
+                    f"{cuts[0]}: not a multiple of its quantization group {self.group_size}"
+                )
+            words = [(a * self.bits // 32, b * self.bits // 32) for a, b in columns]
+            groups = [(a // self.group_size, b // self.group_size) for a, b in columns]
+            self.weight = _take(self.weight, _indices(words), 1)
+            self.scales = _take(self.scales, _indices(groups), 1)
+            self.biases = _take(self.biases, _indices(groups), 1)
+        self.adapters[:] = [
+            LowRankAdapter(_take(a.down, index, 1), a.up, a.scale)
+            if isinstance(a, LowRankAdapter)
+            else DenseDeltaAdapter(_take(a.change, index, 1))
+            for a in self.adapters
+        ]
+
     def __call__(self, x: mx.array) -> mx.array:
         if backend.numpy_kernels():
             return cpu_linear.linear(x, self)  # with the bias and the adapters
@@ -202,3 +248,13 @@ class Linear(nn.Module):
         for adapter in self.adapters:
             y = y + adapter(x)
         return y
+
+
+def _indices(ranges: list[tuple[int, int]]) -> mx.array:
+    return mx.concatenate([mx.arange(start, stop) for start, stop in ranges])
+
+
+def _take(array: mx.array, index: mx.array, axis: int) -> mx.array:
+    """A row-major copy of the slices `index` along `axis` (`mx.take` along the last axis may give a
+    column-major result, which the CPU kernels' zero-copy NumPy views cannot reinterpret)."""
+    return mx.contiguous(mx.take(array, index, axis=axis))
