@@ -213,15 +213,20 @@ def active() -> GemmPath:
     current = plan()
     fp32, bf16 = current.best("fp32"), current.best("bf16")
     if choice == "bf16":
-        if bf16 is None:
-            raise ValueError(
-                f"--precision bf16: this CPU ({cpu_model()}) has no bf16 GEMM (it needs AVX512-BF16 or "
-                "AMX, and oneDNN or MKL); use --precision fp32 or auto"
-            )
+        require_bf16()
         return paths[bf16]
     if choice == "auto" and bf16 and current.rates[bf16] > AUTO_BF16_MARGIN * current.rates[fp32]:
         return paths[bf16]
     return paths[fp32]
+
+
+def require_bf16() -> None:
+    """Raises where no bf16 GEMM can run here (`--precision bf16` cannot be honoured)."""
+    if not any(path.dtype == "bf16" for path in available_paths().values()):
+        raise ValueError(
+            f"--precision bf16: this CPU ({cpu_model()}) has no bf16 GEMM (it needs AVX512-BF16 or AMX, "
+            "and oneDNN or MKL: pip install onednn-cpu-gomp); use --precision fp32 or auto"
+        )
 
 
 def describe() -> str:
