@@ -87,20 +87,24 @@ def machine_key(paths: dict[str, GemmPath]) -> dict:
 
 def measure(paths: dict[str, GemmPath]) -> dict[str, float]:
     """GFLOP/s of each path over SHAPES, the weight as a transposed [out, in] matrix as Linear has
-    it. A path stops after the shape that spends its share of MEASURE_SECONDS, or that leaves it
-    below half the best rate so far (it cannot win)."""
+    it. Each path gets an equal share of the MEASURE_SECONDS left when it starts (start-up included)
+    and stops before a shape that would overrun it at the rate seen so far, or after its first shape
+    if that is below half the best rate (it cannot win)."""
+    deadline = time.perf_counter() + MEASURE_SECONDS
     rng = np.random.default_rng(0)
     size = max(rows * inner for rows, inner, _ in SHAPES), max(inner * cols for _, inner, cols in SHAPES)
     inputs = {"fp32": [rng.random(n, np.float32) for n in size]}  # uniform: quicker to draw
     inputs["bf16"] = [as_bf16(x) for x in inputs["fp32"]]
     out = np.empty(max(rows * cols for rows, _, cols in SHAPES), np.float32)
     rates: dict[str, float] = {}
-    share = MEASURE_SECONDS / len(paths)
-    for name, path in paths.items():
+    for index, (name, path) in enumerate(paths.items()):
+        started = time.perf_counter()
+        share = (deadline - started) / (len(paths) - index)
         work = seconds = 0.0
         for rows, inner, cols in SHAPES:
             flops = 2.0 * rows * inner * cols
-            if work and seconds + flops / (work / seconds) > share:
+            spent = time.perf_counter() - started
+            if work and spent + flops / (work / seconds) > share:
                 break
             a = inputs[path.dtype][0][: rows * inner].reshape(rows, inner)
             weight = inputs[path.dtype][1][: cols * inner].reshape(cols, inner)
