@@ -117,7 +117,7 @@ def measure(paths: dict[str, GemmPath]) -> dict[str, float]:
             work += flops
             if work / seconds < 0.5e9 * max(rates.values(), default=0.0):
                 break
-        rates[name] = round(work / seconds / 1e9, 1)
+        rates[name] = float(f"{work / seconds / 1e9:.4g}")
     return rates
 
 
