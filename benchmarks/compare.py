@@ -2,8 +2,9 @@
 
 Each run is its own process (so peak memory is its own), runs alternate A B A B so drift in the
 machine's speed shows, and the table gives seconds for text encoding, the median denoising step,
-decoding and the whole run, peak resident memory, the ratio flux1 / diffusers (fp32), and the PSNR
-of each image against diffusers fp32's.
+decoding and the whole run, peak resident memory, each step over the faster diffusers step (fp32 or
+bf16), and the PSNR of each image against diffusers fp32's. flux1 rows name their precision
+(`auto` = the CPU plan's choice on this machine, `fp32` = fp32 GEMMs) and the plan they ran.
 
     python benchmarks/compare.py [--preset wide] [--size 512] [--steps 4] [--repeats 2] [--rows ...]
 """
@@ -18,17 +19,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder, run_measured  # noqa: E402
+from measure import cpu_model, fixture_folder, run_measured  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 ROWS = {  # name -> (implementation, fixture dtype, extra options)
-    "flux1 fp32": ("flux1", "float32", {}),
-    "flux1 bf16 weights": ("flux1", "bfloat16", {}),
-    "flux1 -q 8": ("flux1", "bfloat16", {"quantize": 8}),
-    "flux1 -q 4": ("flux1", "bfloat16", {"quantize": 4}),
+    "flux1 default": ("flux1", "bfloat16", {"precision": "auto"}),
+    "flux1 --precision fp32": ("flux1", "bfloat16", {"precision": "fp32"}),
+    "flux1 fp32 weights": ("flux1", "float32", {"precision": "fp32"}),
+    "flux1 -q 8": ("flux1", "bfloat16", {"quantize": 8, "precision": "auto"}),
+    "flux1 -q 4": ("flux1", "bfloat16", {"quantize": 4, "precision": "auto"}),
     "diffusers fp32": ("diffusers", "float32", {}),
     "diffusers bf16": ("diffusers", "bfloat16", {}),
 }
+DEFAULT_ROWS = ["flux1 default", "flux1 --precision fp32", "diffusers fp32", "diffusers bf16"]
 
 
 def worker_flux1(fixture: Path, noise: np.ndarray, size: int, steps: int, options: dict) -> dict:
@@ -37,11 +40,16 @@ def worker_flux1(fixture: Path, noise: np.ndarray, size: int, steps: int, option
     # isort: split
     import mlx.core as mx
 
-    from flux1 import Config, Flux1
+    from flux1 import Config, Flux1, cpu_plan
 
-    flux = Flux1.from_path(fixture, **options)
-    image, _, t = flux.generate_array(0, PROMPT, Config(steps, size, size), mx.array(noise), progress=False)
+    options = dict(options)
+    with cpu_plan.use(options.pop("precision")):
+        flux = Flux1.from_path(fixture, **options)
+        config = Config(steps, size, size)
+        image, _, t = flux.generate_array(0, PROMPT, config, mx.array(noise), progress=False)
+        plan = cpu_plan.describe()
     return {
+        "plan": plan,
         "load": t.load,
         "encode": t.encode,
         "steps": t.step_seconds,
@@ -106,7 +114,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each row, interleaved A B A B")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -168,21 +176,25 @@ def main() -> None:
         return statistics.median(values)
 
     base = "diffusers fp32" if "diffusers fp32" in results else None
-    blas = {r["blas"] for row in results.values() for r in row if "blas" in r}
+    diffusers = [row for row in results if row.startswith("diffusers")]
+    fastest = min(diffusers, key=lambda row: median(row, "steps")) if diffusers else None
     print(
-        f"\n{args.preset} preset, {args.size}x{args.size}, {args.steps} steps, median of {args.repeats} runs each"
-    )
-    print(f"flux1's BLAS: {', '.join(sorted(blas)) or '-'}")
-    print(
-        f"{'row':<20}{'encode s':>9}{'step s':>8}{'decode s':>9}{'total s':>9}{'peak GB':>9}"
-        f"{'step / diffusers fp32':>23}{'PSNR dB':>9}"
+        f"\n{args.preset} preset, {args.size}x{args.size}, {args.steps} steps, median of {args.repeats} runs each; "
+        f"CPU: {cpu_model()}"
     )
     for row in args.rows:
-        ratio = f"{median(row, 'steps') / median(base, 'steps'):.2f}" if base else "-"
+        for plan in sorted({r["plan"] for r in results[row] if "plan" in r}):
+            print(f"{row}: {plan}; BLAS loaded first: {results[row][0]['blas']}")
+    print(
+        f"{'row':<24}{'encode s':>9}{'step s':>8}{'decode s':>9}{'total s':>9}{'peak GB':>9}"
+        f"{'step / fastest diffusers':>26}{'PSNR dB':>9}"
+    )
+    for row in args.rows:
+        ratio = f"{median(row, 'steps') / median(fastest, 'steps'):.2f}" if fastest else "-"
         quality = f"{psnr(results[row][0]['image'], results[base][0]['image']):.1f}" if base else "-"
         print(
-            f"{row:<20}{median(row, 'encode'):>9.2f}{median(row, 'steps'):>8.2f}{median(row, 'decode'):>9.2f}"
-            f"{median(row, 'total'):>9.1f}{median(row, 'peak_gb'):>9.2f}{ratio:>23}{quality:>9}"
+            f"{row:<24}{median(row, 'encode'):>9.2f}{median(row, 'steps'):>8.2f}{median(row, 'decode'):>9.2f}"
+            f"{median(row, 'total'):>9.1f}{median(row, 'peak_gb'):>9.2f}{ratio:>26}{quality:>9}"
         )
 
 

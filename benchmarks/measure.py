@@ -36,6 +36,19 @@ def run_measured(args: list[str], env: dict | None = None) -> Measured:
         return Measured(seconds, usage.ru_maxrss * 1024 / 2**30, out.read(), err.read(), process.returncode)
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as `lscpu` gives it (benchmarks print it with every table)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(
+            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
+        )
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
 def fixture_folder(cache: Path, preset: str, dtype: str) -> Path:
     folder = cache / f"{preset}-schnell-{dtype}"
     if not (folder / "model_index.json").is_file():

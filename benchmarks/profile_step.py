@@ -4,10 +4,11 @@ Runs the transformer of a fixture (default `wide`, 512x512) once to warm up, the
 linear layer, attention, GELU, RoPE and adaptive norm timed on its own (each evaluated before and
 after, so the parts are separated; the sum is a little above an unprofiled step, which is also
 timed). The floor is the step's floating-point work (2 * tokens * in * out per linear layer,
-4 * heads * tokens^2 * head_dim per attention) divided by this machine's fp32 matmul rate, measured
-here on a 4096 x 3072 x 3072 product with the BLAS that the CPU path of Linear uses (NumPy's).
+4 * heads * tokens^2 * head_dim per attention) divided by the rate of the GEMM the CPU plan uses at
+this precision (`cpu_plan.active()`), measured here on a 4096 x 3072 x 3072 product through it.
 
     python benchmarks/profile_step.py [--preset wide] [--dtype float32] [--size 512] [--repeats 3]
+        [--precision auto|fp32|bf16]
 """
 
 import statistics
@@ -22,12 +23,14 @@ import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
+from flux1 import cpu_plan
 from flux1.loaders.transformer import load_transformer
 from flux1.models import flux_blocks
+from flux1.nn.gemm import gemm, operand
 from flux1.nn.linear import Linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder, fixture_parser, transformer_inputs  # noqa: E402
+from measure import cpu_model, fixture_folder, fixture_parser, transformer_inputs  # noqa: E402
 
 seconds: dict[str, float] = defaultdict(float)
 flops: dict[str, float] = defaultdict(float)
@@ -56,13 +59,16 @@ def attention_flops(q: mx.array, k: mx.array, *_) -> float:
     return 4.0 * batch * heads * length * k.shape[2] * head_dim
 
 
-def blas_rate() -> float:
-    """fp32 GFLOP/s of the matmul that the CPU path of Linear uses (NumPy's BLAS)."""
-    a, b = np.ones((4096, 3072), np.float32), np.ones((3072, 3072), np.float32)
-    a @ b
+def gemm_rate() -> float:
+    """FLOP/s of the GEMM the CPU kernels use now, the weight transposed as Linear passes it."""
+    path = cpu_plan.active()
+    a = operand(np.ones((4096, 3072), np.float32), path)
+    b = operand(np.ones((3072, 3072), np.float32), path)
+    out = np.empty((4096, 3072), np.float32)
+    gemm(path, a, b.T, out)
     start = time.perf_counter()
     for _ in range(3):
-        a @ b
+        gemm(path, a, b.T, out)
     return 3 * 2.0 * 4096 * 3072 * 3072 / (time.perf_counter() - start)
 
 
@@ -78,7 +84,9 @@ def instrument() -> None:
 def main() -> None:
     parser = fixture_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps timed (median)")
+    parser.add_argument("--precision", default="auto", choices=cpu_plan.PRECISIONS)
     args = parser.parse_args()
+    cpu_plan.set_precision(args.precision)
     transformer = load_transformer(fixture_folder(args.cache, args.preset, args.dtype) / "transformer")
     mx.eval(transformer.parameters())
     text_tokens = 256
@@ -91,15 +99,17 @@ def main() -> None:
 
     step()
     step_seconds = statistics.median(step() for _ in range(args.repeats))
-    rate = blas_rate()
+    rate = gemm_rate()
     instrument()
     profiled = step()
     work = sum(flops.values())
     others = profiled - sum(seconds.values())
 
     print(
-        f"\n{args.preset} preset ({args.dtype} weights), {args.size}x{args.size}, {text_tokens} text tokens"
+        f"\n{args.preset} preset ({args.dtype} weights), {args.size}x{args.size}, {text_tokens} text tokens, "
+        f"--precision {args.precision}"
     )
+    print(f"CPU: {cpu_model()}; {cpu_plan.describe()}")
     print(f"{'part':<34}{'seconds':>9}{'share':>8}{'GFLOP':>9}{'GFLOP/s':>9}")
     for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
         gflop = flops.get(name, 0.0) / 1e9
@@ -110,7 +120,7 @@ def main() -> None:
     print(f"{'unprofiled step (median)':<34}{step_seconds:>9.3f}")
     floor = work / rate
     print(
-        f"\nfp32 matmul rate {rate / 1e9:.1f} GFLOP/s; step work {work / 1e9:.1f} GFLOP; floor {floor:.2f}s; "
+        f"\n{cpu_plan.active().name} GEMM rate {rate / 1e9:.1f} GFLOP/s; step work {work / 1e9:.1f} GFLOP; floor {floor:.2f}s; "
         f"achieved fraction of the floor {floor / step_seconds:.0%}"
     )
 

@@ -1,27 +1,73 @@
 """The NumPy CPU paths (attention, GELU, convolution, group norm, linear) compute what MLX's own ops
-or the reference compute."""
+or the reference compute, through every GEMM path of the CPU plan (forced by name, so the tests do
+not depend on the plan this machine picks).
+
+Bounds: fp32 GEMMs 1e-5 (another summation order). bf16 GEMMs against the same computation on
+bf16-rounded inputs in float64: 1e-6 (only the inputs are rounded; sums and bias in fp32), 1e-3 in
+attention (a probability that lies within fp32 noise of a bf16 midpoint rounds the other way in the
+reference: 2^-8 of that probability); against fp32: 8e-3 (two roundings of 2^-9 chained)."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from tests.conftest import relative_error
 
+from flux1 import cpu_plan
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
 from flux1.nn.cpu_linear import expanded_weight
+from flux1.nn.gemm import available_paths
 from flux1.nn.group_norm import group_norm
 from flux1.nn.linear import Linear
+from flux1.nn.numpy_cpu import as_bf16
+
+PATHS = list(available_paths())
 
 
+def bf16_rounded(x) -> np.ndarray:
+    """x rounded to bf16, as float64."""
+    return (as_bf16(np.asarray(x, np.float32)).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def reference_attention(q, k, v, scale, mask, round_inputs) -> np.ndarray:
+    """softmax(scale q k^T + mask) v in float64; with round_inputs, q, k, v and the probabilities
+    rounded to bf16 first, as the bf16 GEMMs take them."""
+    rounded = bf16_rounded if round_inputs else (lambda a: np.asarray(a, np.float64))
+    scores = scale * (rounded(q) @ np.swapaxes(rounded(k), -1, -2))
+    if mask is not None:
+        scores = scores + np.asarray(mask, np.float64)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return rounded(weights) @ rounded(v)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_cpu_attention_equals_mlx_kernel(with_mask):
-    """Both are fp32 softmax attention; 1e-5 allows for a different summation order."""
+def test_cpu_attention_equals_mlx_kernel(with_mask, path):
     shape = (2, 3, 17, 8)
     q, k, v = (mx.random.normal(shape, key=mx.random.key(i)) for i in range(3))
     mask = mx.random.normal((1, 3, 17, 17), key=mx.random.key(9)) if with_mask else None
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
-    assert relative_error(attention(q, k, v, 0.3, mask), expected) < 1e-5
+    with cpu_plan.use(path):
+        got = attention(q, k, v, 0.3, mask)
+    bf16 = path.endswith("bf16")
+    assert relative_error(got, expected) < (8e-3 if bf16 else 1e-5)
+    assert relative_error(got, reference_attention(q, k, v, 0.3, mask, bf16)) < (1e-3 if bf16 else 1e-5)
+
+
+def test_numpy_fp32_attention_is_the_old_computation_bit_for_bit():
+    q, k, v = (mx.random.normal((1, 2, 33, 16), key=mx.random.key(i)) for i in range(3))
+    qn, kn, vn = (np.array(a) for a in (q, k, v))
+    expected = np.empty_like(qn)
+    for h in range(2):
+        scores = (qn[0, h] * np.float32(0.25)) @ kn[0, h].T
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        expected[0, h] = scores @ vn[0, h]
+    with cpu_plan.use("numpy fp32"):
+        assert np.array_equal(np.array(attention(q, k, v, 0.25)), expected)
 
 
 def test_cpu_attention_with_causal_mask_ignores_future_tokens():
@@ -41,16 +87,27 @@ def test_cpu_gelu_equals_formula():
     "height, width, in_channels, out_channels, kernel, padding",
     [(17, 20, 8, 12, 3, 1), (9, 12, 5, 7, 1, 0), (70, 6, 4, 5, 3, 0), (300, 33, 3, 4, 3, 1)],
 )
-def test_cpu_conv2d_equals_mlx_kernel(height, width, in_channels, out_channels, kernel, padding):
-    """The CPU path is kh * kw matmuls over the flattened padded image (the last shape spans several
-    bands); 1e-5 allows for the different summation order."""
+@pytest.mark.parametrize("path", PATHS)
+def test_cpu_conv2d_equals_mlx_kernel(height, width, in_channels, out_channels, kernel, padding, path):
+    """The CPU path is one matmul of unfolded windows per band (the last shape spans several bands).
+    bf16 GEMMs: against MLX's fp32 convolution of the bf16-rounded image and kernel."""
     x = mx.random.normal((2, height, width, in_channels), key=mx.random.key(0))
     weight = mx.random.normal((out_channels, kernel, kernel, in_channels), key=mx.random.key(1))
     bias = mx.random.normal((out_channels,), key=mx.random.key(2))
+    bf16 = path.endswith("bf16")
     for stored in (mx.float32, mx.bfloat16):  # a bf16 kernel is widened exactly
         kernel = weight.astype(stored)
-        expected = mx.conv2d(x, kernel.astype(mx.float32), padding=padding) + bias
-        got = conv2d(x, kernel, bias, padding=padding)
+        image = x.astype(mx.bfloat16) if bf16 else x
+        expected = (
+            mx.conv2d(
+                image.astype(mx.float32),
+                kernel.astype(mx.bfloat16 if bf16 else mx.float32).astype(mx.float32),
+                padding=padding,
+            )
+            + bias
+        )
+        with cpu_plan.use(path):
+            got = conv2d(x, kernel, bias, padding=padding)
         assert got.shape == expected.shape
         assert relative_error(got, expected) < 1e-5
 
@@ -77,11 +134,48 @@ def test_cpu_group_norm_equals_torch(silu):
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
 def test_cpu_linear_expands_quantized_weights_exactly(bits):
-    """fp32 scales: the NumPy expansion computes exactly MLX's `scale * code + bias`."""
+    """fp32 scales: the NumPy expansion computes exactly MLX's `scale * code + bias`, and for bf16
+    GEMMs rounds that to the nearest bf16 as MLX's cast does."""
     layer = Linear(256, 96)
     layer.weight = mx.random.normal((96, 256), key=mx.random.key(bits))
     layer.quantize(bits, 64)
-    assert np.array_equal(expanded_weight(layer), np.array(layer.dense_weight(mx.float32)))
+    dense = layer.dense_weight(mx.float32)
+    assert np.array_equal(expanded_weight(layer), np.array(dense))
+    assert np.array_equal(expanded_weight(layer, "bf16"), np.array(dense.astype(mx.bfloat16).view(mx.uint16)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("stored", ["float32", "bfloat16", "float16", "q4"])
+def test_cpu_linear_through_each_gemm_path(path, stored):
+    """x @ W^T + bias on odd sizes; bf16 GEMMs equal the float64 product of bf16-rounded x and W."""
+    layer = Linear(192, 45)
+    layer.weight = mx.random.normal((45, 192), key=mx.random.key(3))
+    layer.bias = mx.random.normal((45,), key=mx.random.key(4))
+    if stored == "q4":
+        layer.quantize(4, 64)
+    else:
+        layer.weight = layer.weight.astype(getattr(mx, stored))
+    x = mx.random.normal((3, 7, 192), key=mx.random.key(5))
+    weight, bias = np.array(layer.dense_weight(mx.float32), np.float64), np.array(layer.bias, np.float64)
+    with cpu_plan.use(path):
+        got = layer(x)
+    if path.endswith("bf16"):
+        assert relative_error(got, bf16_rounded(x) @ bf16_rounded(weight).T + bias) < 1e-6
+        assert relative_error(got, np.array(x, np.float64) @ weight.T + bias) < 4e-3
+    else:
+        assert relative_error(got, np.array(x, np.float64) @ weight.T + bias) < 1e-6
+
+
+def test_numpy_fp32_linear_is_the_old_computation_bit_for_bit():
+    layer = Linear(160, 72)
+    layer.weight = mx.random.normal((72, 160), key=mx.random.key(6)).astype(mx.bfloat16)
+    layer.bias = mx.random.normal((72,), key=mx.random.key(7))
+    x = mx.random.normal((2, 9, 160), key=mx.random.key(8))
+    expected = np.array(x).reshape(-1, 160) @ np.array(layer.weight.astype(mx.float32)).T + np.array(
+        layer.bias
+    )
+    with cpu_plan.use("numpy fp32"):
+        assert np.array_equal(np.array(layer(x)).reshape(-1, 72), expected)
 
 
 def test_cpu_linear_expands_bf16_exactly_and_multiplies():

@@ -123,17 +123,21 @@ def _rest(x):
 def test_bf16_pipeline_records_what_it_computed(bf16_schnell):
     config = Config(num_inference_steps=2, height=32, width=48)
     noise = latents.noise(3, 32, 48)
-    fp32, record, _ = Flux1.from_path(bf16_schnell).generate_array(3, "a fox", config, noise, False)
-    assert (record["precision"], record["compute"]) == ("float32", "numpy kernels")
+    fp32, record, _ = Flux1.from_path(bf16_schnell, precision="fp32").generate_array(
+        3, "a fox", config, noise, False
+    )
+    assert (record["precision"], record["activations"]) == ("fp32", "float32")
+    assert record["compute"].startswith("CPU GEMMs fp32 through ")
     with backend.use("mlx"):
         flux = Flux1.from_path(bf16_schnell)
         bf16, record, _ = flux.generate_array(3, "a fox", config, noise, False)
-        assert (record["precision"], record["compute"]) == ("bfloat16", "mlx kernels")
+        assert (record["precision"], record["activations"]) == ("auto", "bfloat16")
+        assert record["compute"] == "MLX's own kernels on the CPU"
         assert {flux.compute_dtype(n) for n in ("clip", "t5", "transformer", "vae")} == {mx.bfloat16}
         forced, record, _ = Flux1.from_path(bf16_schnell, precision="fp32").generate_array(
             3, "a fox", config, noise, False
         )
-        assert record["precision"] == "float32"
+        assert record["activations"] == "float32"
     assert relative_error(bf16, fp32) < BF16_TOLERANCE
     assert relative_error(forced, fp32) < FP32_TOLERANCE
 

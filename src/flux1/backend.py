@@ -5,8 +5,9 @@ Two compute paths, one switch (`FLUX1_COMPUTE`, read here only):
   and CUDA run. Activations follow the weights' float dtype (a 16-bit checkpoint computes in bf16),
   or fp32 when asked.
 - "numpy": the CPU device's kernels. MLX's CPU backend runs bf16 and quantized matmuls without a BLAS
-  and elementwise work on one core, so weights stay compact in memory and each layer is expanded to
-  fp32 and multiplied through NumPy's BLAS on all cores (`nn/cpu_linear.py` and its siblings).
+  and elementwise work on one core, so weights stay compact in memory and each layer is expanded
+  on all cores and multiplied through the GEMM that `cpu_plan.py` measured fastest on this machine
+  (fp32, or bf16 inputs with fp32 sums); activations stay fp32 (`nn/cpu_linear.py` and siblings).
 `auto` (the default) takes "numpy" on the CPU device and "mlx" on a GPU; `mlx` forces MLX's kernels on
 any device (how CI runs what Metal and CUDA users run). `use("mlx")` does the same for a block of code.
 """
@@ -70,11 +71,11 @@ def compute_dtype(weights: mx.Dtype = mx.float32, precision: str = "auto") -> mx
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     if numpy_kernels():
+        # Activations stay fp32 on the CPU kernels; the precision picks their GEMMs (cpu_plan.py).
         if precision == "bf16":
-            raise ValueError(
-                "--precision bf16: the CPU kernels compute in fp32 (MLX's CPU bf16 matmul has no BLAS); "
-                "set FLUX1_COMPUTE=mlx to run MLX's own bf16 kernels"
-            )
+            from flux1 import cpu_plan
+
+            cpu_plan.require_bf16()
         return mx.float32
     if precision == "auto":
         return mx.bfloat16 if weights in (mx.bfloat16, mx.float16) else mx.float32

@@ -21,7 +21,7 @@ def generation_record(
 ) -> dict:
     """Everything that made the image, as stored in the PNG and read back by -C."""
     import flux1
-    from flux1 import backend
+    from flux1 import cpu_plan
 
     files = flux.files
     return {
@@ -35,8 +35,9 @@ def generation_record(
         "height": config.height,
         "width": config.width,
         "max_sequence_length": max_length,
-        "precision": str(flux.compute_dtype("transformer")).removeprefix("mlx.core."),
-        "compute": f"{backend.path_name()} kernels",
+        "precision": flux.precision,
+        "activations": str(flux.compute_dtype("transformer")).removeprefix("mlx.core."),
+        "compute": cpu_plan.describe(),
         "quantize": flux.quantization_bits,
         "group_size": flux.group_size if flux.quantize is not None else None,
         "loras": [

@@ -1,5 +1,6 @@
 """Flux1: load once, generate many. Text -> (CLIP, T5) -> transformer + Euler sampler -> VAE -> pixels."""
 
+import functools
 import gc
 import logging
 import time
@@ -12,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from flux1 import backend, latents, metadata
+from flux1 import backend, cpu_plan, latents, metadata
 from flux1.configs import CLIP_LENGTH
 from flux1.distributed.agreement import agree_on_model
 from flux1.distributed.tensor_parallel import shard_transformer
@@ -92,6 +93,17 @@ class GeneratedImage:
         if export_json:
             metadata.write_json(self.record, path.with_suffix(".json"))
         return path
+
+
+def _at_own_precision(method):
+    """The method computes at its Flux1's precision (on the CPU kernels: the plan's GEMM for it)."""
+
+    @functools.wraps(method)
+    def at_precision(self, *args, **kwargs):
+        with cpu_plan.use(self.precision):
+            return method(self, *args, **kwargs)
+
+    return at_precision
 
 
 class Flux1:
@@ -253,6 +265,7 @@ class Flux1:
             self._tokenizers[key] = PromptTokenizer(folder, kind, max_length)
         return self._tokenizers[key]
 
+    @_at_own_precision
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> tuple[mx.array, mx.array]:
         """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), each in its network's dtype."""
         clip, t5 = self._tokenizer("clip", CLIP_LENGTH), self._tokenizer("t5", max_sequence_length)
@@ -268,6 +281,7 @@ class Flux1:
         self._done_with("t5")
         return hidden, pooled
 
+    @_at_own_precision
     def denoise(
         self,
         noise: mx.array,
@@ -303,6 +317,7 @@ class Flux1:
         self._done_with("transformer")
         return x
 
+    @_at_own_precision
     def decode(self, packed: mx.array, config: Config) -> np.ndarray:
         """Float image [H, W, 3] in [0, 1]."""
         vae = self.load("vae")
@@ -313,6 +328,7 @@ class Flux1:
         self._done_with("vae")
         return np.array(image[0])
 
+    @_at_own_precision
     def generate_array(
         self,
         seed: int,

@@ -29,8 +29,6 @@ FROM_RECORD = {
     "max_sequence_length": "max_sequence_length",
     "gguf": "gguf",
 }
-# The record states the dtype computed; the flag that asks for it.
-PRECISION_FLAG = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -113,8 +111,8 @@ def _apply_record(args: argparse.Namespace, given: set[str]) -> None:
         if dest not in given and record.get(key) is not None:
             value = record[key]
             setattr(args, dest, [value] if dest == "seed" else value)
-    if "precision" not in given and record.get("precision") in PRECISION_FLAG:
-        args.precision = PRECISION_FLAG[record["precision"]]
+    if "precision" not in given and record.get("precision") in PRECISIONS:
+        args.precision = record["precision"]
     model = record.get("model")
     if not given & {"model", "path"} and isinstance(model, str):
         args.path, args.model = (model, None) if Path(model).is_absolute() else (None, model)

@@ -4,14 +4,19 @@ GPU: MLX's fused kernel. CPU: MLX's CPU softmax runs exp at about 40 M values/s 
 makes the attention of a 512x512 image 5x slower than its matmuls; NumPy's vectorized exp is about
 14x faster, and its BLAS does the two products, so the CPU path computes attention in NumPy, one
 head at a time (the scores of one head, not all, are in memory: 85 MB at 1024x1024), the softmax's rows
-split over the cores.
+split over the cores. The two products go through the plan's GEMM (`cpu_plan.active()`); with bf16
+GEMMs q, k and v are rounded to bf16 once and the softmax, summed in fp32, writes its probabilities
+as bf16 while each block of rows is still in the cache.
 """
+
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 
-from flux1 import backend
-from flux1.nn.numpy_cpu import in_parallel
+from flux1 import backend, cpu_plan
+from flux1.nn.gemm import gemm
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, in_parallel, round_to_bf16
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
@@ -29,18 +34,30 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         if mask is None
         else np.broadcast_to(np.asarray(arrays[3]), (*q.shape[:2], q.shape[2], k.shape[2]))
     )
+    path = cpu_plan.active()
+    if path.dtype == "bf16":
+        qn, kn, vn = as_bf16(qn), as_bf16(kn), as_bf16(vn)
     out = np.empty(qn.shape, dtype=np.float32)
+    scores = np.empty((q.shape[2], k.shape[2]), np.float32)
+    weights = np.empty(scores.shape, np.uint16) if path.dtype == "bf16" else None
     for b in range(qn.shape[0]):
         for h in range(qn.shape[1]):
-            scores = (qn[b, h] * np.float32(scale)) @ kn[b, h].T
+            gemm(path, qn[b, h], kn[b, h].T, out=scores, alpha=scale)
             if mn is not None:
                 scores += mn[b, h]
-            in_parallel(lambda start, stop, s=scores: _softmax_rows(s[start:stop]), len(scores))
-            np.matmul(scores, vn[b, h], out=out[b, h])
+            in_parallel(partial(_softmax_rows, scores, weights), len(scores))
+            gemm(path, scores if weights is None else weights, vn[b, h], out=out[b, h])
     return mx.array(out)
 
 
-def _softmax_rows(scores: np.ndarray) -> None:
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+def _softmax_rows(scores: np.ndarray, weights: np.ndarray | None, start: int, stop: int) -> None:
+    """Rows start..stop of scores become their softmax, also rounded into weights (bf16 bits) if given."""
+    step = max(1, CACHED_VALUES // scores.shape[1])
+    for row in range(start, stop, step):
+        row_end = min(row + step, stop)
+        block = scores[row:row_end]
+        block -= block.max(axis=-1, keepdims=True)
+        np.exp(block, out=block)
+        block /= block.sum(axis=-1, keepdims=True)
+        if weights is not None:
+            round_to_bf16(block, weights[row:row_end])

@@ -4,7 +4,9 @@ GPU, and strided convolutions: MLX's kernel. CPU, stride 1: MLX's CPU convolutio
 GFLOP/s on the VAE's shapes here, NumPy's BLAS about 190 on a plain matmul, so the convolution is
 one matmul per band of output rows: the band's kh * kw shifted windows of the padded image side by
 side ([pixels, kh * kw * in], copied on all cores) times the kernel as [kh * kw * in, out]. One
-long product instead of kh * kw short ones, and no partial sums to add up.
+long product instead of kh * kw short ones, and no partial sums to add up. The product goes through
+the plan's GEMM (`cpu_plan.active()`); with bf16 GEMMs the image is rounded to bf16 once, before it
+is unfolded (half the bytes to copy), and the output and bias stay fp32.
 """
 
 from functools import partial
@@ -12,7 +14,8 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
-from flux1 import backend
+from flux1 import backend, cpu_plan
+from flux1.nn.gemm import gemm, operand
 from flux1.nn.numpy_cpu import as_float32, in_parallel
 
 _BAND_BYTES = 48 * 2**20  # one band's unfolded windows
@@ -25,14 +28,16 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array, stride: int = 1, paddi
     out_channels, kh, kw, in_channels = weight.shape
     batch, height, width, _ = x.shape
     out_height, out_width = height + 2 * padding - kh + 1, width + 2 * padding - kw + 1
-    image = as_float32(x.astype(mx.float32))
+    path = cpu_plan.active()
+    image = operand(as_float32(x.astype(mx.float32)), path)
     if padding:
         image = np.pad(image, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
     kernel = as_float32(weight).transpose(1, 2, 3, 0).reshape(kh * kw * in_channels, out_channels)
+    kernel = operand(kernel, path)
     bias = as_float32(bias)
     out = np.empty((batch, out_height, out_width, out_channels), np.float32)
     band = max(1, _BAND_BYTES // (out_width * kernel.nbytes // out_channels))
-    windows = np.empty((band, out_width, kh * kw, in_channels), np.float32)
+    windows = np.empty((band, out_width, kh * kw, in_channels), image.dtype)
     for b in range(batch):
         for top in range(0, out_height, band):
             rows = min(band, out_height - top)
@@ -43,7 +48,7 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array, stride: int = 1, paddi
                 in_parallel(partial(_unfold, windows, image[b, top : top + rows + kh - 1], kh, kw), rows)
                 source = windows[:rows].reshape(pixels, -1)
             target = out[b, top : top + rows].reshape(pixels, out_channels)
-            np.matmul(source, kernel, out=target)
+            gemm(path, source, kernel, out=target)
             in_parallel(partial(_add_rows, target, bias), pixels)
     return mx.array(out)
 

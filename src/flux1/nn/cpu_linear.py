@@ -1,11 +1,13 @@
-"""The CPU path of `Linear`: the weight expanded to fp32 on all cores, then one NumPy matmul.
+"""The CPU path of `Linear`: the weight expanded on all cores to the dtype of the plan's GEMM
+(`cpu_plan.active()`: fp32, or bf16 where bf16 GEMMs are faster), then one GEMM.
 
 Why NumPy (measured on 2 Zen 4 cores, 1280 x 3072 @ 3072 x 21504, benchmarks/profile_step.py):
 NumPy's bundled OpenBLAS runs the product in 0.90 s where MLX's matmul through MKL takes 1.13 s;
 expanding 8-bit codes to fp32 in NumPy on both cores takes 0.04 s where `mx.dequantize` takes 0.45 s
 (bf16 -> fp32: 0.02 s against 0.16 s); and MLX's own CPU matmuls of bf16 or quantized weights do not
-use a BLAS at all. fp32 weights are used in place (a zero-copy view). The expanded weight goes into
-one scratch buffer reused by every layer, so a compact model holds one layer expanded at a time.
+use a BLAS at all. Weights already in the GEMM's dtype are used in place (zero-copy views: fp32 for
+fp32 GEMMs, bf16 for bf16 GEMMs). Others go into one scratch buffer reused by every layer, so a
+compact model holds one layer expanded at a time.
 """
 
 import threading
@@ -14,11 +16,13 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
-from flux1.gguf.expand import expand_into
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
+from flux1 import cpu_plan
+from flux1.gguf.expand import expand_rows
+from flux1.nn.gemm import gemm
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, as_float32, as_numpy, in_parallel, round_to_bf16
 
 _lock = threading.Lock()  # guards the scratch buffer
-_scratch = np.empty(0, np.float32)
+_scratch = np.empty(0, np.uint8)
 
 
 def _codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
@@ -44,56 +48,78 @@ def _codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
     return codes.reshape(rows, cols)
 
 
-def _scratch_matrix(rows: int, cols: int) -> np.ndarray:
+def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:
     global _scratch
-    if _scratch.size < rows * cols:
-        _scratch = np.empty(rows * cols, np.float32)
-    return _scratch[: rows * cols].reshape(rows, cols)
+    size = rows * cols * np.dtype(dtype).itemsize
+    if _scratch.size < size:
+        _scratch = np.empty(size, np.uint8)
+    return _scratch[:size].view(dtype).reshape(rows, cols)
 
 
-def expanded_weight(layer) -> np.ndarray:
-    """The weight of a `Linear` as fp32 [out, in]: a view if it is fp32, else the scratch buffer."""
+def expanded_weight(layer, dtype: str = "fp32") -> np.ndarray:
+    """The weight of a `Linear` as [out, in] in `dtype`: fp32, or bf16 (rounded to nearest, as
+    uint16 bits). A view if it is stored so, else the scratch buffer."""
     weight = layer.weight
-    if layer.bits is None and weight.dtype == mx.float32:
+    stored = {mx.float32: "fp32", mx.bfloat16: "bf16"}.get(weight.dtype) if layer.bits is None else None
+    if stored == dtype:
         return as_numpy(weight)
     rows, cols = layer.output_dims, layer.input_dims
-    out = _scratch_matrix(rows, cols)
-    if layer.gguf_type is not None:
-        return expand_into(as_numpy(layer.weight), layer.gguf_type, out)
-    if layer.bits is None:
+    out = _scratch_matrix(rows, cols, np.float32 if dtype == "fp32" else np.uint16)
+    if stored == "bf16":  # to fp32: exact, a shift
         source = as_numpy(weight)
-        if weight.dtype == mx.bfloat16:
 
-            def fill(start, stop):
-                np.left_shift(source[start:stop], 16, out=out[start:stop].view(np.uint32), dtype=np.uint32)
-        else:
+        def fill(start, stop):
+            np.left_shift(source[start:stop], 16, out=out[start:stop].view(np.uint32), dtype=np.uint32)
 
-            def fill(start, stop):
-                np.copyto(out[start:stop], source[start:stop])
+        in_parallel(fill, rows)
+        return out
+    if layer.gguf_type is not None:
+        raw = as_numpy(weight)
+
+        def fp32_rows(first, last, target):
+            expand_rows(raw[first:last], layer.gguf_type, target)
+    elif layer.bits is None:
+        source = as_numpy(weight)
+
+        def fp32_rows(first, last, target):
+            np.copyto(target, source[first:last])
     else:
         packed, groups = as_numpy(weight), cols // layer.group_size
         scales = as_float32(layer.scales)[..., None]
         biases = as_float32(layer.biases)[..., None]
 
-        def fill(start, stop):
-            step = max(1, CACHED_VALUES // cols)
-            for first in range(start, stop, step):
-                last = min(first + step, stop)
-                codes = _codes(packed[first:last], layer.bits, cols).reshape(last - first, groups, -1)
-                grouped = out[first:last].reshape(last - first, groups, -1)
-                np.multiply(codes, scales[first:last], out=grouped)
-                np.add(grouped, biases[first:last], out=grouped)
+        def fp32_rows(first, last, target):
+            codes = _codes(packed[first:last], layer.bits, cols).reshape(last - first, groups, -1)
+            grouped = target.reshape(last - first, groups, -1)
+            np.multiply(codes, scales[first:last], out=grouped)
+            np.add(grouped, biases[first:last], out=grouped)
+
+    def fill(start, stop):
+        """A cache-sized block of rows at a time, expanded to fp32 and, for bf16, rounded while
+        still in the cache."""
+        step = max(1, CACHED_VALUES // cols)
+        block = np.empty((step, cols), np.float32) if dtype == "bf16" else None
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            if block is None:
+                fp32_rows(first, last, out[first:last])
+            else:
+                fp32_rows(first, last, block[: last - first])
+                round_to_bf16(block[: last - first], out[first:last])
 
     in_parallel(fill, rows)
     return out
 
 
 def linear(x: mx.array, layer) -> mx.array:
-    """x @ W^T + bias + the adapters' terms, in fp32, for a `Linear` on the CPU."""
+    """x @ W^T + bias + the adapters' terms for a `Linear` on the CPU: the product through the plan's
+    GEMM (bf16 GEMMs round x and W to bf16), the output, bias and adapters in fp32."""
     inputs = as_numpy(x.astype(mx.float32))
     flat = inputs.reshape(-1, inputs.shape[-1])
+    path = cpu_plan.active()
+    operand = as_bf16(flat) if path.dtype == "bf16" else flat
     with _lock:
-        y = flat @ expanded_weight(layer).T
+        y = gemm(path, operand, expanded_weight(layer, path.dtype).T)
     bias = as_float32(layer.bias) if "bias" in layer else None
     terms = [_adapter_term(flat, adapter) for adapter in layer.adapters]
     if bias is not None or terms:

@@ -45,8 +45,11 @@ def as_numpy(a: mx.array) -> np.ndarray:
 
 def as_float32(a: mx.array) -> np.ndarray:
     """`a` as fp32 NumPy (a view when it already is fp32)."""
-    if a.dtype == mx.bfloat16:  # a bf16 value is the upper half of the float32 of the same value
-        return np.left_shift(as_numpy(a), 16, dtype=np.uint32).view(np.float32)
+    if a.dtype == mx.bfloat16:
+        bits = as_numpy(a)
+        out = np.empty(bits.shape, np.float32)
+        widen_bf16(bits, out)
+        return out
     return as_numpy(a).astype(np.float32, copy=False)
 
 
@@ -54,3 +57,34 @@ def in_parallel(work, rows: int) -> list:
     """work(start, stop) over `rows` cut into one contiguous range per core; their results."""
     bounds = np.linspace(0, rows, min(THREADS, max(rows, 1)) + 1).astype(int)
     return list(_pool.map(work, bounds[:-1], bounds[1:]))
+
+
+def round_to_bf16(x: np.ndarray, out: np.ndarray) -> None:
+    """out (uint16 bf16 bits) = x (fp32) rounded to the nearest bf16, ties to even; one thread,
+    a cache-sized block at a time. x and out have the same shape and are C-contiguous."""
+    source, target = x.reshape(-1), out.reshape(-1)
+    carry = np.empty(min(source.size, CACHED_VALUES), np.uint32)
+    for start in range(0, source.size, CACHED_VALUES):
+        bits = source[start : start + CACHED_VALUES].view(np.uint32)
+        t = carry[: bits.size]
+        np.right_shift(bits, 16, out=t)  # the lowest kept bit decides the ties
+        t &= 1
+        t += 0x7FFF
+        t += bits
+        target[start : start + bits.size] = t.view(np.uint16)[1::2]  # little-endian: the upper half
+
+
+def as_bf16(x: np.ndarray) -> np.ndarray:
+    """x (fp32) rounded to bf16 bits (uint16) on all cores; uint16 input is taken as bf16 already."""
+    if x.dtype == np.uint16:
+        return x
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.shape, np.uint16)
+    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+    in_parallel(lambda start, stop: round_to_bf16(flat_in[start:stop], flat_out[start:stop]), x.size)
+    return out
+
+
+def widen_bf16(bits: np.ndarray, out: np.ndarray) -> None:
+    """out (fp32) = bits (uint16 bf16), exactly: a bf16 is the upper half of the same fp32."""
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)

@@ -1,0 +1,246 @@
+"""The CPU compute plan: which GEMM (library and input dtype) the CPU kernels use on this machine,
+chosen by timing every candidate once on the model's own GEMM shapes.
+
+No single choice wins everywhere: on 2 Zen 4 cores NumPy's OpenBLAS beats MKL and oneDNN's bf16
+GEMM doubles both; on an Intel Xeon without AMX, MKL's fp32 beats everything in bf16. So the
+candidates of `nn/gemm.py` are timed (under 10 s, once) and the rates are kept in
+`$XDG_CACHE_HOME/flux1/cpu_plan.json` (`~/.cache/flux1`), keyed by the CPU model, its bf16
+instructions, the core count and the libraries' versions; a file that does not match, or does not
+parse, is measured again with a warning, never trusted.
+
+The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
+(inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here.
+Only the GEMMs change: activations, norms, softmax sums and the sampler stay fp32. The default is
+`fp32`; `Flux1` sets the user's choice with `set_precision`, `use(...)` sets one for a block (also a
+GEMM path by name, for tests and benchmarks).
+"""
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
+from flux1.nn.numpy_cpu import as_bf16
+
+PRECISIONS = ("auto", "fp32", "bf16")
+FORMAT = 1
+# Rows x in @ in x out of a FLUX step at 512x512 (1024 image + 256 text tokens): attention and
+# modulation 3072 -> 3072, the MLP's 3072 -> 12288 and 12288 -> 3072.
+SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
+MEASURE_SECONDS = 6.0  # spread over the paths; a busy machine measures fewer shapes, never longer
+AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
+
+_precision = "fp32"
+_override: str | None = None
+_plan: list = []  # [Plan] once measured or read
+
+
+@dataclass
+class Plan:
+    key: dict
+    rates: dict[str, float]  # GFLOP/s per GEMM path name
+    measured: str  # when
+    seconds: float  # what measuring took (0 when read from the cache)
+
+    def best(self, dtype: str) -> str | None:
+        names = [name for name in self.rates if name.endswith(dtype)]
+        return max(names, key=self.rates.__getitem__) if names else None
+
+
+def cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "flux1" / "cpu_plan.json"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine_key(paths: dict[str, GemmPath]) -> dict:
+    """What the measured rates depend on: a plan measured under another key is stale."""
+    return {
+        "format": FORMAT,
+        "cpu": cpu_model(),
+        "bf16 instructions": sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags()),
+        "cores": os.cpu_count(),
+        "paths": {name: path.library for name, path in paths.items()},
+    }
+
+
+def measure(paths: dict[str, GemmPath]) -> dict[str, float]:
+    """GFLOP/s of each path over SHAPES, the weight as a transposed [out, in] matrix as Linear has
+    it. Each path gets an equal share of the MEASURE_SECONDS left when it starts (start-up included)
+    and stops before a shape that would overrun it at the rate seen so far, or after its first shape
+    if that is below half the best rate (it cannot win)."""
+    deadline = time.perf_counter() + MEASURE_SECONDS
+    rng = np.random.default_rng(0)
+    size = max(rows * inner for rows, inner, _ in SHAPES), max(inner * cols for _, inner, cols in SHAPES)
+    inputs = {"fp32": [rng.random(n, np.float32) for n in size]}  # uniform: quicker to draw
+    inputs["bf16"] = [as_bf16(x) for x in inputs["fp32"]]
+    out = np.empty(max(rows * cols for rows, _, cols in SHAPES), np.float32)
+    rates: dict[str, float] = {}
+    for index, (name, path) in enumerate(paths.items()):
+        started = time.perf_counter()
+        share = (deadline - started) / (len(paths) - index)
+        work = seconds = 0.0
+        for rows, inner, cols in SHAPES:
+            flops = 2.0 * rows * inner * cols
+            spent = time.perf_counter() - started
+            if work and spent + flops / (work / seconds) > share:
+                break
+            a = inputs[path.dtype][0][: rows * inner].reshape(rows, inner)
+            weight = inputs[path.dtype][1][: cols * inner].reshape(cols, inner)
+            product = out[: rows * cols].reshape(rows, cols)
+            if not work:
+                gemm(path, a[:256], weight.T, product[:256])  # first call: the library's start-up
+            start = time.perf_counter()
+            gemm(path, a, weight.T, product)
+            seconds += time.perf_counter() - start
+            work += flops
+            if work / seconds < 0.5e9 * max(rates.values(), default=0.0):
+                break
+        rates[name] = float(f"{work / seconds / 1e9:.4g}")
+    return rates
+
+
+def read(file: Path, key: dict) -> Plan | None:
+    """The plan in `file` if it is whole and was measured under `key`; None (with a warning saying
+    why) if it is corrupt or stale, None silently if there is none."""
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        warnings.warn(f"flux1: ignoring the CPU plan {file} ({error}); measuring again", stacklevel=3)
+        return None
+    rates = data.get("rates") if isinstance(data, dict) else None
+    if not (
+        isinstance(rates, dict)
+        and set(rates) == set(key["paths"])
+        and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in rates.values())
+        and isinstance(data.get("measured"), str)
+    ):
+        warnings.warn(f"flux1: ignoring the CPU plan {file} (not a plan); measuring again", stacklevel=3)
+        return None
+    if data.get("key") != key:
+        warnings.warn(
+            f"flux1: the CPU plan {file} was measured for another CPU or other libraries "
+            f"({data.get('key')}); measuring again",
+            stacklevel=3,
+        )
+        return None
+    return Plan(key, {k: float(v) for k, v in rates.items()}, data["measured"], 0.0)
+
+
+def write(file: Path, plan: Plan) -> None:
+    """Written to a temporary file in the same folder and renamed over `file`: a reader sees the old
+    plan or the new one, never half of one."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=".cpu_plan.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump({"key": plan.key, "rates": plan.rates, "measured": plan.measured}, out, indent=1)
+        os.replace(temporary, file)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def plan() -> Plan:
+    """This machine's plan: from the cache, or measured now (and cached)."""
+    if not _plan:
+        paths = available_paths()
+        key, file = machine_key(paths), cache_file()
+        found = read(file, key) if len(paths) > 1 else Plan(key, {n: 1.0 for n in paths}, "-", 0.0)
+        if found is None:
+            start = time.perf_counter()
+            rates = measure(paths)
+            measured = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            found = Plan(key, rates, measured, time.perf_counter() - start)
+            try:
+                write(file, found)
+            except OSError as error:
+                warnings.warn(f"flux1: could not cache the CPU plan in {file}: {error}", stacklevel=2)
+        _plan.append(found)
+    return _plan[0]
+
+
+def set_precision(precision: str) -> None:
+    """The GEMM precision of the CPU kernels from now on: auto, fp32 or bf16 (`--precision`)."""
+    global _precision
+    _check(precision, PRECISIONS)
+    _precision = precision
+
+
+@contextlib.contextmanager
+def use(choice: str):
+    """Inside the block the CPU kernels compute with `choice`: a precision (auto, fp32, bf16) or one
+    GEMM path by name (e.g. "numpy fp32", "onednn bf16")."""
+    global _override
+    _check(choice, PRECISIONS + tuple(available_paths()))
+    previous, _override = _override, choice
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def _check(choice: str, allowed: tuple) -> None:
+    if choice not in allowed:
+        raise ValueError(f"--precision {choice}: expected one of {', '.join(allowed)}")
+
+
+def active() -> GemmPath:
+    """The GEMM path the CPU kernels use now."""
+    choice = _override or _precision
+    paths = available_paths()
+    if choice in paths:
+        return paths[choice]
+    current = plan()
+    fp32, bf16 = current.best("fp32"), current.best("bf16")
+    if choice == "bf16":
+        require_bf16()
+        return paths[bf16]
+    if choice == "auto" and bf16 and current.rates[bf16] > AUTO_BF16_MARGIN * current.rates[fp32]:
+        return paths[bf16]
+    return paths[fp32]
+
+
+def require_bf16() -> None:
+    """Raises where no bf16 GEMM can run here (`--precision bf16` cannot be honoured)."""
+    if not any(path.dtype == "bf16" for path in available_paths().values()):
+        raise ValueError(
+            f"--precision bf16: this CPU ({cpu_model()}) has no bf16 GEMM (it needs AVX512-BF16 or AMX, "
+            "and oneDNN or MKL: pip install onednn-cpu-gomp); use --precision fp32 or auto"
+        )
+
+
+def describe() -> str:
+    """One line for the generation record and --verbose: the library, the GEMM dtype and its rate."""
+    from flux1 import backend
+
+    if not backend.numpy_kernels():
+        return f"MLX's own kernels on the {'CPU' if backend.on_cpu() else 'GPU'}"
+    path, current = active(), plan()
+    dtype = "bf16 inputs, fp32 sums" if path.dtype == "bf16" else "fp32"
+    rate = current.rates.get(path.name)
+    measured = f", {rate:.0f} GFLOP/s measured" if rate and current.measured != "-" else ""
+    return f"CPU GEMMs {dtype} through {path.library}{measured} on {cpu_model()}"

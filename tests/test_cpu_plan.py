@@ -1,0 +1,188 @@
+"""The GEMM paths of the CPU plan and the plan's cache.
+
+Bounds (normwise relative error, K up to 300): fp32 GEMMs against the float64 product: 1e-6 (fp32
+sums of K products, about sqrt(K) * 2^-24). bf16 GEMMs against the float64 product of the
+bf16-rounded inputs: 1e-6 too (proves bf16 inputs with fp32 sums, nothing rounded further); against
+fp32 NumPy: 4e-3 (each input rounded by up to 2^-9 relative, about 2^-9 * sqrt(2) on the product).
+"""
+
+import json
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tests.conftest import relative_error
+
+from flux1 import backend, cpu_plan
+from flux1.nn.gemm import available_paths, gemm
+from flux1.nn.numpy_cpu import as_bf16, as_float32
+
+PATHS = list(available_paths())
+BF16_PATHS = [name for name in PATHS if name.endswith("bf16")]
+
+
+def widened(bits: np.ndarray) -> np.ndarray:
+    return as_float32(mx.array(bits).view(mx.bfloat16))
+
+
+def test_bf16_rounding_is_mlx_round_to_nearest_even():
+    x = np.random.default_rng(0).standard_normal(10_001).astype(np.float32)
+    # exact ties (the dropped half is 0x8000) on both sides of an even and an odd kept bit
+    x[:4] = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF], np.uint32).view(np.float32)
+    x[4:7] = [np.inf, -np.inf, 0.0]
+    expected = np.array(mx.array(x).astype(mx.bfloat16).view(mx.uint16))
+    assert np.array_equal(as_bf16(x), expected)
+
+
+@pytest.mark.parametrize("name", PATHS)
+@pytest.mark.parametrize("m, k, n", [(37, 129, 53), (1, 300, 7), (65, 3, 1)])
+def test_gemm_path_equals_float64_product(name, m, k, n):
+    """Row-major and transposed operands, a row slice of a wider matrix (leading dimension > width),
+    and alpha; the output written into a slice of a wider buffer."""
+    path = available_paths()[name]
+    rng = np.random.default_rng(m)
+    a = rng.standard_normal((m, k + 5), np.float32)[:, :k]
+    w = rng.standard_normal((n, k), np.float32)
+    wide = np.full((m, n + 3), 7.0, np.float32)
+    for b in (w.T, np.ascontiguousarray(w.T)):
+        got = gemm(path, a, b, out=wide[:, :n], alpha=0.5)
+        assert np.all(wide[:, n:] == 7.0)  # nothing written outside the output
+        if path.dtype == "fp32":
+            assert relative_error(got, 0.5 * (a.astype(np.float64) @ b)) < 1e-6
+        else:
+            rounded = widened(as_bf16(a)).astype(np.float64) @ widened(as_bf16(b.T)).T
+            assert relative_error(got, 0.5 * rounded) < 1e-6
+            assert relative_error(got, 0.5 * (a @ b)) < 4e-3
+
+
+@pytest.fixture
+def fresh_plan(tmp_path, monkeypatch):
+    """An empty cache folder and no plan in memory; real measurements on small shapes (quick)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_plan, "_plan", [])
+    monkeypatch.setattr(cpu_plan, "SHAPES", ((96, 160, 128), (64, 96, 80)))
+    return tmp_path / "flux1" / "cpu_plan.json"
+
+
+def measured_again(file, edit=None) -> cpu_plan.Plan:
+    """The plan after `edit` changed the cached file (and the process forgot its plan)."""
+    if edit:
+        edit(file)
+    cpu_plan._plan.clear()
+    return cpu_plan.plan()
+
+
+def test_plan_is_measured_once_and_cached(fresh_plan):
+    first = cpu_plan.plan()
+    assert set(first.rates) == set(PATHS) and all(rate > 0 for rate in first.rates.values())
+    assert first.seconds > 0 and fresh_plan.is_file()
+    assert list(fresh_plan.parent.iterdir()) == [fresh_plan]  # no temporary file left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = measured_again(fresh_plan)
+    assert again.seconds == 0 and again.rates == first.rates  # read, not measured
+
+
+def edit_key(field, value):
+    def edit(file):
+        data = json.loads(file.read_text())
+        data["key"][field] = value
+        file.write_text(json.dumps(data))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        edit_key("cpu", "Intel(R) Xeon(R) Platinum 8488C"),
+        edit_key("paths", {name: "an older version" for name in PATHS}),
+        edit_key("cores", 64),
+    ],
+    ids=["other CPU", "other library versions", "other core count"],
+)
+def test_stale_plan_is_measured_again_with_a_warning(fresh_plan, edit):
+    cpu_plan.plan()
+    with pytest.warns(UserWarning, match="measured for another CPU or other libraries"):
+        again = measured_again(fresh_plan, edit)
+    assert again.seconds > 0
+    assert json.loads(fresh_plan.read_text())["key"] == cpu_plan.machine_key(available_paths())
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "Expecting property name"),
+        ('{"rates": {"numpy fp32": -1}}', "not a plan"),
+        ("[]", "not a plan"),
+    ],
+)
+def test_corrupt_plan_is_ignored_with_a_warning(fresh_plan, content, reason):
+    fresh_plan.parent.mkdir(parents=True)
+    fresh_plan.write_text(content)
+    with pytest.warns(UserWarning, match=f"ignoring the CPU plan {fresh_plan} .*{reason}"):
+        plan = cpu_plan.plan()
+    assert plan.seconds > 0 and json.loads(fresh_plan.read_text())["rates"] == plan.rates
+
+
+def test_plan_file_is_replaced_whole_or_not_at_all(fresh_plan, monkeypatch):
+    cpu_plan.plan()
+    before = fresh_plan.read_text()
+
+    def interrupted(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cpu_plan.os, "replace", interrupted)
+    with pytest.raises(OSError, match="disk full"):
+        cpu_plan.write(fresh_plan, cpu_plan.Plan({}, {"numpy fp32": 1.0}, "now", 1.0))
+    assert fresh_plan.read_text() == before
+    assert list(fresh_plan.parent.iterdir()) == [fresh_plan]
+
+
+def cached_rates(file, rates: dict) -> None:
+    """A plan for this machine with the given rates, as if it had measured them."""
+    cpu_plan.write(file, cpu_plan.Plan(cpu_plan.machine_key(available_paths()), rates, "then", 0.0))
+    cpu_plan._plan.clear()
+
+
+@pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")
+@pytest.mark.parametrize("bf16_speedup, picked", [(2.0, "bf16"), (1.05, "fp32"), (0.5, "fp32")])
+def test_auto_takes_bf16_only_where_it_measured_clearly_faster(fresh_plan, bf16_speedup, picked):
+    rates = {name: 100.0 + i for i, name in enumerate(PATHS) if name.endswith("fp32")}
+    fastest_fp32 = max(rates, key=rates.get)
+    rates |= {name: bf16_speedup * rates[fastest_fp32] - i for i, name in enumerate(BF16_PATHS)}
+    cached_rates(fresh_plan, rates)
+    with cpu_plan.use("auto"):
+        assert cpu_plan.active().name == (BF16_PATHS[0] if picked == "bf16" else fastest_fp32)
+    with cpu_plan.use("fp32"):
+        assert cpu_plan.active().name == fastest_fp32
+    with cpu_plan.use("bf16"):
+        assert cpu_plan.active().name == BF16_PATHS[0]
+        assert "bf16 inputs, fp32 sums" in cpu_plan.describe()
+        assert available_paths()[BF16_PATHS[0]].library in cpu_plan.describe()
+
+
+def test_precision_and_path_choices_are_checked():
+    with pytest.raises(ValueError, match=r"^--precision fp16: expected one of auto, fp32, bf16$"):
+        cpu_plan.set_precision("fp16")
+    with (
+        pytest.raises(ValueError, match="--precision fast: expected one of auto, fp32, bf16, numpy fp32"),
+        cpu_plan.use("fast"),
+    ):
+        pass
+    with cpu_plan.use("numpy fp32"):
+        assert cpu_plan.active().name == "numpy fp32"
+        assert "fp32 through NumPy" in cpu_plan.describe()
+
+
+def test_cpu_kernels_keep_fp32_activations_at_every_precision():
+    if not backend.numpy_kernels():
+        pytest.skip("the CPU kernels are not in use")
+    assert backend.compute_dtype(mx.bfloat16, "fp32") == mx.float32
+    assert backend.compute_dtype(mx.bfloat16, "auto") == mx.float32
+    if BF16_PATHS:
+        assert backend.compute_dtype(mx.bfloat16, "bf16") == mx.float32
+    else:
+        with pytest.raises(ValueError, match="--precision bf16: this CPU .* has no bf16 GEMM"):
+            backend.compute_dtype(mx.bfloat16, "bf16")
