@@ -1,0 +1,34 @@
+"""Generation modes. Each is a module that turns its inputs into a `Conditioning` for the one
+denoising loop (`Flux1.denoise`): KINDS (the model kinds it runs on), INPUTS (the images it takes),
+DEFAULT_STRENGTH (None: it takes no --image-strength), output_size(image) and prepare(...). A new mode
+is a new module listed in MODES."""
+
+from types import ModuleType
+
+from flux1.modes import fill, img2img, inpaint, kontext, text_to_image, true_cfg
+from flux1.modes.conditioning import Conditioning
+
+MODES = (text_to_image, img2img, inpaint, fill, kontext)
+FLAGS = {"image": "--image-path", "mask": "--mask-path"}
+
+
+def _describe(inputs: frozenset) -> str:
+    return " and ".join(FLAGS[name] for name in FLAGS if name in inputs) or "no image"
+
+
+def select(kind: str, inputs) -> ModuleType:
+    """The mode for a model kind and the inputs given; a clear error when the kind cannot use them."""
+    given = frozenset(name for name in FLAGS if getattr(inputs, name) is not None)
+    for mode in MODES:
+        if kind in mode.KINDS and given == mode.INPUTS:
+            if inputs.image_strength is not None and mode.DEFAULT_STRENGTH is None:
+                raise ValueError(f"--image-strength: FLUX.1-{kind} with {_describe(given)} does not use it")
+            return mode
+    accepted = " or ".join(_describe(mode.INPUTS) for mode in MODES if kind in mode.KINDS)
+    raise ValueError(f"FLUX.1-{kind} takes {accepted}; given {_describe(given)}")
+
+
+def prepare(flux, inputs, config, steps: int, max_length: int) -> Conditioning:
+    """What the mode of `inputs` adds to the loop (images encoded, the negative prompt encoded)."""
+    conditioning = select(flux.files.base_model, inputs).prepare(flux, inputs, config, steps)
+    return true_cfg.add_negative(flux, conditioning, inputs, max_length)
