@@ -62,11 +62,14 @@ def _input_file(name: str, image) -> dict:
     return {f"{name}_path": image and image.path, f"{name}_sha256": image and image.sha256}
 
 
-def check_recorded_inputs(record: dict, source: Path) -> None:
-    """-C: the record's input image and mask must be where it says, unchanged."""
+def check_recorded_inputs(record: dict, source: Path, given: set[str]) -> None:
+    """-C: the record's input image and mask must be where it says, unchanged (unless replaced by a
+    flag given explicitly)."""
     import hashlib
 
     for name, flag in (("image", "--image-path"), ("mask", "--mask-path")):
+        if f"{name}_path" in given:
+            continue
         path, digest = record.get(f"{name}_path"), record.get(f"{name}_sha256")
         if digest and not path:
             raise ValueError(f"-C {source}: the {name} was given in memory, not as a file: pass {flag}")

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from flux1.backend import PRECISIONS
-from flux1.configs import DEFAULT_GUIDANCE
+from flux1.configs import REPOS
 from flux1.model_files import ModelFilesError
 from flux1.quantize import BITS, GROUP_SIZES
 from flux1.weights.safetensors_io import WeightFileError
@@ -26,6 +26,11 @@ FROM_RECORD = {
     "quantize": "quantize",
     "max_sequence_length": "max_sequence_length",
     "gguf": "gguf",
+    "negative_prompt": "negative_prompt",
+    "true_cfg_scale": "true_cfg_scale",
+    "image_path": "image_path",
+    "mask_path": "mask_path",
+    "image_strength": "image_strength",
 }
 
 
@@ -42,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
         "--gguf", help="a GGUF transformer file (other components from --path, --model or the hub)"
     )
     source.add_argument(
-        "--base-model", choices=["schnell", "dev"], help="which model --path is, when it cannot tell"
+        "--base-model", choices=list(REPOS), help="which model --path is, when it cannot tell"
     )
     source.add_argument(
         "--quantize", "-q", type=int, choices=BITS, help="quantize transformer and text encoders to N bits"
@@ -72,6 +77,13 @@ def parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="what to draw")
     prompt.add_argument("--prompt-file", help="a text file with one prompt per line (one image each)")
     prompt.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 256 schnell, 512 dev)")
+    prompt.add_argument("--negative-prompt", help="what not to draw (needs --true-cfg-scale above 1)")
+    prompt.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=1.0,
+        help="true CFG scale; above 1 runs the negative prompt too",
+    )
     image = p.add_argument_group("image")
     image.add_argument("--seed", type=int, nargs="+", help="one image per seed (default: a random seed)")
     image.add_argument("--auto-seeds", type=int, help="N images with random seeds")
@@ -81,6 +93,13 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument("--guidance", type=float, help="guidance scale, dev only (default 3.5)")
     image.add_argument(
         "--latents", help="initial noise as .npy of shape (1, 16, H/8, W/8) instead of the seed's"
+    )
+    image.add_argument("--image-path", help="input image: img2img, inpainting, Fill, Kontext's reference")
+    image.add_argument(
+        "--mask-path", "--masked-image-path", help="inpainting mask, white = repaint (same size as the image)"
+    )
+    image.add_argument(
+        "--image-strength", type=float, help="how much of the input image is kept, 0 to 1 (default 0.4)"
     )
     out = p.add_argument_group("output")
     out.add_argument("--output", default="image.png", help="PNG path (default image.png; never overwritten)")
@@ -92,9 +111,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _apply_record(args: argparse.Namespace, given: set[str]) -> None:
-    from flux1.metadata import read_record
+    from flux1.metadata import check_recorded_inputs, read_record
 
     record = read_record(Path(args.config_from_metadata))
+    check_recorded_inputs(record, Path(args.config_from_metadata), given)
     for key, dest in FROM_RECORD.items():
         if dest not in given and record.get(key) is not None:
             value = record[key]
@@ -170,8 +190,9 @@ def run(argv: list[str]) -> int:
     if args.config_from_metadata:
         _apply_record(args, _given_flags(argv, p))
     from flux1 import backend
-    from flux1.generation import Config, check_lora_options
+    from flux1.generation import Config, ModeInputs, check_lora_options
     from flux1.latents import check_seed, load_noise
+    from flux1.modes import sized_for_image
     from flux1.pipeline import Flux1
 
     prompts, seeds = _prompts(args), _seeds(args)
@@ -181,14 +202,16 @@ def run(argv: list[str]) -> int:
         num_inference_steps=args.steps,
         height=1024 if args.height is None else args.height,
         width=1024 if args.width is None else args.width,
-        guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        guidance=args.guidance,
         max_sequence_length=args.max_sequence_length,
     )
     backend.compute_dtype(precision=args.precision)
     check_lora_options(args.lora_paths or [], args.lora_scales or [1.0] * len(args.lora_paths or []))
     output = Path(args.output)
     _check_writable(output)
-    noise = load_noise(Path(args.latents), config.height, config.width) if args.latents else None
+    inputs = ModeInputs(
+        args.negative_prompt, args.true_cfg_scale, args.image_path, args.mask_path, args.image_strength
+    )
     options = dict(
         quantize=args.quantize,
         group_size=args.group_size,
@@ -204,12 +227,14 @@ def run(argv: list[str]) -> int:
         files = resolve(path=args.path, base_model=args.base_model or args.model, gguf=args.gguf)
     else:
         files = resolve(model=args.model, base_model=args.base_model, gguf=args.gguf)
+    config = sized_for_image(config, files.base_model, inputs, args.height, args.width)
+    noise = load_noise(Path(args.latents), config.height, config.width) if args.latents else None
     flux = Flux1(files, **options)
     if args.guidance is not None and flux.files.base_model == "schnell":
         logging.getLogger("flux1").warning("--guidance is ignored: FLUX.1-schnell has no guidance input")
     for prompt, row in zip(prompts, output_paths(output, len(prompts), seeds)):
         for seed, path in zip(seeds, row):
-            result = flux.generate_image(seed, prompt, config, latents=noise)
+            result = flux.generate_image(seed, prompt, config, latents=noise, **vars(inputs))
             result.save(path, export_json=args.metadata)
             print(f"saved {path} (seed {seed}; {result.timings.line()})")
     return 0
