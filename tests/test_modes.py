@@ -207,3 +207,102 @@ def test_kontext_equals_flux_kontext_pipeline(tiny_kontext):
     )
     assert_equal(mine, theirs)
     assert_moved(mine, ours(tiny_kontext, noise, config, ModeInputs(image=picture(1))))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """An image, its mask, a mask of another size, a file that is no image."""
+    folder = tmp_path_factory.mktemp("inputs")
+    picture(0).save(folder / "image.png")
+    right_half_mask().save(folder / "mask.png")
+    Image.new("L", (WIDTH // 2, HEIGHT)).save(folder / "small_mask.png")
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+BAD_INPUT = [
+    (["--image-path", "{f}/missing.png"], "--image-path {f}/missing.png: file not found"),
+    (["--image-path", "{f}/notes.png"], "--image-path {f}/notes.png: not an image that Pillow can read"),
+    (
+        ["--image-path", "{f}/image.png", "--mask-path", "{f}/small_mask.png"],
+        "--mask-path {f}/small_mask.png: 40x48 pixels, but the image is 80x48",
+    ),
+    (["--mask-path", "{f}/mask.png"], "--mask-path needs --image-path"),
+    (["--image-path", "{f}/image.png", "--image-strength", "1.5"], "--image-strength 1.5: expected a finite"),
+    (["--true-cfg-scale", "nan"], "--true-cfg-scale nan: expected a finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_mode_input_is_refused_before_any_work(tiny_schnell, files, tmp_path, capsys, args, message):
+    from flux1.cli.generate import main
+
+    argv = ["--path", str(tiny_schnell), "--prompt", "x", "--output", str(tmp_path / "out.png")]
+    assert main(argv + [a.format(f=files) for a in args]) == 2
+    assert message.format(f=files) in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kind, args, message",
+    [
+        (
+            "fill",
+            ["--image-path", "{f}/image.png"],
+            "FLUX.1-fill takes --image-path and --mask-path; given --image-path",
+        ),
+        ("kontext", [], "FLUX.1-kontext takes --image-path; given no image"),
+        (
+            "kontext",
+            ["--image-path", "{f}/image.png", "--mask-path", "{f}/mask.png"],
+            "FLUX.1-kontext takes --image-path; given --image-path and --mask-path",
+        ),
+        (
+            "kontext",
+            ["--image-path", "{f}/image.png", "--image-strength", "0.5"],
+            "--image-strength: FLUX.1-kontext with --image-path does not use it",
+        ),
+    ],
+)
+def test_a_kind_refuses_inputs_it_cannot_use(request, files, tmp_path, capsys, kind, args, message):
+    from flux1.cli.generate import main
+
+    checkpoint = request.getfixturevalue(f"tiny_{kind}")
+    argv = ["--path", str(checkpoint), "--prompt", "x", "--output", str(tmp_path / "out.png")]
+    assert main(argv + [a.format(f=files) for a in args]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unused_negative_prompt_and_long_negative_prompt_warn(tiny_schnell, caplog):
+    flux = Flux1.from_path(tiny_schnell)
+    config = Config(num_inference_steps=1, height=16, width=16)
+    flux.generate_image(0, PROMPT, config, progress=False, negative_prompt="blurry")
+    assert any("--negative-prompt is unused" in r.message for r in caplog.records)
+    flux.generate_image(
+        0, PROMPT, config, progress=False, negative_prompt="golden light " * 60, true_cfg_scale=2
+    )
+    assert any("the negative prompt has" in r.message and "CLIP" in r.message for r in caplog.records)
+
+
+def test_kinds_from_the_files(tiny_fill, tiny_kontext):
+    from flux1.model_files import ModelFilesError, resolve
+
+    assert resolve(path=tiny_fill).base_model == "fill"
+    assert resolve(path=tiny_kontext).base_model == "kontext"
+    with pytest.raises(ModelFilesError, match="--base-model dev, but .* is a FLUX.1-kontext transformer"):
+        resolve(path=tiny_kontext, base_model="dev")
+
+
+def test_kontext_size_is_its_preferred_resolution_nearest_the_image():
+    from flux1.modes import kontext
+    from flux1.modes.images import open_input
+
+    assert kontext.output_size(open_input(Image.new("RGB", (1600, 900)), "--image-path", "RGB")) == (
+        752,
+        1392,
+    )
+    assert kontext.output_size(open_input(Image.new("RGB", (500, 500)), "--image-path", "RGB")) == (
+        1024,
+        1024,
+    )
