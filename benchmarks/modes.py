@@ -2,7 +2,7 @@
 of one denoising step with true CFG (both prompts as one batch of 2) over a plain step, and the
 denoising seconds of img2img at S = 0.5 (half the steps) over text to image.
 
-    python benchmarks/modes.py --preset wide --size 512 --steps 4 --repeats 3
+    python benchmarks/modes.py --preset wide --size 256 --steps 4 --repeats 2
 """
 
 import argparse
@@ -65,9 +65,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each row, interleaved")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each row, interleaved")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
     args = parser.parse_args()
     import torch
@@ -89,7 +89,8 @@ def main() -> None:
     )
     seconds = {(row, who): [] for row in ROWS for who in ("flux1", "diffusers")}
     steps = {}
-    for _ in range(args.repeats + 1):  # the first round warms up and is dropped
+    for round_ in range(args.repeats + 1):  # the first round warms up and is dropped
+        print(f"round {round_} of {args.repeats}", file=sys.stderr, flush=True)
         for row, options in ROWS.items():
             seconds[row, "flux1"].append(run_flux1(flux, config, image, noise, options)[0])
             took, steps[row] = run_diffusers(pipes, args.size, args.steps, image, noise, options)
