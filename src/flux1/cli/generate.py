@@ -39,7 +39,9 @@ def parser() -> argparse.ArgumentParser:
         prog="main.py", description="Generate images with FLUX.1 schnell or dev in MLX."
     )
     source = p.add_argument_group("model")
-    source.add_argument("--model", "-m", help="schnell or dev (from the Hugging Face hub), or a hub repo id")
+    source.add_argument(
+        "--model", "-m", help="schnell, dev, fill or kontext (from the Hugging Face hub), or a hub repo id"
+    )
     source.add_argument(
         "--path", help="a local diffusers folder, a folder saved by save.py, or a BFL .safetensors file"
     )
