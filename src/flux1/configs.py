@@ -2,12 +2,55 @@
 pipeline defaults (steps, sequence lengths, guidance) of the reference pipelines. Everything else derives
 from here: the loaders, the pipeline, and the fixture presets (`fixtures/presets.py`)."""
 
-REPOS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
+REPOS = {
+    "schnell": "black-forest-labs/FLUX.1-schnell",
+    "dev": "black-forest-labs/FLUX.1-dev",
+    "fill": "black-forest-labs/FLUX.1-Fill-dev",
+    "kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+}
 BASE_MODELS = tuple(REPOS)
-DEFAULT_STEPS = {"schnell": 4, "dev": 25}
+# Steps and guidance: diffusers' FluxPipeline (schnell, dev), FluxFillPipeline and FluxKontextPipeline.
+DEFAULT_STEPS = {"schnell": 4, "dev": 25, "fill": 50, "kontext": 28}
 DEFAULT_GUIDANCE = 3.5
+GUIDANCE = {"schnell": None, "dev": DEFAULT_GUIDANCE, "fill": 30.0, "kontext": 2.5}
 # T5 prompt length of the real pipelines; CLIP's window.
-MAX_SEQUENCE_LENGTH = {"schnell": 256, "dev": 512}
+MAX_SEQUENCE_LENGTH = {"schnell": 256, "dev": 512, "fill": 512, "kontext": 512}
+# model_index.json `_class_name` of each kind's hub repo.
+PIPELINE_CLASSES = {
+    "schnell": "FluxPipeline",
+    "dev": "FluxPipeline",
+    "fill": "FluxFillPipeline",
+    "kontext": "FluxKontextPipeline",
+}
+# What each kind's transformer/config.json changes from TRANSFORMER (the schnell config). Kontext is
+# the dev architecture; Fill's transformer reads 64 latent + 64 masked-image latent + 256 mask values per 2x2 patch.
+FILL_IN_CHANNELS = 384
+TRANSFORMER_CHANGES = {
+    "schnell": {},
+    "dev": {"guidance_embeds": True},
+    "fill": {"guidance_embeds": True, "in_channels": FILL_IN_CHANNELS, "out_channels": 64},
+    "kontext": {"guidance_embeds": True},
+}
+# Kontext's training resolutions (width, height), as diffusers' PREFERRED_KONTEXT_RESOLUTIONS.
+PREFERRED_KONTEXT_RESOLUTIONS = [
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+]
 CLIP_LENGTH = 77
 # RoPE axes of the real model (the real config may omit them), theta and the MLP ratio.
 AXES_DIMS_ROPE = (16, 56, 56)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flux1.configs import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEQUENCE_LENGTH
+from flux1.configs import DEFAULT_STEPS, GUIDANCE, MAX_SEQUENCE_LENGTH
+from flux1.modes.images import InputImage, open_input
 
 MAX_STEPS = 1000
 MAX_SIDE = 8192  # pixels; what fits in memory is checked apart (and FLUX.1 is trained up to 2 MP)
@@ -41,7 +42,7 @@ class Config:
     num_inference_steps: int | None = None  # 4 for schnell, 25 for dev
     height: int = 1024
     width: int = 1024
-    guidance: float = DEFAULT_GUIDANCE  # dev only
+    guidance: float | None = None  # None: the kind's default (3.5 dev, 30 Fill, 2.5 Kontext); not schnell
     max_sequence_length: int | None = None  # T5 tokens: 256 for schnell, 512 for dev
 
     def __post_init__(self):
@@ -52,16 +53,61 @@ class Config:
             _check_integer(
                 "--max-sequence-length", self.max_sequence_length, 1, max(MAX_SEQUENCE_LENGTH.values())
             )
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float):
-            raise ValueError(f"--guidance {self.guidance!r}: expected a number")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
-            raise ValueError(f"--guidance {self.guidance}: expected a finite number >= 0")
+        if self.guidance is not None:
+            _check_number("--guidance", self.guidance, 0.0, math.inf)
 
     def steps_for(self, base_model: str) -> int:
         return self.num_inference_steps or DEFAULT_STEPS[base_model]
 
     def max_length_for(self, base_model: str) -> int:
         return self.max_sequence_length or MAX_SEQUENCE_LENGTH[base_model]
+
+    def guidance_for(self, base_model: str) -> float | None:
+        """The guidance the transformer gets (None for schnell, which has no guidance input)."""
+        default = GUIDANCE[base_model]
+        return None if default is None else self.guidance if self.guidance is not None else default
+
+
+def _check_number(flag: str, value, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+        raise ValueError(f"{flag} {value!r}: expected a number")
+    if not (math.isfinite(value) and low <= value <= high):
+        bound = f">= {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
+        raise ValueError(f"{flag} {value}: expected a finite number {bound}")
+
+
+@dataclass
+class ModeInputs:
+    """What a generation starts from besides the prompt and the noise; images and masks are paths or
+    PIL images, read (and checked) when the ModeInputs is made, before any model loads."""
+
+    negative_prompt: str | None = None
+    true_cfg_scale: float = 1.0  # above 1 with a negative prompt: true classifier-free guidance
+    image: str | Path | InputImage | object | None = None
+    mask: str | Path | InputImage | object | None = None  # white = repaint
+    image_strength: float | None = None  # how much of the image is kept; None: the mode's default
+
+    def __post_init__(self):
+        _check_number("--true-cfg-scale", self.true_cfg_scale, 0.0, math.inf)
+        if self.image_strength is not None:
+            _check_number("--image-strength", self.image_strength, 0.0, 1.0)
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"--negative-prompt {self.negative_prompt!r}: expected text")
+        if self.mask is not None and self.image is None:
+            raise ValueError("--mask-path needs --image-path (the image to repaint)")
+        if self.image is not None and not isinstance(self.image, InputImage):
+            self.image = open_input(self.image, "--image-path", "RGB")
+        if self.mask is not None and not isinstance(self.mask, InputImage):
+            self.mask = open_input(self.mask, "--mask-path", "L")
+        if self.mask is not None and self.mask.size != self.image.size:
+            raise ValueError(
+                f"--mask-path {self.mask.path or 'mask'}: {self.mask.size[1]}x{self.mask.size[0]} pixels, "
+                f"but the image is {self.image.size[1]}x{self.image.size[0]}: the mask must cover the "
+                "image pixel for pixel (both are then fitted to the output size alike)"
+            )
+
+    def strength(self, default: float) -> float:
+        return default if self.image_strength is None else float(self.image_strength)
 
 
 def check_lora_options(paths: list[str], scales: list[float]) -> None:

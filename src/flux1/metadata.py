@@ -17,13 +17,16 @@ TEXT_KEY = "flux1"
 
 
 def generation_record(
-    flux, seed: int, prompt: str, config, steps: int, max_length: int, seconds: float
+    flux, seed: int, prompt: str, config, steps: int, max_length: int, seconds: float, inputs=None
 ) -> dict:
     """Everything that made the image, as stored in the PNG and read back by -C."""
     import flux1
-    from flux1 import cpu_plan
+    from flux1 import cpu_plan, modes
+    from flux1.generation import ModeInputs
 
     files = flux.files
+    inputs = inputs or ModeInputs()
+    mode = modes.select(files.base_model, inputs)
     return {
         "prompt": prompt,
         "model": files.name,
@@ -31,10 +34,15 @@ def generation_record(
         "base_model": files.base_model,
         "seed": seed,
         "steps": steps,
-        "guidance": config.guidance if files.base_model == "dev" else None,
+        "guidance": config.guidance_for(files.base_model),
         "height": config.height,
         "width": config.width,
         "max_sequence_length": max_length,
+        "negative_prompt": inputs.negative_prompt,
+        "true_cfg_scale": inputs.true_cfg_scale,
+        **_input_file("image", inputs.image),
+        **_input_file("mask", inputs.mask),
+        "image_strength": None if mode.DEFAULT_STRENGTH is None else inputs.strength(mode.DEFAULT_STRENGTH),
         "precision": flux.precision,
         "activations": str(flux.compute_dtype("transformer")).removeprefix("mlx.core."),
         "compute": cpu_plan.describe(),
@@ -50,6 +58,32 @@ def generation_record(
     }
 
 
+def _input_file(name: str, image) -> dict:
+    """`<name>_path` (None for an image given in memory) and `<name>_sha256` (of the file)."""
+    return {f"{name}_path": image and image.path, f"{name}_sha256": image and image.sha256}
+
+
+def check_recorded_inputs(record: dict, source: Path, given: set[str]) -> None:
+    """-C: the record's input image and mask must be where it says, unchanged (unless replaced by a
+    flag given explicitly)."""
+    import hashlib
+
+    for name, flag in (("image", "--image-path"), ("mask", "--mask-path")):
+        if f"{name}_path" in given:
+            continue
+        path, digest = record.get(f"{name}_path"), record.get(f"{name}_sha256")
+        if digest and not path:
+            raise ValueError(f"-C {source}: the {name} was given in memory, not as a file: pass {flag}")
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise ValueError(f"-C {source}: its {name} {path} is not there (pass {flag} to use another)")
+        if hashlib.sha256(Path(path).read_bytes()).hexdigest() != digest:
+            raise ValueError(
+                f"-C {source}: its {name} {path} changed since (SHA-256 differs; pass {flag} to use it anyway)"
+            )
+
+
 def a1111_parameters(record: dict) -> str:
     fields = [
         ("Steps", record["steps"]),
@@ -60,12 +94,17 @@ def a1111_parameters(record: dict) -> str:
     ]
     if record.get("guidance") is not None:
         fields.insert(2, ("Distilled CFG Scale", record["guidance"]))
+    if record.get("negative_prompt") is not None and (record.get("true_cfg_scale") or 1) > 1:
+        fields.insert(2, ("CFG scale", record["true_cfg_scale"]))
+    if record.get("image_strength") is not None:
+        fields.append(("Denoising strength", round(1 - record["image_strength"], 4)))
     if record.get("quantize"):
         fields.append(("Quantization", f"{record['quantize']}-bit"))
     for lora in record.get("loras") or []:
         fields.append(("Lora", f"{lora['name']}:{lora['scale']}"))
     fields.append(("Version", f"flux1 {record['version']}"))
-    return record["prompt"] + "\n" + ", ".join(f"{k}: {v}" for k, v in fields)
+    negative = f"\nNegative prompt: {record['negative_prompt']}" if record.get("negative_prompt") else ""
+    return record["prompt"] + negative + "\n" + ", ".join(f"{k}: {v}" for k, v in fields)
 
 
 def write_png(pixels: np.ndarray, path: Path, record: dict) -> None:

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flux1.configs import REPOS
+from flux1.configs import FILL_IN_CHANNELS, PIPELINE_CLASSES, REPOS
 
 COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 # The diffusers layout only: the repos also hold the BFL single files (another 34 GB).
@@ -21,7 +21,7 @@ class ModelFiles:
     root: Path  # scheduler/, text_encoder(_2)/, tokenizer(_2)/ live here
     transformer: Path  # a transformer/ folder or a single .safetensors file
     vae: Path  # a vae/ folder or a BFL ae.safetensors
-    base_model: str  # "schnell" or "dev"
+    base_model: str  # the kind: "schnell", "dev", "fill" or "kontext"
     name: str  # what the user named: an alias, a repo id or a path
 
     @property
@@ -98,11 +98,36 @@ def _check_folder(root: Path, components=COMPONENTS) -> None:
         )
 
 
-def _base_of(transformer_config: dict, given: str | None, source: Path) -> str:
-    inferred = "dev" if transformer_config.get("guidance_embeds") else "schnell"
+def _kind_of(
+    transformer_config: dict, given: str | None, source: Path, pipeline_class: str | None = None
+) -> str:
+    """The model kind from the transformer's config (Fill reads 384 input channels, schnell has no
+    guidance embedding) and, for a folder, model_index.json's pipeline class (Kontext has the dev
+    architecture: only its class, or --base-model for a single file, tells it apart)."""
+    if transformer_config.get("in_channels", 64) == FILL_IN_CHANNELS:
+        inferred = "fill"
+    elif not transformer_config.get("guidance_embeds"):
+        inferred = "schnell"
+    elif pipeline_class == PIPELINE_CLASSES["kontext"] or (pipeline_class is None and given == "kontext"):
+        inferred = "kontext"
+    else:
+        inferred = "dev"
+    if pipeline_class is not None and pipeline_class != PIPELINE_CLASSES[inferred]:
+        raise ModelFilesError(
+            f"{source}: model_index.json names {pipeline_class}, but the transformer is a FLUX.1-{inferred} "
+            f"transformer (in_channels {transformer_config.get('in_channels', 64)})"
+        )
     if given and given != inferred:
         raise ModelFilesError(f"--base-model {given}, but {source} is a FLUX.1-{inferred} transformer")
     return inferred
+
+
+def _single_file_config(names_and_shapes: dict) -> dict:
+    img_in = next((shape for name, shape in names_and_shapes.items() if name.endswith("img_in.weight")), None)
+    return {
+        "guidance_embeds": any(n.endswith("guidance_in.in_layer.weight") for n in names_and_shapes),
+        "in_channels": img_in[1] if img_in else 64,
+    }
 
 
 def resolve(
@@ -119,7 +144,7 @@ def resolve(
     for flag, value in (("--model", model), ("--base-model", base_model)):
         if value is not None and value not in REPOS and (flag == "--base-model" or "/" not in value):
             raise ModelFilesError(
-                f"unknown {flag} '{value}': expected schnell or dev"
+                f"unknown {flag} '{value}': expected {', '.join(REPOS)}"
                 + (" (or a Hugging Face repo id)" if flag == "--model" else "")
             )
     if path is None:
@@ -145,7 +170,13 @@ def _folder(root: Path, base_model: str | None, name: str) -> ModelFiles:
     config_file = root / "transformer" / "config.json"
     if not config_file.is_file():
         raise ModelFilesError(f"{config_file}: file not found")
-    base = _base_of(json.loads(config_file.read_text()), base_model, root / "transformer")
+    pipeline_class = json.loads((root / "model_index.json").read_text()).get("_class_name")
+    if pipeline_class not in PIPELINE_CLASSES.values():
+        raise ModelFilesError(
+            f"{root / 'model_index.json'}: _class_name {pipeline_class!r}, expected one of "
+            f"{', '.join(sorted(set(PIPELINE_CLASSES.values())))}"
+        )
+    base = _kind_of(json.loads(config_file.read_text()), base_model, root / "transformer", pipeline_class)
     return ModelFiles(root, root / "transformer", root / "vae", base, name)
 
 
@@ -155,8 +186,8 @@ def _single_file(file: Path, base_model: str | None) -> ModelFiles:
     from flux1.weights.safetensors_io import read_header
 
     header, _ = read_header(file)
-    inferred = "dev" if any(n.endswith("guidance_in.in_layer.weight") for n in header) else "schnell"
-    base = _base_of({"guidance_embeds": inferred == "dev"}, base_model, file)
+    shapes = {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+    base = _kind_of(_single_file_config(shapes), base_model, file)
     root = download(REPOS[base])
     ae = file.parent / "ae.safetensors"
     return ModelFiles(root, file, ae if ae.is_file() else root / "vae", base, str(file))
@@ -168,11 +199,11 @@ def _with_gguf(file: Path, model: str | None, path: str | Path | None, base_mode
     if not file.is_file():
         raise ModelFilesError(f"--gguf {file}: file not found")
     try:
-        names = [t.name for t in GGUFReader(file).tensors]
+        # GGUF stores shapes innermost first
+        shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in GGUFReader(file).tensors}
     except Exception as e:
         raise ModelFilesError(f"--gguf {file}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    inferred = "dev" if any(n.endswith("guidance_in.in_layer.weight") for n in names) else "schnell"
-    _base_of({"guidance_embeds": inferred == "dev"}, base_model, file)
+    inferred = _kind_of(_single_file_config(shapes), base_model, file)
     others = resolve(model=model or (None if path else inferred), path=path, base_model=base_model)
     if others.base_model != inferred:
         raise ModelFilesError(

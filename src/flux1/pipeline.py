@@ -13,17 +13,18 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from flux1 import backend, cpu_plan, latents, metadata
+from flux1 import backend, cpu_plan, latents, metadata, modes
 from flux1.configs import CLIP_LENGTH
 from flux1.distributed.agreement import agree_on_model
 from flux1.distributed.tensor_parallel import shard_transformer
-from flux1.generation import Config, check_fits, check_lora_options
+from flux1.generation import Config, ModeInputs, check_fits, check_lora_options
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
 from flux1.loaders.transformer import load_transformer
 from flux1.loaders.vae import load_vae
 from flux1.lora.apply import LoraReport, apply_file, check_lora_file, file_digest
 from flux1.model_files import ModelFiles, resolve
+from flux1.modes.conditioning import Conditioning, noised
 from flux1.quantize import check_quantization, quantize_linears
 from flux1.sampler import euler_step, sigmas
 from flux1.tokenizers import PromptTokenizer
@@ -266,13 +267,15 @@ class Flux1:
         return self._tokenizers[key]
 
     @_at_own_precision
-    def encode_prompt(self, prompt: str, max_sequence_length: int) -> tuple[mx.array, mx.array]:
+    def encode_prompt(
+        self, prompt: str, max_sequence_length: int, what: str = "prompt"
+    ) -> tuple[mx.array, mx.array]:
         """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), each in its network's dtype."""
         clip, t5 = self._tokenizer("clip", CLIP_LENGTH), self._tokenizer("t5", max_sequence_length)
         clip_tokens, t5_tokens = clip(prompt), t5(prompt)
         for tokenizer, tokens in ((clip, clip_tokens), (t5, t5_tokens)):
             if tokens.truncated:
-                log.warning("%s", tokenizer.describe_truncation(tokens))
+                log.warning("%s", tokenizer.describe_truncation(tokens, what))
         pooled = self.load("clip")(mx.array(clip_tokens.ids), self.compute_dtype("clip"))
         mx.eval(pooled)
         self._done_with("clip")
@@ -291,23 +294,42 @@ class Flux1:
         steps: int,
         progress: bool = True,
         on_step: Callable[[Step], None] | None = None,
+        conditioning: Conditioning | None = None,
     ) -> mx.array:
-        """Packed latents after the Euler steps, from initial noise [1, 16, H/8, W/8]; `on_step` is
-        called after each step (progress, previews, timing, cancelling by raising)."""
+        """Packed latents after the Euler steps, from initial noise [1, 16, H/8, W/8], with what a
+        mode adds (`conditioning`); `on_step` is called after each step (progress, previews, timing,
+        cancelling by raising)."""
+        mode = conditioning or Conditioning()
         transformer = self.load("transformer")
         dtype = self.compute_dtype("transformer")
-        x = latents.pack(noise.astype(mx.float32))
-        img_ids = latents.image_ids(config.height, config.width)
+        noise = latents.pack(noise.astype(mx.float32))
+        image_tokens = noise.shape[1]
+        schedule = sigmas(steps, image_tokens, self.files.scheduler_config())[mode.start_step :]
+        x = noise if mode.image_latents is None else noised(mode.image_latents, noise, schedule[0])
+        ids = latents.image_ids(config.height, config.width)
+        if mode.tokens is not None:
+            ids = mx.concatenate([ids, mode.token_ids], axis=1)
+        if mode.negative is not None:  # both prompts in one batch of 2: [positive, negative]
+            hidden = mx.concatenate([hidden, mode.negative[0]], axis=0)
+            pooled = mx.concatenate([pooled, mode.negative[1]], axis=0)
         txt_ids = mx.zeros((1, hidden.shape[1], 3))
-        schedule = sigmas(steps, x.shape[1], self.files.scheduler_config())
-        guidance = mx.array([config.guidance], mx.float32) if transformer.guidance_embeds else None
+        guidance_scale = config.guidance_for(self.files.base_model)
+        guidance = mx.array([guidance_scale], mx.float32) if transformer.guidance_embeds else None
         pairs = list(zip(schedule[:-1], schedule[1:]))
         for index, (sigma, sigma_next) in enumerate(tqdm(pairs, disable=not progress, unit="step"), 1):
             start = time.perf_counter()
             # diffusers passes (sigma * 1000) / 1000 in float32; the same rounding keeps us bit-close.
             t = mx.array(np.array([sigma * np.float32(1000)], np.float32) / np.float32(1000))
-            v = transformer(x.astype(dtype), img_ids, hidden, txt_ids, t, pooled, guidance)
+            v = transformer(
+                mode.model_input(x, hidden.shape[0], dtype), ids, hidden, txt_ids, t, pooled, guidance
+            )
+            v = v[:, :image_tokens].astype(mx.float32)  # Kontext: the reference tokens' output is unused
+            if mode.negative is not None:
+                v = v[1:] + mode.true_cfg_scale * (v[:1] - v[1:])
             x = euler_step(x, v, sigma, sigma_next)
+            if mode.blend_mask is not None:
+                keep = noised(mode.image_latents, noise, sigma_next)
+                x = (1 - mode.blend_mask) * keep + mode.blend_mask * x
             mx.eval(x)
             if on_step is not None:
                 step = Step(
@@ -337,9 +359,13 @@ class Flux1:
         noise: mx.array | None = None,
         progress: bool = True,
         on_step: Callable[[Step], None] | None = None,
+        inputs: ModeInputs | None = None,
     ) -> tuple[np.ndarray, dict, Timings]:
-        """The float image [H, W, 3] in [0, 1] (before 8-bit rounding), its record and timings."""
+        """The float image [H, W, 3] in [0, 1] (before 8-bit rounding), its record and timings;
+        `inputs` selects the mode (negative prompt, img2img, inpainting, Fill, Kontext)."""
         latents.check_seed(seed)
+        inputs = inputs or ModeInputs()
+        modes.select(self.files.base_model, inputs)  # refuses inputs this kind cannot use, before any work
         steps = config.steps_for(self.files.base_model)
         max_length = config.max_length_for(self.files.base_model)
         check_fits(config, max_length)
@@ -357,14 +383,23 @@ class Flux1:
             if on_step is not None:
                 on_step(step)
 
-        hidden, pooled = timed("encode", lambda: self.encode_prompt(prompt, max_length))
+        def encode():
+            conditioning = modes.prepare(self, inputs, config, steps, max_length)
+            self._done_with("vae")
+            return self.encode_prompt(prompt, max_length), conditioning
+
+        (hidden, pooled), conditioning = timed("encode", encode)
+        timings.steps = steps - conditioning.start_step
         noise = latents.noise(seed, config.height, config.width) if noise is None else noise
         packed = timed(
-            "denoise", lambda: self.denoise(noise, hidden, pooled, config, steps, progress, step_done)
+            "denoise",
+            lambda: self.denoise(noise, hidden, pooled, config, steps, progress, step_done, conditioning),
         )
         image = timed("decode", lambda: self.decode(packed, config))
         timings.load = self.load_seconds - loaded_before
-        record = metadata.generation_record(self, seed, prompt, config, steps, max_length, timings.total)
+        record = metadata.generation_record(
+            self, seed, prompt, config, steps, max_length, timings.total, inputs
+        )
         return image, record, timings
 
     def generate_image(
@@ -375,10 +410,14 @@ class Flux1:
         latents: mx.array | None = None,
         progress: bool = True,
         on_step: Callable[[Step], None] | None = None,
+        **mode_inputs,
     ) -> GeneratedImage:
-        """One image; `latents` injects the initial noise [1, 16, H/8, W/8] instead of the seed's."""
+        """One image; `latents` injects the initial noise [1, 16, H/8, W/8] instead of the seed's.
+        `mode_inputs` are ModeInputs' fields: negative_prompt, true_cfg_scale, image, image_strength
+        and mask (images as paths or PIL images)."""
+        inputs = ModeInputs(**mode_inputs)
         image, record, timings = self.generate_array(
-            seed, prompt, config or Config(), latents, progress, on_step
+            seed, prompt, config or Config(), latents, progress, on_step, inputs
         )
         # As diffusers' image processor: scale to 0..255, round half to even, 8 bits.
         return GeneratedImage((image * 255).round().astype(np.uint8), record, timings)

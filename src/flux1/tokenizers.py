@@ -44,8 +44,8 @@ class PromptTokenizer:
         token_count = len(self.tokenizer(prompt, truncation=False).input_ids)
         return TokenizedPrompt(np.array([ids], dtype=np.int32), token_count, self.max_length)
 
-    def describe_truncation(self, tokenized: TokenizedPrompt) -> str:
+    def describe_truncation(self, tokenized: TokenizedPrompt, what: str = "prompt") -> str:
         return (
-            f"the prompt has {tokenized.token_count} {self.kind.upper()} tokens; "
+            f"the {what} has {tokenized.token_count} {self.kind.upper()} tokens; "
             f"only the first {tokenized.max_length} are used"
         )

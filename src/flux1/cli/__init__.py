@@ -21,7 +21,9 @@ def run_program(run, argv: list[str] | None) -> int:
 
 def add_model_source(group) -> None:
     """--model, --path, --gguf and --base-model, as every program that loads FLUX.1 takes them."""
-    group.add_argument("--model", "-m", help="schnell or dev (from the Hugging Face hub), or a hub repo id")
+    group.add_argument(
+        "--model", "-m", help="schnell, dev, fill or kontext (from the Hugging Face hub), or a hub repo id"
+    )
     group.add_argument(
         "--path", help="a local diffusers folder, a folder saved by save.py, or a BFL .safetensors file"
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flux1.backend import PRECISIONS
 from flux1.cli import add_model_source, run_program
-from flux1.configs import DEFAULT_GUIDANCE, MAX_SEQUENCE_LENGTH
+from flux1.configs import MAX_SEQUENCE_LENGTH
 from flux1.quantize import BITS, GROUP_SIZES
 
 # Flags that -C fills from a record (record key -> flag dest); an explicitly given flag wins.
@@ -28,6 +28,11 @@ FROM_RECORD = {
     "group_size": "group_size",
     "max_sequence_length": "max_sequence_length",
     "gguf": "gguf",
+    "negative_prompt": "negative_prompt",
+    "true_cfg_scale": "true_cfg_scale",
+    "image_path": "image_path",
+    "mask_path": "mask_path",
+    "image_strength": "image_strength",
 }
 
 
@@ -70,6 +75,13 @@ def parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="what to draw")
     prompt.add_argument("--prompt-file", help="a text file with one prompt per line (one image each)")
     prompt.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 256 schnell, 512 dev)")
+    prompt.add_argument("--negative-prompt", help="what not to draw (needs --true-cfg-scale above 1)")
+    prompt.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=1.0,
+        help="true CFG scale; above 1 runs the negative prompt too",
+    )
     image = p.add_argument_group("image")
     image.add_argument("--seed", type=int, nargs="+", help="one image per seed (default: a random seed)")
     image.add_argument("--auto-seeds", type=int, help="N images with random seeds")
@@ -79,6 +91,13 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument("--guidance", type=float, help="guidance scale, dev only (default 3.5)")
     image.add_argument(
         "--latents", help="initial noise as .npy of shape (1, 16, H/8, W/8) instead of the seed's"
+    )
+    image.add_argument("--image-path", help="input image: img2img, inpainting, Fill, Kontext's reference")
+    image.add_argument(
+        "--mask-path", "--masked-image-path", help="inpainting mask, white = repaint (same size as the image)"
+    )
+    image.add_argument(
+        "--image-strength", type=float, help="how much of the input image is kept, 0 to 1 (default 0.4)"
     )
     out = p.add_argument_group("output")
     out.add_argument("--output", default="image.png", help="PNG path (default image.png; never overwritten)")
@@ -91,13 +110,14 @@ def parser() -> argparse.ArgumentParser:
 
 def _apply_record(args: argparse.Namespace, given: set[str]) -> None:
     """Every setting that determined the pixels, from the record, unless given as a flag. What cannot
-    be reproduced (a LoRA or latents file that is gone or changed) is refused, naming it."""
+    be reproduced (a LoRA, latents, image or mask file that is gone or changed) is refused, naming it."""
     from flux1.lora.apply import file_digest
-    from flux1.metadata import read_record
+    from flux1.metadata import check_recorded_inputs, read_record
 
     source = args.config_from_metadata
     record = read_record(Path(source))
     _check_record_types(record, source)
+    check_recorded_inputs(record, Path(source), given)
     for key, dest in FROM_RECORD.items():
         if dest not in given and record.get(key) is not None:
             value = record[key]
@@ -147,6 +167,13 @@ _RECORD_TYPES = {  # the type each record value must have (None: absent), and it
     "max_sequence_length": _WHOLE,
     "gguf": _TEXT,
     "precision": _TEXT,
+    "negative_prompt": _TEXT,
+    "true_cfg_scale": _NUMBER,
+    "image_path": _TEXT,
+    "image_sha256": _TEXT,
+    "mask_path": _TEXT,
+    "mask_sha256": _TEXT,
+    "image_strength": _NUMBER,
     "loras": (list, "a list"),
     "latents": (dict, "a file entry"),
 }
@@ -263,9 +290,10 @@ def run(argv: list[str]) -> int:
     from flux1.distributed.agreement import agree
     from flux1.distributed.ranks import world
     from flux1.distributed.work import run_work
-    from flux1.generation import Config, check_fits, check_lora_options
+    from flux1.generation import Config, ModeInputs, check_fits, check_lora_options
     from flux1.latents import check_seed, load_noise
     from flux1.lora.apply import file_digest
+    from flux1.modes import sized_for_image
     from flux1.pipeline import Flux1
 
     prompts, seeds = _prompts(args), _seeds(args)
@@ -275,7 +303,7 @@ def run(argv: list[str]) -> int:
         num_inference_steps=args.steps,
         height=1024 if args.height is None else args.height,
         width=1024 if args.width is None else args.width,
-        guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        guidance=args.guidance,
         max_sequence_length=args.max_sequence_length,
     )
     check_fits(config, config.max_sequence_length or max(MAX_SEQUENCE_LENGTH.values()))
@@ -283,9 +311,9 @@ def run(argv: list[str]) -> int:
     check_lora_options(args.lora_paths or [], args.lora_scales or [1.0] * len(args.lora_paths or []))
     output = output_file(args.output)
     _check_writable(output)
-    noise = load_noise(Path(args.latents), config.height, config.width) if args.latents else None
-    if noise is not None:
-        latents_record = {"path": str(Path(args.latents).resolve()), "sha256": file_digest(args.latents)}
+    inputs = ModeInputs(
+        args.negative_prompt, args.true_cfg_scale, args.image_path, args.mask_path, args.image_strength
+    )
     options = dict(
         quantize=args.quantize,
         group_size=args.group_size,
@@ -301,6 +329,10 @@ def run(argv: list[str]) -> int:
         files = resolve(path=args.path, base_model=args.base_model or args.model, gguf=args.gguf)
     else:
         files = resolve(model=args.model, base_model=args.base_model, gguf=args.gguf)
+    config = sized_for_image(config, files.base_model, inputs, args.height, args.width)
+    noise = load_noise(Path(args.latents), config.height, config.width) if args.latents else None
+    if noise is not None:
+        latents_record = {"path": str(Path(args.latents).resolve()), "sha256": file_digest(args.latents)}
     group = world() if world().size() > 1 else None  # under mlx.launch: several ranks
     if group is None and args.tensor_parallel:
         logging.getLogger("flux1").warning(
@@ -317,7 +349,7 @@ def run(argv: list[str]) -> int:
         return [(p, s, str(path)) for p, row in zip(prompts, paths) for s, path in zip(seeds, row)]
 
     def generate(prompt: str, seed: int, path: str, keep: bool) -> None:
-        result = flux.generate_image(seed, prompt, config, latents=noise)
+        result = flux.generate_image(seed, prompt, config, latents=noise, **vars(inputs))
         if noise is not None:
             result.record["latents"] = latents_record
         if keep:

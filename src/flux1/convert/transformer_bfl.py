@@ -42,6 +42,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: Path) -> dict:
         "axes_dims_rope": [d * head_dim // 128 for d in AXES_DIMS_ROPE],
         "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
         "in_channels": in_channels,
+        "out_channels": shapes.get("final_layer.linear.weight", (in_channels,))[0],
         "joint_attention_dim": joint_dim,
         "num_attention_heads": dim // head_dim,
         "num_layers": depth[0],

@@ -1,0 +1,311 @@
+"""Each generation mode equals its diffusers pipeline on the same tiny weights, the same injected noise
+and the VAE posterior's mean: true CFG (FluxPipeline), img2img, inpainting, Fill and Kontext."""
+
+import importlib
+from contextlib import contextmanager
+from unittest import mock
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tests.conftest import relative_error
+
+from flux1 import Config, Flux1, latents
+from flux1.fixtures.build import build_checkpoint
+from flux1.generation import ModeInputs
+
+# fp32 on both sides; differences are summation order only (measured errors in the README table).
+LATENT_TOLERANCE = 1e-4
+PIXEL_TOLERANCE = 1 / 255
+HEIGHT, WIDTH = 48, 80  # non-square: 3 x 5 image tokens
+PROMPT = "A cat holding a sign that says hello world"
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def tiny_fill(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-fill"), "tiny", "fill", "float32", seed=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_kontext(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-kontext"), "tiny", "kontext", "float32", seed=3)
+
+
+def picture(seed: int) -> Image.Image:
+    """A smooth random RGB image (noise would make every mode look alike to a random VAE)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR)
+
+
+def right_half_mask() -> Image.Image:
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[:, WIDTH // 2 :] = 255
+    return Image.fromarray(mask)
+
+
+@contextmanager
+def injected(module_name: str, noise: mx.array):
+    """diffusers' pipeline module with our noise for randn_tensor and the posterior's mean for the VAE."""
+    module = importlib.import_module(f"diffusers.pipelines.flux.{module_name}")
+    original = getattr(module, "retrieve_latents", None)  # text-only pipelines encode no image
+
+    def mean(encoder_output, generator=None, sample_mode="sample"):
+        return original(encoder_output, generator, sample_mode="argmax")
+
+    def randn(shape, **_):
+        assert tuple(shape) == tuple(noise.shape)
+        return torch.from_numpy(np.array(noise))
+
+    with (
+        mock.patch.object(module, "randn_tensor", randn),
+        mock.patch.object(module, "retrieve_latents", mean, create=original is None),
+    ):
+        yield
+
+
+def reference(pipeline: str, module_name: str, checkpoint, noise: mx.array, **call) -> tuple:
+    """(final packed latents, float image) of a diffusers pipeline."""
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(checkpoint, dtype=torch.float32)
+    seen = {}
+
+    def keep(_pipe, _i, _t, tensors):
+        seen["latents"] = tensors["latents"].numpy().copy()
+        return tensors
+
+    with injected(module_name, noise):
+        image = pipe(
+            prompt=PROMPT, height=HEIGHT, width=WIDTH, output_type="np", callback_on_step_end=keep, **call
+        ).images[0]
+    return seen["latents"], image
+
+
+def ours(checkpoint, noise: mx.array, config: Config, inputs: ModeInputs) -> tuple:
+    """(final packed latents, float image, record) of flux1."""
+    seen = {}
+    flux = Flux1.from_path(checkpoint)
+    image, record, _ = flux.generate_array(
+        SEED, PROMPT, config, noise, False, lambda step: seen.update(latents=np.array(step.latents)), inputs
+    )
+    return seen["latents"], image, record
+
+
+def assert_equal(mine: tuple, theirs: tuple) -> None:
+    assert relative_error(mine[0], theirs[0]) < LATENT_TOLERANCE
+    assert mine[1].shape == theirs[1].shape == (HEIGHT, WIDTH, 3)
+    assert np.abs(mine[1] - theirs[1]).max() < PIXEL_TOLERANCE
+
+
+def assert_moved(mine: tuple, other: tuple) -> None:
+    """The mode's input changed the result: latents by 10x the parity tolerance."""
+    assert relative_error(mine[0], other[0]) > 10 * LATENT_TOLERANCE
+
+
+def test_true_cfg_equals_flux_pipeline(tiny_checkpoint):
+    config = Config(num_inference_steps=3, height=HEIGHT, width=WIDTH, guidance=4.0)
+    noise = latents.noise(SEED, HEIGHT, WIDTH)
+    inputs = ModeInputs(negative_prompt="blurry, low quality", true_cfg_scale=4.0)
+    mine = ours(tiny_checkpoint, noise, config, inputs)
+    theirs = reference(
+        "FluxPipeline",
+        "pipeline_flux",
+        tiny_checkpoint,
+        noise,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        negative_prompt="blurry, low quality",
+        true_cfg_scale=4.0,
+        max_sequence_length=mine[2]["max_sequence_length"],
+    )
+    assert_equal(mine, theirs)
+    assert_moved(mine, ours(tiny_checkpoint, noise, config, ModeInputs()))
+
+
+def test_img2img_equals_flux_img2img_pipeline(tiny_checkpoint):
+    # 4 steps at S = 0.5: both start at step 2 (diffusers: int(4 - 4 * 0.5))
+    config = Config(num_inference_steps=4, height=HEIGHT, width=WIDTH, guidance=4.0)
+    noise = latents.noise(SEED, HEIGHT, WIDTH)
+    mine = ours(tiny_checkpoint, noise, config, ModeInputs(image=picture(0), image_strength=0.5))
+    theirs = reference(
+        "FluxImg2ImgPipeline",
+        "pipeline_flux_img2img",
+        tiny_checkpoint,
+        noise,
+        image=picture(0),
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        max_sequence_length=mine[2]["max_sequence_length"],
+    )
+    assert_equal(mine, theirs)
+    assert mine[2]["image_strength"] == 0.5 and len(mine[2]["image_sha256"]) == 64
+    assert_moved(mine, ours(tiny_checkpoint, noise, config, ModeInputs(image=picture(1), image_strength=0.5)))
+
+
+def test_inpainting_equals_flux_inpaint_pipeline(tiny_checkpoint):
+    config = Config(num_inference_steps=4, height=HEIGHT, width=WIDTH, guidance=4.0)
+    noise = latents.noise(SEED, HEIGHT, WIDTH)
+    inputs = ModeInputs(image=picture(0), mask=right_half_mask(), image_strength=0.25)
+    mine = ours(tiny_checkpoint, noise, config, inputs)
+    theirs = reference(
+        "FluxInpaintPipeline",
+        "pipeline_flux_inpaint",
+        tiny_checkpoint,
+        noise,
+        image=picture(0),
+        mask_image=right_half_mask(),
+        strength=0.75,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        max_sequence_length=mine[2]["max_sequence_length"],
+    )
+    assert_equal(mine, theirs)
+    img2img = ours(tiny_checkpoint, noise, config, ModeInputs(image=picture(0), image_strength=0.25))
+    assert_moved(mine, img2img)
+
+
+def test_fill_equals_flux_fill_pipeline(tiny_fill):
+    # Guidance 4, not Fill's 30: the guidance embedding takes sin/cos of up to 30 * 1000 * freq, where
+    # one float32 ulp of the argument is ~2e-3 rad, so at 30 both sides' rounding alone gives 1e-4 to
+    # 2e-4 (measured); at 4 the mode's own arithmetic is what is compared.
+    config = Config(num_inference_steps=3, height=HEIGHT, width=WIDTH, guidance=4.0)
+    noise = latents.noise(SEED, HEIGHT, WIDTH)
+    mine = ours(tiny_fill, noise, config, ModeInputs(image=picture(0), mask=right_half_mask()))
+    theirs = reference(
+        "FluxFillPipeline",
+        "pipeline_flux_fill",
+        tiny_fill,
+        noise,
+        image=picture(0),
+        mask_image=right_half_mask(),
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        max_sequence_length=mine[2]["max_sequence_length"],
+    )
+    assert_equal(mine, theirs)
+    assert_moved(mine, ours(tiny_fill, noise, config, ModeInputs(image=picture(1), mask=right_half_mask())))
+
+
+def test_kontext_equals_flux_kontext_pipeline(tiny_kontext):
+    config = Config(num_inference_steps=3, height=HEIGHT, width=WIDTH)  # guidance: Kontext's 2.5
+    noise = latents.noise(SEED, HEIGHT, WIDTH)
+    mine = ours(tiny_kontext, noise, config, ModeInputs(image=picture(0)))
+    assert mine[2]["guidance"] == 2.5
+    theirs = reference(
+        "FluxKontextPipeline",
+        "pipeline_flux_kontext",
+        tiny_kontext,
+        noise,
+        image=picture(0),
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        max_area=HEIGHT * WIDTH,  # keeps HEIGHT x WIDTH
+        _auto_resize=False,
+        max_sequence_length=mine[2]["max_sequence_length"],
+    )
+    assert_equal(mine, theirs)
+    assert_moved(mine, ours(tiny_kontext, noise, config, ModeInputs(image=picture(1))))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """An image, its mask, a mask of another size, a file that is no image."""
+    folder = tmp_path_factory.mktemp("inputs")
+    picture(0).save(folder / "image.png")
+    right_half_mask().save(folder / "mask.png")
+    Image.new("L", (WIDTH // 2, HEIGHT)).save(folder / "small_mask.png")
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+BAD_INPUT = [
+    (["--image-path", "{f}/missing.png"], "--image-path {f}/missing.png: file not found"),
+    (["--image-path", "{f}/notes.png"], "--image-path {f}/notes.png: not an image that Pillow can read"),
+    (
+        ["--image-path", "{f}/image.png", "--mask-path", "{f}/small_mask.png"],
+        "--mask-path {f}/small_mask.png: 40x48 pixels, but the image is 80x48",
+    ),
+    (["--mask-path", "{f}/mask.png"], "--mask-path needs --image-path"),
+    (["--image-path", "{f}/image.png", "--image-strength", "1.5"], "--image-strength 1.5: expected a finite"),
+    (["--true-cfg-scale", "nan"], "--true-cfg-scale nan: expected a finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_mode_input_is_refused_before_any_work(tiny_schnell, files, tmp_path, capsys, args, message):
+    from flux1.cli.generate import main
+
+    argv = ["--path", str(tiny_schnell), "--prompt", "x", "--output", str(tmp_path / "out.png")]
+    assert main(argv + [a.format(f=files) for a in args]) == 2
+    assert message.format(f=files) in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kind, args, message",
+    [
+        (
+            "fill",
+            ["--image-path", "{f}/image.png"],
+            "FLUX.1-fill takes --image-path and --mask-path; given --image-path",
+        ),
+        ("kontext", [], "FLUX.1-kontext takes --image-path; given no image"),
+        (
+            "kontext",
+            ["--image-path", "{f}/image.png", "--mask-path", "{f}/mask.png"],
+            "FLUX.1-kontext takes --image-path; given --image-path and --mask-path",
+        ),
+        (
+            "kontext",
+            ["--image-path", "{f}/image.png", "--image-strength", "0.5"],
+            "--image-strength: FLUX.1-kontext with --image-path does not use it",
+        ),
+    ],
+)
+def test_a_kind_refuses_inputs_it_cannot_use(request, files, tmp_path, capsys, kind, args, message):
+    from flux1.cli.generate import main
+
+    checkpoint = request.getfixturevalue(f"tiny_{kind}")
+    argv = ["--path", str(checkpoint), "--prompt", "x", "--output", str(tmp_path / "out.png")]
+    assert main(argv + [a.format(f=files) for a in args]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unused_negative_prompt_and_long_negative_prompt_warn(tiny_schnell, caplog):
+    flux = Flux1.from_path(tiny_schnell)
+    config = Config(num_inference_steps=1, height=16, width=16)
+    flux.generate_image(0, PROMPT, config, progress=False, negative_prompt="blurry")
+    assert any("--negative-prompt is unused" in r.message for r in caplog.records)
+    flux.generate_image(
+        0, PROMPT, config, progress=False, negative_prompt="golden light " * 60, true_cfg_scale=2
+    )
+    assert any("the negative prompt has" in r.message and "CLIP" in r.message for r in caplog.records)
+
+
+def test_kinds_from_the_files(tiny_fill, tiny_kontext):
+    from flux1.model_files import ModelFilesError, resolve
+
+    assert resolve(path=tiny_fill).base_model == "fill"
+    assert resolve(path=tiny_kontext).base_model == "kontext"
+    with pytest.raises(ModelFilesError, match="--base-model dev, but .* is a FLUX.1-kontext transformer"):
+        resolve(path=tiny_kontext, base_model="dev")
+
+
+def test_kontext_size_is_its_preferred_resolution_nearest_the_image():
+    from flux1.modes import kontext
+    from flux1.modes.images import open_input
+
+    assert kontext.output_size(open_input(Image.new("RGB", (1600, 900)), "--image-path", "RGB")) == (
+        752,
+        1392,
+    )
+    assert kontext.output_size(open_input(Image.new("RGB", (500, 500)), "--image-path", "RGB")) == (
+        1024,
+        1024,
+    )
