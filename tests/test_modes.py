@@ -88,7 +88,7 @@ def reference(pipeline: str, module_name: str, checkpoint, noise: mx.array, **ca
 def ours(checkpoint, noise: mx.array, config: Config, inputs: ModeInputs) -> tuple:
     """(final packed latents, float image, record) of flux1."""
     seen = {}
-    flux = Flux1.from_path(checkpoint)
+    flux = Flux1.from_path(checkpoint, precision="fp32")  # fp32 GEMMs, as the reference computes
     image, record, _ = flux.generate_array(
         SEED, PROMPT, config, noise, False, lambda step: seen.update(latents=np.array(step.latents)), inputs
     )
