@@ -218,3 +218,42 @@ def test_a_failing_rank_stops_every_rank(tiny_schnell, tmp_path):
     rank0 = [line for line in output.splitlines() if "Node with rank 0 exited with code" in line]
     assert rank0 and not rank0[0].rstrip().endswith("code 0"), output[-2000:]
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_rank_failing_mid_step_stops_the_others_in_one_line(tiny_schnell, tmp_path):
+    """Tensor parallel: rank 1 fails inside a denoising step; rank 0's next exchange finds the peer
+    gone and says so in one line (MLX's own `[ring]` lines aside), not with a traceback."""
+    script = tmp_path / "per_rank.py"
+    script.write_text(
+        "import os, sys\n"
+        "from flux1.cli.generate import main\n"
+        "from flux1.distributed import tensor_parallel\n"
+        "if os.environ['MLX_RANK'] == '1':\n"
+        "    calls, original = [0], tensor_parallel.RowParallel.__call__\n"
+        "    def failing(self, x):\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] > 8:\n"
+        "            raise ValueError('rank 1 broke down')\n"
+        "        return original(self, x)\n"
+        "    tensor_parallel.RowParallel.__call__ = failing\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = launch(
+        script, "--path", str(tiny_schnell), "--prompt", "fox", *SMALL, "--tensor-parallel",
+        "--output", str(tmp_path / "img.png"),
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "error: rank 1 broke down" in output, output[-2000:]
+    line = "error: another rank stopped during a tensor-parallel step (its error is above); stopping"
+    assert output.count(line) == 1 and "Traceback" not in output, output[-2000:]
+    assert not [line for line in output.splitlines() if "exited with code 0" in line], output[-2000:]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_tensor_parallel_flux1_is_not_saved(tiny_schnell, tmp_path):
+    flux = Flux1(resolve(path=tiny_schnell), tensor_parallel=True)
+    with pytest.raises(
+        ValueError, match="cannot save a tensor-parallel Flux1: each rank holds only its shard"
+    ):
+        flux.save(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()

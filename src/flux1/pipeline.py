@@ -202,6 +202,11 @@ class Flux1:
 
     def save(self, path: str | Path) -> Path:
         """Write every network (quantized, LoRAs baked in) as a folder `main.py --path` loads."""
+        if self.tensor_parallel:
+            raise ValueError(
+                "cannot save a tensor-parallel Flux1: each rank holds only its shard of the transformer; "
+                "save from one process (without tensor_parallel)"
+            )
         from flux1.saving import save_model
 
         return save_model(self, Path(path))
