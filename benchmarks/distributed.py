@@ -12,20 +12,15 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder, fixture_parser, run_measured  # noqa: E402
+from measure import cpu_model, fixture_folder, fixture_parser, run_measured  # noqa: E402
 
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line), "?")
 
 
 def launch(ranks: int, args: list[str]):
@@ -39,20 +34,29 @@ def launch(ranks: int, args: list[str]):
 
 
 def step_probe() -> None:
-    """Under mlx.launch (or alone): one transformer call, its seconds and this rank's exchanged bytes."""
-    import time
-
+    """Under mlx.launch (or alone): load the transformer, time one call; each rank prints its
+    seconds, exchanged bytes, shard bytes read from disk and transformer bytes held."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from flux1.distributed import tensor_parallel
     from flux1.distributed.ranks import world
     from flux1.pipeline import Flux1
+    from flux1.weights import slices
     from measure import transformer_inputs
 
     folder, size = sys.argv[2], int(sys.argv[3])
     group = world()
     flux = Flux1.from_path(folder, group=group, tensor_parallel=group.size() > 1)
     transformer = flux.load("transformer")
+    held = sum(a.nbytes for _, a in tree_flatten(transformer.parameters()))
+    held += sum(
+        a.nbytes
+        for m in transformer.modules()
+        for x in getattr(m, "adapters", [])
+        for a in vars(x).values()
+        if isinstance(a, mx.array)
+    )
     inputs = transformer_inputs(transformer, size)
     mx.eval(transformer(*inputs))  # warm
     seconds = []
@@ -61,9 +65,46 @@ def step_probe() -> None:
         start = time.perf_counter()
         mx.eval(transformer(*inputs))
         seconds.append(time.perf_counter() - start)
-    if group.rank() == 0:
-        step = sorted(seconds)[1]
-        print(json.dumps({"step_s": step, "exchanged": tensor_parallel.exchanged_bytes - before}), flush=True)
+    exchanged = tensor_parallel.exchanged_bytes - before
+    report = {"rank": group.rank(), "step_s": sorted(seconds)[1], "exchanged": exchanged}
+    report.update(shard_read=slices.bytes_read, held=held, calls=exchanges_per_call(transformer.config))
+    print(json.dumps(report), flush=True)
+
+
+def exchanges_per_call(config: dict) -> int:
+    """all_sum / all_gather calls per transformer call: per double block and stream the modulation,
+    attention proj and MLP output; per single block the modulation and linear2."""
+    return 6 * config["num_layers"] + 2 * config["num_single_layers"]
+
+
+def full_estimate(measured_ratio: float) -> str:
+    """Per-rank transformer bytes of the 12B model on 2 ranks, from its shapes (built lazily, nothing
+    allocated) and the fraction of its weights that is cut, checked against the measured ratio."""
+    from types import SimpleNamespace
+
+    from mlx.utils import tree_flatten
+
+    from flux1.configs import TRANSFORMER
+    from flux1.distributed.tensor_parallel import cuts
+    from flux1.models.transformer import FluxTransformer
+
+    model = FluxTransformer(dict(TRANSFORMER))
+    total = sum(a.size for _, a in tree_flatten(model.parameters()))
+    layers = dict(model.named_modules())
+    cut = sum(
+        layers[p].weight.size + layers[p].bias.size
+        for p in cuts(model.config, SimpleNamespace(rank=lambda: 0, size=lambda: 2))
+    )
+    share = (total - cut / 2) / total
+    lines = [
+        f"12B `full` (estimate, from its shapes): {total / 1e9:.2f} G parameters, {cut / total:.1%} in cut layers; per rank on 2 ranks {share:.1%} of the transformer (measured on wide: {measured_ratio:.1%})"
+    ]
+    for name, bits in (("bf16", 16), ("-q 4 (4.5 bits/weight)", 4.5)):
+        whole = total * bits / 8
+        lines.append(
+            f"  {name}: {whole / 2**30:.1f} GiB in one process, {whole * share / 2**30:.1f} GiB per rank"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -100,26 +141,42 @@ def main() -> None:
             run = launch(ranks, [__file__, "--probe", str(folder), str(options.size)])
             if run.returncode or "exited with code" in run.stdout + run.stderr:
                 sys.exit(run.stderr[-3000:])
-            probes[ranks] = json.loads(run.stdout.strip().splitlines()[-1])
+            lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+            probes[ranks] = sorted(lines, key=lambda r: r["rank"])
+    print(f"date {time.strftime('%Y-%m-%d')}; timings on a shared machine: medians of 3 calls, noisy\n")
     print("| mode | ranks | images | wall s | images/min | peak RSS GB (largest rank) |")
     print("|---|---|---|---|---|---|")
     for mode, ranks, images, seconds, rss in rows:
         print(f"| {mode} | {ranks} | {images} | {seconds:.1f} | {60 * images / seconds:.2f} | {rss:.2f} |")
-    one, two = probes[1], probes[2]
-    payload = two["exchanged"]
-    wire = payload * 2 * (2 - 1) / 2  # a ring all_sum sends 2 (n-1)/n of the payload per rank
+    one, two = probes[1][0], probes[2]
+    ratio = max(r["held"] for r in two) / one["held"]
     print(
-        f"\ntransformer call: 1 rank {one['step_s']:.3f} s, 2 ranks tensor parallel {two['step_s']:.3f} s; "
-        f"payload of the all_sums/all_gathers {payload / 2**20:.1f} MiB per rank per step "
-        f"(ring: about {wire / 2**20:.1f} MiB sent per rank)"
+        f"\ntransformer held: 1 process {one['held'] / 2**30:.2f} GiB; per rank on 2 ranks "
+        + ", ".join(f"{r['held'] / 2**30:.2f}" for r in two)
+        + f" GiB ({ratio:.1%}); read from disk in part by each rank: "
+        + ", ".join(f"{r['shard_read'] / 2**30:.2f}" for r in two)
+        + " GiB (the rest, uncut layers, read whole)"
     )
-    for gbit in (10, 40):
-        comm = wire * 8 / (gbit * 1e9)
+    payload, calls = two[0]["exchanged"], two[0]["calls"]
+    print(
+        f"transformer call ({options.size}x{options.size}): 1 process {one['step_s']:.3f} s; 2 ranks "
+        f"tensor parallel {two[0]['step_s']:.3f} s (sharing 2 cores); exchanged {payload / 2**20:.1f} MiB "
+        f"per rank per call in {calls} all_sum/all_gather calls"
+    )
+    single_rate = 60 * rows[2][2] / rows[2][3]
+    print(
+        "model, n machines: data parallel = n x images/min of one (no exchange per step: "
+        f"n x {single_rate:.2f}); tensor parallel step = t1/n + calls x latency + 2(n-1)/n x payload / "
+        "bandwidth (a ring all_sum sends 2(n-1)/n of its payload per rank), t1 the one-process step"
+    )
+    for link, gbit, latency in (("10 GbE", 10, 50e-6), ("Thunderbolt 5", 80, 20e-6)):
+        comm = calls * latency + payload * 8 / (gbit * 1e9)  # n = 2: 2(n-1)/n = 1
         print(
-            f"model, n machines at {gbit} Gbit/s: tensor parallel step = {one['step_s']:.3f}/n + "
-            f"{comm:.3f} s of exchange (n=2: {one['step_s'] / 2 + comm:.3f} s, ignoring latency); "
-            f"data parallel = n x {60 * rows[2][2] / rows[2][3]:.2f} images/min (no exchange per step)"
+            f"  {link} ({gbit} Gbit/s, {latency * 1e6:.0f} us per exchange assumed), n=2: "
+            f"{one['step_s']:.3f}/2 + {comm:.3f} = {one['step_s'] / 2 + comm:.3f} s per step "
+            f"(speed-up {one['step_s'] / (one['step_s'] / 2 + comm):.2f}x)"
         )
+    print(full_estimate(ratio))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from flux1 import backend, cpu_plan, latents, metadata, modes
 from flux1.configs import CLIP_LENGTH
 from flux1.distributed.agreement import agree_on_model
-from flux1.distributed.tensor_parallel import shard_transformer
+from flux1.distributed.shard_source import ShardSource
+from flux1.distributed.tensor_parallel import cuts, shard_transformer
 from flux1.generation import Config, ModeInputs, check_fits, check_lora_options
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.text_encoders import load_clip, load_t5
@@ -177,10 +178,11 @@ class Flux1:
                         self.group_size,
                         ", ".join(report.kept_dense),
                     )
+            source = ShardSource(model, self.files) if sharded else None  # the weights as read
             if name != "vae":
                 self._apply_loras(name, model)
             if sharded:
-                shard_transformer(model, self.group)
+                shard_transformer(model, self.group, source)
             # Read now, so loading is timed as loading. The VAE's encoder is read only if a mode uses it.
             mx.eval((model.decoder if name == "vae" else model).parameters())
             self.load_seconds += time.perf_counter() - start
@@ -201,6 +203,11 @@ class Flux1:
 
     def save(self, path: str | Path) -> Path:
         """Write every network (quantized, LoRAs baked in) as a folder `main.py --path` loads."""
+        if self.tensor_parallel:
+            raise ValueError(
+                "cannot save a tensor-parallel Flux1: each rank holds only its shard of the transformer; "
+                "save from one process (without tensor_parallel)"
+            )
         from flux1.saving import save_model
 
         return save_model(self, Path(path))
@@ -214,7 +221,8 @@ class Flux1:
         if name == "vae":
             return load_vae(files.vae)
         if files.transformer_format == "gguf":
-            return load_transformer_gguf(files.transformer)
+            plan = functools.partial(cuts, group=self.group) if self.tensor_parallel else None
+            return load_transformer_gguf(files.transformer, cuts=plan)
         return load_transformer(files.transformer)
 
     def _apply_loras(self, name: str, model: nn.Module) -> None:

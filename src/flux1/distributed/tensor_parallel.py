@@ -7,13 +7,17 @@ followed by one `all_sum`; the modulations are split by rows and their outputs g
 then runs on each rank's own heads. The embedders, `txt_in`, `img_in` and the final layer (under
 0.2% of the weights) stay whole on every rank.
 
-Order of loading: weights are read lazily, quantized (-q) and given their LoRAs as in a single
-process, then each layer is cut to this rank's shard and evaluated one layer at a time, so a rank
-holds one whole layer at most (transiently), never the whole transformer.
+Order of loading: weights are opened lazily (GGUF: the cut layers' parts read, at their place in
+lazy zeros), quantized (-q) and given their LoRAs as in a single process, then each layer is cut to
+this rank's shard, its part read alone from disk (`shard_source.py`) and evaluated one layer at a
+time: a rank reads its shard only and never holds the whole transformer.
 """
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from flux1.configs import MLP_RATIO
 from flux1.nn.linear import Linear
@@ -64,10 +68,21 @@ def _part(total: int, rank: int, size: int) -> tuple[int, int]:
     return rank * total // size, (rank + 1) * total // size
 
 
-def shard_transformer(model: nn.Module, group: mx.distributed.Group) -> None:
-    """Cut `model` (a FluxTransformer, weights lazy) to this rank's shard, evaluating layer by layer."""
+@dataclass(frozen=True)
+class Cut:
+    """What a rank keeps of one linear layer: output rows (axis 0, a column-parallel shard) or input
+    columns (axis 1, a row-parallel shard), in `ranges`; `gathered`: rows whose outputs are gathered."""
+
+    axis: int
+    ranges: tuple[tuple[int, int], ...]
+    gathered: bool = False
+
+
+def cuts(config: dict, group: mx.distributed.Group) -> dict[str, Cut]:
+    """{layer path: its cut on this rank} for a FluxTransformer of `config`: the one plan the
+    readers (which read only these parts from disk) and `shard_transformer` follow."""
     rank, size = group.rank(), group.size()
-    heads, head_dim = model.config["num_attention_heads"], model.config["attention_head_dim"]
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     dim = heads * head_dim
     hidden = int(dim * MLP_RATIO)
     if heads % size or hidden % size:
@@ -78,36 +93,44 @@ def shard_transformer(model: nn.Module, group: mx.distributed.Group) -> None:
     a0, a1 = _part(heads, rank, size)
     a0, a1 = a0 * head_dim, a1 * head_dim  # this rank's attention columns (its heads)
     m0, m1 = _part(hidden, rank, size)  # its MLP hidden units
-    qkv = [(a0, a1), (dim + a0, dim + a1), (2 * dim + a0, 2 * dim + a1)]
+    qkv = ((a0, a1), (dim + a0, dim + a1), (2 * dim + a0, 2 * dim + a1))
+    plan = {}
+    for i in range(config["num_layers"]):
+        prefix = f"double_blocks.{i}."
+        for stream in ("img", "txt"):
+            plan[f"{prefix}{stream}_mod.lin"] = Cut(0, (_part(6 * dim, rank, size),), True)
+            plan[f"{prefix}{stream}_attn.qkv"] = Cut(0, qkv)
+            plan[f"{prefix}{stream}_attn.proj"] = Cut(1, ((a0, a1),))
+            plan[f"{prefix}{stream}_mlp.0"] = Cut(0, ((m0, m1),))
+            plan[f"{prefix}{stream}_mlp.2"] = Cut(1, ((m0, m1),))
+    for i in range(config["num_single_layers"]):
+        prefix = f"single_blocks.{i}."
+        plan[f"{prefix}modulation.lin"] = Cut(0, (_part(3 * dim, rank, size),), True)
+        plan[f"{prefix}linear1"] = Cut(0, (*qkv, (3 * dim + m0, 3 * dim + m1)))
+        plan[f"{prefix}linear2"] = Cut(1, ((a0, a1), (dim + m0, dim + m1)))
+    return plan
 
-    def evaluated(layer: Linear) -> Linear:
+
+def shard_transformer(model: nn.Module, group: mx.distributed.Group, source=None) -> None:
+    """Cut `model` (a FluxTransformer, weights lazy) to this rank's shard, evaluating layer by layer.
+    `source` (a `ShardSource`) replaces each cut weight by the same part read alone from disk."""
+    size = group.size()
+    layers = dict(model.named_modules())
+    wrapped = []
+    for path, cut in cuts(model.config, group).items():
+        layer = layers[path]
+        as_read = source is not None and source.as_read(path, layer)
+        (layer.keep_rows if cut.axis == 0 else layer.keep_columns)(list(cut.ranges))
+        if as_read:
+            source.fill(path, layer, cut)
         mx.eval(layer.parameters(), [vars(adapter) for adapter in layer.adapters])
-        return layer
-
-    def rows(layer: Linear, ranges) -> Linear:
-        layer.keep_rows(ranges)
-        return evaluated(layer)
-
-    def columns(layer: Linear, ranges) -> RowParallel:
-        layer.keep_columns(ranges)
-        return RowParallel(evaluated(layer), group)
-
-    def modulation(mod) -> None:
-        mod.lin = GatheredRows(rows(mod.lin, [_part(mod.lin.output_dims, rank, size)]), group)
-
+        if cut.axis == 1:
+            wrapped.append((path, RowParallel(layer, group)))
+        elif cut.gathered:
+            wrapped.append((path, GatheredRows(layer, group)))
+    model.update_modules(tree_unflatten(wrapped))
+    heads, head_dim = model.config["num_attention_heads"], model.config["attention_head_dim"]
     for block in model.double_blocks:
-        for attn, mlp, mod in (
-            (block.img_attn, block.img_mlp, block.img_mod),
-            (block.txt_attn, block.txt_mlp, block.txt_mod),
-        ):
-            modulation(mod)
-            rows(attn.qkv, qkv)
-            attn.num_heads = heads // size
-            attn.proj = columns(attn.proj, [(a0, a1)])
-            rows(mlp[0], [(m0, m1)])
-            mlp[2] = columns(mlp[2], [(m0, m1)])
+        block.img_attn.num_heads = block.txt_attn.num_heads = heads // size
     for block in model.single_blocks:
-        modulation(block.modulation)
-        rows(block.linear1, [*qkv, (3 * dim + m0, 3 * dim + m1)])
-        block.linear2 = columns(block.linear2, [(a0, a1), (dim + m0, dim + m1)])
-        block.dim, block.num_heads = dim // size, heads // size
+        block.dim, block.num_heads = heads * head_dim // size, heads // size

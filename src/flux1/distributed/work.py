@@ -16,6 +16,9 @@ class RankFailed(ValueError):
     commands report it as they report bad input: one line, exit code 2)."""
 
 
+LOST_PEER = "connection to a peer was lost"  # MLX 0.32's ring backend
+
+
 def run_work(
     make_work: Callable[[], list],
     do: Callable[..., None],
@@ -27,7 +30,8 @@ def run_work(
     are chosen there, so no two ranks race for a free name) and sent to the others; after each round
     the data-parallel ranks exchange whether one failed, so a failure stops all of them between images
     (a PNG is written whole or not at all) and every rank exits non-zero. Tensor-parallel ranks compute
-    in lockstep: a failing rank just exits, and the others' next `all_sum` fails on the lost peer."""
+    in lockstep: a failing rank just exits, and the others' next `all_sum` fails on the lost peer,
+    which they report in one line (exit code 2)."""
     if group is None or group.size() == 1:
         for item in make_work():
             do(*item, True)
@@ -39,7 +43,14 @@ def run_work(
     keep = group.rank() == 0 or not tensor_parallel
     for index in range(rounds):
         if tensor_parallel:
-            do(*mine[index], keep)
+            try:
+                do(*mine[index], keep)
+            except RuntimeError as e:  # MLX's ring backend, when a rank stopped mid-exchange
+                if LOST_PEER not in str(e):
+                    raise
+                raise RankFailed(
+                    "another rank stopped during a tensor-parallel step (its error is above); stopping"
+                ) from None
             continue
         error = None
         try:

@@ -12,8 +12,9 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from flux1.convert.transformer_bfl import strip_prefix
-from flux1.gguf.blocks import DENSE, SUPPORTED
+from flux1.gguf.blocks import DENSE, SUPPORTED, block_size
 from flux1.weights.safetensors_io import WeightFileError
+from flux1.weights.slices import count, indices
 
 
 @dataclass
@@ -23,6 +24,19 @@ class RawBlocks:
     raw: np.ndarray  # uint8 [out, bytes per row]
     qtype: T
     shape: tuple[int, int]  # logical [out, in]
+
+    def part(self, axis: int, ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(indices along `raw`'s axis, a copy of those bytes) of the rows (axis 0) or the columns
+        (axis 1) `ranges`, read alone from the mapped file; None for columns not on whole blocks."""
+        if axis == 1:
+            values, nbytes = block_size(self.qtype)
+            if any(c % values for pair in ranges for c in pair):
+                return None
+            ranges = [(a // values * nbytes, b // values * nbytes) for a, b in ranges]
+        index = indices(ranges)
+        part = np.take(self.raw, index, axis=axis)
+        count(part.nbytes)
+        return index, part
 
 
 def _architecture(reader: GGUFReader) -> str | None:

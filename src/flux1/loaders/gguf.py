@@ -2,6 +2,7 @@
 blocks for the CPU kernels (expanded per layer, exact, 4.5 bits per weight for Q4_K), as MLX affine
 quantization for MLX's kernels (`gguf/affine.py`)."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,10 +18,30 @@ from flux1.weights.assign import assign_weights
 from flux1.weights.safetensors_io import Tensors, WeightFileError
 
 
-def load_transformer_gguf(path: Path, config: dict | None = None) -> FluxTransformer:
+def _placed(value: RawBlocks, cut) -> mx.array | None:
+    """The blocks of a tensor-parallel rank's cut (read alone from the file) at their place in a lazy
+    zero array of the whole layer's shape (so LoRAs fit as in one process; the cut drops the zeros)."""
+    found = value.part(cut.axis, list(cut.ranges))
+    if found is None:
+        return None
+    index, part = mx.array(found[0]), mx.array(found[1])
+    placed = mx.zeros(value.raw.shape, mx.uint8)
+    if cut.axis == 0:
+        placed[index] = part
+    else:
+        placed[:, index] = part
+    return placed
+
+
+def load_transformer_gguf(
+    path: Path, config: dict | None = None, cuts: Callable[[dict], dict] | None = None
+) -> FluxTransformer:
+    """`cuts` (tensor parallel): {layer path: the rank's cut} of a config; those layers' blocks are
+    read in part and stay lazy until `shard_transformer` cuts and evaluates them."""
     path = Path(path)
     gguf_file = GGUFFile(path)
     model = FluxTransformer(config or check_config("transformer", infer_config(gguf_file.shapes, path), path))
+    plan = cuts(model.config) if cuts else {}
     layers = dict(model.named_modules())
     keep_blocks = backend.numpy_kernels()
     tensors = Tensors()
@@ -37,6 +58,11 @@ def load_transformer_gguf(path: Path, config: dict | None = None) -> FluxTransfo
                 f"{origin} has shape {list(value.shape)}, but the config expects "
                 f"{[layer.output_dims, layer.input_dims]}"
             )
+        placed = _placed(value, plan[module]) if module in plan else None
+        if placed is not None:
+            layer.set_gguf(placed, value.qtype)
+            tensors.add(name, placed, origin)
+            continue
         if keep_blocks:
             layer.set_gguf(mx.array(value.raw), value.qtype)
         else:
