@@ -81,9 +81,12 @@ class GeneratedImage:
 
         return Image.fromarray(self.pixels)
 
-    def save(self, path: str | Path, export_json: bool = False) -> Path:
-        """Write the PNG (and with export_json, `<path>.json`); refuses to overwrite a file."""
-        path = Path(path)
+    def save(
+        self, path: str | Path, export_json: bool = False, *, export_json_metadata: bool = False
+    ) -> Path:
+        """Write the PNG (and with export_json, `<path>.json`); refuses to overwrite a file.
+        `export_json_metadata` is mflux's name for `export_json`."""
+        path, export_json = Path(path), export_json or export_json_metadata
         for target in [path] + ([path.with_suffix(".json")] if export_json else []):
             if target.exists():
                 raise FileExistsError(f"{target} exists; flux1 never overwrites a file")
@@ -151,6 +154,20 @@ class Flux1:
     def from_name(cls, name: str, **options) -> "Flux1":
         """`schnell` or `dev` from the Hugging Face hub (or a repo id)."""
         return cls(resolve(model=name), **options)
+
+    @classmethod
+    def from_alias(
+        cls,
+        alias: str,
+        quantize: int | None = None,
+        lora_paths: list[str] | None = None,
+        lora_scales: list[float] | None = None,
+        **options,
+    ) -> "Flux1":
+        """mflux's spelling of `from_name` (its README's snippet runs unchanged)."""
+        return cls.from_name(
+            alias, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales, **options
+        )
 
     @classmethod
     def from_path(cls, path: str | Path, base_model: str | None = None, **options) -> "Flux1":
