@@ -69,6 +69,11 @@ class Step:
     seconds: float  # the step's compute time
 
 
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] as 8-bit pixels, as diffusers' image processor: x 255, round half to even."""
+    return (image * 255).round().astype(np.uint8)
+
+
 @dataclass
 class GeneratedImage:
     pixels: np.ndarray  # uint8 [H, W, 3]
@@ -397,5 +402,4 @@ class Flux1:
         image, record, timings = self.generate_array(
             seed, prompt, config or Config(), latents, progress, on_step
         )
-        # As diffusers' image processor: scale to 0..255, round half to even, 8 bits.
-        return GeneratedImage((image * 255).round().astype(np.uint8), record, timings)
+        return GeneratedImage(to_pixels(image), record, timings)

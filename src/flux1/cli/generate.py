@@ -95,6 +95,16 @@ def parser() -> argparse.ArgumentParser:
         "--metadata", action="store_true", help="also write <output>.json with the generation record"
     )
     out.add_argument("--config-from-metadata", "-C", help="re-run from a PNG written by flux1 or its JSON")
+    out.add_argument(
+        "--stepwise-image-output-dir",
+        help="a new or empty folder: an image of each step's predicted clean latents, and a strip of them",
+    )
+    out.add_argument(
+        "--preview",
+        choices=["vae", "latent"],
+        help="step images decoded by the VAE (vae, the default: exact, one decode per step) or mapped "
+        "from the latents (latent: 1/8 size, no VAE)",
+    )
     return p
 
 
@@ -268,7 +278,7 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.config_from_metadata:
         _apply_record(args, _given_flags(argv, p))
-    from flux1 import backend
+    from flux1 import backend, stepwise
     from flux1.distributed.agreement import agree
     from flux1.distributed.ranks import world
     from flux1.distributed.work import run_work
@@ -292,6 +302,11 @@ def run(argv: list[str]) -> int:
     check_lora_options(args.lora_paths or [], args.lora_scales or [1.0] * len(args.lora_paths or []))
     output = output_file(args.output)
     _check_writable(output)
+    stepwise_dir = Path(args.stepwise_image_output_dir) if args.stepwise_image_output_dir else None
+    if args.preview and stepwise_dir is None:
+        raise ValueError(f"--preview {args.preview}: needs --stepwise-image-output-dir")
+    if stepwise_dir is not None:
+        stepwise.check_folder(stepwise_dir)
     noise = load_noise(Path(args.latents), config.height, config.width) if args.latents else None
     if noise is not None:
         latents_record = {"path": str(Path(args.latents).resolve()), "sha256": file_digest(args.latents)}
@@ -325,13 +340,28 @@ def run(argv: list[str]) -> int:
         paths = output_paths(output, len(prompts), seeds, args.metadata)
         return [(p, s, str(path)) for p, row in zip(prompts, paths) for s, path in zip(seeds, row)]
 
+    latent_map = []  # the latent preview's map, fitted once
+
+    def step_writer(path: str) -> stepwise.StepwiseWriter:
+        mode = args.preview or "vae"
+        if mode == "latent" and not latent_map:
+            latent_map.append(stepwise.fitted_map(flux))
+        folder = stepwise_dir if len(prompts) * len(seeds) == 1 else stepwise_dir / Path(path).stem
+        return stepwise.StepwiseWriter(flux, config, folder, mode, latent_map[0] if latent_map else None)
+
     def generate(prompt: str, seed: int, path: str, keep: bool) -> None:
-        result = flux.generate_image(seed, prompt, config, latents=noise)
+        writer = step_writer(path) if stepwise_dir is not None and keep else None
+        result = flux.generate_image(seed, prompt, config, latents=noise, on_step=writer)
         if noise is not None:
             result.record["latents"] = latents_record
         if keep:
             result.save(path, export_json=args.metadata)
             print(f"saved {path} (seed {seed}; {result.timings.line()})")
+        if writer is not None:
+            strip = writer.finish()
+            print(
+                f"step previews ({writer.mode}) in {writer.folder}, strip {strip.name}: {writer.seconds:.2f}s"
+            )
 
     run_work(work, generate, group, args.tensor_parallel)
     return 0
