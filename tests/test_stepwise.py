@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from flux1.cli.generate import main
-from flux1.stepwise import LABEL_HEIGHT
+from flux1.sheet import LINE_HEIGHT
 
 SMALL = ["--height", "32", "--width", "48", "--steps", "3", "--seed", "5"]
+LABEL_HEIGHT = 6 + 2 * LINE_HEIGHT  # two title lines under each tile
 STEPS = ["step_01_of_03.png", "step_02_of_03.png", "step_03_of_03.png"]
 
 

@@ -17,16 +17,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from flux1 import preview
 from flux1.generation import Config
 from flux1.metadata import atomic_write
 from flux1.pipeline import Flux1, Step, to_pixels
+from flux1.sheet import titled_grid
 
 PREVIEWS = ("vae", "latent")
 FLAG = "--stepwise-image-output-dir"
-LABEL_HEIGHT = 34  # pixels under each tile of the strip: two lines of text
 
 
 def check_folder(folder: Path) -> None:
@@ -92,15 +92,5 @@ class StepwiseWriter:
 
 
 def composite(tiles: list[tuple[Step, np.ndarray]], scale: int = 1) -> Image.Image:
-    font = ImageFont.load_default(size=12)
-    labels = [(f"step {s.index}/{s.total}", f"sigma {s.sigma:.3f} > {s.sigma_next:.3f}") for s, _ in tiles]
-    height, width = tiles[0][1].shape[0] * scale, tiles[0][1].shape[1] * scale
-    cell = max([width] + [int(font.getlength(line)) + 8 for pair in labels for line in pair])
-    strip = Image.new("RGB", (cell * len(tiles), height + LABEL_HEIGHT), "white")
-    draw = ImageDraw.Draw(strip)
-    for n, ((_, pixels), pair) in enumerate(zip(tiles, labels)):
-        tile = Image.fromarray(pixels).resize((width, height), Image.NEAREST)
-        strip.paste(tile, (n * cell + (cell - width) // 2, 0))
-        for line, text in enumerate(pair):
-            draw.text((n * cell + 4, height + 3 + 15 * line), text, fill="black", font=font)
-    return strip
+    titles = [(f"step {s.index}/{s.total}", f"sigma {s.sigma:.3f} > {s.sigma_next:.3f}") for s, _ in tiles]
+    return titled_grid([pixels for _, pixels in tiles], titles, columns=len(tiles), scale=scale)
