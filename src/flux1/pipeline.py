@@ -287,18 +287,25 @@ class Flux1:
             self._tokenizers[key] = PromptTokenizer(folder, kind, max_length)
         return self._tokenizers[key]
 
-    @_at_own_precision
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> tuple[mx.array, mx.array]:
         """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), each in its network's dtype."""
+        return self.encode_prompts([prompt], max_sequence_length)
+
+    @_at_own_precision
+    def encode_prompts(self, prompts: list[str], max_sequence_length: int) -> tuple[mx.array, mx.array]:
+        """The prompts through each encoder as one batch: ([P, L, 4096], [P, 768])."""
         clip, t5 = self._tokenizer("clip", CLIP_LENGTH), self._tokenizer("t5", max_sequence_length)
-        clip_tokens, t5_tokens = clip(prompt), t5(prompt)
-        for tokenizer, tokens in ((clip, clip_tokens), (t5, t5_tokens)):
-            if tokens.truncated:
-                log.warning("%s", tokenizer.describe_truncation(tokens))
-        pooled = self.load("clip")(mx.array(clip_tokens.ids), self.compute_dtype("clip"))
+        ids = {clip: [], t5: []}
+        for prompt in prompts:
+            for tokenizer in ids:
+                tokens = tokenizer(prompt)
+                if tokens.truncated:
+                    log.warning("%s", tokenizer.describe_truncation(tokens))
+                ids[tokenizer].append(tokens.ids)
+        pooled = self.load("clip")(mx.array(np.concatenate(ids[clip])), self.compute_dtype("clip"))
         mx.eval(pooled)
         self._done_with("clip")
-        hidden = self.load("t5")(mx.array(t5_tokens.ids), self.compute_dtype("t5"))
+        hidden = self.load("t5")(mx.array(np.concatenate(ids[t5])), self.compute_dtype("t5"))
         mx.eval(hidden)
         self._done_with("t5")
         return hidden, pooled
@@ -388,6 +395,25 @@ class Flux1:
         timings.load = self.load_seconds - loaded_before
         record = metadata.generation_record(self, seed, prompt, config, steps, max_length, timings.total)
         return image, record, timings
+
+    def generate_images(
+        self,
+        seeds: list[int],
+        prompts: str | list[str],
+        config: Config | None = None,
+        batch_size: int = 1,
+        latents: mx.array | None = None,
+        progress: bool = True,
+        on_step: Callable[[int, Step], None] | None = None,
+    ) -> list[GeneratedImage]:
+        """An image for every prompt and seed (prompt-major, as main.py names them), `batch_size` at
+        a time through the encoders and the transformer; `on_step(n, step)` sees image n's part of
+        each step. See `flux1.batch`."""
+        from flux1.batch import generate_images
+
+        return generate_images(
+            self, seeds, prompts, config or Config(), batch_size, latents, progress, on_step
+        )
 
     def generate_image(
         self,
