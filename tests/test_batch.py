@@ -24,10 +24,10 @@ def _same_images(batched, single) -> None:
         assert drop(one.record) == drop(other.record)
 
 
-@pytest.mark.parametrize("with_lora", [False, True], ids=["plain", "lora"])
-def test_batches_equal_one_at_a_time(tiny_schnell, tmp_path, with_lora):
-    options = {"precision": "fp32"}
-    if with_lora:
+@pytest.mark.parametrize("variant", ["plain", "lora", "low-ram"])
+def test_batches_equal_one_at_a_time(tiny_schnell, tmp_path, variant):
+    options = {"precision": "fp32", "low_ram": variant == "low-ram"}
+    if variant == "lora":
         options |= {"lora_paths": [str(tmp_path / "style.safetensors")], "lora_scales": [0.7]}
         lora_files.write(tmp_path / "style.safetensors", "kohya")
     flux = Flux1.from_path(tiny_schnell, **options)

@@ -94,7 +94,7 @@ def generate_batch(
     else:
         noise = mx.broadcast_to(noise, (len(items), *noise.shape[1:]))
     packed = timed("denoise", lambda: flux.denoise(noise, hidden, pooled, config, steps, progress, step_done))
-    pictures = timed("decode", lambda: [flux.decode(packed[i : i + 1], config) for i in range(len(items))])
+    pictures = timed("decode", lambda: flux.decode_each(packed, config))
     timings.load = flux.load_seconds - loaded_before
     share = timings.total / len(items)
     return [

@@ -346,16 +346,24 @@ class Flux1:
         self._done_with("transformer")
         return x
 
-    @_at_own_precision
     def decode(self, packed: mx.array, config: Config) -> np.ndarray:
         """Float image [H, W, 3] in [0, 1]."""
+        return self.decode_each(packed[:1], config)[0]
+
+    @_at_own_precision
+    def decode_each(self, packed: mx.array, config: Config) -> list[np.ndarray]:
+        """The float image [H, W, 3] in [0, 1] of each packed latents [B, N, 64], one at a time (the
+        VAE's activations stay one image's), the VAE loaded once."""
         vae = self.load("vae")
-        z = latents.unpack(packed, config.height, config.width) / vae.scaling_factor + vae.shift_factor
-        image = vae.decode(z.astype(self.compute_dtype("vae")))
-        image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-        mx.eval(image)
+        images = []
+        for row in range(packed.shape[0]):
+            z = latents.unpack(packed[row : row + 1], config.height, config.width)
+            image = vae.decode((z / vae.scaling_factor + vae.shift_factor).astype(self.compute_dtype("vae")))
+            image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+            mx.eval(image)
+            images.append(np.array(image[0]))
         self._done_with("vae")
-        return np.array(image[0])
+        return images
 
     @_at_own_precision
     def generate_array(
