@@ -42,9 +42,10 @@ def test_vae_previews_end_with_the_final_image(tiny_schnell, tmp_path, capsys):
     assert f"step previews (vae) in {steps}, strip composite.png" in capsys.readouterr().out
 
 
-def test_latent_previews_are_an_eighth_of_the_size_one_folder_per_image(tiny_schnell, tmp_path):
+def test_latent_previews_of_a_batch_one_folder_per_image(tiny_schnell, tmp_path):
     steps = tmp_path / "steps"
-    args = [*SMALL[:-2], "--seed", "5", "6", "--stepwise-image-output-dir", str(steps), "--preview", "latent"]
+    args = [*SMALL[:-2], "--seed", "5", "6", "--batch-size", "2"]
+    args += ["--stepwise-image-output-dir", str(steps), "--preview", "latent"]
     assert _generate(tiny_schnell, tmp_path, *args) == 0
     assert sorted(p.name for p in steps.iterdir()) == ["out_seed_5", "out_seed_6"]
     for folder in steps.iterdir():
