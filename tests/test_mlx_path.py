@@ -194,6 +194,3 @@ def test_compute_switch_is_validated(monkeypatch):
         backend.numpy_kernels()
     monkeypatch.setenv("FLUX1_COMPUTE", "mlx")
     assert not backend.numpy_kernels()
-    message = r"--precision bf16: the CPU kernels compute in fp32"
-    with pytest.raises(ValueError, match=message), backend.use("auto"):
-        backend.compute_dtype(precision="bf16")

@@ -215,7 +215,7 @@ SIZE = 32
 
 
 def _flux1_image(folder, loras: list) -> np.ndarray:
-    flux = Flux1.from_path(folder, lora_paths=loras)
+    flux = Flux1.from_path(folder, lora_paths=loras, precision="fp32")  # diffusers computes fp32
     config = Config(num_inference_steps=2, height=SIZE, width=SIZE)
     return flux.generate_image(
         3, "a red square on blue", config, latents=latents.noise(3, SIZE, SIZE), progress=False

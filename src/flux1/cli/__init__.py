@@ -4,6 +4,8 @@ Ctrl-C is one line and exit code 130 (what a shell reports for SIGINT), never a 
 import logging
 import sys
 
+from flux1.configs import BASE_MODELS
+
 
 def run_program(run, argv: list[str] | None) -> int:
     logging.basicConfig(format="flux1: %(message)s", level=logging.INFO)
@@ -15,3 +17,15 @@ def run_program(run, argv: list[str] | None) -> int:
     except (ValueError, OSError, NotImplementedError) as e:  # flux1's own errors are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def add_model_source(group) -> None:
+    """--model, --path, --gguf and --base-model, as every program that loads FLUX.1 takes them."""
+    group.add_argument("--model", "-m", help="schnell or dev (from the Hugging Face hub), or a hub repo id")
+    group.add_argument(
+        "--path", help="a local diffusers folder, a folder saved by save.py, or a BFL .safetensors file"
+    )
+    group.add_argument(
+        "--gguf", help="a GGUF transformer file (other components from --path, --model or the hub)"
+    )
+    group.add_argument("--base-model", choices=BASE_MODELS, help="which model --path is, when it cannot tell")

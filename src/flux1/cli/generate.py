@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from flux1.backend import PRECISIONS
-from flux1.cli import run_program
+from flux1.cli import add_model_source, run_program
 from flux1.configs import DEFAULT_GUIDANCE, MAX_SEQUENCE_LENGTH
 from flux1.quantize import BITS, GROUP_SIZES
 
@@ -36,16 +36,7 @@ def parser() -> argparse.ArgumentParser:
         prog="main.py", description="Generate images with FLUX.1 schnell or dev in MLX."
     )
     source = p.add_argument_group("model")
-    source.add_argument("--model", "-m", help="schnell or dev (from the Hugging Face hub), or a hub repo id")
-    source.add_argument(
-        "--path", help="a local diffusers folder, a folder saved by save.py, or a BFL .safetensors file"
-    )
-    source.add_argument(
-        "--gguf", help="a GGUF transformer file (other components from --path, --model or the hub)"
-    )
-    source.add_argument(
-        "--base-model", choices=["schnell", "dev"], help="which model --path is, when it cannot tell"
-    )
+    add_model_source(source)
     source.add_argument(
         "--quantize", "-q", type=int, choices=BITS, help="quantize transformer and text encoders to N bits"
     )

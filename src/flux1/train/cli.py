@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from flux1.cli import add_model_source
 from flux1.model_files import ModelFilesError
 from flux1.quantize import BITS, GROUP_SIZES
 from flux1.train.adapters import TARGETS
@@ -19,16 +20,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="a JSON file of flag names and values (flags given here win)")
     base = p.add_argument_group("base model (as main.py)")
-    base.add_argument("--model", "-m", help="schnell or dev (from the Hugging Face hub), or a hub repo id")
-    base.add_argument(
-        "--path", help="a local diffusers folder, a folder saved by save.py, or a BFL .safetensors file"
-    )
-    base.add_argument(
-        "--gguf", help="a GGUF transformer file (other components from --path, --model or the hub)"
-    )
-    base.add_argument(
-        "--base-model", choices=["schnell", "dev"], help="which model --path is, when it cannot tell"
-    )
+    add_model_source(base)
     base.add_argument("--quantize", "-q", type=int, choices=BITS, help="quantize the frozen base to N bits")
     base.add_argument(
         "--group-size", type=int, choices=GROUP_SIZES, help="quantization group size (default 64)"

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import flux1
 from flux1 import backend, latents, metadata
-from flux1.fixtures.presets import MAX_SEQUENCE_LENGTH
+from flux1.configs import MAX_SEQUENCE_LENGTH
 from flux1.train import files, loss_curve, models
 from flux1.train.adapters import TrainedAdapters, attach
 from flux1.train.cache import BatchDrawer, cache_examples
