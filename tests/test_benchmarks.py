@@ -1,10 +1,17 @@
 """Smoke tests of the benchmark scripts on the tiny preset: they run and print every row (no timing
 is asserted: speed is the benchmarks' business, not the tests')."""
 
+import importlib.util
+import json
 import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flux1.sheet import LINE_HEIGHT
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -124,3 +131,27 @@ def test_lora_overhead_prints_every_row(tmp_path):
         ["4-bit", "no LoRA"],
         ["4-bit", "34 runtime adapters"],
     ]
+
+
+def test_suite_writes_sheet_and_tables(tiny_schnell, tmp_path):
+    out = tmp_path / "suite"
+    stdout = _run("suite.py", "--path", str(tiny_schnell), "--size", "32", "--steps", "1", "--out", str(out))
+    summary = json.loads((out / "suite.json").read_text())
+    titles = ["text rendering", "photorealism", "spatial reasoning", "artistic style", "composition"]
+    titles += ["1 step", "2 steps", "4 steps", "8 steps"]
+    assert [row["title"] for row in summary["images"]] == titles
+    assert [row["steps"] for row in summary["images"]] == [1, 1, 1, 1, 1, 1, 2, 4, 8]
+    assert all(row["seconds"] > 0 for row in summary["images"])
+    assert list(summary["memory_gb"]) == ["start", "after load", "after generation", "after release"]
+    assert summary["cpu"] in stdout and summary["base_model"] == "schnell"
+    table = (out / "suite.md").read_text().splitlines()
+    assert [line.split(" | ")[0].lstrip("| ") for line in table[4:13]] == titles
+    # Two rows of five cells, each the 32x32 image over a two-line title; the first cell is the image.
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.size[1] == 2 * (32 + 6 + 2 * LINE_HEIGHT) and sheet.size[0] % 5 == 0
+        cell = sheet.size[0] // 5
+        first = np.asarray(sheet)[:32, (cell - 32) // 2 : (cell - 32) // 2 + 32]
+    with Image.open(out / "text_rendering.png") as image:
+        assert np.array_equal(first, np.asarray(image))
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert (out / "seconds_per_step_count.png").is_file() == has_matplotlib

@@ -3,7 +3,6 @@ and every bad input with its message."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import piexif
 import piexif.helper
 import pytest
 from PIL import Image
+from tests.hub_cache import hub_cache
 
 from flux1.cli.generate import main
 from flux1.metadata import read_record
@@ -119,13 +119,7 @@ def test_existing_file_is_never_overwritten_and_seeds_name_files(tiny_schnell, t
 
 
 def test_hub_alias_loads_from_the_cache_offline(tiny_schnell, tmp_path):
-    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-schnell" / "snapshots" / ("0" * 40)
-    shutil.copytree(tiny_schnell, snapshot, ignore=shutil.ignore_patterns("*.safetensors", "ae*"))
-    for sub in ("transformer", "text_encoder", "text_encoder_2", "vae"):
-        for file in (tiny_schnell / sub).glob("*.safetensors"):
-            shutil.copy(file, snapshot / sub / file.name)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    hub_cache(tiny_schnell, tmp_path)
     out = tmp_path / "hub.png"
     result = _run(
         "--model",

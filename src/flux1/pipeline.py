@@ -71,6 +71,11 @@ class Step:
     seconds: float  # the step's compute time
 
 
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] as 8-bit pixels, as diffusers' image processor: x 255, round half to even."""
+    return (image * 255).round().astype(np.uint8)
+
+
 @dataclass
 class GeneratedImage:
     pixels: np.ndarray  # uint8 [H, W, 3]
@@ -83,9 +88,12 @@ class GeneratedImage:
 
         return Image.fromarray(self.pixels)
 
-    def save(self, path: str | Path, export_json: bool = False) -> Path:
-        """Write the PNG (and with export_json, `<path>.json`); refuses to overwrite a file."""
-        path = Path(path)
+    def save(
+        self, path: str | Path, export_json: bool = False, *, export_json_metadata: bool = False
+    ) -> Path:
+        """Write the PNG (and with export_json, `<path>.json`); refuses to overwrite a file.
+        `export_json_metadata` is mflux's name for `export_json`."""
+        path, export_json = Path(path), export_json or export_json_metadata
         for target in [path] + ([path.with_suffix(".json")] if export_json else []):
             if target.exists():
                 raise FileExistsError(f"{target} exists; flux1 never overwrites a file")
@@ -153,6 +161,20 @@ class Flux1:
     def from_name(cls, name: str, **options) -> "Flux1":
         """`schnell` or `dev` from the Hugging Face hub (or a repo id)."""
         return cls(resolve(model=name), **options)
+
+    @classmethod
+    def from_alias(
+        cls,
+        alias: str,
+        quantize: int | None = None,
+        lora_paths: list[str] | None = None,
+        lora_scales: list[float] | None = None,
+        **options,
+    ) -> "Flux1":
+        """mflux's spelling of `from_name` (its README's snippet runs unchanged)."""
+        return cls.from_name(
+            alias, quantize=quantize, lora_paths=lora_paths, lora_scales=lora_scales, **options
+        )
 
     @classmethod
     def from_path(cls, path: str | Path, base_model: str | None = None, **options) -> "Flux1":
@@ -274,20 +296,29 @@ class Flux1:
             self._tokenizers[key] = PromptTokenizer(folder, kind, max_length)
         return self._tokenizers[key]
 
-    @_at_own_precision
     def encode_prompt(
         self, prompt: str, max_sequence_length: int, what: str = "prompt"
     ) -> tuple[mx.array, mx.array]:
         """(T5 hidden states [1, L, 4096], CLIP pooled [1, 768]), each in its network's dtype."""
+        return self.encode_prompts([prompt], max_sequence_length, what)
+
+    @_at_own_precision
+    def encode_prompts(
+        self, prompts: list[str], max_sequence_length: int, what: str = "prompt"
+    ) -> tuple[mx.array, mx.array]:
+        """The prompts through each encoder as one batch: ([P, L, 4096], [P, 768])."""
         clip, t5 = self._tokenizer("clip", CLIP_LENGTH), self._tokenizer("t5", max_sequence_length)
-        clip_tokens, t5_tokens = clip(prompt), t5(prompt)
-        for tokenizer, tokens in ((clip, clip_tokens), (t5, t5_tokens)):
-            if tokens.truncated:
-                log.warning("%s", tokenizer.describe_truncation(tokens, what))
-        pooled = self.load("clip")(mx.array(clip_tokens.ids), self.compute_dtype("clip"))
+        ids = {clip: [], t5: []}
+        for prompt in prompts:
+            for tokenizer in ids:
+                tokens = tokenizer(prompt)
+                if tokens.truncated:
+                    log.warning("%s", tokenizer.describe_truncation(tokens, what))
+                ids[tokenizer].append(tokens.ids)
+        pooled = self.load("clip")(mx.array(np.concatenate(ids[clip])), self.compute_dtype("clip"))
         mx.eval(pooled)
         self._done_with("clip")
-        hidden = self.load("t5")(mx.array(t5_tokens.ids), self.compute_dtype("t5"))
+        hidden = self.load("t5")(mx.array(np.concatenate(ids[t5])), self.compute_dtype("t5"))
         mx.eval(hidden)
         self._done_with("t5")
         return hidden, pooled
@@ -317,9 +348,11 @@ class Flux1:
         ids = latents.image_ids(config.height, config.width)
         if mode.tokens is not None:
             ids = mx.concatenate([ids, mode.token_ids], axis=1)
-        if mode.negative is not None:  # both prompts in one batch of 2: [positive, negative]
-            hidden = mx.concatenate([hidden, mode.negative[0]], axis=0)
-            pooled = mx.concatenate([pooled, mode.negative[1]], axis=0)
+        batch = noise.shape[0]
+        if mode.negative is not None:  # both prompts in one batch: [positives; negatives]
+            negative_hidden, negative_pooled = mode.negative
+            hidden = mx.concatenate([hidden, mx.broadcast_to(negative_hidden, hidden.shape)], axis=0)
+            pooled = mx.concatenate([pooled, mx.broadcast_to(negative_pooled, pooled.shape)], axis=0)
         txt_ids = mx.zeros((1, hidden.shape[1], 3))
         guidance_scale = config.guidance_for(self.files.base_model)
         guidance = mx.array([guidance_scale], mx.float32) if transformer.guidance_embeds else None
@@ -328,12 +361,10 @@ class Flux1:
             start = time.perf_counter()
             # diffusers passes (sigma * 1000) / 1000 in float32; the same rounding keeps us bit-close.
             t = mx.array(np.array([sigma * np.float32(1000)], np.float32) / np.float32(1000))
-            v = transformer(
-                mode.model_input(x, hidden.shape[0], dtype), ids, hidden, txt_ids, t, pooled, guidance
-            )
+            v = transformer(mode.model_input(x, dtype), ids, hidden, txt_ids, t, pooled, guidance)
             v = v[:, :image_tokens].astype(mx.float32)  # Kontext: the reference tokens' output is unused
             if mode.negative is not None:
-                v = v[1:] + mode.true_cfg_scale * (v[:1] - v[1:])
+                v = v[batch:] + mode.true_cfg_scale * (v[:batch] - v[batch:])
             x = euler_step(x, v, sigma, sigma_next)
             if mode.blend_mask is not None:
                 keep = noised(mode.image_latents, noise, sigma_next)
@@ -347,16 +378,24 @@ class Flux1:
         self._done_with("transformer")
         return x
 
-    @_at_own_precision
     def decode(self, packed: mx.array, config: Config) -> np.ndarray:
         """Float image [H, W, 3] in [0, 1]."""
+        return self.decode_each(packed[:1], config)[0]
+
+    @_at_own_precision
+    def decode_each(self, packed: mx.array, config: Config) -> list[np.ndarray]:
+        """The float image [H, W, 3] in [0, 1] of each packed latents [B, N, 64], one at a time (the
+        VAE's activations stay one image's), the VAE loaded once."""
         vae = self.load("vae")
-        z = latents.unpack(packed, config.height, config.width) / vae.scaling_factor + vae.shift_factor
-        image = vae.decode(z.astype(self.compute_dtype("vae")))
-        image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-        mx.eval(image)
+        images = []
+        for row in range(packed.shape[0]):
+            z = latents.unpack(packed[row : row + 1], config.height, config.width)
+            image = vae.decode((z / vae.scaling_factor + vae.shift_factor).astype(self.compute_dtype("vae")))
+            image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+            mx.eval(image)
+            images.append(np.array(image[0]))
         self._done_with("vae")
-        return np.array(image[0])
+        return images
 
     @_at_own_precision
     def generate_array(
@@ -410,6 +449,34 @@ class Flux1:
         )
         return image, record, timings
 
+    def generate_images(
+        self,
+        seeds: list[int],
+        prompts: str | list[str],
+        config: Config | None = None,
+        batch_size: int = 1,
+        latents: mx.array | None = None,
+        progress: bool = True,
+        on_step: Callable[[int, Step], None] | None = None,
+        **mode_inputs,
+    ) -> list[GeneratedImage]:
+        """An image for every prompt and seed (prompt-major, as main.py names them), `batch_size` at
+        a time through the encoders and the transformer; `on_step(n, step)` sees image n's part of
+        each step; `mode_inputs` as generate_image's. See `flux1.batch`."""
+        from flux1.batch import generate_images
+
+        return generate_images(
+            self,
+            seeds,
+            prompts,
+            config or Config(),
+            batch_size,
+            latents,
+            progress,
+            on_step,
+            ModeInputs(**mode_inputs),
+        )
+
     def generate_image(
         self,
         seed: int,
@@ -427,5 +494,4 @@ class Flux1:
         image, record, timings = self.generate_array(
             seed, prompt, config or Config(), latents, progress, on_step, inputs
         )
-        # As diffusers' image processor: scale to 0..255, round half to even, 8 bits.
-        return GeneratedImage((image * 255).round().astype(np.uint8), record, timings)
+        return GeneratedImage(to_pixels(image), record, timings)

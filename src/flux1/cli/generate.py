@@ -99,12 +99,28 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument(
         "--image-strength", type=float, help="how much of the input image is kept, 0 to 1 (default 0.4)"
     )
+    image.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images per batch through the text encoders and the transformer (default 1)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--output", default="image.png", help="PNG path (default image.png; never overwritten)")
     out.add_argument(
         "--metadata", action="store_true", help="also write <output>.json with the generation record"
     )
     out.add_argument("--config-from-metadata", "-C", help="re-run from a PNG written by flux1 or its JSON")
+    out.add_argument(
+        "--stepwise-image-output-dir",
+        help="a new or empty folder: an image of each step's predicted clean latents, and a strip of them",
+    )
+    out.add_argument(
+        "--preview",
+        choices=["vae", "latent"],
+        help="step images decoded by the VAE (vae, the default: exact, one decode per step) or mapped "
+        "from the latents (latent: 1/8 size, no VAE)",
+    )
     return p
 
 
@@ -286,7 +302,8 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.config_from_metadata:
         _apply_record(args, _given_flags(argv, p))
-    from flux1 import backend
+    from flux1 import backend, stepwise
+    from flux1.batch import batch_size_for, generate_batch
     from flux1.distributed.agreement import agree
     from flux1.distributed.ranks import world
     from flux1.distributed.work import run_work
@@ -297,6 +314,7 @@ def run(argv: list[str]) -> int:
     from flux1.pipeline import Flux1
 
     prompts, seeds = _prompts(args), _seeds(args)
+    batch_size = batch_size_for(args.batch_size, len(prompts) * len(seeds))
     for seed in seeds:
         check_seed(seed)
     config = Config(
@@ -314,6 +332,11 @@ def run(argv: list[str]) -> int:
     inputs = ModeInputs(
         args.negative_prompt, args.true_cfg_scale, args.image_path, args.mask_path, args.image_strength
     )
+    stepwise_dir = Path(args.stepwise_image_output_dir) if args.stepwise_image_output_dir else None
+    if args.preview and stepwise_dir is None:
+        raise ValueError(f"--preview {args.preview}: needs --stepwise-image-output-dir")
+    if stepwise_dir is not None:
+        stepwise.check_folder(stepwise_dir)
     options = dict(
         quantize=args.quantize,
         group_size=args.group_size,
@@ -344,17 +367,45 @@ def run(argv: list[str]) -> int:
     if args.guidance is not None and flux.files.base_model == "schnell":
         logging.getLogger("flux1").warning("--guidance is ignored: FLUX.1-schnell has no guidance input")
 
-    def work() -> list[tuple[str, int, str]]:
+    def work() -> list[tuple[list]]:
         paths = output_paths(output, len(prompts), seeds, args.metadata)
-        return [(p, s, str(path)) for p, row in zip(prompts, paths) for s, path in zip(seeds, row)]
+        items = [(p, s, str(path)) for p, row in zip(prompts, paths) for s, path in zip(seeds, row)]
+        return [(items[i : i + batch_size],) for i in range(0, len(items), batch_size)]
 
-    def generate(prompt: str, seed: int, path: str, keep: bool) -> None:
-        result = flux.generate_image(seed, prompt, config, latents=noise, **vars(inputs))
-        if noise is not None:
-            result.record["latents"] = latents_record
-        if keep:
-            result.save(path, export_json=args.metadata)
-            print(f"saved {path} (seed {seed}; {result.timings.line()})")
+    latent_map = []  # the latent preview's map, fitted once
+
+    def step_writer(path: str) -> stepwise.StepwiseWriter:
+        mode = args.preview or "vae"
+        if mode == "latent" and not latent_map:
+            latent_map.append(stepwise.fitted_map(flux))
+        folder = stepwise_dir if len(prompts) * len(seeds) == 1 else stepwise_dir / Path(path).stem
+        return stepwise.StepwiseWriter(flux, config, folder, mode, latent_map[0] if latent_map else None)
+
+    def generate(chunk: list, keep: bool) -> None:
+        writers = [step_writer(path) if stepwise_dir is not None and keep else None for *_, path in chunk]
+        if len(chunk) == 1:
+            (prompt, seed, _), writer = chunk[0], writers[0]
+            results = [
+                flux.generate_image(seed, prompt, config, latents=noise, on_step=writer, **vars(inputs))
+            ]
+        else:
+            on_step = (lambda n, step: writers[n](step)) if writers[0] is not None else None
+            results = generate_batch(
+                flux, [(p, s) for p, s, _ in chunk], config, noise, on_step=on_step, inputs=inputs
+            )
+        for (_, seed, path), result, writer in zip(chunk, results, writers):
+            if noise is not None:
+                result.record["latents"] = latents_record
+            if keep:
+                result.save(path, export_json=args.metadata)
+                batch = f"batch of {len(chunk)}: " if len(chunk) > 1 else ""
+                print(f"saved {path} (seed {seed}; {batch}{result.timings.line()})")
+            if writer is None:
+                continue
+            strip = writer.finish()
+            print(
+                f"step previews ({writer.mode}) in {writer.folder}, strip {strip.name}: {writer.seconds:.2f}s"
+            )
 
     run_work(work, generate, group, args.tensor_parallel)
     return 0

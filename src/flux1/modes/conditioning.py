@@ -24,13 +24,19 @@ class Conditioning:
     negative: tuple[mx.array, mx.array] | None = None
     true_cfg_scale: float = 1.0
 
-    def model_input(self, x: mx.array, batch: int, dtype: mx.Dtype) -> mx.array:
-        """The transformer's image input: the latents with the mode's channels and tokens, per prompt."""
+    def model_input(self, x: mx.array, dtype: mx.Dtype) -> mx.array:
+        """The transformer's image input: the latents [B, N, 64] of a batch with the mode's channels
+        and tokens (shared by the batch), twice over with a negative prompt ([positive; negative])."""
+        batch = x.shape[0]
         if self.channels is not None:
-            x = mx.concatenate([x, self.channels], axis=-1)
+            x = mx.concatenate(
+                [x, mx.broadcast_to(self.channels, (batch, *self.channels.shape[1:]))], axis=-1
+            )
         if self.tokens is not None:
-            x = mx.concatenate([x, self.tokens], axis=1)
-        return mx.broadcast_to(x, (batch, *x.shape[1:])).astype(dtype)
+            x = mx.concatenate([x, mx.broadcast_to(self.tokens, (batch, *self.tokens.shape[1:]))], axis=1)
+        if self.negative is not None:
+            x = mx.concatenate([x, x], axis=0)
+        return x.astype(dtype)
 
 
 def noised(image_latents: mx.array, noise: mx.array, sigma) -> mx.array:
