@@ -48,6 +48,30 @@ def test_batches_equal_one_at_a_time(tiny_schnell, tmp_path, variant):
     assert all(s.latents.shape == (1, 6, 64) for _, s in steps)
 
 
+@pytest.mark.parametrize("mode", ["true CFG", "img2img", "inpainting"])
+def test_batches_equal_one_at_a_time_in_every_mode(tiny_dev, tmp_path, mode):
+    """A mode's inputs are shared by the batch: the negative prompt's velocity for each image, the
+    input image's latents and mask broadcast over the batch's noises."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), np.uint8)).save(
+        tmp_path / "in.png"
+    )
+    mask = np.zeros((32, 48), np.uint8)
+    mask[:, 24:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    inputs = {
+        "true CFG": {"negative_prompt": "blurry", "true_cfg_scale": 3.0},
+        "img2img": {"image": tmp_path / "in.png", "image_strength": 0.5},
+        "inpainting": {"image": tmp_path / "in.png", "mask": tmp_path / "mask.png"},
+    }[mode]
+    flux = Flux1.from_path(tiny_dev, precision="fp32")
+    config = Config(num_inference_steps=4, height=32, width=48)
+    single = [flux.generate_image(s, "a fox", config, progress=False, **inputs) for s in (1, 2, 3)]
+    batched = flux.generate_images([1, 2, 3], "a fox", config, batch_size=3, progress=False, **inputs)
+    _same_images(batched, single)
+    plain = flux.generate_image(1, "a fox", config, progress=False)
+    assert np.abs(plain.pixels.astype(int) - batched[0].pixels.astype(int)).max() > 8  # the mode acts
+
+
 def test_injected_noise_is_every_images_noise(tiny_dev):
     flux = Flux1.from_path(tiny_dev, precision="fp32")
     noise = latents.noise(9, 32, 48) * 0.5
