@@ -4,6 +4,7 @@ tensor parallel sums each row-split layer's partial products in another order (f
 difference about 1e-7 per sum), which may move a pixel by one 8-bit level: the bound is 1 level."""
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -197,7 +198,8 @@ def test_ranks_with_different_settings_are_refused(tiny_schnell, tmp_path):
         "(every rank must see the same model files, options and settings)"
     )
     assert result.stderr.count(message) == 2, result.stderr[-2000:]
-    assert "Node with rank 0 exited with code 2" in result.stdout + result.stderr
+    # rank 0 exits 2 after its message, unless mlx.launch stops it first (-15) once rank 1 has ended
+    assert re.search(r"Node with rank 0 exited with code (2|-15)\b", result.stdout + result.stderr)
     assert not list(tmp_path.glob("*.png"))
 
 

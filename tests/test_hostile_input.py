@@ -387,11 +387,11 @@ def test_long_output_name_is_one_line(tiny_schnell, tmp_path):
 def test_ctrl_c_exits_130_with_one_line(tiny_schnell, tmp_path):
     process = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "main.py"), "--path", str(tiny_schnell), "--prompt", "x"]
-        + ["--height", "256", "--width", "256", "--steps", "50", "--output", str(tmp_path / "o.png")],
+        + ["--height", "512", "--width", "512", "--steps", "1000", "--output", str(tmp_path / "o.png")],
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(6)
+    time.sleep(8)  # loading done, denoising under way (1000 steps take far longer)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130
