@@ -1,6 +1,6 @@
 """flux1-ui in a real browser: the real server (`python -m flux1.ui`, a subprocess on loopback) serving
 the tiny fixture, driven by headless Chromium through Selenium; the load test through gradio_client.
-Images are 64x64 with 1-2 steps, so the module adds about a minute."""
+Images are 32x32 to 64x64 with 1-2 steps, so the module adds about two minutes."""
 
 import json
 import os
@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from flux1.cli.generate import main as generate_main
+from flux1.configs import GUIDANCE
 from flux1.metadata import read_record
 
 pytest.importorskip("gradio", reason="the UI extra is not installed (pip install .[ui])")
@@ -48,12 +49,35 @@ def _until(check, timeout=WAIT, what="condition"):
 
 
 def _pngs(folder: Path) -> set[str]:
-    return {p.name for p in folder.glob("*.png")}
+    """The generated images (input copies are `input-*`)."""
+    return {p.name for p in folder.glob("image*.png")}
+
+
+def _written(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.is_file()}
+
+
+MAX_UPLOAD = 100_000  # bytes: the server's --max-upload
 
 
 @pytest.fixture(scope="module")
-def server(tiny_schnell, tmp_path_factory):
-    """The UI on 127.0.0.1 with the tiny schnell fixture and a LoRA made for a wider model."""
+def pictures(tmp_path_factory):
+    """A 64x64 input image, masks (the right half white; one of the wrong size), a broken file."""
+    folder = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "photo.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    Image.fromarray(mask[:32, :48]).save(folder / "small-mask.png")
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    (folder / "huge.png").write_bytes(b"\0" * (2 * MAX_UPLOAD))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_schnell, tiny_dev, tmp_path_factory):
+    """The UI on 127.0.0.1 with the tiny schnell and dev fixtures and a LoRA made for a wider model."""
     root = tmp_path_factory.mktemp("ui")
     loras, out = root / "loras", root / "out"
     loras.mkdir()
@@ -65,8 +89,9 @@ def server(tiny_schnell, tmp_path_factory):
         },
     )
     port = _free_port()
-    command = [sys.executable, "-m", "flux1.ui", "--path", str(tiny_schnell), "--lora-dir", str(loras)]
-    command += ["--output-dir", str(out), "--port", str(port)]
+    command = [sys.executable, "-m", "flux1.ui", "--path", str(tiny_schnell), str(tiny_dev)]
+    command += ["--lora-dir", str(loras), "--output-dir", str(out), "--port", str(port)]
+    command += ["--max-upload", f"{MAX_UPLOAD}b"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
@@ -84,8 +109,7 @@ def server(tiny_schnell, tmp_path_factory):
     process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def browser():
+def _driver():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -94,7 +118,12 @@ def browser():
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = _driver()
     yield driver
     driver.quit()
 
@@ -139,6 +168,29 @@ class Page:
     def click(self, elem_id):
         self.find(f"#{elem_id}").click()
 
+    def upload(self, elem_id, path):
+        self.find(f"#{elem_id} input[type=file]").send_keys(str(path))
+
+    def clear_upload(self, elem_id):
+        self.find(f"#{elem_id} button[aria-label=Clear]").click()
+
+    def choose(self, elem_id, option):
+        """Pick an option of a dropdown."""
+        self.find(f"#{elem_id} input").click()
+        _until(lambda: self.find(f"li[role=option][aria-label='{option}']"), what=f"option {option}").click()
+
+    def watch(self, elem_id):
+        """From now on, every text #elem_id shows is kept (read back with seen())."""
+        self.driver.execute_script(
+            "const e = document.getElementById(arguments[0]); window.seen = [];"
+            "new MutationObserver(() => window.seen.push(e.innerText))"
+            ".observe(e, {subtree: true, childList: true, characterData: true});",
+            elem_id,
+        )
+
+    def seen(self):
+        return self.driver.execute_script("return window.seen")
+
 
 def _main_py_image(checkpoint: Path, folder: Path, *flags) -> Path:
     """What main.py writes for the same settings."""
@@ -148,6 +200,17 @@ def _main_py_image(checkpoint: Path, folder: Path, *flags) -> Path:
 
 
 VOLATILE = {"created", "generation_seconds"}
+
+
+def _same_record(record: dict, expected: dict, *other: str) -> None:
+    skip = VOLATILE | set(other)
+    assert {k: v for k, v in record.items() if k not in skip} == {
+        k: v for k, v in expected.items() if k not in skip
+    }
+
+
+def _same_pixels(a: Path, b: Path) -> None:
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
 @needs_browser
@@ -270,6 +333,204 @@ def test_dropping_a_png_loads_its_settings(server, browser, tmp_path):
     ]
 
 
+def _kept(out: Path, record: dict, name: str, original: Path) -> None:
+    """The record's input file is the upload's bytes, in the output folder, named for what it is."""
+    kept = Path(record[f"{name}_path"])
+    assert kept == out / f"input-{name}-{record[f'{name}_sha256'][:16]}.png"
+    assert kept.read_bytes() == original.read_bytes()
+
+
+@needs_browser
+def test_img2img_with_a_negative_prompt_writes_what_main_py_writes(server, browser, pictures, tmp_path):
+    url, out, checkpoint = server
+    page = Page(browser, url)
+    before = _pngs(out)
+    page.settings(width=32, height=32)
+    page.upload("init-image", pictures / "photo.png")
+    page.wait_text("status", "Input image photo.png: 64x64 (width x height)")
+    assert (page.value("width"), page.value("height")) == ("64", "64")  # main.py's size for it
+    page.fill("prompt", "a red fox")
+    page.fill("steps", 2)
+    page.fill("seed", 7)
+    page.fill("strength", 0.5)
+    page.fill("negative-prompt", "blurry")
+    page.fill("true-cfg", 2)
+    page.click("generate")
+    page.wait_text("status", "Saved image")
+    (name,) = _pngs(out) - before
+    flags = ["--prompt", "a red fox", "--seed", "7", "--steps", "2", "--image-strength", "0.5"]
+    flags += [
+        "--negative-prompt",
+        "blurry",
+        "--true-cfg-scale",
+        "2",
+        "--image-path",
+        str(pictures / "photo.png"),
+    ]
+    reference = _main_py_image(checkpoint, tmp_path, *flags)
+    _same_pixels(out / name, reference)
+    record = read_record(out / name)
+    _same_record(record, read_record(reference), "image_path")
+    assert (record["image_strength"], record["negative_prompt"], record["true_cfg_scale"]) == (
+        0.5,
+        "blurry",
+        2,
+    )
+    _kept(out, record, "image", pictures / "photo.png")
+
+
+@needs_browser
+def test_inpainting_with_an_uploaded_mask_reruns_with_main_py_c(server, browser, pictures, tmp_path):
+    url, out, checkpoint = server
+    page = Page(browser, url)
+    before = _pngs(out)
+    page.upload("init-image", pictures / "photo.png")
+    page.wait_text("status", "Input image photo.png")
+    page.upload("mask", pictures / "mask.png")
+    page.settings(prompt="a hat", seed=8)
+    page.click("generate")
+    page.wait_text("status", "Saved image")
+    (name,) = _pngs(out) - before
+    photo, mask = str(pictures / "photo.png"), str(pictures / "mask.png")
+    reference = _main_py_image(
+        checkpoint,
+        tmp_path,
+        "--prompt",
+        "a hat",
+        "--seed",
+        "8",
+        "--steps",
+        "2",
+        "--image-path",
+        photo,
+        "--mask-path",
+        mask,
+    )
+    _same_pixels(out / name, reference)
+    record = read_record(out / name)
+    _same_record(record, read_record(reference), "image_path", "mask_path")
+    assert record["image_strength"] == 0.4  # the default, as main.py's
+    _kept(out, record, "image", pictures / "photo.png")
+    _kept(out, record, "mask", pictures / "mask.png")
+    # main.py -C on the page's PNG finds its inputs in the output folder and makes the same image.
+    again = tmp_path / "again.png"
+    assert generate_main(["-C", str(out / name), "--output", str(again)]) == 0
+    _same_pixels(again, out / name)
+
+
+@needs_browser
+def test_bad_uploads_give_a_message_and_write_nothing(server, pictures):
+    url, out, _ = server
+    # A browser of its own: after this test, the next page this Chromium loads got no streamed progress
+    # (the server ran and saved the job; a fresh browser sees it), a client-side leftover not found yet.
+    browser = _driver()
+    try:
+        _bad_uploads(Page(browser, url), out, pictures)
+    finally:
+        browser.quit()
+
+
+def _bad_uploads(page, out, pictures):
+    written = _written(out)
+    page.upload("init-image", pictures / "huge.png")
+    refused = 'File(s) exceed the maximum allowed size of 97.7 Kb: "huge.png"'
+    _until(lambda: refused in getattr(page.find(".toast-body"), "text", ""), what="the size message")
+    assert not list(out.rglob("huge.png"))  # refused before anything is sent
+
+    page.upload("init-image", pictures / "broken.png")
+    unreadable = (
+        "Input image broken.png: not an image that Pillow can read (cannot identify image file 'broken.png')"
+    )
+    page.wait_text("status", f"Error: {unreadable}")
+    page.settings()
+    page.click("generate")
+    page.wait_text("status", f"Error: {unreadable}")
+
+    page.clear_upload("init-image")
+    page.upload("init-image", pictures / "photo.png")
+    page.wait_text("status", "Input image photo.png")
+    page.upload("mask", pictures / "small-mask.png")
+    page.settings()
+    page.click("generate")
+    page.wait_text(
+        "status",
+        "Error: Mask small-mask.png: 48x32 pixels, but the image is 64x64: the mask must cover the image "
+        "pixel for pixel (both are then fitted to the output size alike)",
+    )
+    assert _written(out) == written
+    page.clear_upload("mask")  # the server keeps serving: the next request goes through
+    page.click("generate")
+    page.wait_text("status", "Saved image")
+
+
+@needs_browser
+def test_a_second_tab_sees_its_place_in_the_queue(server, browser):
+    url, out, _ = server
+    first, second_driver = Page(browser, url), _driver()
+    try:
+        second = Page(second_driver, url)
+        first.settings(steps=300, seed=3)
+        second.settings(prompt="a second tab", steps=1, seed=4)
+        first.click("generate")
+        first.wait_text("status", "step 2/300")
+        second.click("generate")
+        # Gradio's status over the tab's outputs: its place among the waiting jobs (and time waited)
+        second.wait_text("image .progress-text", "queue: 1/1 |")
+        first.click("cancel")
+        first.wait_text("status", "Cancelled at step")
+        second.wait_text("status", "Saved image")
+        assert read_record(out / second.text("status").split()[1])["prompt"] == "a second tab"
+    finally:
+        second_driver.quit()
+
+
+@needs_browser
+def test_changing_the_model_reloads_with_progress(server, browser, tiny_dev):
+    url, out, checkpoint = server
+    page = Page(browser, url)
+    for model, kind, seed in ((tiny_dev, "dev", 5), (checkpoint, "schnell", 6)):
+        page.choose("model", str(model))
+        page.wait_text(
+            "modes", f"FLUX.1-{kind} takes the prompt alone or input image or input image and mask"
+        )
+        page.settings(seed=seed, steps=1)
+        page.watch("status")
+        page.click("generate")
+        page.wait_text("status", f"(seed {seed};")
+        seen = "\n".join(page.seen())
+        assert f"Loading {model}: transformer" in seen, seen
+        record = read_record(out / page.text("status").split()[1])
+        # guidance 0 in the page: the kind's own (dev 3.5; schnell has no guidance input)
+        assert (record["model"], record["base_model"], record["guidance"]) == (
+            str(model),
+            kind,
+            GUIDANCE[kind],
+        )
+
+
+@needs_browser
+def test_the_gallery_shows_thumbnails_of_every_image(server, browser):
+    url, out, _ = server
+    page = Page(browser, url)
+    page.settings(seed=11, steps=1)
+    page.click("generate")
+    page.wait_text("status", "Saved image")
+    page = Page(browser, url)  # a fresh page lists everything made since start
+    made = _pngs(out)
+    _until(
+        lambda: len(browser.find_elements(page.by.CSS_SELECTOR, "#gallery img")) == len(made),
+        what="the gallery",
+    )
+    gallery = page.find("#gallery").rect
+    loaded = "arguments[0].scrollIntoView(); return arguments[0].complete && arguments[0].naturalWidth"
+    for thumbnail in browser.find_elements(page.by.CSS_SELECTOR, "#gallery img"):
+        assert Path(thumbnail.get_attribute("src")).name in made
+        _until(
+            lambda thumbnail=thumbnail: browser.execute_script(loaded, thumbnail), what="a thumbnail to load"
+        )
+        assert thumbnail.rect["width"] <= gallery["width"] / 6  # a thumbnail, however few images there are
+
+
 def test_five_requests_from_two_clients_complete_in_order(server):
     from gradio_client import Client
     from gradio_client.utils import Status
@@ -282,7 +543,10 @@ def test_five_requests_from_two_clients_complete_in_order(server):
     jobs = []
     for i, seed in enumerate(seeds):
         job = clients[i % 2].submit(
-            "a lighthouse", str(checkpoint), "none", 64, 64, 2, 3.5, seed, 1, api_name="/generate"
+            *("a lighthouse", str(checkpoint), "none", 64, 64, 2, 0, seed, 1),
+            *("", 1, None, None, 0.4, None),  # no negative prompt, input image, mask or drawing
+            0,  # the LoRA's scale
+            api_name="/generate",
         )
         _until(
             lambda job=job: job.status().code not in (Status.STARTING, Status.JOINING_QUEUE), what="queued"

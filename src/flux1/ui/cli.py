@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from flux1.backend import PRECISIONS
+from flux1.configs import BASE_MODELS, REPOS
 from flux1.quantize import BITS, GROUP_SIZES
 
 LOOPBACK = ("localhost",)
@@ -15,13 +16,19 @@ LORA_SUFFIXES = (".safetensors",)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flux1-ui", description="A local web page for FLUX.1 schnell and dev.")
-    p.add_argument("--model", "-m", nargs="+", default=[], help="schnell, dev or hub repo ids (one or more)")
+    p = argparse.ArgumentParser(
+        prog="flux1-ui", description="A local web page for FLUX.1 (schnell, dev, Fill, Kontext)."
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        nargs="+",
+        default=[],
+        help="schnell, dev, fill, kontext or hub repo ids (one or more)",
+    )
     p.add_argument("--path", nargs="+", default=[], help="local model folders or BFL files (one or more)")
     p.add_argument("--gguf", help="a GGUF transformer for the (single) model given")
-    p.add_argument(
-        "--base-model", choices=["schnell", "dev"], help="which model --path is, when it cannot tell"
-    )
+    p.add_argument("--base-model", choices=BASE_MODELS, help="which model --path is, when it cannot tell")
     p.add_argument(
         "--quantize", "-q", type=int, choices=BITS, help="initial quantization (the page changes it)"
     )
@@ -76,14 +83,21 @@ def lora_files(folder: str | None) -> list[Path]:
 
 
 def sources(args: argparse.Namespace) -> dict:
+    """The models the page offers, each with its kind: a local one's is read from its files now (a
+    broken path stops here), a hub alias names its own, a hub repo id's is known once loaded."""
+    from flux1.model_files import resolve
     from flux1.ui.request import Source
 
-    found = {m: Source(m, model=m, gguf=args.gguf, base_model=args.base_model) for m in args.model}
-    found |= {p: Source(p, path=p, gguf=args.gguf, base_model=args.base_model) for p in args.path}
+    if args.gguf and len(args.model) + len(args.path) > 1:
+        raise ValueError("--gguf: give a single --model or --path with it")
+    common = dict(gguf=args.gguf, base_model=args.base_model)
+    found = {
+        m: Source(m, model=m, **common, kind=args.base_model or (m if m in REPOS else None))
+        for m in args.model
+    }
+    found |= {p: Source(p, path=p, **common, kind=resolve(path=p, **common).base_model) for p in args.path}
     if not found:
         raise ValueError("--model or --path is required (one or more)")
-    if args.gguf and len(found) > 1:
-        raise ValueError("--gguf: give a single --model or --path with it")
     return found
 
 
@@ -97,7 +111,7 @@ def run(argv: list[str]) -> int:
     os.environ["GRADIO_TEMP_DIR"] = str(output / ".gradio")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from flux1.ui.engine import Engine
-    from flux1.ui.page import build_page
+    from flux1.ui.page import CSS, build_page
 
     engine = Engine(
         output,
@@ -120,6 +134,7 @@ def run(argv: list[str]) -> int:
         footer_links=[],
         allowed_paths=[str(output)],
         show_error=True,
+        css=CSS,
     )
     return 0
 

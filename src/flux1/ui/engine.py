@@ -1,7 +1,8 @@
 """The model behind the page: one `Flux1` kept loaded between generations and reloaded (with progress)
 when the model, quantization or LoRAs change; one generation at a time, on one worker thread that owns
 all MLX work; a cancel flag per browser session, checked after every step; images saved with main.py's
-naming into the output folder; the gallery of every image made since start."""
+naming into the output folder, beside copies of their input images; the gallery of every image made
+since start."""
 
 import logging
 import queue
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flux1 import preview
+from flux1 import modes, preview
 from flux1.cli.generate import output_paths
 from flux1.model_files import resolve
 from flux1.pipeline import NETWORKS, Flux1, Step
-from flux1.ui.request import ModelChoice, Request, page_message
+from flux1.ui.request import ModelChoice, Request, keep_inputs, page_message
 
 log = logging.getLogger("flux1")
 
@@ -87,6 +88,8 @@ class Engine:
                 raise Cancelled("Cancelled before it started; nothing saved")
             flux, rgb = self._model(request.model, emit)
             config, seeds = request.config, request.seeds
+            modes.select(flux.files.base_model, request.inputs)  # a hub repo id's kind is known by now
+            inputs = vars(keep_inputs(request.inputs, self.output_dir))
             paths = output_paths(self.output_dir / "image.png", 1, list(seeds))[0]
             for n, (seed, path) in enumerate(zip(seeds, paths), 1):
                 label = f"image {n}/{len(seeds)} (seed {seed})"
@@ -97,7 +100,9 @@ class Engine:
                     picture = preview.preview(step, config.height, config.width, rgb)
                     emit(Progress(f"{label}: step {step.index}/{step.total}, {step.seconds:.2f} s", picture))
 
-                image = flux.generate_image(seed, request.prompt, config, progress=False, on_step=on_step)
+                image = flux.generate_image(
+                    seed, request.prompt, config, progress=False, on_step=on_step, **inputs
+                )
                 image.save(path)
                 with self._lock:
                     self.gallery.append((path, image.record))
