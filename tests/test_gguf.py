@@ -11,7 +11,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from gguf import GGMLQuantizationType as T
 from tests.conftest import relative_error
-from tests.test_transformer import _inputs, _ours
+from tests.test_transformer import _inputs, _ours, reference_velocity
 
 from flux1 import backend
 from flux1.convert.transformer_diffusers import to_diffusers
@@ -131,16 +131,7 @@ def test_output_equals_reference_with_dequantized_weights(gguf_files, qtype, com
     reference = FluxTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
     reference.load_state_dict(state, strict=True)  # raises on any missing or unexpected key
     x = _inputs(False)
-    t = {k: None if v is None else torch.from_numpy(v) for k, v in x.items()}
-    with torch.no_grad():
-        expected = reference(
-            hidden_states=t["img"],
-            encoder_hidden_states=t["txt"],
-            pooled_projections=t["y"],
-            timestep=t["timesteps"],
-            img_ids=t["img_ids"],
-            txt_ids=t["txt_ids"],
-        ).sample.numpy()
+    expected = reference_velocity(reference, x)
     assert relative_error(ours, expected) < 1e-4
 
 

@@ -8,7 +8,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from tests import lora_files
 from tests.conftest import relative_error
-from tests.test_transformer import _inputs, _ours
+from tests.test_transformer import _inputs, _ours, reference_velocity
 
 from flux1.loaders.transformer import load_transformer
 from flux1.lora.apply import LoraError, apply_file
@@ -35,15 +35,7 @@ def _reference_output(folder, changes: dict[str, np.ndarray], strength: float) -
     with torch.no_grad():
         for layer, change in changes.items():
             params[f"{layer}.weight"] += strength * torch.from_numpy(change)
-        t = {k: None if v is None else torch.from_numpy(v) for k, v in _inputs(False).items()}
-        return reference(
-            hidden_states=t["img"],
-            encoder_hidden_states=t["txt"],
-            pooled_projections=t["y"],
-            timestep=t["timesteps"],
-            img_ids=t["img_ids"],
-            txt_ids=t["txt_ids"],
-        ).sample.numpy()
+    return reference_velocity(reference, _inputs(False))
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
@@ -413,17 +405,9 @@ def test_file_written_by_diffusers_pipeline_applies_its_prefixed_metadata(tiny_s
     clip = load_clip(tiny_schnell / "text_encoder")
     report = apply_file({"transformer": model, "clip": clip}, file, 1.0)
     assert report.layers == 4 and report.unmatched == []
-    t = {k: None if v is None else torch.from_numpy(v) for k, v in _inputs(False).items()}
     ids = PromptTokenizer(tiny_schnell / "tokenizer", "clip", 77)("a red fox").ids
+    expected = reference_velocity(pipe.transformer, _inputs(False))
     with torch.no_grad():
-        expected = pipe.transformer(
-            hidden_states=t["img"],
-            encoder_hidden_states=t["txt"],
-            pooled_projections=t["y"],
-            timestep=t["timesteps"],
-            img_ids=t["img_ids"],
-            txt_ids=t["txt_ids"],
-        ).sample.numpy()
         clip_expected = pipe.text_encoder(torch.from_numpy(ids).long()).pooler_output.numpy()
     assert relative_error(_ours(model, _inputs(False)), expected) < TOLERANCE
     assert relative_error(clip(mx.array(ids)), clip_expected) < TOLERANCE

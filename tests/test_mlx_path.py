@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from tests import lora_files
 from tests.conftest import relative_error
-from tests.test_transformer import _inputs, _ours
+from tests.test_transformer import _inputs, _ours, reference_velocity
 
 from flux1 import Config, Flux1, backend, latents
 from flux1.fixtures.build import build_checkpoint
@@ -93,16 +93,7 @@ def test_bf16_velocity_close_to_fp32_reference(bf16_schnell):
     folder = bf16_schnell / "transformer"
     reference = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.float32)
     x = _inputs(False)
-    t = {k: None if v is None else torch.from_numpy(v) for k, v in x.items()}
-    with torch.no_grad():
-        expected = reference(
-            hidden_states=t["img"],
-            encoder_hidden_states=t["txt"],
-            pooled_projections=t["y"],
-            timestep=t["timesteps"],
-            img_ids=t["img_ids"],
-            txt_ids=t["txt_ids"],
-        ).sample.numpy()
+    expected = reference_velocity(reference, x)
     with backend.use("mlx"):
         model = load_transformer(folder)
         ours = model(mx.array(x["img"]).astype(mx.bfloat16), *_rest(x))

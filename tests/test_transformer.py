@@ -54,14 +54,11 @@ def _ours(model, x: dict) -> np.ndarray:
     return np.array(out)
 
 
-def test_velocity_equals_diffusers(transformer_folder, compute_path):
-    reference, info = FluxTransformer2DModel.from_pretrained(transformer_folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    model = load_transformer(transformer_folder)
-    x = _inputs(model.guidance_embeds)
+def reference_velocity(reference, x: dict) -> np.ndarray:
+    """diffusers' FluxTransformer2DModel on the inputs of `_inputs`."""
     t = {k: None if v is None else torch.from_numpy(v) for k, v in x.items()}
     with torch.no_grad():
-        expected = reference(
+        return reference(
             hidden_states=t["img"],
             encoder_hidden_states=t["txt"],
             pooled_projections=t["y"],
@@ -70,6 +67,14 @@ def test_velocity_equals_diffusers(transformer_folder, compute_path):
             txt_ids=t["txt_ids"],
             guidance=t["guidance"],
         ).sample.numpy()
+
+
+def test_velocity_equals_diffusers(transformer_folder, compute_path):
+    reference, info = FluxTransformer2DModel.from_pretrained(transformer_folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    model = load_transformer(transformer_folder)
+    x = _inputs(model.guidance_embeds)
+    expected = reference_velocity(reference, x)
     assert relative_error(_ours(model, x), expected) < TOLERANCE
 
 
