@@ -42,11 +42,10 @@ def worker_flux1(fixture: Path, noise: np.ndarray, size: int, steps: int, option
 
     from flux1 import Config, Flux1, cpu_plan
 
-    options = dict(options)
-    with cpu_plan.use(options.pop("precision")):
-        flux = Flux1.from_path(fixture, **options)
-        config = Config(steps, size, size)
-        image, _, t = flux.generate_array(0, PROMPT, config, mx.array(noise), progress=False)
+    flux = Flux1.from_path(fixture, **options)  # computes at options["precision"]
+    config = Config(steps, size, size)
+    image, _, t = flux.generate_array(0, PROMPT, config, mx.array(noise), progress=False)
+    with cpu_plan.use(flux.precision):
         plan = cpu_plan.describe()
     return {
         "plan": plan,

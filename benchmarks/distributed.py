@@ -3,6 +3,7 @@ with --tensor-parallel, bytes each rank exchanges per denoising step, images per
 parallel; and the model of how each scales across machines from the measured compute and exchange.
 
     python benchmarks/distributed.py [--preset wide] [--size 256] [--steps 2] [--images 4]
+    python benchmarks/distributed.py --preset full -q 4 --modes tensor --calls 0   # 12B: memory only
 
 Two ranks on one 2-core machine share its cores (one BLAS thread each), so data parallel cannot be
 faster here; what it shows is that the work is split and costs nothing extra.
@@ -45,9 +46,10 @@ def step_probe() -> None:
     from flux1.weights import slices
     from measure import transformer_inputs
 
-    folder, size = sys.argv[2], int(sys.argv[3])
+    folder, size, calls = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    quantize = int(sys.argv[5]) if sys.argv[5:] else None
     group = world()
-    flux = Flux1.from_path(folder, group=group, tensor_parallel=group.size() > 1)
+    flux = Flux1.from_path(folder, quantize=quantize, group=group, tensor_parallel=group.size() > 1)
     transformer = flux.load("transformer")
     held = sum(a.nbytes for _, a in tree_flatten(transformer.parameters()))
     held += sum(
@@ -57,16 +59,18 @@ def step_probe() -> None:
         for a in vars(x).values()
         if isinstance(a, mx.array)
     )
-    inputs = transformer_inputs(transformer, size)
-    mx.eval(transformer(*inputs))  # warm
-    seconds = []
-    for _ in range(3):
-        before = tensor_parallel.exchanged_bytes
-        start = time.perf_counter()
-        mx.eval(transformer(*inputs))
-        seconds.append(time.perf_counter() - start)
-    exchanged = tensor_parallel.exchanged_bytes - before
-    report = {"rank": group.rank(), "step_s": sorted(seconds)[1], "exchanged": exchanged}
+    seconds, exchanged = [float("nan")], 0
+    if calls:
+        inputs = transformer_inputs(transformer, size)
+        mx.eval(transformer(*inputs))  # warm
+        seconds = []
+        for _ in range(calls):
+            before = tensor_parallel.exchanged_bytes
+            start = time.perf_counter()
+            mx.eval(transformer(*inputs))
+            seconds.append(time.perf_counter() - start)
+        exchanged = tensor_parallel.exchanged_bytes - before
+    report = {"rank": group.rank(), "step_s": sorted(seconds)[len(seconds) // 2], "exchanged": exchanged}
     report.update(shard_read=slices.bytes_read, held=held, calls=exchanges_per_call(transformer.config))
     print(json.dumps(report), flush=True)
 
@@ -111,39 +115,44 @@ def main() -> None:
     parser = fixture_parser(__doc__)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("-q", "--quantize", type=int, help="quantize at load (main.py's -q)")
+    parser.add_argument("--modes", nargs="+", default=["tensor", "data"], choices=["tensor", "data"])
+    parser.add_argument("--calls", type=int, default=3, help="timed transformer calls (0: memory only)")
     parser.set_defaults(size=256, dtype="bfloat16")
     options = parser.parse_args()
     folder = fixture_folder(options.cache, options.preset, options.dtype)
     common = ["--path", str(folder), "--prompt", "a lighthouse", "--low-ram", "--steps", str(options.steps)]
     common += ["--height", str(options.size), "--width", str(options.size)]
+    quantize = [] if options.quantize is None else [str(options.quantize)]
+    common += ["-q", *quantize] if quantize else []
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores); {platform.platform()}")
-    print(f"{options.preset} preset, {options.dtype}, {options.size}x{options.size}, {options.steps} steps\n")
+    print(
+        f"{options.preset} preset, {options.dtype}{', -q ' + quantize[0] if quantize else ''}, "
+        f"{options.size}x{options.size}, {options.steps} steps\n"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        for ranks, mode in (
-            (1, "tensor parallel"),
-            (2, "tensor parallel"),
-            (1, "data parallel"),
-            (2, "data parallel"),
-        ):
-            images = 1 if mode == "tensor parallel" else options.images
-            seeds = [str(s) for s in range(1, images + 1)]
-            flags = ["--tensor-parallel"] if mode == "tensor parallel" and ranks > 1 else []
-            run = launch(
-                ranks,
-                [str(MAIN), *common, "--seed", *seeds, *flags, "--output", f"{out}/{mode[0]}{ranks}.png"],
-            )
-            if run.returncode or "exited with code" in run.stdout + run.stderr:
-                sys.exit(run.stderr[-3000:])
-            rows.append((mode, ranks, images, run.seconds, run.peak_rss_gb))
+        for mode in options.modes:
+            for ranks in (1, 2):
+                images = 1 if mode == "tensor" else options.images
+                seeds = [str(s) for s in range(1, images + 1)]
+                flags = ["--tensor-parallel"] if mode == "tensor" and ranks > 1 else []
+                run = launch(
+                    ranks,
+                    [str(MAIN), *common, "--seed", *seeds, *flags, "--output", f"{out}/{mode}{ranks}.png"],
+                )
+                if run.returncode or "exited with code" in run.stdout + run.stderr:
+                    sys.exit(run.stderr[-3000:])
+                rows.append((f"{mode} parallel", ranks, images, run.seconds, run.peak_rss_gb))
         probes = {}
         for ranks in (1, 2):
-            run = launch(ranks, [__file__, "--probe", str(folder), str(options.size)])
+            probe = [__file__, "--probe", str(folder), str(options.size), str(options.calls), *quantize]
+            run = launch(ranks, probe)
             if run.returncode or "exited with code" in run.stdout + run.stderr:
                 sys.exit(run.stderr[-3000:])
             lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
             probes[ranks] = sorted(lines, key=lambda r: r["rank"])
-    print(f"date {time.strftime('%Y-%m-%d')}; timings on a shared machine: medians of 3 calls, noisy\n")
+    print(f"date {time.strftime('%Y-%m-%d')}; timings on a shared machine: medians of the calls, noisy\n")
     print("| mode | ranks | images | wall s | images/min | peak RSS GB (largest rank) |")
     print("|---|---|---|---|---|---|")
     for mode, ranks, images, seconds, rss in rows:
@@ -157,16 +166,22 @@ def main() -> None:
         + ", ".join(f"{r['shard_read'] / 2**30:.2f}" for r in two)
         + " GiB (the rest, uncut layers, read whole)"
     )
+    if options.calls:
+        print_scaling(options.size, one, two, [r for r in rows if r[0] == "data parallel"])
+    print(full_estimate(ratio))
+
+
+def print_scaling(size: int, one: dict, two: list[dict], data_rows: list) -> None:
     payload, calls = two[0]["exchanged"], two[0]["calls"]
     print(
-        f"transformer call ({options.size}x{options.size}): 1 process {one['step_s']:.3f} s; 2 ranks "
+        f"transformer call ({size}x{size}): 1 process {one['step_s']:.3f} s; 2 ranks "
         f"tensor parallel {two[0]['step_s']:.3f} s (sharing 2 cores); exchanged {payload / 2**20:.1f} MiB "
         f"per rank per call in {calls} all_sum/all_gather calls"
     )
-    single_rate = 60 * rows[2][2] / rows[2][3]
+    single = f"n x {60 * data_rows[0][2] / data_rows[0][3]:.2f}" if data_rows else "not run"
     print(
         "model, n machines: data parallel = n x images/min of one (no exchange per step: "
-        f"n x {single_rate:.2f}); tensor parallel step = t1/n + calls x latency + 2(n-1)/n x payload / "
+        f"{single}); tensor parallel step = t1/n + calls x latency + 2(n-1)/n x payload / "
         "bandwidth (a ring all_sum sends 2(n-1)/n of its payload per rank), t1 the one-process step"
     )
     for link, gbit, latency in (("10 GbE", 10, 50e-6), ("Thunderbolt 5", 80, 20e-6)):
@@ -176,7 +191,6 @@ def main() -> None:
             f"{one['step_s']:.3f}/2 + {comm:.3f} = {one['step_s'] / 2 + comm:.3f} s per step "
             f"(speed-up {one['step_s'] / (one['step_s'] / 2 + comm):.2f}x)"
         )
-    print(full_estimate(ratio))
 
 
 if __name__ == "__main__":
