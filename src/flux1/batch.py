@@ -9,15 +9,13 @@ Each image gets its own record; its `generation_seconds` is its share (1/N) of t
 all images of a batch share the batch's `Timings`."""
 
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import mlx.core as mx
 
-from flux1 import latents, metadata, modes
-from flux1.generation import Config, ModeInputs, check_fits
-from flux1.pipeline import Flux1, GeneratedImage, Step, Timings, to_pixels
+from flux1 import latents
+from flux1.generation import Config, ModeInputs
+from flux1.pipeline import Flux1, GeneratedImage, Step, to_pixels
 
 log = logging.getLogger("flux1")
 
@@ -70,51 +68,5 @@ def generate_batch(
 ) -> list[GeneratedImage]:
     """One batch: the image of each (prompt, seed), in the mode `inputs` select; `on_step(n, step)`
     sees image n's part of each step (its latents and velocity)."""
-    inputs = inputs or ModeInputs()
-    modes.select(flux.files.base_model, inputs)
-    steps = config.steps_for(flux.files.base_model)
-    max_length = config.max_length_for(flux.files.base_model)
-    check_fits(config, max_length)  # the VAE decodes one image at a time
-    timings = Timings(steps=steps)
-    loaded_before = flux.load_seconds
-
-    def timed(phase: str, compute):
-        start, load_start = time.perf_counter(), flux.load_seconds
-        result = compute()
-        setattr(timings, phase, time.perf_counter() - start - (flux.load_seconds - load_start))
-        return result
-
-    def step_done(step: Step) -> None:
-        timings.step_seconds.append(step.seconds)
-        for n in range(len(items) if on_step is not None else 0):
-            on_step(n, replace(step, latents=step.latents[n : n + 1], velocity=step.velocity[n : n + 1]))
-
-    distinct = list(dict.fromkeys(prompt for prompt, _ in items))
-
-    def encode():
-        conditioning = modes.prepare(flux, inputs, config, steps, max_length)
-        return flux.encode_prompts(distinct, max_length), conditioning
-
-    (hidden, pooled), conditioning = timed("encode", encode)
-    timings.steps = steps - conditioning.start_step
-    rows = mx.array([distinct.index(prompt) for prompt, _ in items])
-    hidden, pooled = hidden[rows], pooled[rows]
-    if noise is None:
-        noise = mx.concatenate([latents.noise(seed, config.height, config.width) for _, seed in items])
-    else:
-        noise = mx.broadcast_to(noise, (len(items), *noise.shape[1:]))
-    packed = timed(
-        "denoise",
-        lambda: flux.denoise(noise, hidden, pooled, config, steps, progress, step_done, conditioning),
-    )
-    pictures = timed("decode", lambda: flux.decode_each(packed, config))
-    timings.load = flux.load_seconds - loaded_before
-    share = timings.total / len(items)
-    return [
-        GeneratedImage(
-            to_pixels(picture),
-            metadata.generation_record(flux, seed, prompt, config, steps, max_length, share, inputs),
-            timings,
-        )
-        for (prompt, seed), picture in zip(items, pictures)
-    ]
+    pictures, records, timings = flux.generate_arrays(items, config, noise, progress, on_step, inputs)
+    return [GeneratedImage(to_pixels(picture), record, timings) for picture, record in zip(pictures, records)]

@@ -5,7 +5,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -397,7 +397,6 @@ class Flux1:
         self._done_with("vae")
         return images
 
-    @_at_own_precision
     def generate_array(
         self,
         seed: int,
@@ -411,11 +410,30 @@ class Flux1:
         """The float image [H, W, 3] in [0, 1] (before 8-bit rounding), its record and timings;
         `inputs` selects the mode (negative prompt, img2img, inpainting, Fill, Kontext)."""
         latents.check_seed(seed)
+        each = None if on_step is None else (lambda _, step: on_step(step))
+        (image,), (record,), timings = self.generate_arrays(
+            [(prompt, seed)], config, noise, progress, each, inputs
+        )
+        return image, record, timings
+
+    @_at_own_precision
+    def generate_arrays(
+        self,
+        items: list[tuple[str, int]],
+        config: Config,
+        noise: mx.array | None = None,
+        progress: bool = True,
+        on_step: Callable[[int, Step], None] | None = None,
+        inputs: ModeInputs | None = None,
+    ) -> tuple[list[np.ndarray], list[dict], Timings]:
+        """One batch through the encoders and the transformer (see `flux1.batch`): the float image and
+        record of each (prompt, seed), and the batch's timings; `noise` [1, 16, H/8, W/8] replaces every
+        seed's; `on_step(n, step)` sees image n's part of each step (its latents and velocity)."""
         inputs = inputs or ModeInputs()
         modes.select(self.files.base_model, inputs)  # refuses inputs this kind cannot use, before any work
         steps = config.steps_for(self.files.base_model)
         max_length = config.max_length_for(self.files.base_model)
-        check_fits(config, max_length)
+        check_fits(config, max_length)  # the VAE decodes one image at a time
         timings = Timings(steps=steps)
         loaded_before = self.load_seconds
 
@@ -427,27 +445,36 @@ class Flux1:
 
         def step_done(step: Step) -> None:
             timings.step_seconds.append(step.seconds)
-            if on_step is not None:
-                on_step(step)
+            for n in range(len(items) if on_step is not None else 0):
+                on_step(n, replace(step, latents=step.latents[n : n + 1], velocity=step.velocity[n : n + 1]))
+
+        distinct = list(dict.fromkeys(prompt for prompt, _ in items))
 
         def encode():
             conditioning = modes.prepare(self, inputs, config, steps, max_length)
             self._done_with("vae")
-            return self.encode_prompt(prompt, max_length), conditioning
+            return self.encode_prompts(distinct, max_length), conditioning
 
         (hidden, pooled), conditioning = timed("encode", encode)
         timings.steps = steps - conditioning.start_step
-        noise = latents.noise(seed, config.height, config.width) if noise is None else noise
+        rows = mx.array([distinct.index(prompt) for prompt, _ in items])
+        hidden, pooled = hidden[rows], pooled[rows]
+        if noise is None:
+            noise = mx.concatenate([latents.noise(seed, config.height, config.width) for _, seed in items])
+        else:
+            noise = mx.broadcast_to(noise, (len(items), *noise.shape[1:]))
         packed = timed(
             "denoise",
             lambda: self.denoise(noise, hidden, pooled, config, steps, progress, step_done, conditioning),
         )
-        image = timed("decode", lambda: self.decode(packed, config))
+        images = timed("decode", lambda: self.decode_each(packed, config))
         timings.load = self.load_seconds - loaded_before
-        record = metadata.generation_record(
-            self, seed, prompt, config, steps, max_length, timings.total, inputs
-        )
-        return image, record, timings
+        share = timings.total / len(items)
+        records = [
+            metadata.generation_record(self, seed, prompt, config, steps, max_length, share, inputs)
+            for prompt, seed in items
+        ]
+        return images, records, timings
 
     def generate_images(
         self,
