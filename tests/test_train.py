@@ -33,6 +33,8 @@ from flux1.train.trainer import loss_and_gradients
 # fp32 on both sides; the differences are summation order (as the transformer parity test, 1e-4).
 # Measured on the whole gradient: 7e-6 to 1.3e-5 (schnell), 4e-5 (dev); the loss: 1e-6 to 5e-6. dev's
 # guidance is 1.0 here: its sinusoidal embedding at 1000 * guidance differs in the last bits of fp32 cos/sin.
+# With CLIP training (through transformers' CLIPTextModel + PEFT): CLIP's adapters' gradients 1.4e-5
+# (schnell), 2.0e-5 (dev), at most 2.9e-5 per tensor; the transformer's 1.2e-5, 2.1e-5.
 TOLERANCE = 1e-4
 RANK, ALPHA = 4, 8.0
 
@@ -262,13 +264,13 @@ def test_file_is_what_diffusers_trainer_writes(any_run):
         own = {k.removeprefix(network + "."): v for k, v in config.items() if k.startswith(network + ".")}
         assert own["r"] == 4 and own["lora_alpha"] == 2.0
         LoraConfig(**own)  # diffusers rebuilds it so
-    assert config.get("text_encoder.target_modules", CLIP_TARGETS) == sorted(CLIP_TARGETS)
     tensors = _tensors(any_run.output)
     assert len(tensors) == 2 * len(any_run.trained.adapters)
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
     clip = {k for k in tensors if k.startswith("text_encoder.text_model.encoder.layers.")}
     assert all(k.startswith("transformer.") for k in set(tensors) - clip)
     if "text_encoder" in networks:  # q, k, v, out_proj of every layer, trained away from zero
+        assert config["text_encoder.target_modules"] == sorted(CLIP_TARGETS)
         assert len(clip) == 2 * 4 * any_run.clip.config["num_hidden_layers"]
         assert all(np.abs(tensors[k]).max() > 0 for k in clip if k.endswith("lora_B.weight"))
 
@@ -291,10 +293,8 @@ def test_trained_file_changes_the_image_and_diffusers_draws_the_same(any_run, ti
         transformer_only = tmp_path / "transformer_only.safetensors"
         tensors = {k: v for k, v in _tensors(any_run.output).items() if k.startswith("transformer.")}
         save_file(tensors, transformer_only, metadata=_metadata(any_run.output))
-        assert (
-            np.abs(with_lora.astype(int) - _flux1_image(tiny_schnell, [transformer_only]).astype(int)).max()
-            > 2
-        )
+        without_clip = _flux1_image(tiny_schnell, [transformer_only])
+        assert np.abs(with_lora.astype(int) - without_clip.astype(int)).max() > 16
     pipe = FluxPipeline.from_pretrained(tiny_schnell, dtype=torch.float32)
     pipe.load_lora_weights(str(any_run.output))
     packed = torch.from_numpy(np.array(latents.pack(latents.noise(3, SIZE, SIZE))))
@@ -373,7 +373,7 @@ def test_bad_input_is_refused_with_its_reason(tiny_schnell, tmp_path, capsys):
     )
     for rate in ("0", "-1e-5", "nan", "inf"):
         _refused(
-            [*_args(tiny_schnell, data, out), *TEXT_ENCODER[:1], "--text-encoder-lr", rate],
+            [*_args(tiny_schnell, data, out), *TEXT_ENCODER[:1], f"--text-encoder-lr={rate}"],
             capsys,
             f"--text-encoder-lr {float(rate)}: expected a positive number",
             out,
