@@ -3,13 +3,15 @@ adapters) against diffusers + PEFT (torch autograd, gradient checkpointing, Adam
 and batch, each in its own process, runs alternated (A B A B), medians.
 
 `wide` preset (real widths, 1 double + 1 single block), 512x512 (1024 image + 512 text tokens),
-rank 16 on the target layers of diffusers' trainer. The 12B line is an estimate from the measured step:
+rank 16 on the target layers of diffusers' trainer (with `--train-text-encoder`, on CLIP's attention
+layers too, its pooled output computed each step from 77 tokens). The 12B line is an estimate from the measured step:
 the full model has 27.6x the per-token linear work of the wide preset's blocks (19 x 18 D^2 + 38 x 15 D^2
 against 18 D^2 + 15 D^2), at fp32 speed (on the CPU a quantized base costs MLX's quantized_matmul, which has
 no BLAS: far slower); its memory is the 4-bit weights, one checkpointed input per block, and what the
 measured run held beyond its weights (one block's recomputed activations, the runtime).
 
     python benchmarks/train_step.py [--preset wide] [--size 512] [--rank 16] [--steps 3] [--repeats 2]
+        [--train-text-encoder]
 """
 
 import json
@@ -29,26 +31,40 @@ FULL_BLOCKS, HIDDEN = 57, 3072
 FULL_Q4_WEIGHTS_GB = 6.7  # 11.9e9 parameters at 4 bits + a bf16 scale and bias per 64
 
 
-def batch(size: int, text_width: int, pooled_width: int):
+def batch(size: int, text_width: int, pooled_width: int, clip_vocab: int | None = None):
+    """One image's inputs; with `clip_vocab` (CLIP training), 77 CLIP tokens in place of the pooled
+    embedding."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     shape = (1, 16, size // 8, size // 8)
-    return {
+    arrays = {
         "latents": rng.standard_normal(shape, dtype=np.float32),
         "noise": rng.standard_normal(shape, dtype=np.float32),
         "hidden": rng.standard_normal((1, TEXT_TOKENS, text_width), dtype=np.float32),
         "pooled": rng.standard_normal((1, pooled_width), dtype=np.float32),
         "sigmas": np.array([0.6], np.float32),
     }
+    if clip_vocab:
+        arrays["clip_ids"] = rng.integers(0, clip_vocab, (1, 77), dtype=np.int32)
+    return arrays
 
 
-def flux1_steps(folder: Path, size: int, rank: int, target: str, steps: int) -> list[float]:
+def clip_vocab(folder: Path, train_text_encoder: bool) -> int | None:
+    return (
+        json.loads((folder / "text_encoder" / "config.json").read_text())["vocab_size"]
+        if train_text_encoder
+        else None
+    )
+
+
+def flux1_steps(folder: Path, size: int, rank: int, target: str, steps: int, text: bool) -> list[float]:
     import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 
     # isort: split
     import mlx.core as mx
 
+    from flux1.loaders.text_encoders import load_clip
     from flux1.loaders.transformer import load_transformer
     from flux1.train.adapters import attach
     from flux1.train.objective import Batch, Weighting
@@ -56,27 +72,38 @@ def flux1_steps(folder: Path, size: int, rank: int, target: str, steps: int) -> 
     from flux1.train.trainer import loss_and_gradients, make_optimizer
 
     transformer = load_transformer(folder / "transformer")
-    trained = attach(transformer, target, rank, rank, mx.random.key(0))
-    optimizer = make_optimizer(TrainOptions(data="", output="", steps=steps))
-    arrays = batch(size, transformer.txt_in.input_dims, transformer.vector_in.in_layer.input_dims)
+    networks = {"transformer": transformer, **({"clip": load_clip(folder / "text_encoder")} if text else {})}
+    trained = attach(networks, target, rank, rank, mx.random.key(0))
+    optimizer = make_optimizer(
+        TrainOptions(data="", output="", steps=steps, train_text_encoder=text), trained
+    )
+    arrays = batch(
+        size,
+        transformer.txt_in.input_dims,
+        transformer.vector_in.in_layer.input_dims,
+        clip_vocab(folder, text),
+    )
     inputs = Batch(**{k: mx.array(v) for k, v in arrays.items()})
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        _, gradients = loss_and_gradients(transformer, trained, inputs, Weighting("none"), 3.5)
+        _, gradients = loss_and_gradients(
+            transformer, trained, inputs, Weighting("none"), 3.5, networks.get("clip")
+        )
         optimizer.update(trained, gradients)
         mx.eval(trained.parameters(), optimizer.state)
         times.append(time.perf_counter() - start)
     return times[1:]
 
 
-def diffusers_steps(folder: Path, size: int, rank: int, target: str, steps: int) -> list[float]:
+def diffusers_steps(folder: Path, size: int, rank: int, target: str, steps: int, text: bool) -> list[float]:
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from peft import LoraConfig
+    from transformers import CLIPTextModel
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    from flux1.train.adapters import TARGETS
+    from flux1.train.adapters import CLIP_TARGETS, TARGETS
 
     torch.set_num_threads(2)
     model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32)
@@ -87,11 +114,22 @@ def diffusers_steps(folder: Path, size: int, rank: int, target: str, steps: int)
     model.enable_gradient_checkpointing()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-    t = {
-        k: torch.from_numpy(v)
-        for k, v in batch(size, model.config.joint_attention_dim, model.config.pooled_projection_dim).items()
-    }
+    groups = [{"params": params, "lr": 1e-4}]
+    if text:
+        clip = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+        clip.requires_grad_(False)
+        clip.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=CLIP_TARGETS)
+        )
+        clip.train()
+        clip_params = [p for p in clip.parameters() if p.requires_grad]
+        groups.append({"params": clip_params, "lr": 5e-6, "weight_decay": 1e-3})
+        params = params + clip_params
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+    arrays = batch(
+        size, model.config.joint_attention_dim, model.config.pooled_projection_dim, clip_vocab(folder, text)
+    )
+    t = {k: torch.from_numpy(v) for k, v in arrays.items()}
     x, noise, sigmas = t["latents"], t["noise"], t["sigmas"]
     b, c, h, w = x.shape
     image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
@@ -103,7 +141,7 @@ def diffusers_steps(folder: Path, size: int, rank: int, target: str, steps: int)
             hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w),
             timestep=sigmas,
             guidance=torch.full((b,), 3.5) if model.config.guidance_embeds else None,
-            pooled_projections=t["pooled"],
+            pooled_projections=clip(t["clip_ids"].long()).pooler_output if text else t["pooled"],
             encoder_hidden_states=t["hidden"],
             txt_ids=torch.zeros(TEXT_TOKENS, 3),
             img_ids=image_ids,
@@ -133,12 +171,14 @@ def main() -> None:
     parser.add_argument("--target", default="attention")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--train-text-encoder", action="store_true", help="CLIP's attention layers too")
     parser.add_argument("--child", choices=["flux1", "diffusers"], help=argparse_hidden())
     parser.add_argument("--folder", type=Path, help=argparse_hidden())
     args = parser.parse_args()
     if args.child:
         run = flux1_steps if args.child == "flux1" else diffusers_steps
-        print("RESULT " + json.dumps(run(args.folder, args.size, args.rank, args.target, args.steps)))
+        steps = run(args.folder, args.size, args.rank, args.target, args.steps, args.train_text_encoder)
+        print("RESULT " + json.dumps(steps))
         return
     folder = fixture_folder(args.cache, args.preset, args.dtype)
     rows: dict[str, list] = {"flux1 (MLX)": [], "diffusers + peft": []}
@@ -153,6 +193,7 @@ def main() -> None:
                 args.target,
                 "--steps",
                 str(args.steps),
+                *(["--train-text-encoder"] if args.train_text_encoder else []),
             ]
             result = run_measured([__file__, "--child", child, "--folder", str(folder), *common])
             if result.returncode:
@@ -161,7 +202,7 @@ def main() -> None:
             rows[name].append((statistics.median(steps), result.peak_rss_gb))
     print(
         f"\nLoRA training step, {args.preset} preset ({args.dtype}), {args.size}x{args.size}, rank {args.rank}, "
-        f"target {args.target}, median of {args.steps} steps x {args.repeats} runs alternated"
+        f"target {args.target}{' + CLIP attention' if args.train_text_encoder else ''}, median of {args.steps} steps x {args.repeats} runs alternated"
     )
     print(f"CPU: {cpu_model()}")
     print(f"{'row':<34} {'s/step':>8} {'peak RSS GB':>12}")

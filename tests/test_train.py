@@ -1,6 +1,8 @@
-"""LoRA training: one step's loss and gradients equal torch autograd through diffusers + PEFT, the
-trained file loads in diffusers and flux1 alike, runs resume bit for bit, bad input is refused."""
+"""LoRA training: one step's loss and gradients equal torch autograd through diffusers + PEFT (and
+transformers' CLIP + PEFT when the text encoder trains), the trained file loads in diffusers and flux1
+alike, runs resume bit for bit, bad input is refused."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,11 +16,16 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 from peft import LoraConfig, set_peft_model_state_dict
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 from tests.conftest import relative_error
+from transformers import CLIPTextModel
 
 from flux1 import Config, Flux1, latents
+from flux1.configs import CLIP_LENGTH
+from flux1.loaders.text_encoders import load_clip
 from flux1.loaders.transformer import load_transformer
-from flux1.train.adapters import TARGETS, attach, peft_tensors
+from flux1.tokenizers import PromptTokenizer
+from flux1.train.adapters import CLIP_TARGETS, TARGETS, attach, peft_tensors
 from flux1.train.cli import main as train_main
 from flux1.train.objective import Batch, Weighting, training_sigmas
 from flux1.train.trainer import loss_and_gradients
@@ -26,6 +33,8 @@ from flux1.train.trainer import loss_and_gradients
 # fp32 on both sides; the differences are summation order (as the transformer parity test, 1e-4).
 # Measured on the whole gradient: 7e-6 to 1.3e-5 (schnell), 4e-5 (dev); the loss: 1e-6 to 5e-6. dev's
 # guidance is 1.0 here: its sinusoidal embedding at 1000 * guidance differs in the last bits of fp32 cos/sin.
+# With CLIP training (through transformers' CLIPTextModel + PEFT): CLIP's adapters' gradients 1.4e-5
+# (schnell), 2.0e-5 (dev), at most 2.9e-5 per tensor; the transformer's 1.2e-5, 2.1e-5.
 TOLERANCE = 1e-4
 RANK, ALPHA = 4, 8.0
 
@@ -51,20 +60,42 @@ def _batch(transformer, seed: int = 0) -> Batch:
     )
 
 
-def _reference_step(folder, lora: dict, batch: Batch, scheme: str, guidance: float):
-    """diffusers' train_dreambooth_lora_flux.py loss on the same batch, and the LoRA gradients."""
-    model = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.float32)
+def _clip_ids(folder, captions=("a red square on blue", "a green disc on black")) -> mx.array:
+    tokenizer = PromptTokenizer(folder / "tokenizer", "clip", CLIP_LENGTH)
+    return mx.array(np.concatenate([tokenizer(c).ids for c in captions]))
+
+
+def _with_peft_lora(model, target_modules: list[str], lora: dict, prefix: str):
+    """`model` frozen, with PEFT adapters (rank, alpha as ours) holding the tensors of `lora` under `prefix`."""
     model.requires_grad_(False)
     model.add_adapter(
-        LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS["all"])
+        LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=target_modules)
     )
-    state = {k.removeprefix("transformer."): torch.from_numpy(np.array(v)) for k, v in lora.items()}
+    state = {
+        k.removeprefix(prefix): torch.from_numpy(np.array(v)) for k, v in lora.items() if k.startswith(prefix)
+    }
     result = set_peft_model_state_dict(model, state)
     assert not result.unexpected_keys
+    return model
+
+
+def _reference_step(folder, lora: dict, batch: Batch, scheme: str, guidance: float):
+    """diffusers' train_dreambooth_lora_flux.py loss on the same batch, and the LoRA gradients (CLIP's
+    too when the batch holds CLIP tokens: its pooled output computed with gradients, as the script
+    does with --train_text_encoder)."""
+    model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32)
+    networks = {"transformer.": _with_peft_lora(model, TARGETS["all"], lora, "transformer.")}
     t = {
         k: torch.from_numpy(np.array(getattr(batch, k)))
-        for k in ("latents", "hidden", "pooled", "noise", "sigmas")
+        for k in ("latents", "hidden", "pooled", "noise", "sigmas", "clip_ids")
+        if getattr(batch, k) is not None
     }
+    if "clip_ids" in t:
+        clip = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+        # transformers 5 dropped CLIPTextModel's `text_model.` level; the file keeps it (diffusers reads both)
+        prefix = "text_encoder." + ("" if hasattr(clip, "text_model") else "text_model.")
+        networks[prefix] = _with_peft_lora(clip, CLIP_TARGETS, lora, prefix)
+        t["pooled"] = networks[prefix](t["clip_ids"].long()).pooler_output
     x, noise, sigmas = t["latents"], t["noise"], t["sigmas"]
     b, c, h, w = x.shape
     noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * x + sigmas.view(-1, 1, 1, 1) * noise
@@ -85,29 +116,37 @@ def _reference_step(folder, lora: dict, batch: Batch, scheme: str, guidance: flo
     loss = torch.mean((weighting * (prediction - (noise - x)) ** 2).reshape(b, -1), 1).mean()
     loss.backward()
     grads = {}
-    for name, param in model.named_parameters():
-        if param.grad is not None:
-            key = "transformer." + name.replace(".default", "")
-            grads[key] = param.grad.numpy()
+    for prefix, network in networks.items():
+        for name, param in network.named_parameters():
+            if param.grad is not None:
+                grads[prefix + name.replace(".default", "")] = param.grad.numpy()
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("scheme", ["sigma_sqrt", "logit_normal"])
-def test_one_step_loss_and_gradients_equal_diffusers_peft(tiny_checkpoint, scheme):
+@pytest.mark.parametrize(
+    "scheme, train_clip", [("sigma_sqrt", False), ("logit_normal", False), ("logit_normal", True)]
+)
+def test_one_step_loss_and_gradients_equal_diffusers_peft(tiny_checkpoint, scheme, train_clip):
     transformer = load_transformer(tiny_checkpoint / "transformer")
-    trained = attach(transformer, "all", RANK, ALPHA, mx.random.key(0))
-    _random_adapters(trained, 1)
+    networks = {"transformer": transformer}
     batch = _batch(transformer)
-    loss, grads = loss_and_gradients(transformer, trained, batch, Weighting(scheme), guidance=1.0)
-    ours = {k: np.array(v) for k, v in peft_tensors(trained, grads["adapters"]).items()}
-    ref_loss, ref_grads = _reference_step(
-        tiny_checkpoint / "transformer", peft_tensors(trained), batch, scheme, guidance=1.0
+    if train_clip:
+        networks["clip"] = load_clip(tiny_checkpoint / "text_encoder")
+        batch = dataclasses.replace(batch, pooled=None, clip_ids=_clip_ids(tiny_checkpoint))
+    trained = attach(networks, "all", RANK, ALPHA, mx.random.key(0))
+    _random_adapters(trained, 1)
+    loss, grads = loss_and_gradients(
+        transformer, trained, batch, Weighting(scheme), guidance=1.0, clip=networks.get("clip")
     )
+    ours = {k: np.array(v) for k, v in peft_tensors(trained, grads["adapters"]).items()}
+    ref_loss, ref_grads = _reference_step(tiny_checkpoint, peft_tensors(trained), batch, scheme, guidance=1.0)
     assert set(ours) == set(ref_grads)
+    assert train_clip == any(k.startswith("text_encoder.text_model.") for k in ours)
     assert abs(loss.item() - ref_loss) / ref_loss < TOLERANCE
-    flat = np.concatenate([ours[k].ravel() for k in sorted(ours)])
-    ref_flat = np.concatenate([ref_grads[k].ravel() for k in sorted(ours)])
-    assert relative_error(flat, ref_flat) < TOLERANCE
+    for network in ("transformer.", "text_encoder.") if train_clip else ("transformer.",):
+        keys = sorted(k for k in ours if k.startswith(network))
+        flat = np.concatenate([ours[k].ravel() for k in keys])
+        assert relative_error(flat, np.concatenate([ref_grads[k].ravel() for k in keys])) < TOLERANCE
     # Per tensor, q/k gradients of the single blocks pass the softmax of random-weight attention, which
     # amplifies summation-order differences: measured up to 1.3e-4 (dev), hence 3e-4 per tensor.
     worst = max(relative_error(ours[k], ref_grads[k]) for k in ours if np.linalg.norm(ref_grads[k]) > 0)
@@ -151,23 +190,38 @@ def _args(checkpoint, data, output, *extra):
 
 LEARNING = ["--target", "all", "--alpha", "2", "--learning-rate", "1e-2", "--weighting-scheme", "none"]
 LEARNING_STEPS = 40
+TEXT_ENCODER = ["--train-text-encoder", "--text-encoder-lr", "1e-2"]
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_schnell, tmp_path_factory):
     """2 images overfit by a rank-4 LoRA on every linear layer (alpha 2: scale 0.5)."""
-    from flux1.train.options import TrainOptions
+    return _trained(
+        tiny_schnell, tmp_path_factory.mktemp("learning"), "--steps", str(LEARNING_STEPS), *LEARNING
+    )
+
+
+@pytest.fixture(scope="module")
+def text_encoder_run(tiny_schnell, tmp_path_factory):
+    """A few steps with CLIP's attention layers training too (their own rate, 1e-2 here)."""
+    return _trained(
+        tiny_schnell, tmp_path_factory.mktemp("text_encoder"), "--steps", "6", *LEARNING, *TEXT_ENCODER
+    )
+
+
+def _trained(checkpoint, folder, *extra):
+    from flux1.train.cli import options_from
     from flux1.train.trainer import Run
 
-    folder = tmp_path_factory.mktemp("learning")
     data = _write_images(folder / "data")
-    argv = _args(tiny_schnell, data, folder / "lora.safetensors", "--steps", str(LEARNING_STEPS), *LEARNING)
-    from flux1.train.cli import options_from
-
-    options: TrainOptions = options_from(argv)
-    run = Run(options)
+    run = Run(options_from(_args(checkpoint, data, folder / "lora.safetensors", *extra)))
     run.train()
     return run
+
+
+@pytest.fixture(params=["trained_run", "text_encoder_run"])
+def any_run(request):
+    return request.getfixturevalue(request.param)
 
 
 def _fixed_loss(transformer, drawer, draws: int = 8) -> float:
@@ -192,23 +246,33 @@ def test_two_images_overfit(trained_run, tiny_schnell):
     assert record["data_sha256"] == trained_run.data_sha256 and record["options"]["target"] == "all"
 
 
+def _tensors(path) -> dict:
+    return load_file(path)
+
+
 def _metadata(path) -> dict:
     from flux1.weights.safetensors_io import read_header
 
     return read_header(path)[0]["__metadata__"]
 
 
-def test_file_is_what_diffusers_trainer_writes(trained_run):
-    config = json.loads(_metadata(trained_run.output)["lora_adapter_metadata"])
-    assert config["transformer.r"] == 4 and config["transformer.lora_alpha"] == 2.0
-    LoraConfig(**{k.removeprefix("transformer."): v for k, v in config.items()})  # diffusers rebuilds it so
-    from safetensors.numpy import load_file
-
-    tensors = load_file(trained_run.output)
-    assert len(tensors) == 2 * len(trained_run.trained.adapters)
-    assert all(
-        k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors
-    )
+def test_file_is_what_diffusers_trainer_writes(any_run):
+    config = json.loads(_metadata(any_run.output)["lora_adapter_metadata"])
+    networks = ["transformer", "text_encoder"] if any_run.options.train_text_encoder else ["transformer"]
+    assert {k.split(".")[0] for k in config} == set(networks)
+    for network in networks:
+        own = {k.removeprefix(network + "."): v for k, v in config.items() if k.startswith(network + ".")}
+        assert own["r"] == 4 and own["lora_alpha"] == 2.0
+        LoraConfig(**own)  # diffusers rebuilds it so
+    tensors = _tensors(any_run.output)
+    assert len(tensors) == 2 * len(any_run.trained.adapters)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    clip = {k for k in tensors if k.startswith("text_encoder.text_model.encoder.layers.")}
+    assert all(k.startswith("transformer.") for k in set(tensors) - clip)
+    if "text_encoder" in networks:  # q, k, v, out_proj of every layer, trained away from zero
+        assert config["text_encoder.target_modules"] == sorted(CLIP_TARGETS)
+        assert len(clip) == 2 * 4 * any_run.clip.config["num_hidden_layers"]
+        assert all(np.abs(tensors[k]).max() > 0 for k in clip if k.endswith("lora_B.weight"))
 
 
 SIZE = 32
@@ -222,11 +286,17 @@ def _flux1_image(folder, loras: list) -> np.ndarray:
     ).pixels
 
 
-def test_trained_file_changes_the_image_and_diffusers_draws_the_same(trained_run, tiny_schnell):
-    with_lora = _flux1_image(tiny_schnell, [trained_run.output])
+def test_trained_file_changes_the_image_and_diffusers_draws_the_same(any_run, tiny_schnell, tmp_path):
+    with_lora = _flux1_image(tiny_schnell, [any_run.output])
     assert np.abs(with_lora.astype(int) - _flux1_image(tiny_schnell, []).astype(int)).max() > 16
+    if any_run.options.train_text_encoder:  # CLIP's adapters change the image by themselves
+        transformer_only = tmp_path / "transformer_only.safetensors"
+        tensors = {k: v for k, v in _tensors(any_run.output).items() if k.startswith("transformer.")}
+        save_file(tensors, transformer_only, metadata=_metadata(any_run.output))
+        without_clip = _flux1_image(tiny_schnell, [transformer_only])
+        assert np.abs(with_lora.astype(int) - without_clip.astype(int)).max() > 16
     pipe = FluxPipeline.from_pretrained(tiny_schnell, dtype=torch.float32)
-    pipe.load_lora_weights(str(trained_run.output))
+    pipe.load_lora_weights(str(any_run.output))
     packed = torch.from_numpy(np.array(latents.pack(latents.noise(3, SIZE, SIZE))))
     reference = pipe(
         "a red square on blue", height=SIZE, width=SIZE, num_inference_steps=2, latents=packed,
@@ -235,25 +305,20 @@ def test_trained_file_changes_the_image_and_diffusers_draws_the_same(trained_run
     assert np.abs(with_lora / 255.0 - reference).max() <= 1 / 255
 
 
-def test_kohya_file_draws_what_the_peft_file_draws(trained_run, tiny_schnell, tmp_path):
+def test_kohya_file_draws_what_the_peft_file_draws(any_run, tiny_schnell, tmp_path):
     from flux1.train import files
 
     kohya = tmp_path / "kohya.safetensors"
-    files.write_lora(kohya, trained_run.trained, "kohya", 4, 2.0, "all", {})
-    assert np.array_equal(
-        _flux1_image(tiny_schnell, [kohya]), _flux1_image(tiny_schnell, [trained_run.output])
-    )
+    files.write_lora(kohya, any_run.trained, "kohya", 4, 2.0, "all", {})
+    if any_run.options.train_text_encoder:
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in _tensors(kohya)
+    assert np.array_equal(_flux1_image(tiny_schnell, [kohya]), _flux1_image(tiny_schnell, [any_run.output]))
 
 
-def _tensors(path) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(path)
-
-
-def test_resume_ends_with_the_adapters_of_an_uninterrupted_run(tiny_schnell, tmp_path):
+@pytest.mark.parametrize("text_encoder", [[], TEXT_ENCODER], ids=["transformer", "with_text_encoder"])
+def test_resume_ends_with_the_adapters_of_an_uninterrupted_run(tiny_schnell, tmp_path, text_encoder):
     data = _write_images(tmp_path / "data")
-    extra = ["--steps", "4", "--learning-rate", "1e-2", "--gradient-accumulation", "2"]
+    extra = ["--steps", "4", "--learning-rate", "1e-2", "--gradient-accumulation", "2", *text_encoder]
     assert (
         train_main(
             _args(tiny_schnell, data, tmp_path / "whole.safetensors", *extra, "--checkpoint-every", "2")
@@ -265,7 +330,10 @@ def test_resume_ends_with_the_adapters_of_an_uninterrupted_run(tiny_schnell, tmp
     assert train_main(_args(tiny_schnell, data, tmp_path / "resumed.safetensors", *extra, *resumed)) == 0
     whole, again = _tensors(tmp_path / "whole.safetensors"), _tensors(tmp_path / "resumed.safetensors")
     assert set(whole) == set(again) and all(np.array_equal(whole[k], again[k]) for k in whole)
-    assert any(np.abs(whole[k]).max() > 0 for k in whole if k.endswith("lora_B.weight"))
+    for network in ("transformer.", "text_encoder.") if text_encoder else ("transformer.",):
+        assert any(
+            np.abs(whole[k]).max() > 0 for k in whole if k.startswith(network) and k.endswith("lora_B.weight")
+        )
 
 
 def _refused(argv, capsys, message: str, output) -> None:
@@ -303,6 +371,13 @@ def test_bad_input_is_refused_with_its_reason(tiny_schnell, tmp_path, capsys):
         "--rank 0: expected a whole number of at least 1",
         out,
     )
+    for rate in ("0", "-1e-5", "nan", "inf"):
+        _refused(
+            [*_args(tiny_schnell, data, out), *TEXT_ENCODER[:1], f"--text-encoder-lr={rate}"],
+            capsys,
+            f"--text-encoder-lr {float(rate)}: expected a positive number",
+            out,
+        )
 
 
 def test_resume_from_another_configuration_is_refused(tiny_schnell, tmp_path, capsys):
@@ -362,3 +437,17 @@ def test_interrupted_training_leaves_the_last_complete_checkpoint(tiny_schnell, 
         str(last),
     )
     assert train_main(args) == 0 and resumed.is_file()
+
+
+def test_a_checkpoint_from_before_an_option_existed_has_its_default():
+    from flux1.train import files
+    from flux1.train.options import TrainOptions
+
+    options = TrainOptions(data="data", output="lora.safetensors").identity()
+    current = {"options": options, "data_sha256": "0", "layers": ["x_embedder"]}
+    older = {k: v for k, v in options.items() if not k.startswith(("train_text", "text_encoder"))}
+    assert files._differences({**current, "options": older}, current) == []
+    training_clip = {**current, "options": {**options, "train_text_encoder": True}}
+    assert files._differences({**current, "options": older}, training_clip) == [
+        "--train-text-encoder False (checkpoint) vs True (this run)"
+    ]

@@ -289,7 +289,8 @@ class Flux1:
             return "gguf" if self.quantize is None else f"gguf + {self.quantize}"
         return self.quantize if self.quantize is not None else self.saved_bits
 
-    def _tokenizer(self, kind: str, max_length: int) -> PromptTokenizer:
+    def tokenizer(self, kind: str, max_length: int) -> PromptTokenizer:
+        """The `clip` or `t5` tokenizer, padding and truncating to `max_length` tokens."""
         key = (kind, max_length)
         if key not in self._tokenizers:
             folder = self.files.root / ("tokenizer" if kind == "clip" else "tokenizer_2")
@@ -307,7 +308,7 @@ class Flux1:
         self, prompts: list[str], max_sequence_length: int, what: str = "prompt"
     ) -> tuple[mx.array, mx.array]:
         """The prompts through each encoder as one batch: ([P, L, 4096], [P, 768])."""
-        clip, t5 = self._tokenizer("clip", CLIP_LENGTH), self._tokenizer("t5", max_sequence_length)
+        clip, t5 = self.tokenizer("clip", CLIP_LENGTH), self.tokenizer("t5", max_sequence_length)
         ids = {clip: [], t5: []}
         for prompt in prompts:
             for tokenizer in ids:

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from flux1.convert.transformer_diffusers import swap_halves
-from flux1.lora.dialects import parse_key
+from flux1.lora.dialects import DIFFUSERS_PREFIXES, parse_key
 from flux1.lora.targets import Target, build_table, xlabs_target
 from flux1.nn.linear import DenseDeltaAdapter, Linear, LowRankAdapter
 from flux1.weights.safetensors_io import read_file
@@ -61,18 +61,14 @@ class _Group:
     tensors: dict[str, mx.array] = field(default_factory=dict)
 
 
-# The component prefixes of diffusers' pipeline-level `save_lora_weights` metadata, per flux1 network.
-_METADATA_PREFIXES = {"transformer": "transformer.", "clip": "text_encoder.", "t5": "text_encoder_2."}
-
-
 def _peft_config(metadata: dict, component: str) -> dict:
     """The PEFT LoraConfig of `component`: diffusers' model-level `save_lora_adapter` writes it as is,
     its pipeline-level `save_lora_weights` (what its training scripts call) prefixes every key with the
     component (`transformer.r`, `text_encoder.lora_alpha`)."""
     text = metadata.get("lora_adapter_metadata")
     config = json.loads(text) if text else {}
-    prefix = _METADATA_PREFIXES[component]
-    if any(key.startswith(tuple(_METADATA_PREFIXES.values())) for key in config):
+    prefix = DIFFUSERS_PREFIXES[component]
+    if any(key.startswith(tuple(DIFFUSERS_PREFIXES.values())) for key in config):
         return {key.removeprefix(prefix): v for key, v in config.items() if key.startswith(prefix)}
     return config
 

@@ -23,6 +23,9 @@ PREFIXES = [
     ("text_encoder.", "diffusers", "clip", "."),
     ("", "diffusers", "transformer", "."),
 ]
+# The prefix of each flux1 network in diffusers' pipeline-level files (`save_lora_weights`: tensor names and the
+# keys of its `lora_adapter_metadata`).
+DIFFUSERS_PREFIXES = {"transformer": "transformer.", "clip": "text_encoder.", "t5": "text_encoder_2."}
 # suffix -> role; longest first so `.lora_B.bias` wins over `.lora_B`
 ROLES = {
     ".lora_down.weight": "down",

@@ -1,5 +1,6 @@
 """Latents and text embeddings computed once before training (so the VAE and the text encoders are
-released), and the batches each step draws from them.
+released), and the batches each step draws from them. A CLIP that trains is kept: its pooled output
+changes each step, so its token ids are cached instead.
 
 Every random draw of a micro-step (which images, the VAE posterior sample, the noise, the timestep)
 is a function of (seed, micro-step), so a resumed run draws what an uninterrupted one would."""
@@ -22,13 +23,17 @@ class CachedImage:
     mean: mx.array  # [1, 16, h, w], scaled and shifted: (mean - shift) * scale
     std: mx.array  # [1, 16, h, w], times the scale
     hidden: mx.array  # [1, L, D]
-    pooled: mx.array  # [1, P]
+    pooled: mx.array | None  # [1, P]; None while CLIP trains
+    clip_ids: mx.array | None  # [1, 77] while CLIP trains
     size: tuple[int, int]  # the bucket (width, height)
 
 
-def cache_examples(flux, examples: list[Example], resolution: int, max_length: int) -> list[CachedImage]:
+def cache_examples(
+    flux, examples: list[Example], resolution: int, max_length: int, train_clip: bool
+) -> list[CachedImage]:
     """The VAE's posterior of each image (diffusers' trainer samples it anew each step) and each
-    caption's embeddings; the VAE and both text encoders are released after."""
+    caption's embeddings; the VAE and T5 are released after, and CLIP unless it trains (then each
+    caption's CLIP tokens are kept in place of its pooled embedding)."""
     vae = models.load(flux, "vae")
     channels = vae.config["latent_channels"]
     posteriors = []
@@ -42,12 +47,19 @@ def cache_examples(flux, examples: list[Example], resolution: int, max_length: i
     models.release(flux, "vae")
     embeddings = {}
     for caption in dict.fromkeys(e.caption for e in examples):
-        embeddings[caption] = models.encode(flux, caption, max_length)
-        mx.eval(*embeddings[caption])
-    models.release(flux, "clip")
+        hidden, pooled = models.encode(flux, caption, max_length)
+        embeddings[caption] = (
+            (hidden, None, models.clip_ids(flux, caption)) if train_clip else (hidden, pooled, None)
+        )
+        mx.eval(hidden, pooled)
     models.release(flux, "t5")
+    if not train_clip:
+        models.release(flux, "clip")
     log.info(
-        "cached %d images and %d captions; VAE and text encoders released", len(examples), len(embeddings)
+        "cached %d images and %d captions; VAE and %s released",
+        len(examples),
+        len(embeddings),
+        "T5" if train_clip else "text encoders",
     )
     return [
         CachedImage(mean, std, *embeddings[e.caption], (mean.shape[3] * 8, mean.shape[2] * 8))
@@ -89,7 +101,12 @@ class BatchDrawer:
         return Batch(
             latents=mean + std * mx.random.normal(mean.shape, key=posterior),
             hidden=mx.concatenate([c.hidden for c in chosen]),
-            pooled=mx.concatenate([c.pooled for c in chosen]),
+            pooled=_joined([c.pooled for c in chosen]),
             noise=mx.random.normal(mean.shape, key=noise_key),
             sigmas=sigmas_of(self.weighting.sample_u(len(chosen), time_key), self.sigmas),
+            clip_ids=_joined([c.clip_ids for c in chosen]),
         )
+
+
+def _joined(arrays: list[mx.array | None]) -> mx.array | None:
+    return None if arrays[0] is None else mx.concatenate(arrays)

@@ -46,6 +46,12 @@ def parser() -> argparse.ArgumentParser:
         choices=list(TARGETS),
         help="layers to train (default attention: to_q, to_k, to_v, to_out.0)",
     )
+    lora.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        default=None,
+        help="also train adapters on CLIP-L's attention layers (q, k, v, out_proj); T5 stays frozen",
+    )
     run = p.add_argument_group("optimization")
     run.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     run.add_argument("--batch-size", type=int, help="images per micro-batch (default 1)")
@@ -54,6 +60,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--lr-schedule", choices=SCHEDULES, help="after warm-up (default constant)")
     run.add_argument("--lr-warmup-steps", type=int, help="linear warm-up steps (default 0)")
     run.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    run.add_argument(
+        "--text-encoder-lr",
+        type=float,
+        help="CLIP adapters' peak learning rate, same schedule (default 5e-6)",
+    )
+    run.add_argument(
+        "--text-encoder-weight-decay", type=float, help="CLIP adapters' AdamW weight decay (default 1e-3)"
+    )
     run.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0 for none (default 1.0)")
     run.add_argument(
         "--weighting-scheme",

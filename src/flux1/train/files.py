@@ -10,8 +10,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from flux1.lora.dialects import DIFFUSERS_PREFIXES
 from flux1.metadata import atomic_write
-from flux1.train.adapters import TARGETS, TrainedAdapters, kohya_tensors, peft_tensors
+from flux1.train.adapters import TrainedAdapters, kohya_tensors, peft_tensors, target_modules
+from flux1.train.options import defaults
 
 CHECKPOINT_KEY = "flux1_checkpoint"
 TRAINING_KEY = "flux1_training"
@@ -74,7 +76,9 @@ def _differences(saved: dict, current: dict) -> list[str]:
     for key in ("data_sha256", "layers"):
         if saved.get(key) != current.get(key):
             found.append(f"{key} differs")
-    old, new = saved.get("options", {}), current.get("options", {})
+    new = current.get("options", {})
+    # An option added after the checkpoint was written had its default then.
+    old = {**{k: v for k, v in defaults().items() if k in new}, **saved.get("options", {})}
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             found.append(
@@ -89,12 +93,12 @@ def latest_checkpoint(output: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def peft_config(rank: int, alpha: float, target: str) -> dict:
+def peft_config(rank: int, alpha: float, modules: list[str]) -> dict:
     """The LoraConfig fields diffusers' trainer writes (what `load_lora_weights` rebuilds it from)."""
     return {
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": sorted(TARGETS[target]),
+        "target_modules": sorted(modules),
         "init_lora_weights": "gaussian",
         "lora_dropout": 0.0,
         "bias": "none",
@@ -108,13 +112,17 @@ def peft_config(rank: int, alpha: float, target: str) -> dict:
 def write_lora(
     path: Path, trained: TrainedAdapters, form: str, rank: int, alpha: float, target: str, record: dict
 ) -> None:
-    """The trained LoRA: PEFT/diffusers names with `lora_adapter_metadata` packed as diffusers packs it
-    (`transformer.`-prefixed LoraConfig keys), or the kohya/ComfyUI layout; `flux1_training` records
-    the run."""
+    """The trained LoRA: PEFT/diffusers names with `lora_adapter_metadata` packed as diffusers'
+    `save_lora_weights` packs it (each network's LoraConfig keys prefixed `transformer.` or
+    `text_encoder.`), or the kohya/ComfyUI layout; `flux1_training` records the run."""
     metadata = {TRAINING_KEY: json.dumps(record)}
     if form == "peft":
         tensors = peft_tensors(trained)
-        config = {f"transformer.{k}": v for k, v in peft_config(rank, alpha, target).items()}
+        config = {
+            DIFFUSERS_PREFIXES[component] + k: v
+            for component in trained.components
+            for k, v in peft_config(rank, alpha, target_modules(component, target)).items()
+        }
         metadata["lora_adapter_metadata"] = json.dumps(config, indent=2, sort_keys=True)
     else:
         tensors = kohya_tensors(trained)

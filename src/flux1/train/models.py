@@ -5,7 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from flux1.configs import DEFAULT_STEPS
+from flux1.configs import CLIP_LENGTH, DEFAULT_STEPS
 from flux1.generation import Config
 from flux1.model_files import resolve
 from flux1.pipeline import Flux1
@@ -34,6 +34,12 @@ def encode(flux: Flux1, prompt: str, max_length: int) -> tuple[mx.array, mx.arra
     """(T5 hidden states [1, L, D], CLIP pooled [1, P]) in fp32."""
     hidden, pooled = flux.encode_prompt(prompt, max_length)
     return hidden.astype(mx.float32), pooled.astype(mx.float32)
+
+
+def clip_ids(flux: Flux1, prompt: str) -> mx.array:
+    """int32 [1, 77]: the prompt's CLIP tokens, as the pipeline tokenizes them (for a CLIP that trains,
+    whose pooled output cannot be cached)."""
+    return mx.array(flux.tokenizer("clip", CLIP_LENGTH)(prompt).ids)
 
 
 def draw(flux: Flux1, noise, hidden, pooled, size: int, guidance: float, steps: int | None) -> np.ndarray:

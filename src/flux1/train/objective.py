@@ -59,13 +59,15 @@ def sigmas_of(u: mx.array, table: mx.array) -> mx.array:
 @dataclass
 class Batch:
     """Cached inputs of one step: clean latents [B, 16, h, w] (scaled and shifted), T5 hidden states,
-    CLIP pooled embeddings, the noise and sigmas [B]."""
+    CLIP pooled embeddings (or, while CLIP trains, its token ids [B, 77] to compute them from), the noise
+    and sigmas [B]."""
 
     latents: mx.array
     hidden: mx.array
-    pooled: mx.array
+    pooled: mx.array | None
     noise: mx.array
     sigmas: mx.array
+    clip_ids: mx.array | None = None
 
 
 def loss(transformer, batch: Batch, weighting: Weighting, guidance: float | None) -> mx.array:

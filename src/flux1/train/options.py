@@ -1,7 +1,8 @@
 """Every setting of a training run, checked before any work; the settings a checkpoint must share to be resumed."""
 
 import json
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from flux1.train.adapters import TARGETS
@@ -40,6 +41,9 @@ class TrainOptions:
     rank: int = 16
     alpha: float | None = None  # None: the rank (scale 1), as diffusers' trainer
     target: str = "attention"
+    train_text_encoder: bool = False  # CLIP-L's attention layers too (diffusers' --train_text_encoder)
+    text_encoder_lr: float = 5e-6
+    text_encoder_weight_decay: float = 1e-3  # diffusers' --adam_weight_decay_text_encoder
     steps: int = 1000
     batch_size: int = 1
     gradient_accumulation: int = 1
@@ -87,8 +91,15 @@ class TrainOptions:
                 raise ValueError(f"--{flag} {value}: expected a whole number of at least 1")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError(f"--alpha {self.alpha}: expected a positive number")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning-rate {self.learning_rate}: expected a positive number")
+        for flag, value in (("learning-rate", self.learning_rate), ("text-encoder-lr", self.text_encoder_lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{flag} {value}: expected a positive number")
+        for flag, value in (
+            ("weight-decay", self.weight_decay),
+            ("text-encoder-weight-decay", self.text_encoder_weight_decay),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{flag} {value}: expected 0 or more")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"--lr-warmup-steps {self.lr_warmup_steps}: expected 0 or more")
         for flag, value, allowed in (
@@ -121,6 +132,11 @@ class TrainOptions:
 
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainOptions)]
+
+
+def defaults() -> dict:
+    """Each option's default (the data and output have none)."""
+    return {f.name: f.default for f in fields(TrainOptions) if f.default is not MISSING}
 
 
 def read_config(path: Path) -> dict:

@@ -1,6 +1,7 @@
 """A training run: cache, then steps of AdamW on the adapters only, checkpoints, validation images,
 the loss curve and the LoRA file."""
 
+import dataclasses
 import datetime
 import logging
 import time
@@ -27,20 +28,37 @@ log = logging.getLogger("flux1")
 
 
 def loss_and_gradients(
-    transformer, trained: TrainedAdapters, batch: Batch, weighting: Weighting, guidance: float
+    transformer, trained: TrainedAdapters, batch: Batch, weighting: Weighting, guidance: float, clip=None
 ):
     """One micro-batch's loss and the gradients of the adapters' parameters, on MLX's own kernels
-    (the CPU kernels are NumPy, which MLX cannot differentiate), blocks checkpointed."""
+    (the CPU kernels are NumPy, which MLX cannot differentiate), blocks checkpointed. With `clip` (CLIP
+    training too), the pooled embedding is computed from the batch's CLIP tokens inside the
+    differentiated function, in fp32, so the gradients reach CLIP's adapters."""
+
+    def objective(batch: Batch) -> mx.array:
+        if clip is not None:
+            batch = dataclasses.replace(batch, pooled=clip(batch.clip_ids))
+        return loss(transformer, batch, weighting, guidance)
+
     with backend.use("mlx"), checkpointed_blocks(transformer, trained):
-        step = nn.value_and_grad(trained, lambda b: loss(transformer, b, weighting, guidance))
-        value, gradients = step(batch)
+        value, gradients = nn.value_and_grad(trained, objective)(batch)
         mx.eval(value, gradients)
     return value, gradients
 
 
-def make_optimizer(options: TrainOptions) -> optim.AdamW:
-    """AdamW as torch's (bias-corrected, decoupled weight decay), warm-up then the schedule."""
-    peak, warmup = options.learning_rate, options.lr_warmup_steps
+def make_optimizer(options: TrainOptions, trained: TrainedAdapters) -> optim.Optimizer:
+    """AdamW as torch's, on the transformer's adapters and, while CLIP trains, on CLIP's as a second
+    parameter group (its own rate and weight decay, the same schedule), as diffusers' trainer has it."""
+    transformer = _adamw(options, options.learning_rate, options.weight_decay)
+    if "clip" not in trained.components:
+        return transformer
+    clip = _adamw(options, options.text_encoder_lr, options.text_encoder_weight_decay)
+    return optim.MultiOptimizer([clip, transformer], [lambda path, _: trained.component_of(path) == "clip"])
+
+
+def _adamw(options: TrainOptions, peak: float, weight_decay: float) -> optim.AdamW:
+    """Bias-corrected, decoupled weight decay; warm-up then the schedule."""
+    warmup = options.lr_warmup_steps
     decay_steps = max(1, options.steps - warmup)
     schedule = {
         "constant": lambda _: mx.array(peak, mx.float32),
@@ -50,7 +68,7 @@ def make_optimizer(options: TrainOptions) -> optim.AdamW:
     if warmup:
         schedule = optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), schedule], [warmup])
     return optim.AdamW(
-        schedule, betas=[0.9, 0.999], eps=1e-8, weight_decay=options.weight_decay, bias_correction=True
+        schedule, betas=[0.9, 0.999], eps=1e-8, weight_decay=weight_decay, bias_correction=True
     )
 
 
@@ -70,23 +88,31 @@ class Run:
 
     def train(self) -> Path:
         o, flux = self.options, self.flux
-        images = cache_examples(flux, self.examples, o.resolution, o.max_sequence_length)
+        images = cache_examples(
+            flux, self.examples, o.resolution, o.max_sequence_length, o.train_text_encoder
+        )
         validation = None
         if o.validation_prompt:
             validation = models.encode(flux, o.validation_prompt, MAX_SEQUENCE_LENGTH[flux.files.base_model])
-            for name in ("clip", "t5"):
-                models.release(flux, name)
-        self.transformer = transformer = models.load(flux, "transformer")
-        self.trained = trained = attach(transformer, o.target, o.rank, o.lora_alpha, mx.random.key(o.seed))
+            self.validation_ids = models.clip_ids(flux, o.validation_prompt)
+            models.release(flux, "t5")
+        if not o.train_text_encoder:
+            models.release(flux, "clip")
+        networks = {"transformer": models.load(flux, "transformer")}
+        if o.train_text_encoder:
+            networks["clip"] = models.load(flux, "clip")
+        self.transformer, self.clip = transformer, clip = networks["transformer"], networks.get("clip")
+        self.trained = trained = attach(networks, o.target, o.rank, o.lora_alpha, mx.random.key(o.seed))
         mx.eval(trained.parameters())
         log.info(
-            "training %d adapters (rank %d, %s) on %d images",
+            "training %d adapters (rank %d, %s%s) on %d images",
             len(trained.adapters),
             o.rank,
             o.target,
+            " + CLIP attention" if clip is not None else "",
             len(images),
         )
-        optimizer = make_optimizer(o)
+        optimizer = make_optimizer(o, trained)
         optimizer.init(trained.trainable_parameters())
         start = 0
         if o.resume:
@@ -103,7 +129,7 @@ class Run:
             total, gradients = 0.0, None
             for micro in range(o.gradient_accumulation):
                 batch = drawer.draw(step * o.gradient_accumulation + micro)
-                value, grads = loss_and_gradients(transformer, trained, batch, self.weighting, guidance)
+                value, grads = loss_and_gradients(transformer, trained, batch, self.weighting, guidance, clip)
                 gradients = grads if gradients is None else tree_map(mx.add, gradients, grads)
                 total += value.item()
             gradients = tree_map(lambda g: g / o.gradient_accumulation, gradients)
@@ -141,8 +167,11 @@ class Run:
 
     def _validate(self, embeddings, step: int) -> None:
         o = self.options
+        hidden, pooled = embeddings
+        if self.clip is not None:  # the pooled embedding of CLIP with its adapters as trained so far
+            pooled = self.clip(self.validation_ids)
         noise = latents.noise(o.seed, o.resolution, o.resolution)
-        pixels = models.draw(self.flux, noise, *embeddings, o.resolution, o.guidance, o.validation_steps)
+        pixels = models.draw(self.flux, noise, hidden, pooled, o.resolution, o.guidance, o.validation_steps)
         if o.low_ram:
             models.release(self.flux, "vae")
         folder = self.output.with_name(f"{self.output.stem}_validation")
