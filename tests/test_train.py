@@ -378,6 +378,12 @@ def test_bad_input_is_refused_with_its_reason(tiny_schnell, tmp_path, capsys):
             f"--text-encoder-lr {float(rate)}: expected a positive number",
             out,
         )
+    _refused(  # nothing asked is silently ignored
+        [*_args(tiny_schnell, data, out), "--text-encoder-lr", "1e-4"],
+        capsys,
+        "--text-encoder-lr 0.0001: only used with --train-text-encoder",
+        out,
+    )
 
 
 def test_resume_from_another_configuration_is_refused(tiny_schnell, tmp_path, capsys):

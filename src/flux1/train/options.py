@@ -94,6 +94,11 @@ class TrainOptions:
         for flag, value in (("learning-rate", self.learning_rate), ("text-encoder-lr", self.text_encoder_lr)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{flag} {value}: expected a positive number")
+        for flag in ("text-encoder-lr", "text-encoder-weight-decay"):
+            name = flag.replace("-", "_")
+            value = getattr(self, name)
+            if not self.train_text_encoder and value != TrainOptions.__dataclass_fields__[name].default:
+                raise ValueError(f"--{flag} {value}: only used with --train-text-encoder")
         for flag, value in (
             ("weight-decay", self.weight_decay),
             ("text-encoder-weight-decay", self.text_encoder_weight_decay),
