@@ -81,7 +81,7 @@ def exchanges_per_call(config: dict) -> int:
     return 6 * config["num_layers"] + 2 * config["num_single_layers"]
 
 
-def full_estimate(measured_ratio: float) -> str:
+def full_estimate(measured_ratio: float, preset: str) -> str:
     """Per-rank transformer bytes of the 12B model on 2 ranks, from its shapes (built lazily, nothing
     allocated) and the fraction of its weights that is cut, checked against the measured ratio."""
     from types import SimpleNamespace
@@ -101,7 +101,7 @@ def full_estimate(measured_ratio: float) -> str:
     )
     share = (total - cut / 2) / total
     lines = [
-        f"12B `full` (estimate, from its shapes): {total / 1e9:.2f} G parameters, {cut / total:.1%} in cut layers; per rank on 2 ranks {share:.1%} of the transformer (measured on wide: {measured_ratio:.1%})"
+        f"12B `full` (estimate, from its shapes): {total / 1e9:.2f} G parameters, {cut / total:.1%} in cut layers; per rank on 2 ranks {share:.1%} of the transformer (measured on {preset}: {measured_ratio:.1%})"
     ]
     for name, bits in (("bf16", 16), ("-q 4 (4.5 bits/weight)", 4.5)):
         whole = total * bits / 8
@@ -168,7 +168,7 @@ def main() -> None:
     )
     if options.calls:
         print_scaling(options.size, one, two, [r for r in rows if r[0] == "data parallel"])
-    print(full_estimate(ratio))
+    print(full_estimate(ratio, options.preset))
 
 
 def print_scaling(size: int, one: dict, two: list[dict], data_rows: list) -> None:
