@@ -76,12 +76,15 @@ def measured_again(file, edit=None) -> cpu_plan.Plan:
 def test_plan_is_measured_once_and_cached(fresh_plan):
     first = cpu_plan.plan()
     assert set(first.rates) == set(PATHS) and all(rate > 0 for rate in first.rates.values())
+    assert set(first.attention) == {"attention scores", "attention values"}
+    assert all(set(r) == set(PATHS) and min(r.values()) > 0 for r in first.attention.values())
     assert first.seconds > 0 and fresh_plan.is_file()
     assert list(fresh_plan.parent.iterdir()) == [fresh_plan]  # no temporary file left
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = measured_again(fresh_plan)
     assert again.seconds == 0 and again.rates == first.rates  # read, not measured
+    assert again.attention == first.attention
 
 
 def edit_key(field, value):
@@ -135,15 +138,56 @@ def test_plan_file_is_replaced_whole_or_not_at_all(fresh_plan, monkeypatch):
 
     monkeypatch.setattr(cpu_plan.os, "replace", interrupted)
     with pytest.raises(OSError, match="disk full"):
-        cpu_plan.write(fresh_plan, cpu_plan.Plan({}, {"numpy fp32": 1.0}, "now", 1.0))
+        cpu_plan.write(fresh_plan, cpu_plan.Plan({}, {"numpy fp32": 1.0}, "now", 1.0, {}))
     assert fresh_plan.read_text() == before
     assert list(fresh_plan.parent.iterdir()) == [fresh_plan]
 
 
-def cached_rates(file, rates: dict) -> None:
-    """A plan for this machine with the given rates, as if it had measured them."""
-    cpu_plan.write(file, cpu_plan.Plan(cpu_plan.machine_key(available_paths()), rates, "then", 0.0))
+def cached_rates(file, rates: dict, attention: dict | None = None) -> None:
+    """A plan for this machine with the given rates (attention's products: the same unless given), as
+    if it had measured them."""
+    attention = attention or {kind: rates for kind in cpu_plan.KINDS[1:]}
+    key = cpu_plan.machine_key(available_paths())
+    cpu_plan.write(file, cpu_plan.Plan(key, rates, "then", 0.0, attention))
     cpu_plan._plan.clear()
+
+
+def test_a_plan_without_attention_rates_is_measured_again(fresh_plan):
+    cpu_plan.plan()
+    data = json.loads(fresh_plan.read_text())
+    del data["attention"]
+    fresh_plan.write_text(json.dumps(data))
+    cpu_plan._plan.clear()
+    with pytest.warns(UserWarning, match="not a plan"):
+        again = cpu_plan.plan()
+    assert again.seconds > 0 and "attention" in json.loads(fresh_plan.read_text())
+
+
+@pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")
+def test_each_attention_product_takes_the_path_measured_fastest_for_it(fresh_plan):
+    """bf16 twice as fast on the linear shapes and q k^T, half as fast on probabilities @ v: auto
+    takes bf16 for the first two only; the attention is then within the bf16 bound of fp32's."""
+    fp32 = {name: 100.0 for name in PATHS if name.endswith("fp32")}
+    fast, slow = ({name: rate for name in BF16_PATHS} for rate in (200.0, 50.0))
+    cached_rates(fresh_plan, fp32 | fast, {"attention scores": fp32 | fast, "attention values": fp32 | slow})
+    with cpu_plan.use("auto"):
+        assert cpu_plan.active().dtype == cpu_plan.active("attention scores").dtype == "bf16"
+        assert cpu_plan.active("attention values").dtype == "fp32"
+        assert "attention: q k^T bf16 through" in cpu_plan.describe()
+        assert "probabilities @ v fp32 through" in cpu_plan.describe()
+    with cpu_plan.use("bf16"):
+        assert cpu_plan.active("attention values").dtype == "bf16"
+        assert "attention:" not in cpu_plan.describe()
+    with cpu_plan.use("fp32"):
+        assert {cpu_plan.active(kind).dtype for kind in cpu_plan.KINDS} == {"fp32"}
+    from flux1.nn.attention import attention
+
+    q, k, v = (mx.random.normal((1, 2, 40, 16), key=mx.random.key(i)) for i in range(3))
+    with cpu_plan.use("fp32"):
+        reference = np.array(attention(q, k, v, 0.25))
+    with cpu_plan.use("auto"):
+        mixed = np.array(attention(q, k, v, 0.25))
+    assert 0 < relative_error(mixed, reference) < 4e-3
 
 
 @pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")

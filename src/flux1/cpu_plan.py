@@ -8,8 +8,12 @@ candidates of `nn/gemm.py` are timed (under 10 s, once) and the rates are kept i
 instructions, the core count and the libraries' versions; a file that does not match, or does not
 parse, is measured again with a warning, never trusted.
 
+Attention's two products are narrow (a 128-wide head): their rates are measured apart, on their own
+shapes, bf16 rounding of their inputs included, and each product takes its own path.
+
 The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
-(inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here.
+(inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here, for
+each kind of product on its own.
 Only the GEMMs change: activations, norms, softmax sums and the sampler stay fp32. The default is
 `fp32`; `Flux1` sets the user's choice with `set_precision`, `use(...)` sets one for a block (also a
 GEMM path by name, for tests and benchmarks).
@@ -32,10 +36,13 @@ from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
-FORMAT = 1
+FORMAT = 2
 # Rows x in @ in x out of a FLUX step at 512x512 (1024 image + 256 text tokens): attention and
 # modulation 3072 -> 3072, the MLP's 3072 -> 12288 and 12288 -> 3072.
 SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
+# One head of attention at 512x512 (1280 tokens, 128 wide): q @ k^T, then probabilities @ v.
+HEAD = (1280, 128)
+KINDS = ("linear", "attention scores", "attention values")
 MEASURE_SECONDS = 6.0  # spread over the paths; a busy machine measures fewer shapes, never longer
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
 
@@ -47,13 +54,18 @@ _plan: list = []  # [Plan] once measured or read
 @dataclass
 class Plan:
     key: dict
-    rates: dict[str, float]  # GFLOP/s per GEMM path name
+    rates: dict[str, float]  # GFLOP/s per GEMM path name, on the linear layers' SHAPES
     measured: str  # when
     seconds: float  # what measuring took (0 when read from the cache)
+    attention: dict[str, dict[str, float]]  # "attention scores"/"attention values" -> path -> GFLOP/s
 
-    def best(self, dtype: str) -> str | None:
-        names = [name for name in self.rates if name.endswith(dtype)]
-        return max(names, key=self.rates.__getitem__) if names else None
+    def rates_for(self, kind: str) -> dict[str, float]:
+        return self.rates if kind == "linear" else self.attention[kind]
+
+    def best(self, dtype: str, kind: str = "linear") -> str | None:
+        rates = self.rates_for(kind)
+        names = [name for name in rates if name.endswith(dtype)]
+        return max(names, key=rates.__getitem__) if names else None
 
 
 def cache_file() -> Path:
@@ -121,6 +133,43 @@ def measure(paths: dict[str, GemmPath]) -> dict[str, float]:
     return rates
 
 
+def measure_attention(paths: dict[str, GemmPath], repeats: int = 5) -> dict[str, dict[str, float]]:
+    """GFLOP/s of each path on one head's two products, laid out as attention has them (k
+    transposed, v not), the rounding of a bf16 path's varying input to bf16 included: q for the
+    scores (k is rounded once per call), the probabilities for the values. Best of `repeats`."""
+    tokens, width = HEAD
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.random((tokens, width), np.float32) for _ in range(3))
+    probabilities = rng.random((tokens, tokens), np.float32)
+    scores, values = np.empty((tokens, tokens), np.float32), np.empty((tokens, width), np.float32)
+    flops = 2.0 * tokens * tokens * width
+    rates: dict[str, dict[str, float]] = {"attention scores": {}, "attention values": {}}
+    for name, path in paths.items():
+        bf16 = path.dtype == "bf16"
+        k_in, v_in = (as_bf16(k), as_bf16(v)) if bf16 else (k, v)
+        products = {
+            "attention scores": (q, k_in.T, scores),
+            "attention values": (probabilities, v_in, values),
+        }
+        for kind, (a, b, out) in products.items():
+            best = math.inf
+            for attempt in range(repeats + 1):  # the first: the library's start-up for this shape
+                start = time.perf_counter()
+                gemm(path, as_bf16(a) if bf16 else a, b, out)
+                if attempt:
+                    best = min(best, time.perf_counter() - start)
+            rates[kind][name] = float(f"{flops / best / 1e9:.4g}")
+    return rates
+
+
+def _valid_rates(rates, names) -> bool:
+    return (
+        isinstance(rates, dict)
+        and set(rates) == set(names)
+        and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in rates.values())
+    )
+
+
 def read(file: Path, key: dict) -> Plan | None:
     """The plan in `file` if it is whole and was measured under `key`; None (with a warning saying
     why) if it is corrupt or stale, None silently if there is none."""
@@ -132,10 +181,12 @@ def read(file: Path, key: dict) -> Plan | None:
         warnings.warn(f"flux1: ignoring the CPU plan {file} ({error}); measuring again", stacklevel=3)
         return None
     rates = data.get("rates") if isinstance(data, dict) else None
+    attention = data.get("attention") if isinstance(data, dict) else None
     if not (
-        isinstance(rates, dict)
-        and set(rates) == set(key["paths"])
-        and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in rates.values())
+        _valid_rates(rates, key["paths"])
+        and isinstance(attention, dict)
+        and set(attention) == set(KINDS[1:])
+        and all(_valid_rates(r, key["paths"]) for r in attention.values())
         and isinstance(data.get("measured"), str)
     ):
         warnings.warn(f"flux1: ignoring the CPU plan {file} (not a plan); measuring again", stacklevel=3)
@@ -147,7 +198,8 @@ def read(file: Path, key: dict) -> Plan | None:
             stacklevel=3,
         )
         return None
-    return Plan(key, {k: float(v) for k, v in rates.items()}, data["measured"], 0.0)
+    floats = {kind: {k: float(v) for k, v in r.items()} for kind, r in attention.items()}
+    return Plan(key, {k: float(v) for k, v in rates.items()}, data["measured"], 0.0, floats)
 
 
 def write(file: Path, plan: Plan) -> None:
@@ -157,7 +209,8 @@ def write(file: Path, plan: Plan) -> None:
     handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=".cpu_plan.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as out:
-            json.dump({"key": plan.key, "rates": plan.rates, "measured": plan.measured}, out, indent=1)
+            content = {"key": plan.key, "rates": plan.rates, "attention": plan.attention}
+            json.dump({**content, "measured": plan.measured}, out, indent=1)
         os.replace(temporary, file)
     except BaseException:
         os.unlink(temporary)
@@ -169,12 +222,16 @@ def plan() -> Plan:
     if not _plan:
         paths = available_paths()
         key, file = machine_key(paths), cache_file()
-        found = read(file, key) if len(paths) > 1 else Plan(key, {n: 1.0 for n in paths}, "-", 0.0)
+        if len(paths) == 1:
+            ones = {n: 1.0 for n in paths}
+            found = Plan(key, ones, "-", 0.0, {kind: ones for kind in KINDS[1:]})
+        else:
+            found = read(file, key)
         if found is None:
             start = time.perf_counter()
-            rates = measure(paths)
+            rates, attention = measure(paths), measure_attention(paths)
             measured = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            found = Plan(key, rates, measured, time.perf_counter() - start)
+            found = Plan(key, rates, measured, time.perf_counter() - start, attention)
             try:
                 write(file, found)
             except OSError as error:
@@ -208,18 +265,19 @@ def _check(choice: str, allowed: tuple) -> None:
         raise ValueError(f"--precision {choice}: expected one of {', '.join(allowed)}")
 
 
-def active() -> GemmPath:
-    """The GEMM path the CPU kernels use now."""
+def active(kind: str = "linear") -> GemmPath:
+    """The GEMM path the CPU kernels use now for `kind` of product (one of KINDS)."""
     choice = _override or _precision
     paths = available_paths()
     if choice in paths:
         return paths[choice]
     current = plan()
-    fp32, bf16 = current.best("fp32"), current.best("bf16")
+    rates = current.rates_for(kind)
+    fp32, bf16 = current.best("fp32", kind), current.best("bf16", kind)
     if choice == "bf16":
         require_bf16()
         return paths[bf16]
-    if choice == "auto" and bf16 and current.rates[bf16] > AUTO_BF16_MARGIN * current.rates[fp32]:
+    if choice == "auto" and bf16 and rates[bf16] > AUTO_BF16_MARGIN * rates[fp32]:
         return paths[bf16]
     return paths[fp32]
 
@@ -243,4 +301,10 @@ def describe() -> str:
     dtype = "bf16 inputs, fp32 sums" if path.dtype == "bf16" else "fp32"
     rate = current.rates.get(path.name)
     measured = f", {rate:.0f} GFLOP/s measured" if rate and current.measured != "-" else ""
-    return f"CPU GEMMs {dtype} through {path.library}{measured} on {cpu_model()}"
+    line = f"CPU GEMMs {dtype} through {path.library}{measured} on {cpu_model()}"
+    heads = [active(kind) for kind in KINDS[1:]]
+    if any(head != path for head in heads):
+        line += "; attention: q k^T " + " and probabilities @ v ".join(
+            f"{head.dtype} through {head.library}" for head in heads
+        )
+    return line

@@ -4,9 +4,11 @@ GPU: MLX's fused kernel. CPU: MLX's CPU softmax runs exp at about 40 M values/s 
 makes the attention of a 512x512 image 5x slower than its matmuls; NumPy's vectorized exp is about
 14x faster, and its BLAS does the two products, so the CPU path computes attention in NumPy, one
 head at a time (the scores of one head, not all, are in memory: 85 MB at 1024x1024), the softmax's rows
-split over the cores. The two products go through the plan's GEMM (`cpu_plan.active()`); with bf16
-GEMMs q, k and v are rounded to bf16 once and the softmax, summed in fp32, writes its probabilities
-as bf16 while each block of rows is still in the cache.
+split over the cores. Each of the two products goes through the GEMM the plan measured fastest for it
+(`cpu_plan.active("attention scores" | "attention values")`: a 128-wide head is a narrow product,
+where a bf16 GEMM may not pay for rounding its inputs); with a bf16 GEMM its inputs are rounded to
+bf16 once (the softmax, summed in fp32, writes the probabilities as bf16 while each block of rows is
+still in the cache).
 """
 
 from functools import partial
@@ -34,19 +36,21 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         if mask is None
         else np.broadcast_to(np.asarray(arrays[3]), (*q.shape[:2], q.shape[2], k.shape[2]))
     )
-    path = cpu_plan.active()
-    if path.dtype == "bf16":
-        qn, kn, vn = as_bf16(qn), as_bf16(kn), as_bf16(vn)
+    scores_path, values_path = cpu_plan.active("attention scores"), cpu_plan.active("attention values")
+    if scores_path.dtype == "bf16":
+        qn, kn = as_bf16(qn), as_bf16(kn)
+    if values_path.dtype == "bf16":
+        vn = as_bf16(vn)
     out = np.empty(qn.shape, dtype=np.float32)
     scores = np.empty((q.shape[2], k.shape[2]), np.float32)
-    weights = np.empty(scores.shape, np.uint16) if path.dtype == "bf16" else None
+    weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
     for b in range(qn.shape[0]):
         for h in range(qn.shape[1]):
-            gemm(path, qn[b, h], kn[b, h].T, out=scores, alpha=scale)
+            gemm(scores_path, qn[b, h], kn[b, h].T, out=scores, alpha=scale)
             if mn is not None:
                 scores += mn[b, h]
             in_parallel(partial(_softmax_rows, scores, weights), len(scores))
-            gemm(path, scores if weights is None else weights, vn[b, h], out=out[b, h])
+            gemm(values_path, scores if weights is None else weights, vn[b, h], out=out[b, h])
     return mx.array(out)
 
 
