@@ -2,7 +2,11 @@
 and the VAE posterior's mean: true CFG (FluxPipeline), img2img, inpainting, Fill and Kontext."""
 
 import importlib
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import mlx.core as mx
@@ -11,8 +15,10 @@ import pytest
 import torch
 from PIL import Image
 from tests.conftest import relative_error
+from tests.hub_cache import hub_cache
 
 from flux1 import Config, Flux1, latents
+from flux1.configs import REPOS
 from flux1.fixtures.build import build_checkpoint
 from flux1.generation import ModeInputs
 
@@ -26,12 +32,14 @@ SEED = 11
 
 @pytest.fixture(scope="module")
 def tiny_fill(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("tiny-fill"), "tiny", "fill", "float32", seed=2)
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-fill"), "tiny", "fill", "float32", seed=2, bfl=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_kontext(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("tiny-kontext"), "tiny", "kontext", "float32", seed=3)
+    return build_checkpoint(
+        tmp_path_factory.mktemp("tiny-kontext"), "tiny", "kontext", "float32", seed=3, bfl=True
+    )
 
 
 def picture(seed: int) -> Image.Image:
@@ -362,3 +370,39 @@ def test_every_mode_runs_on_quantized_lora_low_ram_and_gguf_models(
     assert record["quantize"] == ("gguf" if gguf else 4)
     assert [lora["name"] for lora in record["loras"]] == [p.name for p in options.get("lora_paths", [])]
     assert (record["negative_prompt"] is not None) == (mode == "true CFG")
+
+
+@pytest.mark.parametrize("kind", ["fill", "kontext"])
+def test_bfl_single_file_draws_what_the_diffusers_folder_draws(request, kind, tmp_path):
+    """`--path flux1-<kind>.safetensors` (BFL names; text encoders and VAE from the kind's hub repo, here
+    an offline cache of the same fixture) makes the folder's image, pixel for pixel; Kontext's file has
+    dev's architecture, so it needs --base-model. (The file is moved away from the fixture's
+    `ae.safetensors`: a BFL VAE file's config is read from its shapes with the real VAE's 32 norm
+    groups, which the tiny VAE does not have.)"""
+    folder = request.getfixturevalue(f"tiny_{kind}")
+    (tmp_path / "bfl").mkdir()
+    bfl_file = tmp_path / "bfl" / f"flux1-{kind}.safetensors"
+    bfl_file.symlink_to(folder / bfl_file.name)
+    home = hub_cache(folder, tmp_path / "home", REPOS[kind])
+    picture(0).save(tmp_path / "image.png")
+    flags = ["--prompt", PROMPT, "--seed", str(SEED), "--steps", "2", "--height", str(HEIGHT)]
+    flags += ["--width", str(WIDTH), "--image-path", str(tmp_path / "image.png")]
+    if kind == "fill":
+        right_half_mask().save(tmp_path / "mask.png")
+        flags += ["--mask-path", str(tmp_path / "mask.png")]
+    single_file = [str(bfl_file)] + (["--base-model", kind] if kind == "kontext" else [])
+    pixels = []
+    for source in ([str(folder)], single_file):
+        out = tmp_path / f"{len(pixels)}.png"
+        env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        main = Path(__file__).resolve().parents[1] / "main.py"
+        run = subprocess.run(
+            [sys.executable, str(main), "--path", *source, *flags, "--output", str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr
+        pixels.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*pixels)
