@@ -406,3 +406,24 @@ def test_bfl_single_file_draws_what_the_diffusers_folder_draws(request, kind, tm
         assert run.returncode == 0, run.stderr
         pixels.append(np.asarray(Image.open(out)))
     assert np.array_equal(*pixels)
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "RGB", "RGBA", "I;16"])
+def test_a_mask_in_any_pillow_mode_is_read_as_its_grayscale(mode, tmp_path):
+    """What the mask means (white = repaint) does not depend on how the file stores it."""
+    picture(0).save(tmp_path / "image.png")
+    gray = right_half_mask()
+    gray.convert(mode).save(tmp_path / "mask.png")
+    read = ModeInputs(image=tmp_path / "image.png", mask=tmp_path / "mask.png").mask
+    assert read.image.mode == "L" and np.array_equal(np.asarray(read.image), np.asarray(gray))
+
+
+def test_a_mask_that_cannot_become_grayscale_is_refused_by_name(tmp_path):
+    picture(0).save(tmp_path / "image.png")
+    Image.new("LAB", (WIDTH, HEIGHT)).save(tmp_path / "mask.tif")
+    with pytest.raises(ValueError) as refused:
+        ModeInputs(image=tmp_path / "image.png", mask=tmp_path / "mask.tif")
+    assert str(refused.value) == (
+        f"--mask-path {tmp_path / 'mask.tif'}: cannot be converted to grayscale "
+        "(conversion from LAB to RGB not supported)"
+    )
