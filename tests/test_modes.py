@@ -320,8 +320,8 @@ def test_kontext_size_is_its_preferred_resolution_nearest_the_image():
 
 
 @pytest.fixture(scope="module")
-def model_options(tiny_schnell, tiny_fill, tmp_path_factory):
-    """A quantized base with a LoRA under --low-ram, and GGUF transformers (schnell and Fill)."""
+def model_options(tiny_schnell, tiny_fill, tiny_kontext, tmp_path_factory):
+    """A quantized base with a LoRA under --low-ram, and GGUF transformers (schnell, Fill, Kontext)."""
     from tests import lora_files
 
     from flux1.fixtures.gguf import write_gguf
@@ -329,7 +329,7 @@ def model_options(tiny_schnell, tiny_fill, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mode-options")
     lora = folder / "style.safetensors"
     lora_files.write(lora, "kohya", seed=5)
-    for name, source in (("schnell", tiny_schnell), ("fill", tiny_fill)):
+    for name, source in (("schnell", tiny_schnell), ("fill", tiny_fill), ("kontext", tiny_kontext)):
         write_gguf(source / "transformer", folder / f"{name}-Q8_0.gguf", "Q8_0")
     return {
         # the LoRA is made for schnell's 64 input channels; Fill's img_in takes 384, so Fill goes without
@@ -341,29 +341,33 @@ def model_options(tiny_schnell, tiny_fill, tmp_path_factory):
 
 
 @pytest.mark.parametrize("option", ["-q 4 + LoRA + low RAM", "GGUF Q8_0"])
-@pytest.mark.parametrize("mode", ["true CFG", "img2img", "inpainting", "Fill"])
+@pytest.mark.parametrize("mode", ["true CFG", "img2img", "inpainting", "Fill", "Kontext"])
 def test_every_mode_runs_on_quantized_lora_low_ram_and_gguf_models(
-    tiny_schnell, tiny_fill, model_options, option, mode
+    tiny_schnell, tiny_fill, tiny_kontext, model_options, option, mode
 ):
     """Each mode goes through the same loop whatever holds the weights: the image is the mode's (it
-    differs from the same model's text-to-image), the record says what made it."""
+    differs from the same model's text-to-image), the record says what made it. A Kontext GGUF has
+    dev's shapes: the folder's kind tells it apart, no --base-model needed."""
     from flux1.model_files import resolve
 
-    kind = "fill" if mode == "Fill" else "schnell"
+    kind = mode.lower() if mode in ("Fill", "Kontext") else "schnell"
     options = model_options[option](kind)
     gguf = options.pop("gguf", None)
-    checkpoint = tiny_fill if kind == "fill" else tiny_schnell
-    flux = Flux1(resolve(path=checkpoint, gguf=gguf), precision="fp32", **options)
+    checkpoint = {"fill": tiny_fill, "kontext": tiny_kontext, "schnell": tiny_schnell}[kind]
+    files = resolve(path=checkpoint, gguf=gguf)
+    assert files.base_model == kind
+    flux = Flux1(files, precision="fp32", **options)
     inputs = {
         "true CFG": dict(negative_prompt="blurry", true_cfg_scale=4.0),
         "img2img": dict(image=picture(1), image_strength=0.5),
         "inpainting": dict(image=picture(1), mask=right_half_mask()),
         "Fill": dict(image=picture(1), mask=right_half_mask()),
+        "Kontext": dict(image=picture(1)),
     }[mode]
     config = Config(num_inference_steps=4, height=HEIGHT, width=WIDTH)
     result = flux.generate_image(SEED, PROMPT, config, progress=False, **inputs)
     assert np.isfinite(result.pixels).all() and result.pixels.shape == (HEIGHT, WIDTH, 3)
-    if kind != "fill":
+    if kind == "schnell":
         plain = flux.generate_image(SEED, PROMPT, config, progress=False)
         assert np.abs(plain.pixels.astype(int) - result.pixels.astype(int)).max() > 8
     record = result.record

@@ -205,6 +205,8 @@ def _with_gguf(file: Path, model: str | None, path: str | Path | None, base_mode
         raise ModelFilesError(f"--gguf {file}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     inferred = _kind_of(_single_file_config(shapes), base_model, file)
     others = resolve(model=model or (None if path else inferred), path=path, base_model=base_model)
+    if inferred == "dev" and others.base_model == "kontext" and base_model is None:
+        inferred = "kontext"  # Kontext has dev's shapes: the other components tell them apart
     if others.base_model != inferred:
         raise ModelFilesError(
             f"--gguf {file} is a FLUX.1-{inferred} transformer, but the other components are {others.base_model}"
