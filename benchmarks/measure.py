@@ -72,13 +72,27 @@ def fixture_folder(cache: Path, preset: str, dtype: str) -> Path:
     return folder
 
 
-def fixture_parser(doc: str) -> argparse.ArgumentParser:
-    """The options every in-process benchmark shares: which fixture, at which image size."""
+def _parser(doc: str, size: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=size)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
+    return parser
+
+
+def fixture_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every in-process benchmark shares: which fixture, at which image size."""
+    parser = _parser(doc, 512)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    return parser
+
+
+def runs_parser(doc: str, size: int = 512) -> argparse.ArgumentParser:
+    """The options of the benchmarks that run whole generations, each in its own process, rows
+    interleaved: which fixture, image size, steps and runs of each row."""
+    parser = _parser(doc, size)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each row, interleaved A B A B")
     return parser
 
 

@@ -5,7 +5,6 @@ denoising seconds of img2img at S = 0.5 (half the steps) over text to image.
     python benchmarks/modes.py --preset wide --size 256 --steps 4 --repeats 2
 """
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import flux1  # (first: loads the BLAS)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder  # noqa: E402
+from measure import fixture_folder, runs_parser  # noqa: E402
 
 PROMPT, NEGATIVE = "Luxury food photograph", "blurry, low quality"
 ROWS = {
@@ -61,14 +60,7 @@ def run_diffusers(pipes: dict, size: int, steps: int, image, noise, options: dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each row, interleaved")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
+    parser = runs_parser(__doc__, size=256)
     args = parser.parse_args()
     import torch
     from diffusers import FluxImg2ImgPipeline, FluxPipeline

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import cpu_model, fixture_folder, run_measured  # noqa: E402
+from measure import cpu_model, fixture_folder, run_measured, runs_parser  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 ROWS = {  # name -> (implementation, fixture dtype)
@@ -79,16 +79,9 @@ def worker_diffusers(fixture: Path, size: int, steps: int, batch: int, dtype: st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="wide", choices=["tiny", "wide", "full"])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=4)
+    parser = runs_parser(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each (row, batch), interleaved")
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "flux1-bench")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

@@ -1,5 +1,8 @@
 """Session-wide fixtures: tiny random-weight checkpoints, built once, in the real Hugging Face layout."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,6 +31,18 @@ def tiny_dev(tmp_path_factory):
 def tiny_checkpoint(request):
     """Both variants, for tests that must hold for each."""
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write in: sysfs for root (who may write anywhere else), else a
+    read-only folder."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return locked
 
 
 @pytest.fixture(params=["auto", "mlx"])

@@ -201,13 +201,8 @@ def test_more_bad_input(tiny_schnell, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "noise.npy"]
 
 
-def test_unwritable_output_is_refused_before_any_work(tiny_schnell, tmp_path, capsys):
-    if os.geteuid() == 0:
-        locked = Path("/sys")  # root may write anywhere but in sysfs
-    else:
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o500)
+def test_unwritable_output_is_refused_before_any_work(tiny_schnell, unwritable_folder, capsys):
+    locked = unwritable_folder
     assert main(_bad(tiny_schnell, locked, *SMALL)) == 2
     assert (
         capsys.readouterr().err.strip()

@@ -1,7 +1,6 @@
 """--stepwise-image-output-dir: a preview of each step's predicted clean latents and a strip of them;
 the VAE preview of the last step is the final image; bad folders are refused before any work."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +56,8 @@ def test_latent_previews_of_a_batch_one_folder_per_image(tiny_schnell, tmp_path)
     )
 
 
-def test_bad_preview_folders_are_refused_before_any_work(tiny_schnell, tmp_path, capsys):
-    if os.geteuid() == 0:
-        locked = Path("/sys")  # root may write anywhere but in sysfs
-    else:
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o500)
+def test_bad_preview_folders_are_refused_before_any_work(tiny_schnell, unwritable_folder, tmp_path, capsys):
+    locked = unwritable_folder
     full = tmp_path / "full"
     full.mkdir()
     (full / "step_01_of_04.png").write_bytes(b"keep me")

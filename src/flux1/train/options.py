@@ -97,7 +97,7 @@ class TrainOptions:
         for flag in ("text-encoder-lr", "text-encoder-weight-decay"):
             name = flag.replace("-", "_")
             value = getattr(self, name)
-            if not self.train_text_encoder and value != TrainOptions.__dataclass_fields__[name].default:
+            if not self.train_text_encoder and value != defaults()[name]:
                 raise ValueError(f"--{flag} {value}: only used with --train-text-encoder")
         for flag, value in (
             ("weight-decay", self.weight_decay),
