@@ -105,15 +105,15 @@ def main() -> None:
     work = sum(flops.values())
     others = profiled - sum(seconds.values())
 
+    plan = cpu_plan.plan()
+    for kind in cpu_plan.KINDS:
+        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in plan.rates_for(kind).items())
+        print(f"plan, {kind} (GFLOP/s, measured {plan.measured}): {rates}")
     print(
         f"\n{args.preset} preset ({args.dtype} weights), {args.size}x{args.size}, {text_tokens} text tokens, "
         f"--precision {args.precision}"
     )
     print(f"CPU: {cpu_model()}; {cpu_plan.describe()}")
-    plan = cpu_plan.plan()
-    for kind in cpu_plan.KINDS:
-        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in plan.rates_for(kind).items())
-        print(f"plan, {kind} (GFLOP/s, measured {plan.measured}): {rates}")
     print(f"{'part':<34}{'seconds':>9}{'share':>8}{'GFLOP':>9}{'GFLOP/s':>9}")
     for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
         gflop = flops.get(name, 0.0) / 1e9
