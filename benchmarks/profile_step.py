@@ -107,7 +107,7 @@ def main() -> None:
 
     plan = cpu_plan.plan()
     for kind in cpu_plan.KINDS:
-        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in plan.rates_for(kind).items())
+        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in plan.rates[kind].items())
         print(f"plan, {kind} (GFLOP/s, measured {plan.measured}): {rates}")
     print(
         f"\n{args.preset} preset ({args.dtype} weights), {args.size}x{args.size}, {text_tokens} text tokens, "

@@ -16,6 +16,7 @@ from flux1 import cpu_plan
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
+from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.cpu_linear import expanded_weight
 from flux1.nn.gemm import available_paths
 from flux1.nn.group_norm import group_norm
@@ -23,6 +24,7 @@ from flux1.nn.linear import Linear
 from flux1.nn.numpy_cpu import as_bf16
 
 PATHS = list(available_paths())
+CONVOLUTION_PATHS = list(convolution_paths())
 
 
 def bf16_rounded(x) -> np.ndarray:
@@ -84,13 +86,23 @@ def test_cpu_gelu_equals_formula():
 
 
 @pytest.mark.parametrize(
-    "height, width, in_channels, out_channels, kernel, padding",
-    [(17, 20, 8, 12, 3, 1), (9, 12, 5, 7, 1, 0), (70, 6, 4, 5, 3, 0), (300, 33, 3, 4, 3, 1)],
+    "height, width, in_channels, out_channels, kernel, padding, stride",
+    [
+        (17, 20, 8, 12, 3, 1, 1),
+        (9, 12, 5, 7, 1, 0, 1),
+        (70, 6, 4, 5, 3, 0, 1),
+        (300, 33, 3, 4, 3, 1, 1),
+        (17, 21, 6, 5, 3, 0, 2),
+    ],
 )
-@pytest.mark.parametrize("path", PATHS)
-def test_cpu_conv2d_equals_mlx_kernel(height, width, in_channels, out_channels, kernel, padding, path):
-    """The CPU path is one matmul of unfolded windows per band (the last shape spans several bands).
-    bf16 GEMMs: against MLX's fp32 convolution of the bf16-rounded image and kernel."""
+@pytest.mark.parametrize("path", CONVOLUTION_PATHS)
+def test_cpu_conv2d_equals_mlx_kernel(
+    height, width, in_channels, out_channels, kernel, padding, stride, path
+):
+    """Unfolded windows through each GEMM (one matmul per band; the 300-row shape spans several
+    bands) and oneDNN's convolution primitive; a strided convolution (the VAE encoder's) takes
+    oneDNN's where the path unfolds windows. bf16: against MLX's fp32 convolution of the
+    bf16-rounded image and kernel."""
     x = mx.random.normal((2, height, width, in_channels), key=mx.random.key(0))
     weight = mx.random.normal((out_channels, kernel, kernel, in_channels), key=mx.random.key(1))
     bias = mx.random.normal((out_channels,), key=mx.random.key(2))
@@ -102,12 +114,13 @@ def test_cpu_conv2d_equals_mlx_kernel(height, width, in_channels, out_channels, 
             mx.conv2d(
                 image.astype(mx.float32),
                 kernel.astype(mx.bfloat16 if bf16 else mx.float32).astype(mx.float32),
+                stride=stride,
                 padding=padding,
             )
             + bias
         )
         with cpu_plan.use(path):
-            got = conv2d(x, kernel, bias, padding=padding)
+            got = conv2d(x, kernel, bias, stride=stride, padding=padding)
         assert got.shape == expected.shape
         assert relative_error(got, expected) < 1e-5
 

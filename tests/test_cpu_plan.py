@@ -15,10 +15,12 @@ import pytest
 from tests.conftest import relative_error
 
 from flux1 import backend, cpu_plan
+from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.gemm import available_paths, gemm
 from flux1.nn.numpy_cpu import as_bf16, as_float32
 
 PATHS = list(available_paths())
+CONVOLUTION_PATHS = list(convolution_paths())
 BF16_PATHS = [name for name in PATHS if name.endswith("bf16")]
 
 
@@ -62,6 +64,7 @@ def fresh_plan(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_plan, "_plan", [])
     monkeypatch.setattr(cpu_plan, "SHAPES", ((96, 160, 128), (64, 96, 80)))
+    monkeypatch.setattr(cpu_plan, "CONVOLUTION", (12, 16, 3))
     return tmp_path / "flux1" / "cpu_plan.json"
 
 
@@ -75,16 +78,16 @@ def measured_again(file, edit=None) -> cpu_plan.Plan:
 
 def test_plan_is_measured_once_and_cached(fresh_plan):
     first = cpu_plan.plan()
-    assert set(first.rates) == set(PATHS) and all(rate > 0 for rate in first.rates.values())
-    assert set(first.attention) == {"attention scores", "attention values"}
-    assert all(set(r) == set(PATHS) and min(r.values()) > 0 for r in first.attention.values())
+    assert set(first.rates) == set(cpu_plan.KINDS)
+    for kind, rates in first.rates.items():
+        assert set(rates) == set(cpu_plan.candidates(kind)) and min(rates.values()) > 0
+    assert set(CONVOLUTION_PATHS) >= set(PATHS)
     assert first.seconds > 0 and fresh_plan.is_file()
     assert list(fresh_plan.parent.iterdir()) == [fresh_plan]  # no temporary file left
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = measured_again(fresh_plan)
     assert again.seconds == 0 and again.rates == first.rates  # read, not measured
-    assert again.attention == first.attention
 
 
 def edit_key(field, value):
@@ -110,14 +113,14 @@ def test_stale_plan_is_measured_again_with_a_warning(fresh_plan, edit):
     with pytest.warns(UserWarning, match="measured for another CPU or other libraries"):
         again = measured_again(fresh_plan, edit)
     assert again.seconds > 0
-    assert json.loads(fresh_plan.read_text())["key"] == cpu_plan.machine_key(available_paths())
+    assert json.loads(fresh_plan.read_text())["key"] == cpu_plan.machine_key()
 
 
 @pytest.mark.parametrize(
     "content, reason",
     [
         ("{not json", "Expecting property name"),
-        ('{"rates": {"numpy fp32": -1}}', "not a plan"),
+        ('{"rates": {"linear": {"numpy fp32": -1}}}', "not a plan"),
         ("[]", "not a plan"),
     ],
 )
@@ -138,29 +141,65 @@ def test_plan_file_is_replaced_whole_or_not_at_all(fresh_plan, monkeypatch):
 
     monkeypatch.setattr(cpu_plan.os, "replace", interrupted)
     with pytest.raises(OSError, match="disk full"):
-        cpu_plan.write(fresh_plan, cpu_plan.Plan({}, {"numpy fp32": 1.0}, "now", 1.0, {}))
+        cpu_plan.write(fresh_plan, cpu_plan.Plan({}, {"linear": {"numpy fp32": 1.0}}, "now", 1.0))
     assert fresh_plan.read_text() == before
     assert list(fresh_plan.parent.iterdir()) == [fresh_plan]
 
 
-def cached_rates(file, rates: dict, attention: dict | None = None) -> None:
-    """A plan for this machine with the given rates (attention's products: the same unless given), as
-    if it had measured them."""
-    attention = attention or {kind: rates for kind in cpu_plan.KINDS[1:]}
-    key = cpu_plan.machine_key(available_paths())
-    cpu_plan.write(file, cpu_plan.Plan(key, rates, "then", 0.0, attention))
+def cached_rates(file, rates: dict, others: dict | None = None) -> None:
+    """A plan for this machine with the given linear rates, as if it had measured them; the other
+    kinds' rates are the same unless `others` gives them (oneDNN's convolution: half the slowest)."""
+    others = others or {}
+    convolution = {name: rates.get(name, min(rates.values()) / 2) for name in CONVOLUTION_PATHS}
+    defaults = {"attention scores": rates, "attention values": rates, "convolution": convolution}
+    all_rates = {"linear": rates} | {kind: others.get(kind, defaults[kind]) for kind in cpu_plan.KINDS[1:]}
+    cpu_plan.write(file, cpu_plan.Plan(cpu_plan.machine_key(), all_rates, "then", 0.0))
     cpu_plan._plan.clear()
 
 
-def test_a_plan_without_attention_rates_is_measured_again(fresh_plan):
+@pytest.mark.parametrize("kind", ["attention values", "convolution"])
+def test_a_plan_without_a_kind_of_product_is_measured_again(fresh_plan, kind):
     cpu_plan.plan()
     data = json.loads(fresh_plan.read_text())
-    del data["attention"]
+    del data["rates"][kind]
     fresh_plan.write_text(json.dumps(data))
     cpu_plan._plan.clear()
     with pytest.warns(UserWarning, match="not a plan"):
         again = cpu_plan.plan()
-    assert again.seconds > 0 and "attention" in json.loads(fresh_plan.read_text())
+    assert again.seconds > 0 and kind in json.loads(fresh_plan.read_text())["rates"]
+
+
+def test_an_older_plan_format_is_measured_again(fresh_plan):
+    cpu_plan.plan()
+    data = json.loads(fresh_plan.read_text())
+    data["key"]["format"] = 2
+    data["rates"] = data["rates"]["linear"]  # format 2 kept the linear rates at the top
+    fresh_plan.write_text(json.dumps(data))
+    cpu_plan._plan.clear()
+    with pytest.warns(UserWarning, match="measured for another CPU or other libraries"):
+        again = cpu_plan.plan()
+    assert again.seconds > 0 and json.loads(fresh_plan.read_text())["key"]["format"] == cpu_plan.FORMAT
+
+
+@pytest.mark.skipif("onednn convolution fp32" not in CONVOLUTION_PATHS, reason="oneDNN is not installed")
+@pytest.mark.parametrize("onednn_speedup", [2.0, 0.5])
+def test_convolutions_take_the_path_measured_fastest_for_them(fresh_plan, onednn_speedup):
+    rates = {name: 100.0 + i for i, name in enumerate(PATHS)}
+    fastest_fp32 = max((name for name in PATHS if name.endswith("fp32")), key=rates.get)
+    convolution = rates | {name: onednn_speedup * 200.0 for name in CONVOLUTION_PATHS if name not in rates}
+    cached_rates(fresh_plan, rates, {"convolution": convolution})
+    with cpu_plan.use("fp32"):
+        picked = cpu_plan.active("convolution")
+        if onednn_speedup > 1:
+            assert picked.name == "onednn convolution fp32" and picked.gemm is None
+            assert "; convolutions: oneDNN's convolution, fp32 through oneDNN" in cpu_plan.describe()
+        else:
+            assert picked.name == fastest_fp32 and picked.gemm == cpu_plan.active()
+            assert "convolutions:" not in cpu_plan.describe()
+    with cpu_plan.use("numpy fp32"):  # a GEMM path by name: the convolutions unfold windows through it
+        assert cpu_plan.active("convolution").gemm == available_paths()["numpy fp32"]
+    with cpu_plan.use("onednn convolution fp32"):  # a convolution path by name: fp32 GEMMs elsewhere
+        assert cpu_plan.active().dtype == "fp32" and cpu_plan.active("convolution").gemm is None
 
 
 @pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")

@@ -4,6 +4,7 @@ tensor parallel sums each row-split layer's partial products in another order (f
 difference about 1e-7 per sum), which may move a pixel by one 8-bit level: the bound is 1 level."""
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -74,11 +75,14 @@ def test_data_parallel_writes_the_single_process_images(tiny_schnell, tmp_path):
     for folder in ("one", "two"):  # a name taken already: the free-name search runs once, on rank 0
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "img_1_seed_3.png").write_bytes(b"taken")
+    # The ranks get one OpenBLAS thread each (launch): so does the one process, since OpenBLAS's sums
+    # depend on its thread count on some CPUs (up to 1 level apart on a Zen 1 EPYC, AVX2).
     single = subprocess.run(
         [sys.executable, str(MAIN), *args, "--output", str(tmp_path / "one" / "img.png"), "--metadata"],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
     )
     assert single.returncode == 0, single.stderr[-2000:]
     result = launch(MAIN, *args, "--output", str(tmp_path / "two" / "img.png"), "--metadata")

@@ -9,7 +9,9 @@ instructions, the core count and the libraries' versions; a file that does not m
 parse, is measured again with a warning, never trusted.
 
 Attention's two products are narrow (a 128-wide head): their rates are measured apart, on their own
-shapes, bf16 rounding of their inputs included, and each product takes its own path.
+shapes, bf16 rounding of their inputs included, and each product takes its own path. So are the VAE's
+convolutions, whose candidates are oneDNN's convolution primitive and unfolded windows through each
+GEMM (`nn/cpu_convolution.py`).
 
 The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
 (inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here, for
@@ -32,17 +34,20 @@ from pathlib import Path
 
 import numpy as np
 
+from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
-FORMAT = 2
+FORMAT = 3
 # Rows x in @ in x out of a FLUX step at 512x512 (1024 image + 256 text tokens): attention and
 # modulation 3072 -> 3072, the MLP's 3072 -> 12288 and 12288 -> 3072.
 SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
 # One head of attention at 512x512 (1280 tokens, 128 wide): q @ k^T, then probabilities @ v.
 HEAD = (1280, 128)
-KINDS = ("linear", "attention scores", "attention values")
+# One 3x3 convolution of the VAE decoder's (256 -> 256 channels), on a 48x48 image.
+CONVOLUTION = (48, 256, 3)
+KINDS = ("linear", "attention scores", "attention values", "convolution")
 MEASURE_SECONDS = 6.0  # spread over the paths; a busy machine measures fewer shapes, never longer
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
 
@@ -54,18 +59,18 @@ _plan: list = []  # [Plan] once measured or read
 @dataclass
 class Plan:
     key: dict
-    rates: dict[str, float]  # GFLOP/s per GEMM path name, on the linear layers' SHAPES
+    rates: dict[str, dict[str, float]]  # kind (one of KINDS) -> path name -> GFLOP/s
     measured: str  # when
     seconds: float  # what measuring took (0 when read from the cache)
-    attention: dict[str, dict[str, float]]  # "attention scores"/"attention values" -> path -> GFLOP/s
-
-    def rates_for(self, kind: str) -> dict[str, float]:
-        return self.rates if kind == "linear" else self.attention[kind]
 
     def best(self, dtype: str, kind: str = "linear") -> str | None:
-        rates = self.rates_for(kind)
+        rates = self.rates[kind]
         names = [name for name in rates if name.endswith(dtype)]
         return max(names, key=rates.__getitem__) if names else None
+
+
+def candidates(kind: str) -> dict[str, GemmPath | ConvolutionPath]:
+    return convolution_paths() if kind == "convolution" else available_paths()
 
 
 def cache_file() -> Path:
@@ -86,14 +91,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_key(paths: dict[str, GemmPath]) -> dict:
+def machine_key() -> dict:
     """What the measured rates depend on: a plan measured under another key is stale."""
     return {
         "format": FORMAT,
         "cpu": cpu_model(),
         "bf16 instructions": sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags()),
         "cores": os.cpu_count(),
-        "paths": {name: path.library for name, path in paths.items()},
+        "paths": {kind: {name: path.library for name, path in candidates(kind).items()} for kind in KINDS},
     }
 
 
@@ -162,6 +167,27 @@ def measure_attention(paths: dict[str, GemmPath], repeats: int = 5) -> dict[str,
     return rates
 
 
+def measure_convolution(paths: dict[str, ConvolutionPath], repeats: int = 2) -> dict[str, float]:
+    """GFLOP/s of each path on one of the VAE decoder's convolutions (CONVOLUTION), best of
+    `repeats` after a first call (the library's start-up, oneDNN's choice of kernel)."""
+    size, channels, kernel = CONVOLUTION
+    rng = np.random.default_rng(0)
+    image = rng.random((1, size, size, channels), np.float32)
+    weight = rng.random((channels, kernel, kernel, channels), np.float32)
+    bias = np.zeros(channels, np.float32)
+    flops = 2.0 * size * size * kernel * kernel * channels * channels
+    rates = {}
+    for name, path in paths.items():
+        best = math.inf
+        for attempt in range(repeats + 1):
+            start = time.perf_counter()
+            convolve(path, image, weight, bias, padding=kernel // 2)
+            if attempt:
+                best = min(best, time.perf_counter() - start)
+        rates[name] = float(f"{flops / best / 1e9:.4g}")
+    return rates
+
+
 def _valid_rates(rates, names) -> bool:
     return (
         isinstance(rates, dict)
@@ -180,26 +206,24 @@ def read(file: Path, key: dict) -> Plan | None:
     except (OSError, ValueError) as error:
         warnings.warn(f"flux1: ignoring the CPU plan {file} ({error}); measuring again", stacklevel=3)
         return None
-    rates = data.get("rates") if isinstance(data, dict) else None
-    attention = data.get("attention") if isinstance(data, dict) else None
-    if not (
-        _valid_rates(rates, key["paths"])
-        and isinstance(attention, dict)
-        and set(attention) == set(KINDS[1:])
-        and all(_valid_rates(r, key["paths"]) for r in attention.values())
-        and isinstance(data.get("measured"), str)
-    ):
-        warnings.warn(f"flux1: ignoring the CPU plan {file} (not a plan); measuring again", stacklevel=3)
-        return None
-    if data.get("key") != key:
+    if isinstance(data, dict) and "key" in data and data["key"] != key:
         warnings.warn(
             f"flux1: the CPU plan {file} was measured for another CPU or other libraries "
             f"({data.get('key')}); measuring again",
             stacklevel=3,
         )
         return None
-    floats = {kind: {k: float(v) for k, v in r.items()} for kind, r in attention.items()}
-    return Plan(key, {k: float(v) for k, v in rates.items()}, data["measured"], 0.0, floats)
+    rates = data.get("rates") if isinstance(data, dict) else None
+    if not (
+        isinstance(rates, dict)
+        and set(rates) == set(KINDS)
+        and all(_valid_rates(rates[kind], key["paths"][kind]) for kind in KINDS)
+        and isinstance(data.get("measured"), str)
+    ):
+        warnings.warn(f"flux1: ignoring the CPU plan {file} (not a plan); measuring again", stacklevel=3)
+        return None
+    floats = {kind: {name: float(rate) for name, rate in rates[kind].items()} for kind in KINDS}
+    return Plan(key, floats, data["measured"], 0.0)
 
 
 def write(file: Path, plan: Plan) -> None:
@@ -209,8 +233,7 @@ def write(file: Path, plan: Plan) -> None:
     handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=".cpu_plan.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as out:
-            content = {"key": plan.key, "rates": plan.rates, "attention": plan.attention}
-            json.dump({**content, "measured": plan.measured}, out, indent=1)
+            json.dump({"key": plan.key, "rates": plan.rates, "measured": plan.measured}, out, indent=1)
         os.replace(temporary, file)
     except BaseException:
         os.unlink(temporary)
@@ -221,17 +244,17 @@ def plan() -> Plan:
     """This machine's plan: from the cache, or measured now (and cached)."""
     if not _plan:
         paths = available_paths()
-        key, file = machine_key(paths), cache_file()
-        if len(paths) == 1:
-            ones = {n: 1.0 for n in paths}
-            found = Plan(key, ones, "-", 0.0, {kind: ones for kind in KINDS[1:]})
+        key, file = machine_key(), cache_file()
+        if len(paths) == len(convolution_paths()) == 1:  # nothing to choose
+            found = Plan(key, {kind: {name: 1.0 for name in candidates(kind)} for kind in KINDS}, "-", 0.0)
         else:
             found = read(file, key)
         if found is None:
             start = time.perf_counter()
-            rates, attention = measure(paths), measure_attention(paths)
+            rates = {"linear": measure(paths), **measure_attention(paths)}
+            rates["convolution"] = measure_convolution(convolution_paths())
             measured = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            found = Plan(key, rates, measured, time.perf_counter() - start, attention)
+            found = Plan(key, rates, measured, time.perf_counter() - start)
             try:
                 write(file, found)
             except OSError as error:
@@ -250,9 +273,10 @@ def set_precision(precision: str) -> None:
 @contextlib.contextmanager
 def use(choice: str):
     """Inside the block the CPU kernels compute with `choice`: a precision (auto, fp32, bf16) or one
-    GEMM path by name (e.g. "numpy fp32", "onednn bf16")."""
+    path by name (e.g. "numpy fp32", "onednn bf16", "onednn convolution fp32"; a name of one kind's
+    path sets its dtype for the other kinds)."""
     global _override
-    _check(choice, PRECISIONS + tuple(available_paths()))
+    _check(choice, PRECISIONS + tuple(available_paths()) + tuple(convolution_paths()))
     previous, _override = _override, choice
     try:
         yield
@@ -265,14 +289,16 @@ def _check(choice: str, allowed: tuple) -> None:
         raise ValueError(f"--precision {choice}: expected one of {', '.join(allowed)}")
 
 
-def active(kind: str = "linear") -> GemmPath:
-    """The GEMM path the CPU kernels use now for `kind` of product (one of KINDS)."""
+def active(kind: str = "linear") -> GemmPath | ConvolutionPath:
+    """The path the CPU kernels use now for `kind` of product (one of KINDS)."""
     choice = _override or _precision
-    paths = available_paths()
+    paths = candidates(kind)
     if choice in paths:
         return paths[choice]
+    if choice not in PRECISIONS:  # another kind's path
+        choice = convolution_paths()[choice].dtype
     current = plan()
-    rates = current.rates_for(kind)
+    rates = current.rates[kind]
     fp32, bf16 = current.best("fp32", kind), current.best("bf16", kind)
     if choice == "bf16":
         require_bf16()
@@ -299,12 +325,16 @@ def describe() -> str:
         return f"MLX's own kernels on the {'CPU' if backend.on_cpu() else 'GPU'}"
     path, current = active(), plan()
     dtype = "bf16 inputs, fp32 sums" if path.dtype == "bf16" else "fp32"
-    rate = current.rates.get(path.name)
+    rate = current.rates["linear"].get(path.name)
     measured = f", {rate:.0f} GFLOP/s measured" if rate and current.measured != "-" else ""
     line = f"CPU GEMMs {dtype} through {path.library}{measured} on {cpu_model()}"
-    heads = [active(kind) for kind in KINDS[1:]]
+    heads = [active(kind) for kind in KINDS[1:3]]
     if any(head != path for head in heads):
         line += "; attention: q k^T " + " and probabilities @ v ".join(
             f"{head.dtype} through {head.library}" for head in heads
         )
+    convolution = active("convolution")
+    how = "oneDNN's convolution" if convolution.gemm is None else "unfolded windows through a GEMM"
+    if convolution.gemm != path:
+        line += f"; convolutions: {how}, {convolution.dtype} through {convolution.library}"
     return line
