@@ -159,8 +159,11 @@ def main() -> None:
                 total=measured.seconds, peak_gb=measured.peak_rss_gb, image=np.load(out.with_suffix(".npy"))
             )
             results[row].append(result)
-            print(
-                f"run {repeat + 1} {row}: median step {statistics.median(result['steps']):.2f}s", flush=True
+            print(  # each run's figures as it ends: an interrupted comparison keeps what it measured
+                f"run {repeat + 1} {row}: encode {result['encode']:.2f} s, median step "
+                f"{statistics.median(result['steps']):.2f} s, decode {result['decode']:.2f} s, total "
+                f"{result['total']:.1f} s, peak {result['peak_gb']:.2f} GB",
+                flush=True,
             )
 
     def median(row: str, key: str) -> float:

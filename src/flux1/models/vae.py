@@ -88,14 +88,41 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest 2x upsampling, then a 3x3 convolution: computed without the upsampled image. Output
+    pixel (2i + a, 2j + b) reads upsampled rows 2i + a - 1 .. 2i + a + 1, which are input rows
+    i - 1, i, i for a = 0 and i, i, i + 1 for a = 1: a 2-tap kernel per axis (the taps that read the
+    same input row summed). So each of the 4 phases (a, b) is a 2x2 convolution of the input; all
+    four are one convolution with 4x the output channels. 16 taps at the input's resolution instead
+    of 9 at 4x its pixels: 2.25x fewer FLOPs (a quarter of the decoder's convolution work)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        batch, height, width, channels = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None], (batch, height, 2, width, 2, channels))
-        return self.conv(x.reshape(batch, 2 * height, 2 * width, channels))
+        batch, height, width, _ = x.shape
+        out_channels = self.conv.weight.shape[0]
+        kernels = [_phase_kernel(self.conv.weight, a, b) for a in (0, 1) for b in (0, 1)]
+        # y [batch, height + 1, width + 1, 4 * out]: phase (a, b) at rows a.., columns b.. of its block
+        y = conv2d(x, mx.concatenate(kernels), mx.tile(self.conv.bias, 4), padding=1)
+        rows = []
+        for a in (0, 1):
+            phases = [
+                y[:, a : a + height, b : b + width, (2 * a + b) * out_channels :][..., :out_channels]
+                for b in (0, 1)
+            ]
+            rows.append(mx.stack(phases, axis=3))  # [batch, height, width, 2, out]
+        return mx.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, out_channels)
+
+
+def _phase_kernel(weight: mx.array, a: int, b: int) -> mx.array:
+    """The 2x2 kernel of phase (a, b) from a 3x3 kernel [out, 3, 3, in]: per axis, phase 0 takes
+    taps (k0, k1 + k2), phase 1 (k0 + k1, k2)."""
+    w = weight.astype(mx.float32)
+    w = mx.stack([w[:, 0], w[:, 1] + w[:, 2]] if a == 0 else [w[:, 0] + w[:, 1], w[:, 2]], axis=1)
+    return mx.stack(
+        [w[:, :, 0], w[:, :, 1] + w[:, :, 2]] if b == 0 else [w[:, :, 0] + w[:, :, 1], w[:, :, 2]], axis=2
+    )
 
 
 class DownBlock(nn.Module):
