@@ -148,16 +148,18 @@ def test_plan_file_is_replaced_whole_or_not_at_all(fresh_plan, monkeypatch):
 
 def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     """A plan for this machine with the given linear rates, as if it had measured them; the other
-    kinds' rates are the same unless `others` gives them (oneDNN's convolution: half the slowest)."""
+    kinds' rates follow unless `others` gives them (oneDNN's convolution: half the slowest; a pair of
+    attention paths: its slower one's)."""
     others = others or {}
     convolution = {name: rates.get(name, min(rates.values()) / 2) for name in CONVOLUTION_PATHS}
-    defaults = {"attention scores": rates, "attention values": rates, "convolution": convolution}
+    pairs = {name: min(rates[s.name], rates[v.name]) for name, (s, v) in cpu_plan.attention_pairs().items()}
+    defaults = {"attention": pairs, "convolution": convolution}
     all_rates = {"linear": rates} | {kind: others.get(kind, defaults[kind]) for kind in cpu_plan.KINDS[1:]}
     cpu_plan.write(file, cpu_plan.Plan(cpu_plan.machine_key(), all_rates, "then", 0.0))
     cpu_plan._plan.clear()
 
 
-@pytest.mark.parametrize("kind", ["attention values", "convolution"])
+@pytest.mark.parametrize("kind", ["attention", "convolution"])
 def test_a_plan_without_a_kind_of_product_is_measured_again(fresh_plan, kind):
     cpu_plan.plan()
     data = json.loads(fresh_plan.read_text())
@@ -202,31 +204,54 @@ def test_convolutions_take_the_path_measured_fastest_for_them(fresh_plan, onednn
         assert cpu_plan.active().dtype == "fp32" and cpu_plan.active("convolution").gemm is None
 
 
+def test_attention_pairs_keep_one_library():
+    pairs = cpu_plan.attention_pairs()
+    assert all(s.library == v.library for s, v in pairs.values())
+    assert {f"{name} + {name}" for name in PATHS} <= set(pairs)
+    with cpu_plan.use("numpy fp32"):  # a GEMM path by name: both products through it
+        assert cpu_plan.active("attention") == (available_paths()["numpy fp32"],) * 2
+
+
+def test_attention_takes_the_pair_measured_fastest_for_a_head(fresh_plan):
+    """The linear layers' fastest path is not attention's: each kind takes its own."""
+    rates = {name: 100.0 + i for i, name in enumerate(PATHS)}
+    fp32 = [name for name in PATHS if name.endswith("fp32")]
+    chosen = f"{fp32[0]} + {fp32[0]}"
+    pairs = {name: 50.0 for name in cpu_plan.attention_pairs()} | {chosen: 500.0}
+    cached_rates(fresh_plan, rates, {"attention": pairs})
+    with cpu_plan.use("fp32"):
+        assert cpu_plan.active("attention") == cpu_plan.attention_pairs()[chosen]
+        if len(fp32) > 1:
+            assert cpu_plan.active().name != fp32[0]
+            library = available_paths()[fp32[0]].library
+            line = f"; attention: q k^T fp32 through {library} and probabilities @ v fp32 through {library}"
+            assert line in cpu_plan.describe()
+
+
 @pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")
-def test_each_attention_product_takes_the_path_measured_fastest_for_it(fresh_plan):
-    """bf16 twice as fast on the linear shapes and q k^T, half as fast on probabilities @ v: auto
-    takes bf16 for the first two only; the attention is then within the bf16 bound of fp32's."""
-    fp32 = {name: 100.0 for name in PATHS if name.endswith("fp32")}
-    fast, slow = ({name: rate for name in BF16_PATHS} for rate in (200.0, 50.0))
-    cached_rates(fresh_plan, fp32 | fast, {"attention scores": fp32 | fast, "attention values": fp32 | slow})
+def test_each_attention_product_takes_its_own_dtype(fresh_plan):
+    """bf16 scores with fp32 values measured fastest: auto takes that pair; fp32 and bf16 take the
+    pairs of one dtype; the attention is then within the bf16 bound of fp32's."""
+    rates = {name: 100.0 if name.endswith("fp32") else 200.0 for name in PATHS}
+    mixed = f"{BF16_PATHS[0]} + {BF16_PATHS[0].replace('bf16', 'fp32')}"
+    pairs = {name: 100.0 for name in cpu_plan.attention_pairs()} | {mixed: 300.0}
+    cached_rates(fresh_plan, rates, {"attention": pairs})
     with cpu_plan.use("auto"):
-        assert cpu_plan.active().dtype == cpu_plan.active("attention scores").dtype == "bf16"
-        assert cpu_plan.active("attention values").dtype == "fp32"
+        assert [path.dtype for path in cpu_plan.active("attention")] == ["bf16", "fp32"]
         assert "attention: q k^T bf16 through" in cpu_plan.describe()
         assert "probabilities @ v fp32 through" in cpu_plan.describe()
     with cpu_plan.use("bf16"):
-        assert cpu_plan.active("attention values").dtype == "bf16"
-        assert "attention:" not in cpu_plan.describe()
+        assert [path.dtype for path in cpu_plan.active("attention")] == ["bf16", "bf16"]
     with cpu_plan.use("fp32"):
-        assert {cpu_plan.active(kind).dtype for kind in cpu_plan.KINDS} == {"fp32"}
+        assert [path.dtype for path in cpu_plan.active("attention")] == ["fp32", "fp32"]
     from flux1.nn.attention import attention
 
     q, k, v = (mx.random.normal((1, 2, 40, 16), key=mx.random.key(i)) for i in range(3))
     with cpu_plan.use("fp32"):
         reference = np.array(attention(q, k, v, 0.25))
     with cpu_plan.use("auto"):
-        mixed = np.array(attention(q, k, v, 0.25))
-    assert 0 < relative_error(mixed, reference) < 4e-3
+        got = np.array(attention(q, k, v, 0.25))
+    assert 0 < relative_error(got, reference) < 4e-3
 
 
 @pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")

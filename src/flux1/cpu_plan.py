@@ -8,8 +8,11 @@ candidates of `nn/gemm.py` are timed (under 10 s, once) and the rates are kept i
 instructions, the core count and the libraries' versions; a file that does not match, or does not
 parse, is measured again with a warning, never trusted.
 
-Attention's two products are narrow (a 128-wide head): their rates are measured apart, on their own
-shapes, bf16 rounding of their inputs included, and each product takes its own path. So are the VAE's
+Attention's two products are narrow (a 128-wide head): they are measured as attention runs them, one
+head's q k^T, softmax and probabilities @ v, bf16 rounding of their inputs included, for each pair of
+paths of one library (each product in either dtype). One library: where the two products took the
+libraries each was fastest through alone (oneDNN, then OpenBLAS), switching between their thread
+pools made a head 30% slower than OpenBLAS for both on 2 Zen 1 cores. So are the VAE's
 convolutions, whose candidates are oneDNN's convolution primitive and unfolded windows through each
 GEMM (`nn/cpu_convolution.py`).
 
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flux1.nn.cpu_attention import head_attention
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
@@ -47,7 +51,7 @@ SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
 HEAD = (1280, 128)
 # One 3x3 convolution of the VAE decoder's (256 -> 256 channels), on a 48x48 image.
 CONVOLUTION = (48, 256, 3)
-KINDS = ("linear", "attention scores", "attention values", "convolution")
+KINDS = ("linear", "attention", "convolution")
 MEASURE_SECONDS = 6.0  # spread over the paths; a busy machine measures fewer shapes, never longer
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
 
@@ -63,14 +67,25 @@ class Plan:
     measured: str  # when
     seconds: float  # what measuring took (0 when read from the cache)
 
-    def best(self, dtype: str, kind: str = "linear") -> str | None:
-        rates = self.rates[kind]
-        names = [name for name in rates if name.endswith(dtype)]
-        return max(names, key=rates.__getitem__) if names else None
+
+def attention_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
+    """(q k^T's path, probabilities @ v's path) of one library, named "<scores> + <values>"."""
+    paths = available_paths().values()
+    return {f"{s.name} + {v.name}": (s, v) for s in paths for v in paths if s.library == v.library}
 
 
-def candidates(kind: str) -> dict[str, GemmPath | ConvolutionPath]:
+def candidates(kind: str) -> dict:
+    if kind == "attention":
+        return attention_pairs()
     return convolution_paths() if kind == "convolution" else available_paths()
+
+
+def _library(path) -> str:
+    return path[0].library if isinstance(path, tuple) else path.library  # a pair's is one library
+
+
+def _dtypes(path) -> set[str]:
+    return {p.dtype for p in path} if isinstance(path, tuple) else {path.dtype}
 
 
 def cache_file() -> Path:
@@ -98,7 +113,7 @@ def machine_key() -> dict:
         "cpu": cpu_model(),
         "bf16 instructions": sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags()),
         "cores": os.cpu_count(),
-        "paths": {kind: {name: path.library for name, path in candidates(kind).items()} for kind in KINDS},
+        "paths": {kind: {name: _library(path) for name, path in candidates(kind).items()} for kind in KINDS},
     }
 
 
@@ -138,32 +153,29 @@ def measure(paths: dict[str, GemmPath]) -> dict[str, float]:
     return rates
 
 
-def measure_attention(paths: dict[str, GemmPath], repeats: int = 5) -> dict[str, dict[str, float]]:
-    """GFLOP/s of each path on one head's two products, laid out as attention has them (k
-    transposed, v not), the rounding of a bf16 path's varying input to bf16 included: q for the
-    scores (k is rounded once per call), the probabilities for the values. Best of `repeats`."""
+def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of one head's attention (its two products' work over the time of both and the
+    softmax between them) through each pair of paths, as `nn/attention.py` runs it: k transposed,
+    v not, a bf16 path's inputs rounded to bf16 (q and the probabilities each call, k and v once).
+    Best of `repeats`, after a first call (the libraries' start-up for these shapes)."""
     tokens, width = HEAD
     rng = np.random.default_rng(0)
     q, k, v = (rng.random((tokens, width), np.float32) for _ in range(3))
-    probabilities = rng.random((tokens, tokens), np.float32)
-    scores, values = np.empty((tokens, tokens), np.float32), np.empty((tokens, width), np.float32)
-    flops = 2.0 * tokens * tokens * width
-    rates: dict[str, dict[str, float]] = {"attention scores": {}, "attention values": {}}
-    for name, path in paths.items():
-        bf16 = path.dtype == "bf16"
-        k_in, v_in = (as_bf16(k), as_bf16(v)) if bf16 else (k, v)
-        products = {
-            "attention scores": (q, k_in.T, scores),
-            "attention values": (probabilities, v_in, values),
-        }
-        for kind, (a, b, out) in products.items():
-            best = math.inf
-            for attempt in range(repeats + 1):  # the first: the library's start-up for this shape
-                start = time.perf_counter()
-                gemm(path, as_bf16(a) if bf16 else a, b, out)
-                if attempt:
-                    best = min(best, time.perf_counter() - start)
-            rates[kind][name] = float(f"{flops / best / 1e9:.4g}")
+    scores, out = np.empty((tokens, tokens), np.float32), np.empty((tokens, width), np.float32)
+    flops = 4.0 * tokens * tokens * width
+    rates = {}
+    for name, (scores_path, values_path) in pairs.items():
+        k_in = as_bf16(k) if scores_path.dtype == "bf16" else k
+        v_in = as_bf16(v) if values_path.dtype == "bf16" else v
+        weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
+        best = math.inf
+        for attempt in range(repeats + 1):
+            start = time.perf_counter()
+            q_in = as_bf16(q) if scores_path.dtype == "bf16" else q
+            head_attention(scores_path, values_path, q_in, k_in, v_in, 0.1, None, scores, weights, out)
+            if attempt:
+                best = min(best, time.perf_counter() - start)
+        rates[name] = float(f"{flops / best / 1e9:.4g}")
     return rates
 
 
@@ -251,7 +263,7 @@ def plan() -> Plan:
             found = read(file, key)
         if found is None:
             start = time.perf_counter()
-            rates = {"linear": measure(paths), **measure_attention(paths)}
+            rates = {"linear": measure(paths), "attention": measure_attention(attention_pairs())}
             rates["convolution"] = measure_convolution(convolution_paths())
             measured = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             found = Plan(key, rates, measured, time.perf_counter() - start)
@@ -293,18 +305,24 @@ def active(kind: str = "linear") -> GemmPath | ConvolutionPath:
     """The path the CPU kernels use now for `kind` of product (one of KINDS)."""
     choice = _override or _precision
     paths = candidates(kind)
+    if kind == "attention" and choice in available_paths():
+        choice = f"{choice} + {choice}"
     if choice in paths:
         return paths[choice]
     if choice not in PRECISIONS:  # another kind's path
         choice = convolution_paths()[choice].dtype
-    current = plan()
-    rates = current.rates[kind]
-    fp32, bf16 = current.best("fp32", kind), current.best("bf16", kind)
+    rates = plan().rates[kind]
+
+    def fastest(allowed) -> str | None:
+        names = [name for name in rates if _dtypes(paths[name]) <= allowed]
+        return max(names, key=rates.__getitem__) if names else None
+
     if choice == "bf16":
         require_bf16()
-        return paths[bf16]
-    if choice == "auto" and bf16 and rates[bf16] > AUTO_BF16_MARGIN * rates[fp32]:
-        return paths[bf16]
+        return paths[fastest({"bf16"})]
+    fp32, any_dtype = fastest({"fp32"}), fastest({"fp32", "bf16"})
+    if choice == "auto" and rates[any_dtype] > AUTO_BF16_MARGIN * rates[fp32]:
+        return paths[any_dtype]
     return paths[fp32]
 
 
@@ -328,7 +346,7 @@ def describe() -> str:
     rate = current.rates["linear"].get(path.name)
     measured = f", {rate:.0f} GFLOP/s measured" if rate and current.measured != "-" else ""
     line = f"CPU GEMMs {dtype} through {path.library}{measured} on {cpu_model()}"
-    heads = [active(kind) for kind in KINDS[1:3]]
+    heads = active("attention")
     if any(head != path for head in heads):
         line += "; attention: q k^T " + " and probabilities @ v ".join(
             f"{head.dtype} through {head.library}" for head in heads

@@ -1,0 +1,45 @@
+"""One head of attention on the CPU: softmax(scale q k^T + mask) v in NumPy, each product through a
+GEMM path of `nn/gemm.py`, the softmax's rows split over the cores. With a bf16 path for the values,
+the softmax (summed in fp32) writes the probabilities as bf16 while each block of rows is still in
+the cache."""
+
+from functools import partial
+
+import numpy as np
+
+from flux1.nn.gemm import GemmPath, gemm
+from flux1.nn.numpy_cpu import CACHED_VALUES, in_parallel, round_to_bf16
+
+
+def head_attention(
+    scores_path: GemmPath,
+    values_path: GemmPath,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    scale: float,
+    mask: np.ndarray | None,
+    scores: np.ndarray,
+    weights: np.ndarray | None,
+    out: np.ndarray,
+) -> None:
+    """out [q_tokens, width] = softmax(scale q k^T + mask) v; q, k, v already in their path's dtype;
+    scores [q_tokens, k_tokens] fp32 and weights (bf16 bits, for a bf16 values path) are scratch."""
+    gemm(scores_path, q, k.T, out=scores, alpha=scale)
+    if mask is not None:
+        scores += mask
+    in_parallel(partial(_softmax_rows, scores, weights), len(scores))
+    gemm(values_path, scores if weights is None else weights, v, out=out)
+
+
+def _softmax_rows(scores: np.ndarray, weights: np.ndarray | None, start: int, stop: int) -> None:
+    """Rows start..stop of scores become their softmax, also rounded into weights (bf16 bits) if given."""
+    step = max(1, CACHED_VALUES // scores.shape[1])
+    for row in range(start, stop, step):
+        row_end = min(row + step, stop)
+        block = scores[row:row_end]
+        block -= block.max(axis=-1, keepdims=True)
+        np.exp(block, out=block)
+        block /= block.sum(axis=-1, keepdims=True)
+        if weights is not None:
+            round_to_bf16(block, weights[row:row_end])
