@@ -26,6 +26,7 @@ GEMM path by name, for tests and benchmarks).
 
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -163,19 +164,18 @@ def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], repeats: int 
     q, k, v = (rng.random((tokens, width), np.float32) for _ in range(3))
     scores, out = np.empty((tokens, tokens), np.float32), np.empty((tokens, width), np.float32)
     flops = 4.0 * tokens * tokens * width
+
+    def head(scores_path, values_path, k_in, v_in, weights):
+        q_in = as_bf16(q) if scores_path.dtype == "bf16" else q
+        head_attention(scores_path, values_path, q_in, k_in, v_in, 0.1, None, scores, weights, out)
+
     rates = {}
     for name, (scores_path, values_path) in pairs.items():
         k_in = as_bf16(k) if scores_path.dtype == "bf16" else k
         v_in = as_bf16(v) if values_path.dtype == "bf16" else v
         weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
-        best = math.inf
-        for attempt in range(repeats + 1):
-            start = time.perf_counter()
-            q_in = as_bf16(q) if scores_path.dtype == "bf16" else q
-            head_attention(scores_path, values_path, q_in, k_in, v_in, 0.1, None, scores, weights, out)
-            if attempt:
-                best = min(best, time.perf_counter() - start)
-        rates[name] = float(f"{flops / best / 1e9:.4g}")
+        call = functools.partial(head, scores_path, values_path, k_in, v_in, weights)
+        rates[name] = float(f"{flops / _best_seconds(call, repeats) / 1e9:.4g}")
     return rates
 
 
@@ -190,14 +190,22 @@ def measure_convolution(paths: dict[str, ConvolutionPath], repeats: int = 2) -> 
     flops = 2.0 * size * size * kernel * kernel * channels * channels
     rates = {}
     for name, path in paths.items():
-        best = math.inf
-        for attempt in range(repeats + 1):
-            start = time.perf_counter()
-            convolve(path, image, weight, bias, padding=kernel // 2)
-            if attempt:
-                best = min(best, time.perf_counter() - start)
-        rates[name] = float(f"{flops / best / 1e9:.4g}")
+        seconds = _best_seconds(
+            lambda path=path: convolve(path, image, weight, bias, padding=kernel // 2), repeats
+        )
+        rates[name] = float(f"{flops / seconds / 1e9:.4g}")
     return rates
+
+
+def _best_seconds(call, repeats: int) -> float:
+    """The fastest of `repeats` calls, after a first one (the libraries' start-up for the shapes)."""
+    best = math.inf
+    for attempt in range(repeats + 1):
+        start = time.perf_counter()
+        call()
+        if attempt:
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _valid_rates(rates, names) -> bool:

@@ -107,10 +107,8 @@ class Upsample(nn.Module):
         y = conv2d(x, mx.concatenate(kernels), mx.tile(self.conv.bias, 4), padding=1)
         rows = []
         for a in (0, 1):
-            phases = [
-                y[:, a : a + height, b : b + width, (2 * a + b) * out_channels :][..., :out_channels]
-                for b in (0, 1)
-            ]
+            channels = [slice((2 * a + b) * out_channels, (2 * a + b + 1) * out_channels) for b in (0, 1)]
+            phases = [y[:, a : a + height, b : b + width, channels[b]] for b in (0, 1)]
             rows.append(mx.stack(phases, axis=3))  # [batch, height, width, 2, out]
         return mx.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, out_channels)
 
@@ -118,11 +116,12 @@ class Upsample(nn.Module):
 def _phase_kernel(weight: mx.array, a: int, b: int) -> mx.array:
     """The 2x2 kernel of phase (a, b) from a 3x3 kernel [out, 3, 3, in]: per axis, phase 0 takes
     taps (k0, k1 + k2), phase 1 (k0 + k1, k2)."""
-    w = weight.astype(mx.float32)
-    w = mx.stack([w[:, 0], w[:, 1] + w[:, 2]] if a == 0 else [w[:, 0] + w[:, 1], w[:, 2]], axis=1)
-    return mx.stack(
-        [w[:, :, 0], w[:, :, 1] + w[:, :, 2]] if b == 0 else [w[:, :, 0] + w[:, :, 1], w[:, :, 2]], axis=2
-    )
+    return _two_taps(_two_taps(weight.astype(mx.float32), 1, a), 2, b)
+
+
+def _two_taps(kernel: mx.array, axis: int, phase: int) -> mx.array:
+    k0, k1, k2 = mx.split(kernel, 3, axis=axis)
+    return mx.concatenate([k0, k1 + k2] if phase == 0 else [k0 + k1, k2], axis=axis)
 
 
 class DownBlock(nn.Module):

@@ -6,8 +6,8 @@
 - oneDNN's convolution primitive (`nn/onednn.py`): its own kernels on the NHWC image, no windows
   copied. Any stride.
 
-Measured on 2 Zen 1 cores (AVX2), 3x3 convolutions of the VAE decoder: oneDNN 42-49 GFLOP/s, the
-unfolded windows through the best GEMM 24-33. With bf16 inputs the image is rounded to bf16 once,
+The plan's measurement on 2 Zen 1 cores (AVX2; `benchmarks/profile_step.py` prints it): oneDNN
+45-49 GFLOP/s, unfolded windows through any GEMM 34-38. With bf16 inputs the image is rounded to bf16 once,
 before it is unfolded or convolved (half the bytes to copy); the output and bias stay fp32.
 """
 
