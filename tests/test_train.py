@@ -4,6 +4,7 @@ alike, runs resume bit for bit, bad input is refused."""
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -443,6 +444,26 @@ def test_interrupted_training_leaves_the_last_complete_checkpoint(tiny_schnell, 
         str(last),
     )
     assert train_main(args) == 0 and resumed.is_file()
+
+
+def test_ctrl_c_ends_training_with_one_line_and_130(tiny_schnell, tmp_path):
+    """SIGINT once checkpoints are being written: one line, exit code 130, no LoRA file."""
+    data = _write_images(tmp_path / "data")
+    out = tmp_path / "lora.safetensors"
+    command = [sys.executable, "train.py", *_args(tiny_schnell, data, out, "--steps", "1000")]
+    command += ["--checkpoint-every", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "lora_checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(folder.glob("step_*.safetensors")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    last_line = err.strip().splitlines()[-1]
+    assert last_line == "interrupted: no LoRA file was written; --resume continues from a checkpoint"
+    assert "Traceback" not in err
+    assert not out.exists()
 
 
 def test_a_checkpoint_from_before_an_option_existed_has_its_default():

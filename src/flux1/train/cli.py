@@ -2,16 +2,12 @@
 flags given on the command line win."""
 
 import argparse
-import logging
-import sys
 
-from flux1.cli import add_model_source
-from flux1.model_files import ModelFilesError
+from flux1.cli import add_model_source, run_program
 from flux1.quantize import BITS, GROUP_SIZES
 from flux1.train.adapters import TARGETS
 from flux1.train.objective import SCHEMES
 from flux1.train.options import FORMATS, SCHEDULES, TrainOptions, read_config
-from flux1.weights.safetensors_io import WeightFileError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,12 +110,12 @@ def options_from(argv: list[str]) -> TrainOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="flux1: %(message)s", level=logging.INFO)
-    try:
+    def run(arguments: list[str]) -> int:
         from flux1.train.trainer import Run
 
-        Run(options_from(sys.argv[1:] if argv is None else argv)).train()
+        Run(options_from(arguments)).train()
         return 0
-    except (ValueError, ModelFilesError, WeightFileError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return run_program(
+        run, argv, interrupted="no LoRA file was written; --resume continues from a checkpoint"
+    )
