@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tests.conftest import relative_error
 
-from flux1 import cpu_plan
+from flux1 import backend, cpu_plan
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -20,7 +20,7 @@ from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.cpu_linear import expanded_weight
 from flux1.nn.gemm import available_paths
 from flux1.nn.group_norm import group_norm
-from flux1.nn.linear import Linear
+from flux1.nn.linear import Linear, LowRankAdapter
 from flux1.nn.numpy_cpu import as_bf16
 
 PATHS = list(available_paths())
@@ -199,3 +199,36 @@ def test_cpu_linear_expands_bf16_exactly_and_multiplies():
     x = mx.random.normal((3, 5, 128), key=mx.random.key(9))
     expected = x @ layer.weight.astype(mx.float32).T + layer.bias.astype(mx.float32)
     assert relative_error(layer(x), expected) < 1e-6
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p.endswith("fp32")])
+@pytest.mark.parametrize("stored", ["float32", "bfloat16", "q4"])
+def test_training_on_cpu_gemms_differentiates_like_mlx(path, stored, monkeypatch):
+    """In training, a frozen layer's product and its input's gradient through each fp32 GEMM equal
+    MLX's own (`backend.training` with and without FLUX1_COMPUTE=mlx); the adapter's gradients too."""
+    layer = Linear(192, 45)
+    layer.weight = mx.random.normal((45, 192), key=mx.random.key(3))
+    layer.bias = mx.random.normal((45,), key=mx.random.key(4))
+    if stored == "q4":
+        layer.quantize(4, 64)
+    else:
+        layer.weight = layer.weight.astype(getattr(mx, stored))
+    down, up = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(4, 192), (45, 4)]))
+    layer.add_adapter(LowRankAdapter(down, up, 0.5))
+    x = mx.random.normal((3, 7, 192), key=mx.random.key(5))
+    cotangent = mx.random.normal((3, 7, 45), key=mx.random.key(6))
+
+    def objective(x, down, up):
+        layer.adapters[0].down, layer.adapters[0].up = down, up
+        return (layer(x) * cotangent).sum()
+
+    results = {}
+    for compute in ("auto", "mlx"):
+        monkeypatch.setenv("FLUX1_COMPUTE", compute)
+        with backend.training(), cpu_plan.use(path):
+            assert backend.frozen_products_on_cpu() == (compute == "auto")
+            results[compute] = mx.value_and_grad(objective, argnums=(0, 1, 2))(x, down, up)
+    (value, grads), (expected_value, expected_grads) = results["auto"], results["mlx"]
+    assert relative_error(value, expected_value) < 1e-5
+    for got, expected in zip(grads, expected_grads):
+        assert relative_error(got, expected) < 1e-5

@@ -25,6 +25,7 @@ from flux1 import Config, Flux1, latents
 from flux1.configs import CLIP_LENGTH
 from flux1.loaders.text_encoders import load_clip
 from flux1.loaders.transformer import load_transformer
+from flux1.nn import cpu_linear
 from flux1.tokenizers import PromptTokenizer
 from flux1.train.adapters import CLIP_TARGETS, TARGETS, attach, peft_tensors
 from flux1.train.cli import main as train_main
@@ -127,7 +128,13 @@ def _reference_step(folder, lora: dict, batch: Batch, scheme: str, guidance: flo
 @pytest.mark.parametrize(
     "scheme, train_clip", [("sigma_sqrt", False), ("logit_normal", False), ("logit_normal", True)]
 )
-def test_one_step_loss_and_gradients_equal_diffusers_peft(tiny_checkpoint, scheme, train_clip):
+def test_one_step_loss_and_gradients_equal_diffusers_peft(tiny_checkpoint, scheme, train_clip, monkeypatch):
+    """On the CPU kernels' GEMMs (each linear product counted), as training runs on this device."""
+    products = []
+    original = cpu_linear.frozen_product
+    monkeypatch.setattr(
+        cpu_linear, "frozen_product", lambda x, layer: products.append(1) or original(x, layer)
+    )
     transformer = load_transformer(tiny_checkpoint / "transformer")
     networks = {"transformer": transformer}
     batch = _batch(transformer)
@@ -139,6 +146,7 @@ def test_one_step_loss_and_gradients_equal_diffusers_peft(tiny_checkpoint, schem
     loss, grads = loss_and_gradients(
         transformer, trained, batch, Weighting(scheme), guidance=1.0, clip=networks.get("clip")
     )
+    assert products  # the path proven here is the CPU GEMMs'
     ours = {k: np.array(v) for k, v in peft_tensors(trained, grads["adapters"]).items()}
     ref_loss, ref_grads = _reference_step(tiny_checkpoint, peft_tensors(trained), batch, scheme, guidance=1.0)
     assert set(ours) == set(ref_grads)

@@ -19,7 +19,7 @@ import numpy as np
 from flux1 import cpu_plan
 from flux1.gguf.expand import expand_rows
 from flux1.nn.gemm import gemm
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, as_float32, as_numpy, in_parallel, round_to_bf16
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
 
 _lock = threading.Lock()  # guards the scratch buffer
 _scratch = np.empty(0, np.uint8)
@@ -114,17 +114,38 @@ def expanded_weight(layer, dtype: str = "fp32") -> np.ndarray:
 def linear(x: mx.array, layer) -> mx.array:
     """x @ W^T + bias + the adapters' terms for a `Linear` on the CPU: the product through the plan's
     GEMM (bf16 GEMMs round x and W to bf16), the output, bias and adapters in fp32."""
+    return _product(x, layer, layer.adapters)
+
+
+def frozen_product(x: mx.array, layer) -> mx.array:
+    """x @ W^T + bias as `linear` computes it, for MLX's autograd: W and the bias are frozen, and the
+    gradient for x, dy @ W, goes through the same GEMM. The adapters, which train, are the caller's."""
+    product = mx.custom_function(lambda x: _product(x, layer, ()))
+    product.vjp(lambda x, dy, y: _input_gradient(dy, layer).astype(x.dtype))
+    return product(x)
+
+
+def _product(x: mx.array, layer, adapters) -> mx.array:
     inputs = as_numpy(x.astype(mx.float32))
     flat = inputs.reshape(-1, inputs.shape[-1])
     path = cpu_plan.active()
-    operand = as_bf16(flat) if path.dtype == "bf16" else flat
     with _lock:
-        y = gemm(path, operand, expanded_weight(layer, path.dtype).T)
+        y = gemm(path, flat, expanded_weight(layer, path.dtype).T)
     bias = as_float32(layer.bias) if "bias" in layer else None
-    terms = [_adapter_term(flat, adapter) for adapter in layer.adapters]
+    terms = [_adapter_term(flat, adapter) for adapter in adapters]
     if bias is not None or terms:
         in_parallel(partial(_add_to_rows, y, bias, terms), y.shape[0])
     return mx.array(y.reshape(*x.shape[:-1], y.shape[-1]))
+
+
+def _input_gradient(dy: mx.array, layer) -> mx.array:
+    """dy @ W: the gradient of x @ W^T for x, through the plan's GEMM."""
+    gradient = as_numpy(dy.astype(mx.float32))
+    flat = gradient.reshape(-1, gradient.shape[-1])
+    path = cpu_plan.active()
+    with _lock:
+        dx = gemm(path, flat, expanded_weight(layer, path.dtype))
+    return mx.array(dx.reshape(*dy.shape[:-1], dx.shape[-1]))
 
 
 def _adapter_term(flat: np.ndarray, adapter) -> np.ndarray:

@@ -228,6 +228,14 @@ class Linear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if backend.numpy_kernels():
             return cpu_linear.linear(x, self)  # with the bias and the adapters
+        on_cpu = backend.frozen_products_on_cpu()  # training: the CPU kernels' GEMM, with the bias
+        y = cpu_linear.frozen_product(x, self) if on_cpu else self._mlx_product(x)
+        for adapter in self.adapters:
+            y = y + adapter(x)
+        return y
+
+    def _mlx_product(self, x: mx.array) -> mx.array:
+        """x W^T + b on MLX's kernels."""
         self.to_affine()  # once, for a GGUF layer loaded for the CPU kernels
         if self.bits is None:
             y = x @ self.weight.astype(x.dtype).T
@@ -245,8 +253,6 @@ class Linear(nn.Module):
             )
         if "bias" in self:
             y = y + self.bias.astype(y.dtype)
-        for adapter in self.adapters:
-            y = y + adapter(x)
         return y
 
 

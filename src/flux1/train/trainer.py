@@ -14,7 +14,7 @@ from mlx.utils import tree_map
 from tqdm import tqdm
 
 import flux1
-from flux1 import backend, latents, metadata
+from flux1 import backend, cpu_plan, latents, metadata
 from flux1.configs import MAX_SEQUENCE_LENGTH
 from flux1.train import files, loss_curve, models
 from flux1.train.adapters import TrainedAdapters, attach
@@ -30,17 +30,17 @@ log = logging.getLogger("flux1")
 def loss_and_gradients(
     transformer, trained: TrainedAdapters, batch: Batch, weighting: Weighting, guidance: float, clip=None
 ):
-    """One micro-batch's loss and the gradients of the adapters' parameters, on MLX's own kernels
-    (the CPU kernels are NumPy, which MLX cannot differentiate), blocks checkpointed. With `clip` (CLIP
-    training too), the pooled embedding is computed from the batch's CLIP tokens inside the
-    differentiated function, in fp32, so the gradients reach CLIP's adapters."""
+    """One micro-batch's loss and the gradients of the adapters' parameters, in fp32, differentiated by
+    MLX (`backend.training`: on the CPU the linear layers' products through the plan's fp32 GEMM), blocks
+    checkpointed. With `clip` (CLIP training too), the pooled embedding is computed from the batch's
+    CLIP tokens inside the differentiated function, in fp32, so the gradients reach CLIP's adapters."""
 
     def objective(batch: Batch) -> mx.array:
         if clip is not None:
             batch = dataclasses.replace(batch, pooled=clip(batch.clip_ids))
         return loss(transformer, batch, weighting, guidance)
 
-    with backend.use("mlx"), checkpointed_blocks(transformer, trained):
+    with backend.training(), cpu_plan.use("fp32"), checkpointed_blocks(transformer, trained):
         value, gradients = nn.value_and_grad(trained, objective)(batch)
         mx.eval(value, gradients)
     return value, gradients
