@@ -4,31 +4,27 @@ and batch, each in its own process, runs alternated (A B A B), medians.
 
 `wide` preset (real widths, 1 double + 1 single block), 512x512 (1024 image + 512 text tokens),
 rank 16 on the target layers of diffusers' trainer (with `--train-text-encoder`, on CLIP's attention
-layers too, its pooled output computed each step from 77 tokens). The 12B line is an estimate from the measured step:
-the full model has 27.6x the per-token linear work of the wide preset's blocks (19 x 18 D^2 + 38 x 15 D^2
-against 18 D^2 + 15 D^2), at fp32 speed (on the CPU a quantized base costs MLX's quantized_matmul, which has
-no BLAS: far slower); its memory is the 4-bit weights, one checkpointed input per block, and what the
-measured run held beyond its weights (one block's recomputed activations, the runtime).
+layers too, its pooled output computed each step from 77 tokens).
+
+`--path` trains on another folder, e.g. the 12B `full` preset saved with -q 4 (what
+quantized_memory.py saves), flux1 alone (`--rows flux1`: diffusers + PEFT would need the 48 GB fp32
+model) and without a warm-up step (`--warmup 0`: a step of the 12B model takes half an hour on 2 cores):
 
     python benchmarks/train_step.py [--preset wide] [--size 512] [--rank 16] [--steps 3] [--repeats 2]
-        [--train-text-encoder]
+        [--train-text-encoder] [--path FOLDER] [--rows flux1 diffusers] [--warmup 1]
 """
 
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder, fixture_parser, run_measured  # noqa: E402
+from measure import cpu_model, fixture_folder, fixture_parser, run_measured  # noqa: E402
 
 TEXT_TOKENS = 512
-FULL_BLOCK_RATIO = (19 * 18 + 38 * 15) / (18 + 15)
-FULL_BLOCKS, HIDDEN = 57, 3072
-FULL_Q4_WEIGHTS_GB = 6.7  # 11.9e9 parameters at 4 bits + a bf16 scale and bias per 64
+ROWS = {"flux1": "flux1 (MLX)", "diffusers": "diffusers + peft"}
 
 
 def batch(size: int, text_width: int, pooled_width: int, clip_vocab: int | None = None):
@@ -58,7 +54,9 @@ def clip_vocab(folder: Path, train_text_encoder: bool) -> int | None:
     )
 
 
-def flux1_steps(folder: Path, size: int, rank: int, target: str, steps: int, text: bool) -> list[float]:
+def flux1_steps(
+    folder: Path, size: int, rank: int, target: str, steps: int, text: bool, warmup: int
+) -> list[float]:
     import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 
     # isort: split
@@ -85,7 +83,7 @@ def flux1_steps(folder: Path, size: int, rank: int, target: str, steps: int, tex
     )
     inputs = Batch(**{k: mx.array(v) for k, v in arrays.items()})
     times = []
-    for _ in range(steps + 1):
+    for _ in range(warmup + steps):
         start = time.perf_counter()
         _, gradients = loss_and_gradients(
             transformer, trained, inputs, Weighting("none"), 3.5, networks.get("clip")
@@ -93,10 +91,12 @@ def flux1_steps(folder: Path, size: int, rank: int, target: str, steps: int, tex
         optimizer.update(trained, gradients)
         mx.eval(trained.parameters(), optimizer.state)
         times.append(time.perf_counter() - start)
-    return times[1:]
+    return times[warmup:]
 
 
-def diffusers_steps(folder: Path, size: int, rank: int, target: str, steps: int, text: bool) -> list[float]:
+def diffusers_steps(
+    folder: Path, size: int, rank: int, target: str, steps: int, text: bool, warmup: int
+) -> list[float]:
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from peft import LoraConfig
@@ -134,7 +134,7 @@ def diffusers_steps(folder: Path, size: int, rank: int, target: str, steps: int,
     b, c, h, w = x.shape
     image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     times = []
-    for _ in range(steps + 1):
+    for _ in range(warmup + steps):
         start = time.perf_counter()
         noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * x + sigmas.view(-1, 1, 1, 1) * noise
         prediction = model(
@@ -154,15 +154,7 @@ def diffusers_steps(folder: Path, size: int, rank: int, target: str, steps: int,
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
-    return times[1:]
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(
-        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-        platform.processor(),
-    )
+    return times[warmup:]
 
 
 def main() -> None:
@@ -171,55 +163,41 @@ def main() -> None:
     parser.add_argument("--target", default="attention")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="steps run before the timed ones")
     parser.add_argument("--train-text-encoder", action="store_true", help="CLIP's attention layers too")
-    parser.add_argument("--child", choices=["flux1", "diffusers"], help=argparse_hidden())
+    parser.add_argument("--path", type=Path, help="a model folder to train on instead of the preset's")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--child", choices=list(ROWS), help=argparse_hidden())
     parser.add_argument("--folder", type=Path, help=argparse_hidden())
     args = parser.parse_args()
+    common = [args.size, args.rank, args.target, args.steps, args.train_text_encoder, args.warmup]
     if args.child:
         run = flux1_steps if args.child == "flux1" else diffusers_steps
-        steps = run(args.folder, args.size, args.rank, args.target, args.steps, args.train_text_encoder)
-        print("RESULT " + json.dumps(steps))
+        print("RESULT " + json.dumps(run(args.folder, *common)))
         return
-    folder = fixture_folder(args.cache, args.preset, args.dtype)
-    rows: dict[str, list] = {"flux1 (MLX)": [], "diffusers + peft": []}
+    folder = args.path or fixture_folder(args.cache, args.preset, args.dtype)
+    rows: dict[str, list] = {ROWS[row]: [] for row in args.rows}
     for _ in range(args.repeats):
-        for name, child in (("flux1 (MLX)", "flux1"), ("diffusers + peft", "diffusers")):
-            common = [
-                "--size",
-                str(args.size),
-                "--rank",
-                str(args.rank),
-                "--target",
-                args.target,
-                "--steps",
-                str(args.steps),
-                *(["--train-text-encoder"] if args.train_text_encoder else []),
-            ]
-            result = run_measured([__file__, "--child", child, "--folder", str(folder), *common])
+        for row in args.rows:
+            flags = ["--size", str(args.size), "--rank", str(args.rank), "--target", args.target]
+            flags += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            flags += ["--train-text-encoder"] if args.train_text_encoder else []
+            result = run_measured([__file__, "--child", row, "--folder", str(folder), *flags])
             if result.returncode:
                 sys.exit(result.stderr[-3000:])
             steps = json.loads(result.stdout.split("RESULT ", 1)[1])
-            rows[name].append((statistics.median(steps), result.peak_rss_gb))
+            rows[ROWS[row]].append((statistics.median(steps), result.peak_rss_gb))
+    source = str(args.path) if args.path else f"{args.preset} preset ({args.dtype})"
     print(
-        f"\nLoRA training step, {args.preset} preset ({args.dtype}), {args.size}x{args.size}, rank {args.rank}, "
-        f"target {args.target}{' + CLIP attention' if args.train_text_encoder else ''}, median of {args.steps} steps x {args.repeats} runs alternated"
+        f"\nLoRA training step, {source}, {args.size}x{args.size}, rank {args.rank}, target {args.target}"
+        f"{' + CLIP attention' if args.train_text_encoder else ''}, median of {args.steps} steps x "
+        f"{args.repeats} runs alternated, after {args.warmup} warm-up step(s)"
     )
     print(f"CPU: {cpu_model()}")
     print(f"{'row':<34} {'s/step':>8} {'peak RSS GB':>12}")
-    medians = {}
     for name, runs in rows.items():
-        medians[name] = statistics.median(s for s, _ in runs), max(r for _, r in runs)
-        print(f"{name:<34} {medians[name][0]:>8.2f} {medians[name][1]:>12.2f}")
-    step, peak = medians["flux1 (MLX)"]
-    weights_gb = sum(f.stat().st_size for f in (folder / "transformer").glob("*.safetensors")) / 2**30
-    tokens = (args.size // 16) ** 2 + TEXT_TOKENS
-    block_inputs_gb = FULL_BLOCKS * tokens * HIDDEN * 4 / 2**30
-    memory = FULL_Q4_WEIGHTS_GB + block_inputs_gb + (peak - weights_gb)
-    print(
-        f"{'12B -q 4, estimated':<34} {step * FULL_BLOCK_RATIO:>8.0f} {memory:>12.1f}"
-        f"  (= step x {FULL_BLOCK_RATIO:.1f}; {FULL_Q4_WEIGHTS_GB} GB weights + {block_inputs_gb:.2f} GB block"
-        f" inputs + {peak - weights_gb:.2f} GB measured beyond the weights)"
-    )
+        step, peak = statistics.median(s for s, _ in runs), max(r for _, r in runs)
+        print(f"{name:<34} {step:>8.2f} {peak:>12.2f}")
 
 
 def argparse_hidden():

@@ -155,3 +155,15 @@ def test_suite_writes_sheet_and_tables(tiny_schnell, tmp_path):
         assert np.array_equal(first, np.asarray(image))
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     assert (out / "seconds_per_step_count.png").is_file() == has_matplotlib
+
+
+def test_train_step_prints_every_row(tmp_path):
+    out = _run(
+        "train_step.py", "--preset", "tiny", "--size", "32", "--steps", "1", "--repeats", "1",
+        "--cache", str(tmp_path),
+    )  # fmt: skip
+    table = out[out.index("LoRA training step, tiny preset (float32), 32x32, rank 16") :].splitlines()
+    assert table[1].startswith("CPU: ") and len(table[1]) > len("CPU: ")
+    rows = [line.rsplit(maxsplit=2) for line in table[3:]]
+    assert [row[0] for row in rows] == ["flux1 (MLX)", "diffusers + peft"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
