@@ -226,8 +226,30 @@ def test_training_on_cpu_gemms_differentiates_like_mlx(path, stored, monkeypatch
     for compute in ("auto", "mlx"):
         monkeypatch.setenv("FLUX1_COMPUTE", compute)
         with backend.training(), cpu_plan.use(path):
-            assert backend.frozen_products_on_cpu() == (compute == "auto")
+            assert backend.cpu_kernels_in_training() == (compute == "auto")
             results[compute] = mx.value_and_grad(objective, argnums=(0, 1, 2))(x, down, up)
+    (value, grads), (expected_value, expected_grads) = results["auto"], results["mlx"]
+    assert relative_error(value, expected_value) < 1e-5
+    for got, expected in zip(grads, expected_grads):
+        assert relative_error(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p.endswith("fp32")])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_training_attention_on_cpu_differentiates_like_mlx(path, with_mask, monkeypatch):
+    """In training, the CPU attention's output and its gradients for q, k and v equal MLX's."""
+    q, k, v = (mx.random.normal((2, 3, 37, 16), key=mx.random.key(i)) for i in range(3))
+    mask = mx.where(mx.random.uniform(shape=(37, 37), key=mx.random.key(3)) < 0.3, -1e9, 0.0)
+    cotangent = mx.random.normal(q.shape, key=mx.random.key(4))
+
+    def objective(q, k, v):
+        return (attention(q, k, v, 0.3, mask if with_mask else None) * cotangent).sum()
+
+    results = {}
+    for compute in ("auto", "mlx"):
+        monkeypatch.setenv("FLUX1_COMPUTE", compute)
+        with backend.training(), cpu_plan.use(path):
+            results[compute] = mx.value_and_grad(objective, argnums=(0, 1, 2))(q, k, v)
     (value, grads), (expected_value, expected_grads) = results["auto"], results["mlx"]
     assert relative_error(value, expected_value) < 1e-5
     for got, expected in zip(grads, expected_grads):

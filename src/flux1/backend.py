@@ -11,10 +11,11 @@ Two compute paths, one switch (`FLUX1_COMPUTE`, read here only):
 `auto` (the default) takes "numpy" on the CPU device and "mlx" on a GPU; `mlx` forces MLX's kernels on
 any device (how CI runs what Metal and CUDA users run). `use("mlx")` does the same for a block of code.
 
-Training differentiates through MLX's kernels (`training()`), with one exception on the CPU device under
-`auto`: a linear layer's frozen product goes through the CPU kernels' GEMM, which also computes its
-gradient for the input (`cpu_linear.frozen_product`): MLX's CPU matmuls run at 20 GFLOP/s dense and
-0.7 GFLOP/s 4-bit on 2 Zen 1 cores, where the plan's GEMM runs at 45.
+Training differentiates through MLX's kernels (`training()`), except on the CPU device under `auto`:
+there linear layers' frozen products and attention run on the CPU kernels, which also compute their
+gradients for their inputs (`cpu_linear.frozen_product`, `attention`): MLX's CPU matmuls run at
+20 GFLOP/s dense and 0.7 GFLOP/s 4-bit on 2 Zen 1 cores, where the plan's GEMM runs at 45, and its
+softmax on one core.
 """
 
 import contextlib
@@ -64,9 +65,9 @@ def training():
         _training = previous
 
 
-def frozen_products_on_cpu() -> bool:
-    """True while training on the CPU device under `auto`: linear layers multiply through the CPU
-    kernels' GEMM, differentiably in their input."""
+def cpu_kernels_in_training() -> bool:
+    """True while training on the CPU device under `auto`: linear layers and attention compute on the
+    CPU kernels, with their gradients for their inputs."""
     return _training and on_cpu() and _environment_setting() == "auto"
 
 

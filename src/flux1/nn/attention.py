@@ -14,25 +14,41 @@ import mlx.core as mx
 import numpy as np
 
 from flux1 import backend, cpu_plan
-from flux1.nn.cpu_attention import head_attention
-from flux1.nn.numpy_cpu import as_bf16
+from flux1.nn.cpu_attention import head_attention, head_gradients
+from flux1.nn.numpy_cpu import as_bf16, as_numpy
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
     """softmax(scale * q k^T + mask) v for q, k, v of shape [B, heads, tokens, head_dim].
 
     mask is additive and broadcasts to [B, heads, q_tokens, k_tokens]."""
-    if not backend.numpy_kernels():
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    q, k, v = (a.astype(mx.float32) for a in (q, k, v))
-    arrays = [q, k, v] if mask is None else [q, k, v, mask.astype(mx.float32)]
+    if backend.numpy_kernels():
+        return _cpu_attention(q, k, v, scale, mask)
+    if backend.cpu_kernels_in_training():
+        return _differentiable_cpu_attention(q, k, v, scale, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def _differentiable_cpu_attention(q, k, v, scale: float, mask) -> mx.array:
+    """The CPU attention for MLX's autograd, with its gradients for q, k and v (the mask is constant)."""
+    forward = mx.custom_function(lambda q, k, v: _cpu_attention(q, k, v, scale, mask))
+    forward.vjp(lambda primals, dy, y: _cpu_attention_gradients(*primals, scale, mask, dy, y))
+    return forward(q, k, v)
+
+
+def _numpy_heads(q, k, v, mask):
+    """q, k, v as fp32 NumPy, and the mask broadcast to [B, heads, q_tokens, k_tokens] (or None)."""
+    arrays = [a.astype(mx.float32) for a in (q, k, v)]
+    if mask is not None:
+        arrays.append(mask.astype(mx.float32))
     mx.eval(arrays)
     qn, kn, vn = (np.asarray(a) for a in arrays[:3])
-    mn = (
-        None
-        if mask is None
-        else np.broadcast_to(np.asarray(arrays[3]), (*q.shape[:2], q.shape[2], k.shape[2]))
-    )
+    shape = (*q.shape[:2], q.shape[2], k.shape[2])
+    return qn, kn, vn, None if mask is None else np.broadcast_to(np.asarray(arrays[3]), shape)
+
+
+def _cpu_attention(q, k, v, scale: float, mask) -> mx.array:
+    qn, kn, vn, mn = _numpy_heads(q, k, v, mask)
     scores_path, values_path = cpu_plan.active("attention")
     if scores_path.dtype == "bf16":
         qn, kn = as_bf16(qn), as_bf16(kn)
@@ -41,19 +57,25 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     out = np.empty(qn.shape, dtype=np.float32)
     scores = np.empty((q.shape[2], k.shape[2]), np.float32)
     weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
-    for b in range(qn.shape[0]):
-        for h in range(qn.shape[1]):
-            mask_bh = None if mn is None else mn[b, h]
-            head_attention(
-                scores_path,
-                values_path,
-                qn[b, h],
-                kn[b, h],
-                vn[b, h],
-                scale,
-                mask_bh,
-                scores,
-                weights,
-                out[b, h],
-            )
+    for b, h in np.ndindex(*qn.shape[:2]):
+        mask_bh = None if mn is None else mn[b, h]
+        head_attention(
+            scores_path, values_path, qn[b, h], kn[b, h], vn[b, h], scale, mask_bh, scores, weights, out[b, h]
+        )
     return mx.array(out)
+
+
+def _cpu_attention_gradients(q, k, v, scale: float, mask, dy, y) -> tuple[mx.array, mx.array, mx.array]:
+    """The gradients for q, k and v of the attention's output y, given dy, a head at a time."""
+    qn, kn, vn, mn = _numpy_heads(q, k, v, mask)
+    dyn, yn = as_numpy(dy.astype(mx.float32)), as_numpy(y.astype(mx.float32))
+    scores_path, values_path = cpu_plan.active("attention")
+    dq, dk, dv = (np.empty(a.shape, np.float32) for a in (qn, kn, vn))
+    weights = np.empty((q.shape[2], k.shape[2]), np.float32)
+    gradient = np.empty(weights.shape, np.float32)
+    for b, h in np.ndindex(*qn.shape[:2]):
+        head_gradients(
+            scores_path, values_path, qn[b, h], kn[b, h], vn[b, h], scale, None if mn is None else mn[b, h],
+            dyn[b, h], yn[b, h], weights, gradient, dq[b, h], dk[b, h], dv[b, h],
+        )  # fmt: skip
+    return tuple(mx.array(g).astype(a.dtype) for g, a in ((dq, q), (dk, k), (dv, v)))

@@ -1,5 +1,5 @@
-"""One head of attention on the CPU: softmax(scale q k^T + mask) v in NumPy, each product through a
-GEMM path of `nn/gemm.py`, the softmax's rows split over the cores. With a bf16 path for the values,
+"""One head of attention on the CPU, and its gradients for training: softmax(scale q k^T + mask) v in
+NumPy, each product through a GEMM path of `nn/gemm.py`, the softmax's rows split over the cores. With a bf16 path for the values,
 the softmax (summed in fp32) writes the probabilities as bf16 while each block of rows is still in
 the cache."""
 
@@ -30,6 +30,47 @@ def head_attention(
         scores += mask
     in_parallel(partial(_softmax_rows, scores, weights), len(scores))
     gemm(values_path, scores if weights is None else weights, v, out=out)
+
+
+def head_gradients(
+    scores_path: GemmPath,
+    values_path: GemmPath,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    scale: float,
+    mask: np.ndarray | None,
+    dy: np.ndarray,
+    y: np.ndarray,
+    weights: np.ndarray,
+    gradient: np.ndarray,
+    dq: np.ndarray,
+    dk: np.ndarray,
+    dv: np.ndarray,
+) -> None:
+    """dq, dk, dv: the gradients of one head's output y = head_attention(q, k, v) given dy (all fp32).
+    The probabilities P are recomputed into `weights`; then dV = P^T dy, dS = P * (dy v^T -
+    rowsum(dy * y)) in `gradient`, dQ = scale dS k, dK = scale dS^T q."""
+    gemm(scores_path, q, k.T, out=weights, alpha=scale)
+    if mask is not None:
+        weights += mask
+    in_parallel(partial(_softmax_rows, weights, None), len(weights))
+    gemm(values_path, weights.T, dy, out=dv)
+    gemm(scores_path, dy, v.T, out=gradient)
+    delta = np.einsum("ij,ij->i", dy, y)
+    in_parallel(partial(_softmax_gradient_rows, weights, gradient, delta), len(weights))
+    gemm(scores_path, gradient, k, out=dq, alpha=scale)
+    gemm(scores_path, gradient.T, q, out=dk, alpha=scale)
+
+
+def _softmax_gradient_rows(weights, gradient, delta, start: int, stop: int) -> None:
+    """Rows start..stop of gradient (dP) become dS = P * (dP - delta), a cache-sized block at a time."""
+    step = max(1, CACHED_VALUES // weights.shape[1])
+    for row in range(start, stop, step):
+        end = min(row + step, stop)
+        block = gradient[row:end]
+        block -= delta[row:end, None]
+        block *= weights[row:end]
 
 
 def _softmax_rows(scores: np.ndarray, weights: np.ndarray | None, start: int, stop: int) -> None:

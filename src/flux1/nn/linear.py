@@ -228,7 +228,7 @@ class Linear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if backend.numpy_kernels():
             return cpu_linear.linear(x, self)  # with the bias and the adapters
-        on_cpu = backend.frozen_products_on_cpu()  # training: the CPU kernels' GEMM, with the bias
+        on_cpu = backend.cpu_kernels_in_training()  # training: the CPU kernels' GEMM, with the bias
         y = cpu_linear.frozen_product(x, self) if on_cpu else self._mlx_product(x)
         for adapter in self.adapters:
             y = y + adapter(x)
