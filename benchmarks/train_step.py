@@ -11,7 +11,7 @@ quantized_memory.py saves), flux1 alone (`--rows flux1`: diffusers + PEFT would 
 model) and without a warm-up step (`--warmup 0`: a step of the 12B model takes half an hour on 2 cores):
 
     python benchmarks/train_step.py [--preset wide] [--size 512] [--rank 16] [--steps 3] [--repeats 2]
-        [--train-text-encoder] [--path FOLDER] [--rows flux1 diffusers] [--warmup 1]
+        [--train-text-encoder] [--path FOLDER] [--rows flux1 flux1-mlx diffusers] [--warmup 1]
 """
 
 import json
@@ -24,7 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import cpu_model, fixture_folder, fixture_parser, run_measured  # noqa: E402
 
 TEXT_TOKENS = 512
-ROWS = {"flux1": "flux1 (MLX)", "diffusers": "diffusers + peft"}
+# name: (label, environment); flux1-mlx is flux1 on MLX's own kernels (what a GPU runs), for comparison
+ROWS = {
+    "flux1": ("flux1", {}),
+    "flux1-mlx": ("flux1, FLUX1_COMPUTE=mlx", {"FLUX1_COMPUTE": "mlx"}),
+    "diffusers": ("diffusers + peft", {}),
+}
 
 
 def batch(size: int, text_width: int, pooled_width: int, clip_vocab: int | None = None):
@@ -166,27 +171,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps run before the timed ones")
     parser.add_argument("--train-text-encoder", action="store_true", help="CLIP's attention layers too")
     parser.add_argument("--path", type=Path, help="a model folder to train on instead of the preset's")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=["flux1", "diffusers"])
     parser.add_argument("--child", choices=list(ROWS), help=argparse_hidden())
     parser.add_argument("--folder", type=Path, help=argparse_hidden())
     args = parser.parse_args()
     common = [args.size, args.rank, args.target, args.steps, args.train_text_encoder, args.warmup]
     if args.child:
-        run = flux1_steps if args.child == "flux1" else diffusers_steps
+        run = diffusers_steps if args.child == "diffusers" else flux1_steps
         print("RESULT " + json.dumps(run(args.folder, *common)))
         return
     folder = args.path or fixture_folder(args.cache, args.preset, args.dtype)
-    rows: dict[str, list] = {ROWS[row]: [] for row in args.rows}
+    rows: dict[str, list] = {ROWS[row][0]: [] for row in args.rows}
     for _ in range(args.repeats):
         for row in args.rows:
             flags = ["--size", str(args.size), "--rank", str(args.rank), "--target", args.target]
             flags += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             flags += ["--train-text-encoder"] if args.train_text_encoder else []
-            result = run_measured([__file__, "--child", row, "--folder", str(folder), *flags])
+            label, env = ROWS[row]
+            result = run_measured([__file__, "--child", row, "--folder", str(folder), *flags], env)
             if result.returncode:
                 sys.exit(result.stderr[-3000:])
             steps = json.loads(result.stdout.split("RESULT ", 1)[1])
-            rows[ROWS[row]].append((statistics.median(steps), result.peak_rss_gb))
+            rows[label].append((statistics.median(steps), result.peak_rss_gb))
     source = str(args.path) if args.path else f"{args.preset} preset ({args.dtype})"
     print(
         f"\nLoRA training step, {source}, {args.size}x{args.size}, rank {args.rank}, target {args.target}"

@@ -160,10 +160,10 @@ def test_suite_writes_sheet_and_tables(tiny_schnell, tmp_path):
 def test_train_step_prints_every_row(tmp_path):
     out = _run(
         "train_step.py", "--preset", "tiny", "--size", "32", "--steps", "1", "--repeats", "1",
-        "--cache", str(tmp_path),
+        "--cache", str(tmp_path), "--rows", "flux1", "flux1-mlx", "diffusers",
     )  # fmt: skip
     table = out[out.index("LoRA training step, tiny preset (float32), 32x32, rank 16") :].splitlines()
     assert table[1].startswith("CPU: ") and len(table[1]) > len("CPU: ")
     rows = [line.rsplit(maxsplit=2) for line in table[3:]]
-    assert [row[0] for row in rows] == ["flux1 (MLX)", "diffusers + peft"]
+    assert [row[0] for row in rows] == ["flux1", "flux1, FLUX1_COMPUTE=mlx", "diffusers + peft"]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
