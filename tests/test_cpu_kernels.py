@@ -157,10 +157,8 @@ def test_cpu_linear_expands_quantized_weights_exactly(bits):
     assert np.array_equal(expanded_weight(layer, "bf16"), np.array(dense.astype(mx.bfloat16).view(mx.uint16)))
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("stored", ["float32", "bfloat16", "float16", "q4"])
-def test_cpu_linear_through_each_gemm_path(path, stored):
-    """x @ W^T + bias on odd sizes; bf16 GEMMs equal the float64 product of bf16-rounded x and W."""
+def _odd_layer(stored: str) -> Linear:
+    """A 192 -> 45 layer with a bias, its weight stored as `stored` (a float dtype's name, or q4)."""
     layer = Linear(192, 45)
     layer.weight = mx.random.normal((45, 192), key=mx.random.key(3))
     layer.bias = mx.random.normal((45,), key=mx.random.key(4))
@@ -168,6 +166,14 @@ def test_cpu_linear_through_each_gemm_path(path, stored):
         layer.quantize(4, 64)
     else:
         layer.weight = layer.weight.astype(getattr(mx, stored))
+    return layer
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("stored", ["float32", "bfloat16", "float16", "q4"])
+def test_cpu_linear_through_each_gemm_path(path, stored):
+    """x @ W^T + bias on odd sizes; bf16 GEMMs equal the float64 product of bf16-rounded x and W."""
+    layer = _odd_layer(stored)
     x = mx.random.normal((3, 7, 192), key=mx.random.key(5))
     weight, bias = np.array(layer.dense_weight(mx.float32), np.float64), np.array(layer.bias, np.float64)
     with cpu_plan.use(path):
@@ -206,13 +212,7 @@ def test_cpu_linear_expands_bf16_exactly_and_multiplies():
 def test_training_on_cpu_gemms_differentiates_like_mlx(path, stored, monkeypatch):
     """In training, a frozen layer's product and its input's gradient through each fp32 GEMM equal
     MLX's own (`backend.training` with and without FLUX1_COMPUTE=mlx); the adapter's gradients too."""
-    layer = Linear(192, 45)
-    layer.weight = mx.random.normal((45, 192), key=mx.random.key(3))
-    layer.bias = mx.random.normal((45,), key=mx.random.key(4))
-    if stored == "q4":
-        layer.quantize(4, 64)
-    else:
-        layer.weight = layer.weight.astype(getattr(mx, stored))
+    layer = _odd_layer(stored)
     down, up = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(4, 192), (45, 4)]))
     layer.add_adapter(LowRankAdapter(down, up, 0.5))
     x = mx.random.normal((3, 7, 192), key=mx.random.key(5))
