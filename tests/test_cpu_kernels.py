@@ -211,7 +211,7 @@ def test_cpu_linear_expands_bf16_exactly_and_multiplies():
 @pytest.mark.parametrize("stored", ["float32", "bfloat16", "q4"])
 def test_training_on_cpu_gemms_differentiates_like_mlx(path, stored, monkeypatch):
     """In training, a frozen layer's product and its input's gradient through each fp32 GEMM equal
-    MLX's own (`backend.training` with and without FLUX1_COMPUTE=mlx); the adapter's gradients too."""
+    MLX's own (`backend.training(cpu_kernels=True)` with and without FLUX1_COMPUTE=mlx); the adapter's gradients too."""
     layer = _odd_layer(stored)
     down, up = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(4, 192), (45, 4)]))
     layer.add_adapter(LowRankAdapter(down, up, 0.5))
@@ -225,7 +225,7 @@ def test_training_on_cpu_gemms_differentiates_like_mlx(path, stored, monkeypatch
     results = {}
     for compute in ("auto", "mlx"):
         monkeypatch.setenv("FLUX1_COMPUTE", compute)
-        with backend.training(), cpu_plan.use(path):
+        with backend.training(cpu_kernels=True), cpu_plan.use(path):
             assert backend.cpu_kernels_in_training() == (compute == "auto")
             results[compute] = mx.value_and_grad(objective, argnums=(0, 1, 2))(x, down, up)
     (value, grads), (expected_value, expected_grads) = results["auto"], results["mlx"]
@@ -248,7 +248,7 @@ def test_training_attention_on_cpu_differentiates_like_mlx(path, with_mask, monk
     results = {}
     for compute in ("auto", "mlx"):
         monkeypatch.setenv("FLUX1_COMPUTE", compute)
-        with backend.training(), cpu_plan.use(path):
+        with backend.training(cpu_kernels=True), cpu_plan.use(path):
             results[compute] = mx.value_and_grad(objective, argnums=(0, 1, 2))(q, k, v)
     (value, grads), (expected_value, expected_grads) = results["auto"], results["mlx"]
     assert relative_error(value, expected_value) < 1e-5

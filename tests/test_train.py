@@ -126,10 +126,15 @@ def _reference_step(folder, lora: dict, batch: Batch, scheme: str, guidance: flo
 
 
 @pytest.mark.parametrize(
-    "scheme, train_clip", [("sigma_sqrt", False), ("logit_normal", False), ("logit_normal", True)]
+    "scheme, train_clip, cpu_kernels",
+    [("sigma_sqrt", False, True), ("logit_normal", False, True), ("logit_normal", True, True)]
+    + [("logit_normal", False, False), ("logit_normal", True, False)],
 )
-def test_one_step_loss_and_gradients_equal_diffusers_peft(tiny_checkpoint, scheme, train_clip, monkeypatch):
-    """On the CPU kernels' GEMMs (each linear product counted), as training runs on this device."""
+def test_one_step_loss_and_gradients_equal_diffusers_peft(
+    tiny_checkpoint, scheme, train_clip, cpu_kernels, monkeypatch
+):
+    """On the CPU kernels (each linear product counted: how a quantized base trains on the CPU) and on
+    MLX's kernels (how a dense one does)."""
     products = []
     original = cpu_linear.frozen_product
     monkeypatch.setattr(
@@ -144,9 +149,9 @@ def test_one_step_loss_and_gradients_equal_diffusers_peft(tiny_checkpoint, schem
     trained = attach(networks, "all", RANK, ALPHA, mx.random.key(0))
     _random_adapters(trained, 1)
     loss, grads = loss_and_gradients(
-        transformer, trained, batch, Weighting(scheme), guidance=1.0, clip=networks.get("clip")
+        transformer, trained, batch, Weighting(scheme), 1.0, networks.get("clip"), cpu_kernels
     )
-    assert products  # the path proven here is the CPU GEMMs'
+    assert bool(products) == cpu_kernels  # the path proven is the one asked for
     ours = {k: np.array(v) for k, v in peft_tensors(trained, grads["adapters"]).items()}
     ref_loss, ref_grads = _reference_step(tiny_checkpoint, peft_tensors(trained), batch, scheme, guidance=1.0)
     assert set(ours) == set(ref_grads)
@@ -472,6 +477,20 @@ def test_ctrl_c_ends_training_with_one_line_and_130(tiny_schnell, tmp_path):
     assert last_line == "interrupted: no LoRA file was written; --resume continues from a checkpoint"
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_quantized_base_trains_on_the_cpu_kernels(tiny_schnell, tmp_path, monkeypatch):
+    """-q 4: the frozen 4-bit layers multiply through the CPU kernels (MLX's CPU quantized matmul has no
+    BLAS path); the run writes its LoRA."""
+    products = []
+    original = cpu_linear.frozen_product
+    monkeypatch.setattr(
+        cpu_linear, "frozen_product", lambda x, layer: products.append(layer) or original(x, layer)
+    )
+    data = _write_images(tmp_path / "data")
+    out = tmp_path / "lora.safetensors"
+    assert train_main(_args(tiny_schnell, data, out, "--steps", "2", "-q", "4", "--group-size", "32")) == 0
+    assert any(layer.bits == 4 for layer in products) and out.is_file()
 
 
 def test_a_checkpoint_from_before_an_option_existed_has_its_default():

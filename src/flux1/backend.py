@@ -11,12 +11,11 @@ Two compute paths, one switch (`FLUX1_COMPUTE`, read here only):
 `auto` (the default) takes "numpy" on the CPU device and "mlx" on a GPU; `mlx` forces MLX's kernels on
 any device (how CI runs what Metal and CUDA users run). `use("mlx")` does the same for a block of code.
 
-Training differentiates through MLX's kernels (`training()`), except on the CPU device under `auto`:
-there linear layers' frozen products and attention run on the CPU kernels, which also compute their
-gradients for their inputs (`cpu_linear.frozen_product`, `attention`): MLX's CPU matmuls run at
-20 GFLOP/s dense and 0.7 GFLOP/s 4-bit on 2 Zen 1 cores, where the plan's GEMM runs at 45, and its
-softmax on one core.
-"""
+Training differentiates through MLX's kernels (`training()`). A quantized base on the CPU device under
+`auto` is the exception: MLX's CPU quantized matmul has no BLAS path, so there linear layers' frozen
+products and attention run on the CPU kernels, which also compute their gradients for their inputs
+(`cpu_linear.frozen_product`, `attention`). A dense base trains on MLX's kernels everywhere: on the
+CPU they measured faster for it (benchmarks/train_step.py, README)."""
 
 import contextlib
 import os
@@ -26,7 +25,7 @@ import mlx.core as mx
 SETTINGS = ("auto", "mlx")
 PRECISIONS = ("auto", "fp32", "bf16")
 _override: str | None = None
-_training = False
+_cpu_kernels_in_training = False
 
 
 def setting() -> str:
@@ -54,21 +53,22 @@ def use(value: str):
 
 
 @contextlib.contextmanager
-def training():
-    """Inside the block the networks compute so that MLX can differentiate them."""
-    global _training
-    previous, _training = _training, True
+def training(cpu_kernels: bool):
+    """Inside the block the networks compute so that MLX can differentiate them; with `cpu_kernels`
+    (a quantized base), on the CPU kernels where they run (`cpu_kernels_in_training`)."""
+    global _cpu_kernels_in_training
+    previous, _cpu_kernels_in_training = _cpu_kernels_in_training, cpu_kernels
     try:
         with use("mlx"):
             yield
     finally:
-        _training = previous
+        _cpu_kernels_in_training = previous
 
 
 def cpu_kernels_in_training() -> bool:
-    """True while training on the CPU device under `auto`: linear layers and attention compute on the
-    CPU kernels, with their gradients for their inputs."""
-    return _training and on_cpu() and _environment_setting() == "auto"
+    """True while training a quantized base on the CPU device under `auto`: linear layers and attention
+    compute on the CPU kernels, with their gradients for their inputs."""
+    return _cpu_kernels_in_training and on_cpu() and _environment_setting() == "auto"
 
 
 def on_cpu() -> bool:

@@ -28,11 +28,17 @@ log = logging.getLogger("flux1")
 
 
 def loss_and_gradients(
-    transformer, trained: TrainedAdapters, batch: Batch, weighting: Weighting, guidance: float, clip=None
+    transformer,
+    trained: TrainedAdapters,
+    batch: Batch,
+    weighting: Weighting,
+    guidance: float,
+    clip=None,
+    cpu_kernels: bool | None = None,
 ):
     """One micro-batch's loss and the gradients of the adapters' parameters, in fp32, differentiated by
-    MLX (`backend.training`: on the CPU the linear layers' products through the plan's fp32 GEMM), blocks
-    checkpointed. With `clip` (CLIP training too), the pooled embedding is computed from the batch's
+    MLX (`backend.training`: with `cpu_kernels`, by default where the base is quantized, on the CPU
+    the linear layers and attention through the plan's fp32 GEMMs), blocks checkpointed. With `clip` (CLIP training too), the pooled embedding is computed from the batch's
     CLIP tokens inside the differentiated function, in fp32, so the gradients reach CLIP's adapters."""
 
     def objective(batch: Batch) -> mx.array:
@@ -40,10 +46,16 @@ def loss_and_gradients(
             batch = dataclasses.replace(batch, pooled=clip(batch.clip_ids))
         return loss(transformer, batch, weighting, guidance)
 
-    with backend.training(), cpu_plan.use("fp32"), checkpointed_blocks(transformer, trained):
+    if cpu_kernels is None:
+        cpu_kernels = any(_quantized(network) for network in (transformer, clip) if network is not None)
+    with backend.training(cpu_kernels), cpu_plan.use("fp32"), checkpointed_blocks(transformer, trained):
         value, gradients = nn.value_and_grad(trained, objective)(batch)
         mx.eval(value, gradients)
     return value, gradients
+
+
+def _quantized(network) -> bool:
+    return any(getattr(module, "is_quantized", False) for _, module in network.named_modules())
 
 
 def make_optimizer(options: TrainOptions, trained: TrainedAdapters) -> optim.Optimizer:
