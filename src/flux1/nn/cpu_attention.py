@@ -1,7 +1,7 @@
 """One head of attention on the CPU, and its gradients for training: softmax(scale q k^T + mask) v in
-NumPy, each product through a GEMM path of `nn/gemm.py`, the softmax's rows split over the cores. With a bf16 path for the values,
-the softmax (summed in fp32) writes the probabilities as bf16 while each block of rows is still in
-the cache."""
+NumPy, each product through a GEMM path of `nn/gemm.py`, the softmax's rows split over the cores.
+With a bf16 path for the values, the softmax (summed in fp32) writes the probabilities as bf16 while
+each block of rows is still in the cache."""
 
 from functools import partial
 
