@@ -27,8 +27,8 @@ def run_program(run, argv: list[str] | None, interrupted: str = "nothing was wri
 def _exit_now(code: int) -> None:
     """Exit without Python's teardown. After an interrupt, teardown joins the CPU kernels' worker
     threads and runs the native libraries' destructors, and an interrupt that lands while the pool
-    starts a thread leaves one that is never told to stop, so teardown waits for it forever (1 run
-    in 20 under load). Nothing is left to clean up: files are written under temporary names and
+    starts a thread leaves one that is never told to stop, so teardown waits for it forever (seen
+    under load). Nothing is left to clean up: files are written under temporary names and
     removed as the interrupt unwinds."""
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,8 +7,7 @@ own parameters; a `Linear`'s adapters are not among those).
 
 On the CPU kernels a block's arrays are computed as it runs (NumPy needs their values), and MLX keeps
 every array computed while it differentiates alive to the end of the backward pass: `mx.checkpoint`
-would then save nothing (3 blocks of the real width at 256x256: 7.9 GB beyond the weights against
-1.0 GB on MLX's kernels). There a block runs on copies of its inputs that carry no graph, and its
+would then save nothing (the 12B model ran out of 24 GB). There a block runs on copies of its inputs that carry no graph, and its
 backward pass recomputes it the same way, one block at a time (`_recomputed`)."""
 
 import contextlib
