@@ -16,6 +16,7 @@ from flux1 import backend, cpu_plan
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
+from flux1.nn.cpu_activations import activation_paths
 from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.cpu_linear import expanded_weight
 from flux1.nn.gemm import available_paths
@@ -80,9 +81,18 @@ def test_cpu_attention_with_causal_mask_ignores_future_tokens():
     assert relative_error(attention(q, k, changed_future, 0.5, causal)[:, :, :3], first_three) == 0.0
 
 
-def test_cpu_gelu_equals_formula():
-    x = 3 * mx.random.normal((4, 33), key=mx.random.key(1))
-    assert relative_error(gelu_tanh(x), nn_gelu_tanh(x)) < 1e-6
+@pytest.mark.parametrize("path", list(activation_paths()))
+def test_cpu_gelu_equals_formula(path):
+    """Against the formula in float64 (both paths: 1e-6, a few fp32 roundings; oneDNN computes it
+    as x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), the same function), and MLX's fp32 formula."""
+    x = 3 * mx.random.normal((4, 33, 7), key=mx.random.key(1))
+    x64 = np.array(x, np.float64)
+    expected = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64**3)))
+    with cpu_plan.use(path):
+        got = gelu_tanh(x)
+    assert got.shape == x.shape and got.dtype == mx.float32
+    assert relative_error(got, expected) < 1e-6
+    assert relative_error(got, nn_gelu_tanh(x)) < 1e-6
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import relative_error
 
 from flux1 import backend, cpu_plan
+from flux1.nn.cpu_activations import activation_paths
 from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.gemm import available_paths, gemm
 from flux1.nn.numpy_cpu import as_bf16, as_float32
@@ -149,17 +150,18 @@ def test_plan_file_is_replaced_whole_or_not_at_all(fresh_plan, monkeypatch):
 def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     """A plan for this machine with the given linear rates, as if it had measured them; the other
     kinds' rates follow unless `others` gives them (oneDNN's convolution: half the slowest; a pair of
-    attention paths: its slower one's)."""
+    attention paths: its slower one's; activations: oneDNN twice NumPy)."""
     others = others or {}
     convolution = {name: rates.get(name, min(rates.values()) / 2) for name in CONVOLUTION_PATHS}
     pairs = {name: min(rates[s.name], rates[v.name]) for name, (s, v) in cpu_plan.attention_pairs().items()}
-    defaults = {"attention": pairs, "convolution": convolution}
+    activation = {name: 1.0 + (name == "onednn") for name in activation_paths()}
+    defaults = {"attention": pairs, "convolution": convolution, "activation": activation}
     all_rates = {"linear": rates} | {kind: others.get(kind, defaults[kind]) for kind in cpu_plan.KINDS[1:]}
     cpu_plan.write(file, cpu_plan.Plan(cpu_plan.machine_key(), all_rates, "then", 0.0))
     cpu_plan._plan.clear()
 
 
-@pytest.mark.parametrize("kind", ["attention", "convolution"])
+@pytest.mark.parametrize("kind", ["attention", "convolution", "activation"])
 def test_a_plan_without_a_kind_of_product_is_measured_again(fresh_plan, kind):
     cpu_plan.plan()
     data = json.loads(fresh_plan.read_text())
@@ -294,3 +296,20 @@ def test_cpu_kernels_keep_fp32_activations_at_every_precision():
     else:
         with pytest.raises(ValueError, match="--precision bf16: this CPU .* has no bf16 GEMM"):
             backend.compute_dtype(mx.bfloat16, "bf16")
+
+
+@pytest.mark.skipif("onednn" not in activation_paths(), reason="oneDNN is not installed")
+@pytest.mark.parametrize("onednn_speedup", [2.0, 0.5])
+def test_activations_take_the_path_measured_fastest_at_every_precision(fresh_plan, onednn_speedup):
+    rates = {name: 100.0 + i for i, name in enumerate(PATHS)}
+    cached_rates(fresh_plan, rates, {"activation": {"numpy": 1.0, "onednn": onednn_speedup}})
+    expected = "onednn" if onednn_speedup > 1 else "numpy"
+    for precision in ("auto", "fp32"):
+        with cpu_plan.use(precision):
+            assert cpu_plan.active("activation").name == expected
+            mentioned = (
+                f"; activations through {cpu_plan.active('activation').library}" in cpu_plan.describe()
+            )
+            assert mentioned == (cpu_plan.active("activation").library != cpu_plan.active().library)
+    with cpu_plan.use("numpy"):  # an activation path by name: fp32 GEMMs elsewhere
+        assert cpu_plan.active("activation").name == "numpy" and cpu_plan.active().dtype == "fp32"

@@ -14,13 +14,14 @@ paths of one library (each product in either dtype). One library: where the two 
 libraries each was fastest through alone (oneDNN, then OpenBLAS), switching between their thread
 pools made a head 30% slower than OpenBLAS for both on 2 Zen 1 cores. So are the VAE's
 convolutions, whose candidates are oneDNN's convolution primitive and unfolded windows through each
-GEMM (`nn/cpu_convolution.py`).
+GEMM (`nn/cpu_convolution.py`), and the activations (GELU), computed by NumPy or by oneDNN
+(`nn/cpu_activations.py`).
 
 The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
 (inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here, for
 each kind of product on its own.
 Only the GEMMs change: activations, norms, softmax sums and the sampler stay fp32. The default is
-`fp32`; `Flux1` sets the user's choice with `set_precision`, `use(...)` sets one for a block (also a
+`fp32`; activations compute in fp32 at every precision. `Flux1` sets the user's choice with `set_precision`, `use(...)` sets one for a block (also a
 GEMM path by name, for tests and benchmarks).
 """
 
@@ -38,13 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
+from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
 from flux1.nn.cpu_attention import head_attention
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
-FORMAT = 3
+FORMAT = 4
 # Rows x in @ in x out of a FLUX step at 512x512 (1024 image + 256 text tokens): attention and
 # modulation 3072 -> 3072, the MLP's 3072 -> 12288 and 12288 -> 3072.
 SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
@@ -52,7 +54,9 @@ SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
 HEAD = (1280, 128)
 # One 3x3 convolution of the VAE decoder's (256 -> 256 channels), on a 48x48 image.
 CONVOLUTION = (48, 256, 3)
-KINDS = ("linear", "attention", "convolution")
+# GELU over the input of a FLUX MLP's second layer for 256 tokens.
+ACTIVATION = (256, 12288)
+KINDS = ("linear", "attention", "convolution", "activation")
 MEASURE_SECONDS = 6.0  # spread over the paths; a busy machine measures fewer shapes, never longer
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
 
@@ -64,7 +68,7 @@ _plan: list = []  # [Plan] once measured or read
 @dataclass
 class Plan:
     key: dict
-    rates: dict[str, dict[str, float]]  # kind (one of KINDS) -> path name -> GFLOP/s
+    rates: dict[str, dict[str, float]]  # kind (one of KINDS) -> path name -> GFLOP/s (activation: G values/s)
     measured: str  # when
     seconds: float  # what measuring took (0 when read from the cache)
 
@@ -78,6 +82,8 @@ def attention_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
 def candidates(kind: str) -> dict:
     if kind == "attention":
         return attention_pairs()
+    if kind == "activation":
+        return activation_paths()
     return convolution_paths() if kind == "convolution" else available_paths()
 
 
@@ -197,6 +203,16 @@ def measure_convolution(paths: dict[str, ConvolutionPath], repeats: int = 2) -> 
     return rates
 
 
+def measure_activation(paths: dict[str, ActivationPath], repeats: int = 3) -> dict[str, float]:
+    """G values/s of GELU through each path over ACTIVATION values, best of `repeats` after a first
+    call."""
+    x = np.random.default_rng(0).standard_normal(ACTIVATION, np.float32)
+    return {
+        name: float(f"{x.size / _best_seconds(lambda path=path: gelu_tanh(path, x), repeats) / 1e9:.4g}")
+        for name, path in paths.items()
+    }
+
+
 def _best_seconds(call, repeats: int) -> float:
     """The fastest of `repeats` calls, after a first one (the libraries' start-up for the shapes)."""
     best = math.inf
@@ -265,7 +281,7 @@ def plan() -> Plan:
     if not _plan:
         paths = available_paths()
         key, file = machine_key(), cache_file()
-        if len(paths) == len(convolution_paths()) == 1:  # nothing to choose
+        if len(paths) == len(convolution_paths()) == len(activation_paths()) == 1:  # nothing to choose
             found = Plan(key, {kind: {name: 1.0 for name in candidates(kind)} for kind in KINDS}, "-", 0.0)
         else:
             found = read(file, key)
@@ -273,6 +289,7 @@ def plan() -> Plan:
             start = time.perf_counter()
             rates = {"linear": measure(paths), "attention": measure_attention(attention_pairs())}
             rates["convolution"] = measure_convolution(convolution_paths())
+            rates["activation"] = measure_activation(activation_paths())
             measured = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             found = Plan(key, rates, measured, time.perf_counter() - start)
             try:
@@ -293,10 +310,10 @@ def set_precision(precision: str) -> None:
 @contextlib.contextmanager
 def use(choice: str):
     """Inside the block the CPU kernels compute with `choice`: a precision (auto, fp32, bf16) or one
-    path by name (e.g. "numpy fp32", "onednn bf16", "onednn convolution fp32"; a name of one kind's
-    path sets its dtype for the other kinds)."""
+    path by name (e.g. "numpy fp32", "onednn bf16", "onednn convolution fp32", "onednn" for the
+    activations; a name of one kind's path sets its dtype for the other kinds)."""
     global _override
-    _check(choice, PRECISIONS + tuple(available_paths()) + tuple(convolution_paths()))
+    _check(choice, PRECISIONS + tuple(convolution_paths()) + tuple(activation_paths()))
     previous, _override = _override, choice
     try:
         yield
@@ -318,7 +335,9 @@ def active(kind: str = "linear") -> GemmPath | ConvolutionPath:
     if choice in paths:
         return paths[choice]
     if choice not in PRECISIONS:  # another kind's path
-        choice = convolution_paths()[choice].dtype
+        choice = {**convolution_paths(), **activation_paths()}[choice].dtype
+    if kind == "activation":
+        choice = "fp32"
     rates = plan().rates[kind]
 
     def fastest(allowed) -> str | None:
@@ -363,4 +382,7 @@ def describe() -> str:
     how = "oneDNN's convolution" if convolution.gemm is None else "unfolded windows through a GEMM"
     if convolution.gemm != path:
         line += f"; convolutions: {how}, {convolution.dtype} through {convolution.library}"
+    activation = active("activation")
+    if activation.library != path.library:
+        line += f"; activations through {activation.library}"
     return line

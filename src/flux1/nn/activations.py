@@ -1,12 +1,13 @@
-"""Activations whose transcendental functions dominate on CPU (see attention.py for why NumPy)."""
+"""Activations whose transcendental functions dominate on CPU: there through the path the plan measured
+fastest (`nn/cpu_activations.py`)."""
 
 import math
 
 import mlx.core as mx
-import numpy as np
 
-from flux1 import backend
-from flux1.nn.numpy_cpu import as_numpy, in_parallel
+from flux1 import backend, cpu_plan
+from flux1.nn import cpu_activations
+from flux1.nn.numpy_cpu import as_numpy
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -15,24 +16,7 @@ def gelu_tanh(x: mx.array) -> mx.array:
     """GELU with the tanh approximation (FLUX's MLPs, T5's gated-gelu "gelu_new")."""
     if not backend.numpy_kernels():
         return nn_gelu_tanh(x)
-    xn = as_numpy(x.astype(mx.float32))
-    out = np.empty_like(xn)
-    flat_in, flat_out = xn.reshape(-1), out.reshape(-1)
-
-    def gelu(start, stop):
-        x, y = flat_in[start:stop], flat_out[start:stop]
-        np.multiply(x, x, out=y)
-        y *= np.float32(0.044715)
-        y += 1.0
-        y *= x
-        y *= np.float32(_SQRT_2_OVER_PI)
-        np.tanh(y, out=y)
-        y += 1.0
-        y *= 0.5
-        y *= x
-
-    in_parallel(gelu, flat_in.size)
-    return mx.array(out)
+    return mx.array(cpu_activations.gelu_tanh(cpu_plan.active("activation"), as_numpy(x.astype(mx.float32))))
 
 
 def nn_gelu_tanh(x: mx.array) -> mx.array:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flux1 import _blas
+from flux1.nn import onednn
 from flux1.nn.numpy_cpu import as_bf16, widen_bf16
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
@@ -64,14 +65,12 @@ def available_paths() -> dict[str, GemmPath]:
         paths.append(GemmPath("mkl fp32", name, "fp32", _cblas(mkl.cblas_sgemm)))
         if bf16:
             paths.append(GemmPath("mkl bf16", name, "bf16", _cblas(mkl.cblas_gemm_bf16bf16f32)))
-    onednn = _blas.onednn()
-    if onednn is not None:
-        onednn.dnnl_version.restype = ctypes.POINTER(ctypes.c_int * 3)
-        major, minor, patch = onednn.dnnl_version().contents
-        name = f"oneDNN {major}.{minor}.{patch}"
-        paths.append(GemmPath("onednn fp32", name, "fp32", _dnnl(onednn.dnnl_sgemm)))
+    dnnl = _blas.onednn()
+    if dnnl is not None:
+        name = onednn.version()
+        paths.append(GemmPath("onednn fp32", name, "fp32", _dnnl(dnnl.dnnl_sgemm)))
         if bf16:
-            paths.append(GemmPath("onednn bf16", name, "bf16", _dnnl(onednn.dnnl_gemm_bf16bf16f32)))
+            paths.append(GemmPath("onednn bf16", name, "bf16", _dnnl(dnnl.dnnl_gemm_bf16bf16f32)))
     return {path.name: path for path in paths}
 
 
