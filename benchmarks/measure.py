@@ -96,6 +96,51 @@ def runs_parser(doc: str, size: int = 512) -> argparse.ArgumentParser:
     return parser
 
 
+def gemm_rate() -> float:
+    """FLOP/s of the GEMM the CPU kernels use now (`cpu_plan.active()`) on a 4096 x 3072 x 3072
+    product, the weight transposed as Linear passes it; best of 3 after a first call."""
+    import numpy as np
+
+    from flux1 import cpu_plan
+    from flux1.nn.gemm import gemm, operand
+
+    path = cpu_plan.active()
+    a = operand(np.ones((4096, 3072), np.float32), path)
+    b = operand(np.ones((3072, 3072), np.float32), path)
+    out = np.empty((4096, 3072), np.float32)
+    gemm(path, a, b.T, out)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        gemm(path, a, b.T, out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * 4096 * 3072 * 3072 / best
+
+
+def transformer_flops(config: dict, image_tokens: int, text_tokens: int) -> float:
+    """Floating-point work of one FLUX transformer call at batch 1, from its diffusers config: 2 * rows
+    * in * out per linear layer (rows: the tokens it sees, 1 for the per-image embedders and
+    modulations), 4 * heads * tokens^2 * head_dim per attention; what profile_step.py counts."""
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    dim = heads * head_dim
+    hidden = int(dim * 4.0)  # FLUX's MLP ratio
+    tokens = image_tokens + text_tokens
+    in_channels = config.get("in_channels", 64)
+    embedders = (256 + dim) + (config["pooled_projection_dim"] + dim)
+    if config.get("guidance_embeds"):
+        embedders += 256 + dim
+    per_image = dim * embedders + dim * (
+        config["num_layers"] * 12 * dim + config["num_single_layers"] * 3 * dim
+    )
+    per_image += dim * 2 * dim  # the last layer's modulation
+    # Per token: a double block's stream and a single block each multiply by dim * (4 dim + 2 hidden).
+    per_token = dim * (4 * dim + 2 * hidden) * (config["num_layers"] + config["num_single_layers"])
+    edges = image_tokens * in_channels * dim + text_tokens * config["joint_attention_dim"] * dim
+    edges += image_tokens * dim * (config.get("out_channels") or in_channels)
+    attention = 4.0 * heads * tokens**2 * head_dim * (config["num_layers"] + config["num_single_layers"])
+    return 2.0 * (per_image + tokens * per_token + edges) + attention
+
+
 def transformer_inputs(transformer, size: int, text_tokens: int = 256) -> list:
     """Evaluated inputs of one transformer call at `size` x `size` (random text states, sigma 1)."""
     import mlx.core as mx  # the caller imported flux1 first (it loads the BLAS)

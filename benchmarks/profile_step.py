@@ -21,16 +21,21 @@ import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 
 # isort: split
 import mlx.core as mx
-import numpy as np
 
 from flux1 import cpu_plan
 from flux1.loaders.transformer import load_transformer
 from flux1.models import flux_blocks
-from flux1.nn.gemm import gemm, operand
 from flux1.nn.linear import Linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import cpu_model, fixture_folder, fixture_parser, transformer_inputs  # noqa: E402
+from measure import (  # noqa: E402
+    cpu_model,
+    fixture_folder,
+    fixture_parser,
+    gemm_rate,
+    transformer_flops,
+    transformer_inputs,
+)
 
 seconds: dict[str, float] = defaultdict(float)
 flops: dict[str, float] = defaultdict(float)
@@ -57,19 +62,6 @@ def linear_flops(layer: Linear, x: mx.array) -> float:
 def attention_flops(q: mx.array, k: mx.array, *_) -> float:
     batch, heads, length, head_dim = q.shape
     return 4.0 * batch * heads * length * k.shape[2] * head_dim
-
-
-def gemm_rate() -> float:
-    """FLOP/s of the GEMM the CPU kernels use now, the weight transposed as Linear passes it."""
-    path = cpu_plan.active()
-    a = operand(np.ones((4096, 3072), np.float32), path)
-    b = operand(np.ones((3072, 3072), np.float32), path)
-    out = np.empty((4096, 3072), np.float32)
-    gemm(path, a, b.T, out)
-    start = time.perf_counter()
-    for _ in range(3):
-        gemm(path, a, b.T, out)
-    return 3 * 2.0 * 4096 * 3072 * 3072 / (time.perf_counter() - start)
 
 
 def instrument() -> None:
@@ -123,8 +115,11 @@ def main() -> None:
     print(f"{'profiled step':<34}{profiled:>9.3f}")
     print(f"{'unprofiled step (median)':<34}{step_seconds:>9.3f}")
     floor = work / rate
+    image_tokens = inputs[0].shape[1]
+    formula = transformer_flops(transformer.config, image_tokens, text_tokens)
     print(
-        f"\n{cpu_plan.active().name} GEMM rate {rate / 1e9:.1f} GFLOP/s; step work {work / 1e9:.1f} GFLOP; floor {floor:.2f}s; "
+        f"\n{cpu_plan.active().name} GEMM rate {rate / 1e9:.1f} GFLOP/s; step work {work / 1e9:.6g} GFLOP "
+        f"(measure.transformer_flops: {formula / 1e9:.6g}); floor {floor:.2f}s; "
         f"achieved fraction of the floor {floor / step_seconds:.0%}"
     )
 

@@ -5,20 +5,27 @@ Builds (or reuses) the `full` fixture (random bf16 weights, real layout, 33 GB),
 run, load time, seconds per step, decode time and the saved folder's size; beside them, the transformer
 as a GGUF file (Q4_K by default; the fixture builder writes it) with the other components from the
 saved -q 4 folder when --bits has 4 (so that only the transformer differs), else from the bf16
-fixture at -q 4.
+fixture at -q 4. Each step is set against its floor: the step's floating-point work
+(`measure.transformer_flops`) at the rate of the GEMM the CPU plan uses (`--precision auto`, as
+main.py), measured here before the runs.
 
     python benchmarks/quantized_memory.py [--cache DIR] [--steps 4] [--bits 4 8] [--runtime] [--gguf Q4_K]
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
 
+import flux1  # noqa: F401  (first: loads the BLAS before mlx)
+from flux1 import cpu_plan
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import run_measured  # noqa: E402
+from measure import cpu_model, gemm_rate, run_measured, transformer_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+TEXT_TOKENS = 256  # schnell's T5 sequence length, main.py's default
 TIMINGS = re.compile(
     r"load (?P<load>[\d.]+)s, encode (?P<encode>[\d.]+)s, denoise [\d.]+s \((?P<step>[\d.]+)s/step\), "
     r"decode (?P<decode>[\d.]+)s"
@@ -95,6 +102,12 @@ def main() -> None:
     fixture = args.cache / f"{args.preset}-schnell-bfloat16"
     build = ["-m", "flux1.fixtures", "--preset", args.preset, "--variant", "schnell", "--dtype", "bfloat16"]
     ensure([*build, "--out", str(fixture)], fixture, f"the {args.preset} bf16 fixture")
+    cpu_plan.set_precision("auto")
+    rate = gemm_rate()
+    image_tokens = (args.size // 16) ** 2
+    config = json.loads((fixture / "transformer" / "config.json").read_text())
+    flops = transformer_flops(config, image_tokens, TEXT_TOKENS)
+    floor = flops / rate
     rows = []
     for bits in args.bits:
         saved = args.cache / f"{args.preset}-schnell-q{bits}"
@@ -150,14 +163,19 @@ def main() -> None:
             )
         )
     print(f"\nFLUX.1-schnell, {args.preset} preset, {args.size}x{args.size}, {args.steps} steps, --low-ram")
+    print(f"CPU: {cpu_model()}; {cpu_plan.describe()}")
+    print(
+        f"step floor: {flops / 1e12:.2f} TFLOP ({image_tokens} image + {TEXT_TOKENS} text tokens) at "
+        f"{rate / 1e9:.1f} GFLOP/s ({cpu_plan.active().name}) = {floor:.1f} s"
+    )
     print(
         f"{'run':<24}{'on disk GB':>11}{'peak RSS GB':>12}{'load s':>9}{'encode s':>10}{'s/step':>9}"
-        f"{'decode s':>10}{'total s':>9}"
+        f"{'/ floor':>9}{'decode s':>10}{'total s':>9}"
     )
     for name, disk, r in rows:
         print(
             f"{name:<24}{disk:>11.2f}{r['peak_gb']:>12.2f}{r['load']:>9.1f}{r['encode']:>10.1f}"
-            f"{r['step']:>9.1f}{r['decode']:>10.1f}{r['total_s']:>9.0f}"
+            f"{r['step']:>9.1f}{r['step'] / floor:>9.2f}{r['decode']:>10.1f}{r['total_s']:>9.0f}"
         )
 
 

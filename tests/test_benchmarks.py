@@ -4,6 +4,7 @@ is asserted: speed is the benchmarks' business, not the tests')."""
 import importlib.util
 import json
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,10 @@ def test_quantized_memory_prints_every_row(tmp_path):
         str(tmp_path),
     )
     table = out[out.index("FLUX.1-schnell, tiny preset") :].splitlines()
-    assert [line[:24].strip() for line in table[2:]] == [
+    assert re.match(r"step floor: [\d.]+ TFLOP \(4 image \+ 256 text tokens\) at [\d.]+ GFLOP/s", table[2])
+    assert "s/step  / floor" in table[3]
+    assert all(float(line[24:].split()[5]) > 0 for line in table[4:])  # each step over the floor
+    assert [line[:24].strip() for line in table[4:]] == [
         "saved -q 4",
         "bf16 + -q 4 at load",
         "saved -q 8",
@@ -116,6 +120,11 @@ def test_profile_step_prints_every_part(tmp_path):
         "unprofiled step (median)",
     }
     assert "achieved fraction of the floor" in table[-1]
+    # The FLOP formula that quantized_memory.py uses counts what the instrumented step counted.
+    counted, formula = re.search(
+        r"step work ([\d.e+-]+) GFLOP \(measure.transformer_flops: ([\d.e+-]+)\)", table[-1]
+    ).groups()
+    assert float(counted) > 0 and counted == formula
 
 
 def test_lora_overhead_prints_every_row(tmp_path):
