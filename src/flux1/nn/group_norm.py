@@ -2,15 +2,18 @@
 followed by SiLU, by device.
 
 CPU: MLX's CPU elementwise ops run on one core and its exp at about 40 M values/s, which made
-GroupNorm + SiLU a fifth of a 512x512 VAE decode; the CPU path computes the statistics and the fused
-normalize-scale-shift-SiLU in NumPy, a band of rows per core.
+GroupNorm + SiLU a fifth of a 512x512 VAE decode; the CPU path computes the statistics in NumPy, a
+band of rows per core, and the fused normalize-scale-shift-SiLU through the activations' path of the
+plan (`nn/cpu_activations.py`): NumPy, or one oneDNN primitive (on 2 Zen 1 cores, 512 x 512 x 128
+values: 157 ms in NumPy, 68 ms in oneDNN).
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from flux1 import backend
+from flux1 import backend, cpu_plan
+from flux1.nn import onednn
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, in_parallel
 
 _CHUNK = 4096  # pixels summed in float32 at a time
@@ -51,6 +54,11 @@ def group_norm(
     b = as_float32(bias) - np.repeat(mean, per_group, axis=-1) * a
     a, b = a.astype(np.float32)[:, None], b.astype(np.float32)[:, None]
     out = np.empty_like(pixels)
+    if silu and cpu_plan.active("activation").name == "onednn":
+        primitive = onednn.scale_shift_silu(height * width, channels)
+        for image in range(batch):
+            primitive(np.ascontiguousarray(pixels[image]), a[image], b[image], out[image])
+        return mx.array(out.reshape(x.shape))
 
     def normalize(start, stop):
         step = max(1, CACHED_VALUES // channels)  # each pass of the chunk stays in the core's cache

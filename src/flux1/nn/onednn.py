@@ -311,6 +311,36 @@ class GeluTanh(_Fused):
         return out
 
 
+class ScaleShiftSilu(_Fused):
+    """out = silu(x * a + b) over x [pixels, channels] (fp32, C-contiguous) with a and b [channels]:
+    the binary primitive x * a, then + b and SiLU as post-ops. oneDNN's compiled kernels broadcast a
+    per-channel operand along its logical axis 1, so x is described as [1, channels, pixels] with the
+    channels innermost."""
+
+    def __init__(self, pixels: int, channels: int):
+        super().__init__()
+        lib, engine, _ = _runtime()
+        self.image = self._own(
+            "md", _memory_desc((1, channels, pixels), (pixels * channels, 1, channels), "fp32")
+        )
+        self.per_channel = self._own("md", _dense((1, channels, 1)))
+        attributes = self._attributes([("binary", _ADD), ("eltwise", _SWISH, 1.0, 0.0)], self.per_channel)
+        desc = self._own("pd", _V())
+        _check(
+            lib.dnnl_binary_primitive_desc_create(
+                ctypes.byref(desc), engine, _MUL, self.image, self.per_channel, self.image, attributes
+            ),
+            f"choosing a scale-shift-SiLU over {pixels} x {channels}",
+        )
+        self.primitive = self._compiled(desc)
+
+    def __call__(self, x: np.ndarray, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+        arguments = {_SRC: (self.image, x), _SRC_1: (self.per_channel, a), _DST: (self.image, out)}
+        arguments[_post_op(0)] = (self.per_channel, b)
+        _execute(self.primitive, arguments)
+        return out
+
+
 @functools.lru_cache(maxsize=64)
 def softmax(shape: tuple) -> Softmax:
     return Softmax(shape)
@@ -319,3 +349,8 @@ def softmax(shape: tuple) -> Softmax:
 @functools.lru_cache(maxsize=64)
 def gelu_tanh(size: int) -> GeluTanh:
     return GeluTanh(size)
+
+
+@functools.lru_cache(maxsize=64)
+def scale_shift_silu(pixels: int, channels: int) -> ScaleShiftSilu:
+    return ScaleShiftSilu(pixels, channels)
