@@ -1,15 +1,11 @@
 """Activations whose transcendental functions dominate on CPU: there through the path the plan measured
 fastest (`nn/cpu_activations.py`)."""
 
-import math
-
 import mlx.core as mx
 
 from flux1 import backend, cpu_plan
 from flux1.nn import cpu_activations
 from flux1.nn.numpy_cpu import as_numpy
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
@@ -20,4 +16,4 @@ def gelu_tanh(x: mx.array) -> mx.array:
 
 
 def nn_gelu_tanh(x: mx.array) -> mx.array:
-    return 0.5 * x * (1.0 + mx.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + mx.tanh(cpu_activations.SQRT_2_OVER_PI * (x + 0.044715 * x**3)))

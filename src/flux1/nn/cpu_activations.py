@@ -1,5 +1,6 @@
-"""The CPU paths of the elementwise activations whose transcendental functions cost most (GELU's tanh),
-one of which the plan picks by measurement (`cpu_plan`, kind "activation"):
+"""The CPU paths of the activations whose transcendental functions cost most, one of which the plan
+picks by measurement on GELU (`cpu_plan`, kind "activation"); the VAE's group norms take the same
+path for their SiLU (`nn/group_norm.py`):
 
 - "numpy": NumPy's ufuncs on all cores, a block of values per core. NumPy vectorizes tanh and exp
   for AVX-512 but not for AVX2, where tanh takes about 7 ns a value on one core.
@@ -9,6 +10,7 @@ one of which the plan picks by measurement (`cpu_plan`, kind "activation"):
 On 2 Zen 1 cores (AVX2), GELU over 1280 x 12288 values: NumPy 181 ms, oneDNN 29 ms.
 """
 
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -17,7 +19,7 @@ import numpy as np
 from flux1.nn import onednn
 from flux1.nn.numpy_cpu import in_parallel
 
-_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def gelu_tanh(path: ActivationPath, x: np.ndarray) -> np.ndarray:
         y *= np.float32(0.044715)
         y += 1.0
         y *= x
-        y *= np.float32(_SQRT_2_OVER_PI)
+        y *= np.float32(SQRT_2_OVER_PI)
         np.tanh(y, out=y)
         y += 1.0
         y *= 0.5
