@@ -90,17 +90,21 @@ def main() -> None:
         return time.perf_counter() - start
 
     step()
-    step_seconds = statistics.median(step() for _ in range(args.repeats))
-    rate = gemm_rate()
+    work = transformer_flops(transformer.config, inputs[0].shape[1], text_tokens)
+    # Each unprofiled step right after a measurement of the GEMM's rate: where this machine's speed
+    # drifts (a shared VM), a step is set against the rate of its own moment.
+    timed_steps = [(gemm_rate(), step()) for _ in range(args.repeats)]
+    step_seconds = statistics.median(seconds for _, seconds in timed_steps)
     instrument()
     profiled = step()
-    work = sum(flops.values())
+    counted = sum(flops.values())
     others = profiled - sum(seconds.values())
 
     plan = cpu_plan.plan()
     for kind in cpu_plan.KINDS:
-        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in plan.rates[kind].items())
-        print(f"plan, {kind} (GFLOP/s, measured {plan.measured}): {rates}")
+        unit, digits = ("G values/s", 2) if kind == "activation" else ("GFLOP/s", 0)
+        rates = ", ".join(f"{name} {rate:.{digits}f}" for name, rate in plan.rates[kind].items())
+        print(f"plan, {kind} ({unit}, measured {plan.measured}): {rates}")
     print(
         f"\n{args.preset} preset ({args.dtype} weights), {args.size}x{args.size}, {text_tokens} text tokens, "
         f"--precision {args.precision}"
@@ -114,13 +118,15 @@ def main() -> None:
     print(f"{'everything else':<34}{others:>9.3f}{others / profiled:>8.1%}")
     print(f"{'profiled step':<34}{profiled:>9.3f}")
     print(f"{'unprofiled step (median)':<34}{step_seconds:>9.3f}")
-    floor = work / rate
-    image_tokens = inputs[0].shape[1]
-    formula = transformer_flops(transformer.config, image_tokens, text_tokens)
+    print(f"\nstep work {counted / 1e9:.6g} GFLOP (measure.transformer_flops: {work / 1e9:.6g})")
+    fractions = [work / rate / seconds for rate, seconds in timed_steps]
+    each = ", ".join(
+        f"{seconds:.2f}s at {rate / 1e9:.1f} GFLOP/s: {work / rate / seconds:.0%}"
+        for rate, seconds in timed_steps
+    )
     print(
-        f"\n{cpu_plan.active().name} GEMM rate {rate / 1e9:.1f} GFLOP/s; step work {work / 1e9:.6g} GFLOP "
-        f"(measure.transformer_flops: {formula / 1e9:.6g}); floor {floor:.2f}s; "
-        f"achieved fraction of the floor {floor / step_seconds:.0%}"
+        f"achieved fraction of the floor (the step's work at the {cpu_plan.active().name} GEMM's rate "
+        f"measured just before each step): {each}; median {statistics.median(fractions):.0%}"
     )
 
 
