@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import relative_error
 
 from flux1 import backend, cpu_plan
+from flux1.nn import onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -156,6 +157,26 @@ def test_cpu_group_norm_equals_torch(silu, path):
     with cpu_plan.use(path):
         got = group_norm(x, 32, weight, bias, 1e-6, silu)
     assert relative_error(got, mx.array(reference.permute(0, 2, 3, 1).numpy().astype(np.float32))) < 1e-5
+
+
+@pytest.mark.skipif("onednn" not in activation_paths(), reason="oneDNN is not installed")
+def test_group_norm_keeps_numpy_where_onednn_has_only_reference_code(monkeypatch):
+    """The plan measured GELU's primitive, not the group norm's: where oneDNN would run its
+    scale-shift-SiLU in reference code, NumPy computes it, bit for bit as the NumPy path."""
+
+    class ReferenceCode:
+        implementation = "ref:any"
+
+        def __call__(self, *arguments):
+            raise AssertionError("oneDNN's reference code ran")
+
+    x = mx.random.normal((1, 9, 11, 64), key=mx.random.key(6))
+    weight, bias = mx.ones((64,)), mx.zeros((64,))
+    with cpu_plan.use("numpy"):
+        expected = group_norm(x, 32, weight, bias, 1e-6, silu=True)
+    monkeypatch.setattr(onednn, "scale_shift_silu", lambda pixels, channels: ReferenceCode())
+    with cpu_plan.use("onednn"):
+        assert np.array_equal(np.array(group_norm(x, 32, weight, bias, 1e-6, silu=True)), np.array(expected))
 
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])

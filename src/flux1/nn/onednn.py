@@ -228,12 +228,13 @@ def convolution(x_shape: tuple, kernel_shape: tuple, stride: int, padding: int, 
 
 
 class _Fused(_Handles):
-    """A primitive with a chain of post-ops fused in."""
+    """The binary primitive x * y (y broadcast to x's shape where its sizes are 1) with a chain of
+    post-ops fused in; `self.primitive` once built."""
 
-    def _attributes(self, post_ops: list[tuple], operand: _V) -> _V:
-        """Post-ops ("eltwise", algorithm, alpha, beta) or ("binary", algorithm), each binary one
-        taking an operand described by `operand`."""
-        lib = _runtime()[0]
+    def _build(self, x: _V, y: _V, post_ops: list[tuple], what: str) -> None:
+        """post_ops: ("eltwise", algorithm, alpha, beta) or ("binary", algorithm), each binary one
+        taking an operand described by y."""
+        lib, engine, _ = _runtime()
         chain, attributes = self._own("post-ops", _V()), self._own("attr", _V())
         _check(lib.dnnl_post_ops_create(ctypes.byref(chain)), "creating post-ops")
         for op in post_ops:
@@ -242,11 +243,16 @@ class _Fused(_Handles):
                     chain, op[1], ctypes.c_float(op[2]), ctypes.c_float(op[3])
                 )
             else:
-                status = lib.dnnl_post_ops_append_binary(chain, op[1], operand)
+                status = lib.dnnl_post_ops_append_binary(chain, op[1], y)
             _check(status, f"appending the post-op {op}")
         _check(lib.dnnl_primitive_attr_create(ctypes.byref(attributes)), "creating attributes")
         _check(lib.dnnl_primitive_attr_set_post_ops(attributes, chain), "setting post-ops")
-        return attributes
+        desc = self._own("pd", _V())
+        _check(
+            lib.dnnl_binary_primitive_desc_create(ctypes.byref(desc), engine, _MUL, x, y, x, attributes),
+            f"choosing {what}",
+        )
+        self.primitive = self._compiled(desc)
 
 
 class Softmax(_Handles):
@@ -284,7 +290,6 @@ class GeluTanh(_Fused):
 
     def __init__(self, size: int):
         super().__init__()
-        lib, engine, _ = _runtime()
         self.values = self._own("md", _dense((size,)))
         twice = 2.0 * _SQRT_2_OVER_PI
         post_ops = [
@@ -293,15 +298,7 @@ class GeluTanh(_Fused):
             ("eltwise", _LOGISTIC, 0.0, 0.0),
             ("binary", _MUL),
         ]
-        attributes = self._attributes(post_ops, self.values)
-        desc = self._own("pd", _V())
-        _check(
-            lib.dnnl_binary_primitive_desc_create(
-                ctypes.byref(desc), engine, _MUL, self.values, self.values, self.values, attributes
-            ),
-            f"choosing a GELU over {size} values",
-        )
-        self.primitive = self._compiled(desc)
+        self._build(self.values, self.values, post_ops, f"a GELU over {size} values")
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """x and out: C-contiguous fp32, not overlapping."""
@@ -319,20 +316,10 @@ class ScaleShiftSilu(_Fused):
 
     def __init__(self, pixels: int, channels: int):
         super().__init__()
-        lib, engine, _ = _runtime()
-        self.image = self._own(
-            "md", _memory_desc((1, channels, pixels), (pixels * channels, 1, channels), "fp32")
-        )
-        self.per_channel = self._own("md", _dense((1, channels, 1)))
-        attributes = self._attributes([("binary", _ADD), ("eltwise", _SWISH, 1.0, 0.0)], self.per_channel)
-        desc = self._own("pd", _V())
-        _check(
-            lib.dnnl_binary_primitive_desc_create(
-                ctypes.byref(desc), engine, _MUL, self.image, self.per_channel, self.image, attributes
-            ),
-            f"choosing a scale-shift-SiLU over {pixels} x {channels}",
-        )
-        self.primitive = self._compiled(desc)
+        image = _memory_desc((1, channels, pixels), (pixels * channels, 1, channels), "fp32")
+        self.image, self.per_channel = self._own("md", image), self._own("md", _dense((1, channels, 1)))
+        post_ops = [("binary", _ADD), ("eltwise", _SWISH, 1.0, 0.0)]
+        self._build(self.image, self.per_channel, post_ops, f"a scale-shift-SiLU over {pixels} x {channels}")
 
     def __call__(self, x: np.ndarray, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
         arguments = {_SRC: (self.image, x), _SRC_1: (self.per_channel, a), _DST: (self.image, out)}
