@@ -6,7 +6,7 @@ resnet block, upsampling block and attention block timed on its own (each evalua
 after; resnet and upsampling blocks include their convolutions and norms).
 
     python benchmarks/profile_decode.py [--preset wide] [--dtype bfloat16] [--size 512]
-        [--paths "onednn convolution fp32" "numpy fp32" ...]
+        [--paths "onednn convolution fp32" "numpy fp32" ... | numpy onednn (the activations' paths)]
 """
 
 import sys
@@ -62,9 +62,11 @@ def main() -> None:
             start = time.perf_counter()
             mx.eval(vae.decode(z))
             total = time.perf_counter() - start
-            name = cpu_plan.active("convolution").name
+            names = cpu_plan.active("convolution").name, cpu_plan.active("activation").name
         parts = ", ".join(f"{part} {value:.2f}" for part, value in seconds.items())
-        print(f"--paths {path} (convolutions: {name}): decode {total:.2f} s; {parts}")
+        print(
+            f"--paths {path} (convolutions: {names[0]}; activations: {names[1]}): decode {total:.2f} s; {parts}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ followed by SiLU, by device.
 CPU: MLX's CPU elementwise ops run on one core and its exp at about 40 M values/s, which made
 GroupNorm + SiLU a fifth of a 512x512 VAE decode; the CPU path computes the statistics in NumPy, a
 band of rows per core, and the fused normalize-scale-shift-SiLU through the activations' path of the
-plan (`nn/cpu_activations.py`): NumPy, or one oneDNN primitive (on 2 Zen 1 cores, 512 x 512 x 128
-values: 157 ms in NumPy, 68 ms in oneDNN).
+plan (`nn/cpu_activations.py`): NumPy, or one oneDNN primitive (`benchmarks/profile_decode.py --paths
+numpy onednn`, 2 Zen 1 cores: a 512x512 decode's group norms 3.70-3.98 s with NumPy, 2.52-2.60 s
+with oneDNN).
 """
 
 import mlx.core as mx

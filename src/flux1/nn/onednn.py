@@ -5,8 +5,9 @@ AVX512-BF16, AMX). The convolution also picks the weights' blocked layout that k
 call reorders the kernel into that layout (milliseconds) and runs the convolution straight on the
 NHWC image, with the padding, stride and bias inside the kernel. The elementwise primitives (softmax,
 GELU, scale-shift-SiLU) are one pass over memory each, the whole chain of operations fused into one
-compiled loop on all cores; where NumPy has no vectorized exp or tanh for the CPU (AVX2: about 4 and
-7 ns a value on one core) they are 3-6x faster. Buffers are NumPy arrays used in place.
+compiled loop on all cores, where NumPy runs a pass per operation (and, on AVX2, exp and tanh
+unvectorized); the plan measures both (`nn/cpu_activations.py`). Buffers are NumPy arrays used in
+place.
 """
 
 import ctypes
@@ -285,8 +286,8 @@ class Softmax(_Handles):
 
 class GeluTanh(_Fused):
     """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) over x of `size` fp32 values, computed as
-    x * sigmoid(2 sqrt(2/pi) x (1 + 0.044715 x^2)): the binary primitive x * x, then post-ops (oneDNN's
-    own gelu_tanh runs its tanh 3.5x slower than its sigmoid on AVX2)."""
+    x * sigmoid(2 sqrt(2/pi) x (1 + 0.044715 x^2)): the binary primitive x * x, then post-ops (a sigmoid
+    rather than oneDNN's own gelu_tanh, whose tanh kernel was the slower on AVX2 when written)."""
 
     def __init__(self, size: int):
         super().__init__()
