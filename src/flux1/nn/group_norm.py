@@ -55,15 +55,14 @@ def group_norm(
     b = as_float32(bias) - np.repeat(mean, per_group, axis=-1) * a
     a, b = a.astype(np.float32)[:, None], b.astype(np.float32)[:, None]
     out = np.empty_like(pixels)
-    primitive = None
     if silu and cpu_plan.active("activation").name == "onednn":
         primitive = onednn.scale_shift_silu(height * width, channels)
-    # Measured through GELU's primitive, not this one: a CPU where oneDNN has no compiled kernel for
-    # it (its reference code, 30x slower here) keeps NumPy.
-    if primitive is not None and not primitive.implementation.startswith("ref"):
-        for image in range(batch):
-            primitive(np.ascontiguousarray(pixels[image]), a[image], b[image], out[image])
-        return mx.array(out.reshape(x.shape))
+        # The plan measured GELU's primitive, not this one: where oneDNN has no compiled kernel for it
+        # (only its far slower reference code), NumPy computes it.
+        if not primitive.implementation.startswith("ref"):
+            for image in range(batch):
+                primitive(np.ascontiguousarray(pixels[image]), a[image], b[image], out[image])
+            return mx.array(out.reshape(x.shape))
 
     def normalize(start, stop):
         step = max(1, CACHED_VALUES // channels)  # each pass of the chunk stays in the core's cache
