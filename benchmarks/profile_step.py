@@ -7,8 +7,11 @@ timed). The floor is the step's floating-point work (2 * tokens * in * out per l
 4 * heads * tokens^2 * head_dim per attention) divided by the rate of the GEMM the CPU plan uses at
 this precision (`cpu_plan.active()`), measured here on a 4096 x 3072 x 3072 product through it.
 
+With `--quantize BITS` the transformer is quantized as `main.py -q BITS` does, and expanding the
+compact weights before each GEMM (part of the linear layers' time) is also timed on its own.
+
     python benchmarks/profile_step.py [--preset wide] [--dtype float32] [--size 512] [--repeats 3]
-        [--precision auto|fp32|bf16]
+        [--precision auto|fp32|bf16] [--quantize BITS]
 """
 
 import statistics
@@ -25,7 +28,9 @@ import mlx.core as mx
 from flux1 import cpu_plan
 from flux1.loaders.transformer import load_transformer
 from flux1.models import flux_blocks
+from flux1.nn import cpu_linear
 from flux1.nn.linear import Linear
+from flux1.quantize import BITS, quantize_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
@@ -64,8 +69,12 @@ def attention_flops(q: mx.array, k: mx.array, *_) -> float:
     return 4.0 * batch * heads * length * k.shape[2] * head_dim
 
 
+LINEAR, EXPANSION = "linear layers (matmul + bias)", "  of which weight expansion"
+
+
 def instrument() -> None:
-    Linear.__call__ = timed("linear layers (matmul + bias)", Linear.__call__, linear_flops)
+    Linear.__call__ = timed(LINEAR, Linear.__call__, linear_flops)
+    cpu_linear.expanded_weight = timed(EXPANSION, cpu_linear.expanded_weight)
     flux_blocks.attention = timed("attention (q k^T, softmax, @ v)", flux_blocks.attention, attention_flops)
     flux_blocks.gelu_tanh = timed("GELU", flux_blocks.gelu_tanh)
     flux_blocks.apply_rope = timed("RoPE", flux_blocks.apply_rope)
@@ -77,9 +86,12 @@ def main() -> None:
     parser = fixture_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps timed (median)")
     parser.add_argument("--precision", default="auto", choices=cpu_plan.PRECISIONS)
+    parser.add_argument("--quantize", type=int, choices=BITS, help="quantize as main.py -q does")
     args = parser.parse_args()
     cpu_plan.set_precision(args.precision)
     transformer = load_transformer(fixture_folder(args.cache, args.preset, args.dtype) / "transformer")
+    if args.quantize:
+        quantize_linears(transformer, args.quantize, 64)
     mx.eval(transformer.parameters())
     text_tokens = 256
     inputs = transformer_inputs(transformer, args.size, text_tokens)
@@ -98,20 +110,25 @@ def main() -> None:
     instrument()
     profiled = step()
     counted = sum(flops.values())
-    others = profiled - sum(seconds.values())
+    others = profiled - sum(seconds.values()) + seconds.get(EXPANSION, 0.0)  # inside LINEAR
 
     plan = cpu_plan.plan()
     for kind in cpu_plan.KINDS:
         unit, digits = ("G values/s", 2) if kind == "activation" else ("GFLOP/s", 0)
         rates = ", ".join(f"{name} {rate:.{digits}f}" for name, rate in plan.rates[kind].items())
         print(f"plan, {kind} ({unit}, measured {plan.measured}): {rates}")
+    weights = f"{args.dtype} weights" + (f", -q {args.quantize}" if args.quantize else "")
     print(
-        f"\n{args.preset} preset ({args.dtype} weights), {args.size}x{args.size}, {text_tokens} text tokens, "
+        f"\n{args.preset} preset ({weights}), {args.size}x{args.size}, {text_tokens} text tokens, "
         f"--precision {args.precision}"
     )
     print(f"CPU: {cpu_model()}; {cpu_plan.describe()}")
     print(f"{'part':<34}{'seconds':>9}{'share':>8}{'GFLOP':>9}{'GFLOP/s':>9}")
-    for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
+    parts = sorted((name for name in seconds if name != EXPANSION), key=lambda name: -seconds[name])
+    if EXPANSION in seconds:
+        parts.insert(parts.index(LINEAR) + 1, EXPANSION)
+    for name in parts:
+        value = seconds[name]
         gflop = flops.get(name, 0.0) / 1e9
         speed = f"{gflop / value:>9.1f}" if gflop else f"{'-':>9}"
         print(f"{name:<34}{value:>9.3f}{value / profiled:>8.1%}{gflop:>9.1f}{speed}")

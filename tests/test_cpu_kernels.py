@@ -1,4 +1,4 @@
-"""The NumPy CPU paths (attention, GELU, convolution, group norm, linear) compute what MLX's own ops
+"""The NumPy CPU paths (attention, GELU, convolution, group and layer norms, linear) compute what MLX's own ops
 or the reference compute, through every GEMM path of the CPU plan (forced by name, so the tests do
 not depend on the plan this machine picks).
 
@@ -22,6 +22,7 @@ from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.cpu_linear import expanded_weight
 from flux1.nn.gemm import available_paths
 from flux1.nn.group_norm import group_norm
+from flux1.nn.layer_norm import layer_norm
 from flux1.nn.linear import Linear, LowRankAdapter
 from flux1.nn.numpy_cpu import as_bf16
 
@@ -159,17 +160,19 @@ def test_cpu_group_norm_equals_torch(silu, path):
     assert relative_error(got, mx.array(reference.permute(0, 2, 3, 1).numpy().astype(np.float32))) < 1e-5
 
 
+class ReferenceCode:
+    """What a oneDNN primitive cache returns where oneDNN has only its reference code."""
+
+    implementation = "ref:any"
+
+    def __call__(self, *arguments):
+        raise AssertionError("oneDNN's reference code ran")
+
+
 @pytest.mark.skipif("onednn" not in activation_paths(), reason="oneDNN is not installed")
 def test_group_norm_keeps_numpy_where_onednn_has_only_reference_code(monkeypatch):
     """The plan measured GELU's primitive, not the group norm's: where oneDNN would run its
     scale-shift-SiLU in reference code, NumPy computes it, bit for bit as the NumPy path."""
-
-    class ReferenceCode:
-        implementation = "ref:any"
-
-        def __call__(self, *arguments):
-            raise AssertionError("oneDNN's reference code ran")
-
     x = mx.random.normal((1, 9, 11, 64), key=mx.random.key(6))
     weight, bias = mx.ones((64,)), mx.zeros((64,))
     with cpu_plan.use("numpy"):
@@ -177,6 +180,39 @@ def test_group_norm_keeps_numpy_where_onednn_has_only_reference_code(monkeypatch
     monkeypatch.setattr(onednn, "scale_shift_silu", lambda pixels, channels: ReferenceCode())
     with cpu_plan.use("onednn"):
         assert np.array_equal(np.array(group_norm(x, 32, weight, bias, 1e-6, silu=True)), np.array(expected))
+
+
+def reference_layer_norm(x, scale, shift, eps: float) -> np.ndarray:
+    import torch
+
+    x64 = torch.from_numpy(np.array(x, np.float64))
+    normed = torch.nn.functional.layer_norm(x64, x64.shape[-1:], eps=eps).numpy()
+    return normed * np.array(scale, np.float64) + np.array(shift, np.float64)
+
+
+@pytest.mark.parametrize("path", list(activation_paths()))
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_cpu_layer_norm_equals_torch(per_sample, path):
+    """LN(x) * scale + shift against torch's layer_norm in float64, a batch of 2 with odd sizes:
+    scale and shift per feature (CLIP's LayerNorm) or per sample and feature (FLUX's adaptive norms,
+    each sample its own); 1e-5: fp32 statistics. The NumPy activation path keeps MLX's layer norm."""
+    x = 3 + 2 * mx.random.normal((2, 33, 70), key=mx.random.key(7))
+    shape = (2, 1, 70) if per_sample else (70,)
+    scale, shift = (mx.random.normal(shape, key=mx.random.key(k)) for k in (8, 9))
+    with cpu_plan.use(path):
+        got = layer_norm(x, 1e-6, scale, shift)
+    assert got.shape == x.shape and got.dtype == mx.float32
+    assert relative_error(got, reference_layer_norm(x, scale, shift, 1e-6)) < 1e-5
+
+
+@pytest.mark.skipif("onednn" not in activation_paths(), reason="oneDNN is not installed")
+def test_layer_norm_keeps_mlx_where_onednn_has_only_reference_code(monkeypatch):
+    x = mx.random.normal((1, 9, 64), key=mx.random.key(10))
+    scale, shift = mx.ones((1, 1, 64)), mx.zeros((1, 1, 64))
+    expected = mx.fast.layer_norm(x, None, None, 1e-6)
+    monkeypatch.setattr(onednn, "layer_norm", lambda rows, cols, eps: ReferenceCode())
+    with cpu_plan.use("onednn"):
+        assert np.array_equal(np.array(layer_norm(x, 1e-6, scale, shift)), np.array(expected))
 
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])

@@ -6,6 +6,7 @@ import mlx.nn as nn
 from flux1.models.embeddings import apply_rope
 from flux1.nn.activations import gelu_tanh
 from flux1.nn.attention import attention
+from flux1.nn.layer_norm import layer_norm
 from flux1.nn.linear import Linear
 
 _EPS = 1e-6
@@ -37,13 +38,9 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(head_dim)
 
 
-def layer_norm(x: mx.array) -> mx.array:
-    """LayerNorm without affine parameters (the adaptive norms bring their own scale and shift)."""
-    return mx.fast.layer_norm(x, None, None, _EPS)
-
-
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-    return (1 + scale) * layer_norm(x) + shift
+    """LayerNorm without affine parameters of its own, then the adaptive scale and shift."""
+    return layer_norm(x, _EPS, 1 + scale, shift)
 
 
 class Modulation(nn.Module):

@@ -3,6 +3,8 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from flux1.nn.layer_norm import layer_norm
+
 
 class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -12,7 +14,7 @@ class LayerNorm(nn.Module):
         self.bias = mx.zeros((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.layer_norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype), self.eps)
+        return layer_norm(x, self.eps, self.weight, self.bias)
 
 
 class Embedding(nn.Module):

@@ -4,10 +4,10 @@ A primitive is made once per shape (cached): oneDNN compiles its kernel for this
 AVX512-BF16, AMX). The convolution also picks the weights' blocked layout that kernel reads; each
 call reorders the kernel into that layout (milliseconds) and runs the convolution straight on the
 NHWC image, with the padding, stride and bias inside the kernel. The elementwise primitives (softmax,
-GELU, scale-shift-SiLU) are one pass over memory each, the whole chain of operations fused into one
-compiled loop on all cores, where NumPy runs a pass per operation (and, on AVX2, exp and tanh
-unvectorized); the plan measures both (`nn/cpu_activations.py`). Buffers are NumPy arrays used in
-place.
+GELU, scale-shift-SiLU, layer norm) are one pass over memory each, the whole chain of operations
+fused into one compiled loop on all cores, where NumPy runs a pass per operation (and, on AVX2, exp
+and tanh unvectorized) and MLX a pass per operation on one core; the plan measures oneDNN against
+NumPy (`nn/cpu_activations.py`). Buffers are NumPy arrays used in place.
 """
 
 import ctypes
@@ -23,11 +23,12 @@ _DTYPES = {"bf16": 2, "fp32": 3}  # dnnl_data_type_t
 _FORMAT_ANY = 1  # dnnl_format_tag_any: the primitive chooses the layout
 _FORWARD_INFERENCE, _CONVOLUTION_DIRECT = 96, 1
 _QUERY_IMPLEMENTATION, _QUERY_WEIGHTS = 8, 131  # dnnl_query_impl_info_str, dnnl_query_weights_md
-_SRC, _SRC_1, _DST, _WEIGHTS, _BIAS = 1, 2, 17, 33, 41  # DNNL_ARG_*
+_SRC, _SRC_1, _DST, _WEIGHTS, _BIAS, _SCALE, _SHIFT = 1, 2, 17, 33, 41, 51, 52  # DNNL_ARG_*
 _POST_OP_BASE = 32768  # DNNL_ARG_ATTR_MULTIPLE_POST_OP_BASE
 # dnnl_alg_kind_t
 _LINEAR, _LOGISTIC, _SWISH, _SOFTMAX = 0x26, 0x29, 0x2C, 0x30000
 _ADD, _MUL = 0x1FFF0, 0x1FFF1
+_USE_SCALE, _USE_SHIFT = 0x2, 0x4  # dnnl_normalization_flags_t
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 
@@ -329,6 +330,39 @@ class ScaleShiftSilu(_Fused):
         return out
 
 
+class LayerNorm(_Handles):
+    """out = (x - mean) / sqrt(variance + eps) * scale + shift over each row of x [rows, cols], the
+    statistics of each row, scale and shift [cols]; all fp32, C-contiguous; out may be x."""
+
+    def __init__(self, rows: int, cols: int, eps: float):
+        super().__init__()
+        lib, engine, _ = _runtime()
+        self.rows, self.per_column = self._own("md", _dense((rows, cols))), self._own("md", _dense((cols,)))
+        statistics = self._own("md", _dense((rows,)))
+        desc = self._own("pd", _V())
+        _check(
+            lib.dnnl_layer_normalization_forward_primitive_desc_create(
+                ctypes.byref(desc),
+                engine,
+                _FORWARD_INFERENCE,
+                self.rows,
+                self.rows,
+                statistics,
+                ctypes.c_float(eps),
+                _USE_SCALE | _USE_SHIFT,
+                None,
+            ),
+            f"choosing a layer norm over {rows} x {cols}",
+        )
+        self.primitive = self._compiled(desc)
+
+    def __call__(self, x: np.ndarray, scale: np.ndarray, shift: np.ndarray, out: np.ndarray) -> np.ndarray:
+        arguments = {_SRC: (self.rows, x), _DST: (self.rows, out)}
+        arguments[_SCALE], arguments[_SHIFT] = (self.per_column, scale), (self.per_column, shift)
+        _execute(self.primitive, arguments)
+        return out
+
+
 @functools.lru_cache(maxsize=64)
 def softmax(shape: tuple) -> Softmax:
     return Softmax(shape)
@@ -337,6 +371,11 @@ def softmax(shape: tuple) -> Softmax:
 @functools.lru_cache(maxsize=64)
 def gelu_tanh(size: int) -> GeluTanh:
     return GeluTanh(size)
+
+
+@functools.lru_cache(maxsize=64)
+def layer_norm(rows: int, cols: int, eps: float) -> LayerNorm:
+    return LayerNorm(rows, cols, eps)
 
 
 @functools.lru_cache(maxsize=64)

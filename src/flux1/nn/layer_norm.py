@@ -1,0 +1,49 @@
+"""LayerNorm followed by a scale and a shift, by device: per feature (CLIP's LayerNorm) or per sample
+and feature (FLUX's adaptive norms, (1 + scale) LN(x) + shift).
+
+CPU: MLX's layer norm runs there as a pass per operation on one core; with the plan's oneDNN
+activations (`nn/cpu_activations.py`) oneDNN's layer normalization primitive normalizes, scales and
+shifts in one pass on all cores, its statistics in fp32 as MLX's.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+from flux1 import backend, cpu_plan
+from flux1.nn import onednn
+from flux1.nn.numpy_cpu import as_float32
+
+
+def layer_norm(
+    x: mx.array, eps: float, scale: mx.array | None = None, shift: mx.array | None = None
+) -> mx.array:
+    """LN(x) over the last axis, times `scale`, plus `shift`: each [features], [B, 1, features] for
+    x [B, tokens, features], or None (1 and 0)."""
+    if backend.numpy_kernels() and cpu_plan.active("activation").name == "onednn":
+        y = _onednn_layer_norm(x, eps, scale, shift)
+        if y is not None:
+            return y
+    if scale is None or scale.ndim == 1:
+        cast = [None if a is None else a.astype(x.dtype) for a in (scale, shift)]
+        return mx.fast.layer_norm(x, *cast, eps)
+    return scale * mx.fast.layer_norm(x, None, None, eps) + shift
+
+
+def _onednn_layer_norm(x: mx.array, eps: float, scale, shift) -> mx.array | None:
+    """None where oneDNN has only its reference code for this shape (not what the plan measured)."""
+    features = x.shape[-1]
+    samples = x.shape[0] if scale is not None and scale.ndim > 1 else 1
+    rows = x.size // features // samples if x.size else 0
+    if rows == 0 or onednn.layer_norm(rows, features, eps).implementation.startswith("ref"):
+        return None
+    primitive = onednn.layer_norm(rows, features, eps)
+    values = np.ascontiguousarray(as_float32(x.astype(mx.float32))).reshape(samples, rows, features)
+    per_sample = [
+        np.broadcast_to(default if a is None else as_float32(a).reshape(-1, features), (samples, features))
+        for a, default in ((scale, np.ones(features, np.float32)), (shift, np.zeros(features, np.float32)))
+    ]
+    out = np.empty_like(values)
+    for sample in range(samples):
+        scale_row, shift_row = (np.ascontiguousarray(a[sample]) for a in per_sample)
+        primitive(values[sample], scale_row, shift_row, out[sample])
+    return mx.array(out.reshape(x.shape)).astype(x.dtype)
