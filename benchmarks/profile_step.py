@@ -28,7 +28,7 @@ import mlx.core as mx
 from flux1 import cpu_plan
 from flux1.loaders.transformer import load_transformer
 from flux1.models import flux_blocks
-from flux1.nn import cpu_linear
+from flux1.nn import cpu_linear, cpu_rope_attention
 from flux1.nn.linear import Linear
 from flux1.quantize import BITS, quantize_linears
 
@@ -70,16 +70,21 @@ def attention_flops(q: mx.array, k: mx.array, *_) -> float:
 
 
 LINEAR, EXPANSION = "linear layers (matmul + bias)", "  of which weight expansion"
+ATTENTION = "attention (q k^T, softmax, @ v)"
 
 
 def instrument() -> None:
     Linear.__call__ = timed(LINEAR, Linear.__call__, linear_flops)
     cpu_linear.expanded_weight = timed(EXPANSION, cpu_linear.expanded_weight)
-    flux_blocks.attention = timed("attention (q k^T, softmax, @ v)", flux_blocks.attention, attention_flops)
+    flux_blocks.attention = timed(ATTENTION, flux_blocks.attention, attention_flops)
     flux_blocks.gelu_tanh = timed("GELU", flux_blocks.gelu_tanh)
     flux_blocks.apply_rope = timed("RoPE", flux_blocks.apply_rope)
     flux_blocks.modulate = timed("layer norm + modulation", flux_blocks.modulate)
     flux_blocks.split_heads = timed("q/k RMS norm + head split", flux_blocks.split_heads)
+    # The CPU kernels' path of the same (nn/cpu_rope_attention.py): q/k norms, RoPE and head split in one.
+    heads = timed("q/k RMS norm + RoPE + head split", cpu_rope_attention.normed_rotated_heads)
+    cpu_rope_attention.normed_rotated_heads = heads
+    cpu_rope_attention.attend_heads = timed(ATTENTION, cpu_rope_attention.attend_heads, attention_flops)
 
 
 def main() -> None:

@@ -108,17 +108,18 @@ def test_quantization_quality_prints_every_level(tmp_path):
 
 def test_profile_step_prints_every_part(tmp_path):
     out = _run(
-        "profile_step.py", "--preset", "tiny", "--size", "32", "--repeats", "1", "--cache", str(tmp_path)
-    )
-    table = out[out.index("tiny preset (float32 weights)") :].splitlines()
+        "profile_step.py", "--preset", "tiny", "--size", "32", "--repeats", "1", "--cache", str(tmp_path),
+        "--quantize", "4",
+    )  # fmt: skip
+    table = out[out.index("tiny preset (float32 weights, -q 4)") :].splitlines()
     parts = {line[:34].strip() for line in table[3 : table.index("")]}
     assert parts == {
         "linear layers (matmul + bias)",
+        "of which weight expansion",
         "attention (q k^T, softmax, @ v)",
         "GELU",
-        "RoPE",
         "layer norm + modulation",
-        "q/k RMS norm + head split",
+        "q/k RMS norm + RoPE + head split",
         "everything else",
         "profiled step",
         "unprofiled step (median)",

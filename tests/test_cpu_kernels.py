@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import relative_error
 
 from flux1 import backend, cpu_plan
+from flux1.models.embeddings import rope_frequencies
+from flux1.models.flux_blocks import QKNorm, joint_attention
 from flux1.nn import onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
@@ -59,6 +61,32 @@ def test_cpu_attention_equals_mlx_kernel(with_mask, path):
     bf16 = path.endswith("bf16")
     assert relative_error(got, expected) < (8e-3 if bf16 else 1e-5)
     assert relative_error(got, reference_attention(q, k, v, 0.3, mask, bf16)) < (1e-3 if bf16 else 1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("lengths", [(13,), (5, 9)])
+def test_cpu_rope_attention_equals_mlx_graph(lengths, path):
+    """FLUX's joint attention from the fused qkv projections (head split, q/k RMS norms, RoPE, merged
+    heads) on the CPU kernels against MLX's graph of it on MLX's kernels: one stream (single blocks)
+    and two (double blocks: text, then image), a batch of 2 with their own positions; the bounds of
+    the attention test above."""
+    heads, head_dim = 3, 8
+    streams = []
+    for i, length in enumerate(lengths):
+        qkv = 2 * mx.random.normal((2, length, 3 * heads * head_dim), key=mx.random.key(20 + i))
+        norm = QKNorm(head_dim)
+        norm.query_norm.scale, norm.key_norm.scale = (
+            mx.random.normal((head_dim,), key=mx.random.key(30 + 2 * i + j)) for j in range(2)
+        )
+        streams.append((qkv, norm))
+    ids = mx.random.randint(0, 64, (2, sum(lengths), 3), key=mx.random.key(40))
+    rope = rope_frequencies(ids, (2, 2, 4), 10000.0)
+    with backend.use("mlx"):
+        expected = joint_attention(streams, heads, rope)
+    with cpu_plan.use(path):
+        got = joint_attention(streams, heads, rope)
+    assert got.shape == expected.shape == (2, sum(lengths), heads * head_dim)
+    assert relative_error(got, expected) < (8e-3 if path.endswith("bf16") else 1e-5)
 
 
 def test_numpy_fp32_attention_is_the_old_computation_bit_for_bit():

@@ -3,7 +3,9 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from flux1 import backend
 from flux1.models.embeddings import apply_rope
+from flux1.nn import cpu_rope_attention
 from flux1.nn.activations import gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.layer_norm import layer_norm
@@ -65,15 +67,22 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = Linear(dim, dim)
 
-    def heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """x [B, L, D] -> normed q, k and v, each [B, heads, L, head_dim]."""
-        return split_heads(self.qkv(x), self.num_heads, self.norm)
-
 
 def split_heads(qkv: mx.array, num_heads: int, norm: QKNorm) -> tuple[mx.array, mx.array, mx.array]:
     batch, length, _ = qkv.shape
     q, k, v = qkv.reshape(batch, length, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)
     return norm.query_norm(q), norm.key_norm(k), v
+
+
+def joint_attention(streams: list[tuple[mx.array, QKNorm]], num_heads: int, rope) -> mx.array:
+    """Attention over the tokens of every stream together (text, then image), from each stream's fused
+    qkv projection [B, L_i, 3 * dim] and its q/k norms: [B, sum of L_i, dim]."""
+    if backend.numpy_kernels():
+        norms = [(qkv, norm.query_norm.scale, norm.key_norm.scale) for qkv, norm in streams]
+        return cpu_rope_attention.rope_attention(norms, num_heads, *rope, _EPS)
+    heads = [split_heads(qkv, num_heads, norm) for qkv, norm in streams]
+    q, k, v = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2) for parts in zip(*heads))
+    return rope_attention(q, k, v, rope)
 
 
 def rope_attention(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
@@ -111,10 +120,10 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
 
-        img_q, img_k, img_v = self.img_attn.heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(txt, txt_shift1, txt_scale1))
-        joint = [mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
-        attn = rope_attention(*joint, rope)
+        img_qkv = self.img_attn.qkv(modulate(img, img_shift1, img_scale1))
+        txt_qkv = self.txt_attn.qkv(modulate(txt, txt_shift1, txt_scale1))
+        streams = [(txt_qkv, self.txt_attn.norm), (img_qkv, self.img_attn.norm)]
+        attn = joint_attention(streams, self.img_attn.num_heads, rope)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -138,7 +147,7 @@ class SingleStreamBlock(nn.Module):
     def __call__(self, x, vec, rope):
         shift, scale, gate = self.modulation(vec)
         qkv, mlp_in = mx.split(self.linear1(modulate(x, shift, scale)), [3 * self.dim], axis=-1)
-        attn = rope_attention(*split_heads(qkv, self.num_heads, self.norm), rope)
+        attn = joint_attention([(qkv, self.norm)], self.num_heads, rope)
         return x + gate * self.linear2(mx.concatenate([attn, gelu_tanh(mlp_in)], axis=-1))
 
 

@@ -49,20 +49,26 @@ def _numpy_heads(q, k, v, mask):
 
 def _cpu_attention(q, k, v, scale: float, mask) -> mx.array:
     qn, kn, vn, mn = _numpy_heads(q, k, v, mask)
+    out = np.empty(qn.shape, dtype=np.float32)
+    attend_heads(qn, kn, vn, scale, mn, out)
+    return mx.array(out)
+
+
+def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask, out: np.ndarray) -> None:
+    """out[b, h] = softmax(scale q k^T + mask) v for each head of fp32 NumPy q, k, v [B, heads, tokens,
+    head_dim] (each head's rows may be strided, as may out's: its rows contiguous)."""
     scores_path, values_path = cpu_plan.active("attention")
     if scores_path.dtype == "bf16":
-        qn, kn = as_bf16(qn), as_bf16(kn)
+        q, k = as_bf16(q), as_bf16(k)
     if values_path.dtype == "bf16":
-        vn = as_bf16(vn)
-    out = np.empty(qn.shape, dtype=np.float32)
+        v = as_bf16(v)
     scores = np.empty((q.shape[2], k.shape[2]), np.float32)
     weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
-    for b, h in np.ndindex(*qn.shape[:2]):
-        mask_bh = None if mn is None else mn[b, h]
+    for b, h in np.ndindex(*q.shape[:2]):
+        mask_bh = None if mask is None else mask[b, h]
         head_attention(
-            scores_path, values_path, qn[b, h], kn[b, h], vn[b, h], scale, mask_bh, scores, weights, out[b, h]
+            scores_path, values_path, q[b, h], k[b, h], v[b, h], scale, mask_bh, scores, weights, out[b, h]
         )
-    return mx.array(out)
 
 
 def _cpu_attention_gradients(q, k, v, scale: float, mask, dy, y) -> tuple[mx.array, mx.array, mx.array]:
