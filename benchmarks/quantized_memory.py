@@ -6,9 +6,10 @@ run, load time, seconds per step, decode time and the saved folder's size; besid
 as a GGUF file (Q4_K by default; the fixture builder writes it) with the other components from the
 saved -q 4 folder when --bits has 4 (so that only the transformer differs), else from the bf16
 fixture at -q 4. The files each run reads are read once right before it, so that every load is timed
-from the page cache (on disk, the order of the runs decided which loads were cold). Each step is set against its floor: the step's floating-point work
-(`measure.transformer_flops`) at the rate of the GEMM the CPU plan uses (`--precision auto`, as
-main.py), measured here right before and after each run (their mean: a shared machine's speed drifts).
+from the page cache (on disk, the order of the runs decided which loads were cold). Each step is set
+against its floor: the step's floating-point work (`measure.transformer_flops`) at the rate of the
+GEMM the CPU plan uses (`--precision auto`, as main.py), measured here right before and after each run
+(their mean: a shared machine's speed drifts).
 
     python benchmarks/quantized_memory.py [--cache DIR] [--steps 4] [--bits 4 8] [--runtime] [--gguf Q4_K]
 """

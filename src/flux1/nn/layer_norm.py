@@ -33,10 +33,12 @@ def _onednn_layer_norm(x: mx.array, eps: float, scale, shift) -> mx.array | None
     """None where oneDNN has only its reference code for this shape (not what the plan measured)."""
     features = x.shape[-1]
     samples = x.shape[0] if scale is not None and scale.ndim > 1 else 1
-    rows = x.size // features // samples if x.size else 0
-    if rows == 0 or onednn.layer_norm(rows, features, eps).implementation.startswith("ref"):
+    rows = x.size // features // samples
+    if rows == 0:
         return None
     primitive = onednn.layer_norm(rows, features, eps)
+    if primitive.implementation.startswith("ref"):
+        return None
     values = np.ascontiguousarray(as_float32(x.astype(mx.float32))).reshape(samples, rows, features)
     per_sample = [
         np.broadcast_to(default if a is None else as_float32(a).reshape(-1, features), (samples, features))
