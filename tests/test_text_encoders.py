@@ -1,5 +1,12 @@
 """CLIP pooled output and T5 hidden states equal transformers' on the same files and prompts."""
 
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -62,22 +69,108 @@ def test_t5_hidden_states_equal_transformers(folders, length, compute_path):
     assert relative_error(model(mx.array(ids)), expected) < TOLERANCE
 
 
-@pytest.mark.parametrize(
-    ("kind", "folder", "length", "reference_class"),
-    [
-        ("clip", "tokenizer", 77, CLIPTokenizer),
-        ("t5", "tokenizer_2", 256, T5TokenizerFast),
-    ],
-)
-def test_tokens_equal_the_pipeline_tokenizer(folders, kind, folder, length, reference_class):
-    reference = reference_class.from_pretrained(folders / folder)
-    ours = PromptTokenizer(folders / folder, kind, length)
-    for prompt in PROMPTS:
-        expected = reference(
-            prompt, padding="max_length", max_length=length, truncation=True, return_tensors="np"
-        ).input_ids
-        tokenized = ours(prompt)
-        assert np.array_equal(tokenized.ids, expected) and not tokenized.truncated
+REFERENCE_CLASSES = {"clip": CLIPTokenizer, "t5": T5TokenizerFast}
+FOLDERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
+# Other prompts than the ones a pipeline is checked on before it is cached (tokenizers.PROBES).
+EDGE_PROMPTS = [
+    *PROMPTS,
+    "",
+    "UPPER lower MiXeD, and numbers: 3.14159 / 1,000,000!",
+    "multiple     spaces\n\nnew lines\tand tabs ",
+    "émoji 🎨🖌️, àccents ÉÈÊ, Ελληνικά, 한국어",
+    "a sign reading <|endoftext|> then </s> mid-prompt",
+    " ".join(["a red fox in the snow"] * 80),
+]
+
+
+def expected_tokens(reference, prompt: str, length: int) -> tuple[np.ndarray, int]:
+    """What FluxPipeline's tokenizer gives: the padded, truncated ids and the untruncated count."""
+    ids = reference(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="np")
+    return ids.input_ids, len(reference(prompt, truncation=False).input_ids)
+
+
+@pytest.fixture
+def tokenizer_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "flux1" / "tokenizers"
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_tokens_equal_the_pipeline_tokenizer_built_and_cached(folders, kind, tokenizer_cache):
+    reference = REFERENCE_CLASSES[kind].from_pretrained(folders / FOLDERS[kind])
+    built = PromptTokenizer(folders / FOLDERS[kind], kind, 77)  # builds the pipeline and caches it
+    assert len(list(tokenizer_cache.glob(f"{kind}-*.json"))) == 1
+    for length in (77, 256, 512):
+        cached = PromptTokenizer(folders / FOLDERS[kind], kind, length)  # reads it
+        for prompt in EDGE_PROMPTS:
+            ids, count = expected_tokens(reference, prompt, length)
+            for ours in (cached(prompt), built(prompt) if length == 77 else cached(prompt)):
+                assert np.array_equal(ours.ids, ids) and ours.token_count == count
+                assert ours.truncated == (count > length)
+
+
+def test_a_cached_tokenizer_runs_without_transformers(folders, tmp_path):
+    script = (
+        "import sys\n"
+        "from flux1.tokenizers import PromptTokenizer\n"
+        f"clip = PromptTokenizer({str(folders / 'tokenizer')!r}, 'clip', 77)\n"
+        f"t5 = PromptTokenizer({str(folders / 'tokenizer_2')!r}, 't5', 256)\n"
+        "print(clip('a red fox').ids.tolist(), t5('a red fox').ids.tolist(), 'transformers' in sys.modules)\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True) for _ in "ab"
+    ]
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    first, second = (run.stdout.rsplit(" ", 1) for run in runs)
+    assert first[1].strip() == "True" and second[1].strip() == "False"  # built with it, then read
+    assert first[0] == second[0]
+
+
+def test_a_corrupt_tokenizer_cache_is_rebuilt_with_a_warning(folders, tokenizer_cache):
+    PromptTokenizer(folders / "tokenizer_2", "t5", 256)
+    (entry,) = tokenizer_cache.glob("t5-*.json")
+    for damage in ("{not json", json.dumps({"key": "another"}), entry.read_text()[:-500]):
+        entry.write_text(damage)
+        with pytest.warns(
+            UserWarning, match=f"ignoring the tokenizer cache {re.escape(str(entry))} .*; building"
+        ):
+            tokenized = PromptTokenizer(folders / "tokenizer_2", "t5", 256)(PROMPTS[0])
+        reference = T5TokenizerFast.from_pretrained(folders / "tokenizer_2")
+        assert np.array_equal(tokenized.ids, expected_tokens(reference, PROMPTS[0], 256)[0])
+        assert json.loads(entry.read_text())["pad_token"] == "<pad>"  # whole again
+
+
+def test_changed_tokenizer_files_are_tokenized_anew(folders, tmp_path, tokenizer_cache):
+    changed = tmp_path / "tokenizer"
+    shutil.copytree(folders / "tokenizer", changed)
+    before = PromptTokenizer(changed, "clip", 77)(PROMPTS[0]).ids
+    merges = (changed / "merges.txt").read_text().splitlines()
+    (changed / "merges.txt").write_text("\n".join(merges[:10]) + "\n")  # words split into more pieces
+    after = PromptTokenizer(changed, "clip", 77)(PROMPTS[0]).ids
+    assert not np.array_equal(after, before)
+    assert np.array_equal(after, expected_tokens(CLIPTokenizer.from_pretrained(changed), PROMPTS[0], 77)[0])
+    assert len(list(tokenizer_cache.glob("clip-*.json"))) == 2
+
+
+def test_a_pipeline_that_splits_otherwise_is_not_cached(folders, tokenizer_cache, monkeypatch):
+    from flux1 import tokenizers
+
+    wrong = tokenizers._Pipeline.__call__
+    monkeypatch.setattr(tokenizers._Pipeline, "__call__", lambda self, p, n: wrong(self, p + "!", n))
+    with pytest.warns(UserWarning, match="tokenizer of .* is not cached: .* each run imports transformers"):
+        tokenizer = PromptTokenizer(folders / "tokenizer", "clip", 77)
+    assert not tokenizer_cache.exists()
+    reference = CLIPTokenizer.from_pretrained(folders / "tokenizer")
+    assert np.array_equal(tokenizer(PROMPTS[0]).ids, expected_tokens(reference, PROMPTS[0], 77)[0])
+
+
+def test_an_unwritable_cache_warns_and_tokenizes(folders, unwritable_folder, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(unwritable_folder))
+    with pytest.warns(UserWarning, match="could not cache the tokenizer in"):
+        tokenized = PromptTokenizer(folders / "tokenizer", "clip", 77)(PROMPTS[1])
+    reference = CLIPTokenizer.from_pretrained(folders / "tokenizer")
+    assert np.array_equal(tokenized.ids, expected_tokens(reference, PROMPTS[1], 77)[0])
 
 
 def test_long_prompt_is_truncated_and_reported(folders):

@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flux1 import user_cache
+from flux1.metadata import write_json
 from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
 from flux1.nn.cpu_attention import head_attention
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
@@ -96,8 +97,7 @@ def _dtypes(path) -> set[str]:
 
 
 def cache_file() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "flux1" / "cpu_plan.json"
+    return user_cache.folder() / "cpu_plan.json"
 
 
 def cpu_model() -> str:
@@ -263,17 +263,10 @@ def read(file: Path, key: dict) -> Plan | None:
 
 
 def write(file: Path, plan: Plan) -> None:
-    """Written to a temporary file in the same folder and renamed over `file`: a reader sees the old
-    plan or the new one, never half of one."""
+    """Written whole (`metadata.write_json`): a reader sees the old plan or the new one, never half
+    of one."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=".cpu_plan.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump({"key": plan.key, "rates": plan.rates, "measured": plan.measured}, out, indent=1)
-        os.replace(temporary, file)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_json({"key": plan.key, "rates": plan.rates, "measured": plan.measured}, file)
 
 
 def plan() -> Plan:
