@@ -2,11 +2,11 @@
 maximum length, truncated, no attention mask), reporting what truncation cut.
 
 transformers builds them (`CLIPTokenizer` from vocab.json + merges.txt, `T5TokenizerFast` from
-tokenizer.json or spiece.model: the pipeline's own classes), but importing transformers takes 2-3 s of
-every run. What it builds is a `tokenizers` pipeline, so that pipeline is kept as JSON in flux1's
-cache folder (`tokenizers/`, keyed by the SHA-256 of every file of the tokenizer folder and both
-libraries' versions) and later runs read only that. An entry is written only after it tokenized the
-PROBES exactly as transformers did; one that does not parse is rebuilt, with a warning.
+tokenizer.json or spiece.model: the pipeline's own classes), but importing transformers takes about
+2 s of every run. What it builds is a `tokenizers` pipeline, so that pipeline is kept as JSON in
+flux1's cache folder (`tokenizers/`, keyed by the SHA-256 of every file of the tokenizer folder and
+both libraries' versions) and later runs read only that. An entry is written only after it tokenized
+the PROBES exactly as transformers did; one that does not parse is rebuilt, with a warning.
 """
 
 import hashlib
