@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import relative_error
 
 from flux1 import backend, cpu_plan
+from flux1.nn import onednn
 from flux1.nn.cpu_activations import activation_paths
 from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.gemm import available_paths, gemm
@@ -36,6 +37,9 @@ def test_bf16_rounding_is_mlx_round_to_nearest_even():
     x[4:7] = [np.inf, -np.inf, 0.0]
     expected = np.array(mx.array(x).astype(mx.bfloat16).view(mx.uint16))
     assert np.array_equal(as_bf16(x), expected)
+    if onednn.available():  # the probabilities of bf16 attention (nn/cpu_attention.py)
+        rounded = onednn.round_to_bf16((1, x.size))(x.reshape(1, -1), np.empty((1, x.size), np.uint16))
+        assert np.array_equal(rounded[0], expected)
 
 
 @pytest.mark.parametrize("name", PATHS)

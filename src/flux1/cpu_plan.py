@@ -47,7 +47,7 @@ from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
-FORMAT = 4
+FORMAT = 5
 # Rows x in @ in x out of a FLUX step at 512x512 (1024 image + 256 text tokens): attention and
 # modulation 3072 -> 3072, the MLP's 3072 -> 12288 and 12288 -> 3072.
 SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))

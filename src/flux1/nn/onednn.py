@@ -4,7 +4,7 @@ A primitive is made once per shape (cached): oneDNN compiles its kernel for this
 AVX512-BF16, AMX). The convolution also picks the weights' blocked layout that kernel reads; each
 call reorders the kernel into that layout (milliseconds) and runs the convolution straight on the
 NHWC image, with the padding, stride and bias inside the kernel. The elementwise primitives (softmax,
-GELU, scale-shift-SiLU, layer norm) are one pass over memory each, the whole chain of operations
+GELU, scale-shift-SiLU, layer norm, rounding to bf16) are one pass over memory each, the whole chain of operations
 fused into one compiled loop on all cores, where NumPy runs a pass per operation (and, on AVX2, exp
 and tanh unvectorized) and MLX a pass per operation on one core; the plan measures oneDNN against
 NumPy (`nn/cpu_activations.py`). Buffers are NumPy arrays used in place.
@@ -361,6 +361,33 @@ class LayerNorm(_Handles):
         arguments[_SCALE], arguments[_SHIFT] = (self.per_column, scale), (self.per_column, shift)
         _execute(self.primitive, arguments)
         return out
+
+
+class RoundToBf16(_Handles):
+    """out (bf16 bits) = x (fp32) rounded to the nearest bf16, ties to even (the reorder primitive;
+    the same bits as `numpy_cpu.round_to_bf16`); both C-contiguous of `shape`."""
+
+    def __init__(self, shape: tuple):
+        super().__init__()
+        lib, engine, _ = _runtime()
+        self.source, self.target = self._own("md", _dense(shape)), self._own("md", _dense(shape, "bf16"))
+        desc = self._own("pd", _V())
+        _check(
+            lib.dnnl_reorder_primitive_desc_create(
+                ctypes.byref(desc), self.source, engine, self.target, engine, None
+            ),
+            f"choosing a rounding of {shape} to bf16",
+        )
+        self.primitive = self._compiled(desc)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        _execute(self.primitive, {_SRC: (self.source, x), _DST: (self.target, out)})
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def round_to_bf16(shape: tuple) -> RoundToBf16:
+    return RoundToBf16(shape)
 
 
 @functools.lru_cache(maxsize=64)
