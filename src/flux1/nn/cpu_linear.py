@@ -97,8 +97,12 @@ def expanded_weight(layer, dtype: str = "fp32") -> np.ndarray:
         def fp32_rows(first, last, target):
             codes = _codes(packed[first:last], layer.bits, cols).reshape(last - first, groups, -1)
             grouped = target.reshape(last - first, groups, -1)
-            np.multiply(codes, scales[first:last], out=grouped)
-            np.add(grouped, biases[first:last], out=grouped)
+            # Widened first: NumPy's multiply of uint8 by fp32 casts through a buffer, slower than
+            # a plain copy and two fp32 passes (the same values; a 4-bit 12288 x 3072 weight to fp32
+            # in 27.0-27.4 ms against 32.2-33.6 on 2 Intel Xeon cores, to bf16 38.8-40.7 against 39.9-40.9).
+            np.copyto(grouped, codes)
+            grouped *= scales[first:last]
+            grouped += biases[first:last]
 
     def fill(start, stop):
         """A cache-sized block of rows at a time, expanded to fp32 and, for bf16, rounded while
