@@ -5,8 +5,8 @@ on GNU OpenMP's threads), else NumPy, its rows split over the cores (on AVX2, wh
 vectorized, the plan measured a head through oneDNN's products on 2 Zen 1 cores at 26 GFLOP/s with
 NumPy's softmax, 40 with oneDNN's). With a bf16 path for the values, the probabilities (summed in
 fp32) are rounded to bf16 (oneDNN's reorder, or NumPy a block of rows at a time). On 2 Intel Xeon
-cores with AMX a head through MKL's bf16 GEMMs took 5.25 ms with NumPy's softmax and rounding, 2.40
-with oneDNN's."""
+cores with AMX the plan measured a head through MKL's bf16 GEMMs at 138 GFLOP/s with NumPy's softmax
+and rounding, 345 with oneDNN's (`benchmarks/profile_step.py` prints the plan's rates)."""
 
 from functools import partial
 
@@ -82,7 +82,7 @@ def _softmax_gradient_rows(weights, gradient, delta, start: int, stop: int) -> N
 def _softmax(path: GemmPath, scores: np.ndarray, weights: np.ndarray | None) -> None:
     """The rows of scores (C-contiguous) become their softmax, also rounded into weights (bf16 bits)
     if given."""
-    if path.library.startswith("NumPy") or not onednn.available():
+    if path.name.startswith("numpy") or not onednn.available():
         in_parallel(partial(_softmax_rows, scores, weights), len(scores))
         return
     onednn.softmax(scores.shape)(scores, scores)

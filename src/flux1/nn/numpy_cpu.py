@@ -28,10 +28,10 @@ def _serve_large_blocks_from_the_heap() -> None:
     of system time per `wide` step (Zen 4). From the heap, which is reused, fewer; but glibc still
     hands the heap's free top back to the kernel whenever it passes 128 KB, so a large activation
     freed at the top is faulted in again by the next one (a 1280 x 12288 fp32 array: 15,328 faults,
-    31 ms to allocate and fill, 9.7 ms with its pages kept). Up to 1 GiB of freed heap is kept for
-    reuse: on 2 Intel Xeon cores with AMX (`profile_step.py --dtype bfloat16 --repeats 5`) the
-    `wide` step went from 1.197 to 0.935 s, the run's page faults from 924k to 418k, its peak RSS
-    unchanged (1.81 GB)."""
+    which tests/test_cpu_kernels.py counts). Up to 1 GiB of freed heap is kept for reuse: on 2 Intel
+    Xeon cores with AMX (`/usr/bin/time python benchmarks/profile_step.py --dtype bfloat16 --repeats
+    5`) the `wide` step went from 1.197 to 0.935 s, the run's page faults from 924k to 418k, its peak
+    RSS unchanged (1.81 GB)."""
     if sys.platform.startswith("linux"):
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
         if mallopt is not None:
@@ -84,9 +84,8 @@ def round_to_bf16(x: np.ndarray, out: np.ndarray) -> None:
 
 def as_bf16(x: np.ndarray) -> np.ndarray:
     """x (fp32) rounded to bf16 bits (uint16) on all cores; uint16 input is taken as bf16 already.
-    Through oneDNN's reorder where it is installed (one compiled pass: 1280 x 12288 values in 3.2 ms
-    against NumPy's 11 ms on 2 Intel Xeon cores), else NumPy's `round_to_bf16` per core; the same
-    bits either way."""
+    Through oneDNN's reorder where it is installed (one compiled pass on all cores, where NumPy makes
+    five), else NumPy's `round_to_bf16` per core; the same bits either way."""
     if x.dtype == np.uint16:
         return x
     x = np.ascontiguousarray(x, np.float32)
