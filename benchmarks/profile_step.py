@@ -1,7 +1,7 @@
 """Where one denoising step's time goes, and how far it is from the BLAS floor.
 
 Runs the transformer of a fixture (default `wide`, 512x512) once to warm up, then once with every
-linear layer, attention, GELU, RoPE and adaptive norm timed on its own (each evaluated before and
+linear layer (an MLP's first with its GELU), attention, RoPE and adaptive norm timed on its own (each evaluated before and
 after, so the parts are separated; the sum is a little above an unprofiled step, which is also
 timed). The floor is the step's floating-point work (2 * tokens * in * out per linear layer,
 4 * heads * tokens^2 * head_dim per attention) divided by the rate of the GEMM the CPU plan uses at
@@ -46,12 +46,21 @@ seconds: dict[str, float] = defaultdict(float)
 flops: dict[str, float] = defaultdict(float)
 
 
+running: set[str] = set()  # categories being timed: a call nested in its own category counts once
+
+
 def timed(category: str, function, count_flops=None):
     def wrapper(*args, **kwargs):
-        mx.eval([a for a in args if isinstance(a, mx.array)])
+        if category in running:
+            return function(*args, **kwargs)
+        mx.eval([a for a in args if isinstance(a, (mx.array, list))])
         start = time.perf_counter()
-        out = function(*args, **kwargs)
-        mx.eval(out)
+        running.add(category)
+        try:
+            out = function(*args, **kwargs)
+            mx.eval(out)
+        finally:
+            running.discard(category)
         seconds[category] += time.perf_counter() - start
         if count_flops:
             flops[category] += count_flops(*args)
@@ -60,8 +69,9 @@ def timed(category: str, function, count_flops=None):
     return wrapper
 
 
-def linear_flops(layer: Linear, x: mx.array) -> float:
-    return 2.0 * x.size // x.shape[-1] * layer.input_dims * layer.output_dims
+def linear_flops(layer: Linear, x: mx.array | list[mx.array], *_) -> float:
+    first = x[0] if isinstance(x, list) else x  # the parts of a concatenation share its rows
+    return 2.0 * first.size // first.shape[-1] * layer.input_dims * layer.output_dims
 
 
 def attention_flops(q: mx.array, k: mx.array, *_) -> float:
@@ -69,15 +79,16 @@ def attention_flops(q: mx.array, k: mx.array, *_) -> float:
     return 4.0 * batch * heads * length * k.shape[2] * head_dim
 
 
-LINEAR, EXPANSION = "linear layers (matmul + bias)", "  of which weight expansion"
+LINEAR, EXPANSION = "linear layers (+ bias, MLP GELU)", "  of which weight expansion"
 ATTENTION = "attention (q k^T, softmax, @ v)"
 
 
 def instrument() -> None:
-    Linear.__call__ = timed(LINEAR, Linear.__call__, linear_flops)
+    # An MLP's GELU is computed with its first layer (`Linear.gelu_tanh`, `Linear.split_gelu_tanh`).
+    for method in ("__call__", "gelu_tanh", "split_gelu_tanh"):
+        setattr(Linear, method, timed(LINEAR, getattr(Linear, method), linear_flops))
     cpu_linear.expanded_weight = timed(EXPANSION, cpu_linear.expanded_weight)
     flux_blocks.attention = timed(ATTENTION, flux_blocks.attention, attention_flops)
-    flux_blocks.gelu_tanh = timed("GELU", flux_blocks.gelu_tanh)
     flux_blocks.apply_rope = timed("RoPE", flux_blocks.apply_rope)
     flux_blocks.modulate = timed("layer norm + modulation", flux_blocks.modulate)
     flux_blocks.split_heads = timed("q/k RMS norm + head split", flux_blocks.split_heads)

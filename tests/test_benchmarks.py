@@ -114,10 +114,9 @@ def test_profile_step_prints_every_part(tmp_path):
     table = out[out.index("tiny preset (float32 weights, -q 4)") :].splitlines()
     parts = {line[:34].strip() for line in table[3 : table.index("")]}
     assert parts == {
-        "linear layers (matmul + bias)",
+        "linear layers (+ bias, MLP GELU)",
         "of which weight expansion",
         "attention (q k^T, softmax, @ v)",
-        "GELU",
         "layer norm + modulation",
         "q/k RMS norm + RoPE + head split",
         "everything else",

@@ -7,7 +7,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from flux1.nn.activations import gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.layers import Embedding
 from flux1.nn.linear import Linear
@@ -77,7 +76,7 @@ class T5DenseGatedGelu(nn.Module):
         self.wo = Linear(config["d_ff"], config["d_model"], bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.wo(gelu_tanh(self.wi_0(x)) * self.wi_1(x))
+        return self.wo(self.wi_0.gelu_tanh(x) * self.wi_1(x))
 
 
 class T5FeedForwardLayer(nn.Module):

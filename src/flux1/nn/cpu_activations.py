@@ -18,7 +18,7 @@ from functools import cache
 import numpy as np
 
 from flux1.nn import onednn
-from flux1.nn.numpy_cpu import in_parallel
+from flux1.nn.numpy_cpu import CACHED_VALUES, in_parallel
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -45,18 +45,41 @@ def gelu_tanh(path: ActivationPath, x: np.ndarray) -> np.ndarray:
     if path.name == "onednn":
         return onednn.gelu_tanh(x.size)(x, out)
     flat_in, flat_out = x.reshape(-1), out.reshape(-1)
-
-    def gelu(start, stop):
-        x, y = flat_in[start:stop], flat_out[start:stop]
-        np.multiply(x, x, out=y)
-        y *= np.float32(0.044715)
-        y += 1.0
-        y *= x
-        y *= np.float32(SQRT_2_OVER_PI)
-        np.tanh(y, out=y)
-        y += 1.0
-        y *= 0.5
-        y *= x
-
-    in_parallel(gelu, flat_in.size)
+    in_parallel(lambda start, stop: _numpy_gelu_tanh(flat_in[start:stop], flat_out[start:stop]), x.size)
     return out
+
+
+def add_bias_gelu_tanh(path: ActivationPath, y: np.ndarray, bias: np.ndarray | None) -> None:
+    """y [rows, cols] (fp32, C-contiguous) becomes gelu_tanh(y + bias) in place, bias [cols] or None:
+    one pass over a linear layer's output while it is still NumPy's (oneDNN: one primitive; NumPy: a
+    cache-sized block of rows at a time per core)."""
+    rows, cols = y.shape
+    if path.name == "onednn":
+        onednn.bias_gelu_tanh(rows, cols)(y, np.zeros(cols, np.float32) if bias is None else bias)
+        return
+
+    def rows_of(start: int, stop: int) -> None:
+        step = max(1, CACHED_VALUES // cols)
+        before = np.empty((min(step, stop - start), cols), np.float32)
+        for row in range(start, stop, step):
+            block = y[row : min(row + step, stop)]
+            if bias is not None:
+                block += bias
+            x = before[: len(block)]
+            np.copyto(x, block)
+            _numpy_gelu_tanh(x, block)
+
+    in_parallel(rows_of, rows)
+
+
+def _numpy_gelu_tanh(x: np.ndarray, y: np.ndarray) -> None:
+    """y = gelu_tanh(x), a pass per operation (x and y the same shape, not overlapping)."""
+    np.multiply(x, x, out=y)
+    y *= np.float32(0.044715)
+    y += 1.0
+    y *= x
+    y *= np.float32(SQRT_2_OVER_PI)
+    np.tanh(y, out=y)
+    y += 1.0
+    y *= 0.5
+    y *= x

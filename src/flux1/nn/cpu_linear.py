@@ -10,6 +10,7 @@ fp32 GEMMs, bf16 for bf16 GEMMs). Others go into one scratch buffer reused by ev
 compact model holds one layer expanded at a time.
 """
 
+import itertools
 import threading
 from functools import partial
 
@@ -18,7 +19,8 @@ import numpy as np
 
 from flux1 import cpu_plan
 from flux1.gguf.expand import expand_rows
-from flux1.nn.gemm import gemm
+from flux1.nn.cpu_activations import add_bias_gelu_tanh
+from flux1.nn.gemm import gemm, operand
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
 
 _lock = threading.Lock()  # guards the scratch buffer
@@ -122,31 +124,60 @@ def expanded_weight(layer, dtype: str = "fp32") -> np.ndarray:
     return out
 
 
-def linear(x: mx.array, layer) -> mx.array:
+def linear(x: mx.array | list[mx.array], layer, gelu_from: int | None = None) -> list[mx.array]:
     """x @ W^T + bias + the adapters' terms for a `Linear` on the CPU: the product through the plan's
-    GEMM (bf16 GEMMs round x and W to bf16), the output, bias and adapters in fp32."""
-    return _product(x, layer, layer.adapters)
+    GEMM (bf16 GEMMs round x and W to bf16), the output, bias and adapters in fp32.
+
+    x is an array or the parts of one along its last axis: each part is multiplied by its columns of
+    W, summed in the GEMM's output, in place of copying the parts into their concatenation. Returns
+    [y]; with `gelu_from`, [y[..., :gelu_from], gelu_tanh(y[..., gelu_from:])] (for 0 just the
+    GELU'd y), each part of the output a GEMM into its own buffer, its GELU applied in the pass that
+    adds the bias (`cpu_activations.add_bias_gelu_tanh`) instead of in passes and copies of its own."""
+    return _product(x if isinstance(x, list) else [x], layer, layer.adapters, gelu_from)
 
 
 def frozen_product(x: mx.array, layer) -> mx.array:
     """x @ W^T + bias as `linear` computes it, for MLX's autograd: W and the bias are frozen, and the
     gradient for x, dy @ W, goes through the same GEMM. The adapters, which train, are the caller's."""
-    product = mx.custom_function(lambda x: _product(x, layer, ()))
+    product = mx.custom_function(lambda x: _product([x], layer, (), None)[0])
     product.vjp(lambda x, dy, y: _input_gradient(dy, layer).astype(x.dtype))
     return product(x)
 
 
-def _product(x: mx.array, layer, adapters) -> mx.array:
-    inputs = as_numpy(x.astype(mx.float32))
-    flat = inputs.reshape(-1, inputs.shape[-1])
+def _product(parts: list[mx.array], layer, adapters, gelu_from: int | None) -> list[mx.array]:
     path = cpu_plan.active()
+    inputs = [as_numpy(part.astype(mx.float32)) for part in parts]
+    leading = inputs[0].shape[:-1]
+    flats = [part.reshape(-1, part.shape[-1]) for part in inputs]
+    operands = [operand(flat, path) for flat in flats]  # rounded once, not once per output part
+    columns = np.cumsum([0] + [flat.shape[1] for flat in flats])
+    rows = [0, layer.output_dims] if not gelu_from else [0, gelu_from, layer.output_dims]
+    outputs = []
     with _lock:
-        y = gemm(path, flat, expanded_weight(layer, path.dtype).T)
+        weight = expanded_weight(layer, path.dtype)
+        for first, last in itertools.pairwise(rows):
+            y = np.empty((len(flats[0]), last - first), np.float32)
+            for i, (a, start, stop) in enumerate(zip(operands, columns[:-1], columns[1:], strict=True)):
+                gemm(path, a, weight[first:last, start:stop].T, out=y, accumulate=i > 0)
+            outputs.append((y, first, last))
     bias = as_float32(layer.bias) if "bias" in layer else None
-    terms = [_adapter_term(flat, adapter) for adapter in adapters]
-    if bias is not None or terms:
-        in_parallel(partial(_add_to_rows, y, bias, terms), y.shape[0])
-    return mx.array(y.reshape(*x.shape[:-1], y.shape[-1]))
+    if adapters:
+        whole = flats[0] if len(flats) == 1 else np.concatenate(flats, axis=1)
+        terms = [_adapter_term(whole, adapter) for adapter in adapters]
+    results = []
+    for y, first, last in outputs:
+        part_bias = None if bias is None else bias[first:last]
+        part_terms = [term[:, first:last] for term in terms] if adapters else []
+        gelu = gelu_from is not None and last == layer.output_dims
+        if gelu and not part_terms:
+            add_bias_gelu_tanh(cpu_plan.active("activation"), y, part_bias)
+        else:
+            if part_bias is not None or part_terms:
+                in_parallel(partial(_add_to_rows, y, part_bias, part_terms), y.shape[0])
+            if gelu:
+                add_bias_gelu_tanh(cpu_plan.active("activation"), y, None)
+        results.append(mx.array(y.reshape(*leading, y.shape[1])))
+    return results
 
 
 def _input_gradient(dy: mx.array, layer) -> mx.array:

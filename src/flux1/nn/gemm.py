@@ -27,7 +27,7 @@ class GemmPath:
     name: str  # "numpy fp32", "mkl fp32", "onednn fp32", "onednn bf16", "mkl bf16"
     library: str  # with its version, for the plan's description and cache key
     dtype: str  # "fp32" or "bf16": what the inputs are rounded to; the sum is always fp32
-    _call: object = None  # (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc); None: NumPy
+    _call: object = None  # (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc); None: NumPy
 
 
 def cpu_flags() -> set[str]:
@@ -79,9 +79,9 @@ def _cblas(function):
     function.argtypes = [dim] * 6 + [ctypes.c_float, pointer, dim, pointer, dim, ctypes.c_float, pointer, dim]
     function.restype = None
 
-    def call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc):
+    def call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         ta, tb = (_TRANS if t else _NO_TRANS for t in (trans_a, trans_b))
-        function(_ROW_MAJOR, ta, tb, m, n, k, alpha, a, lda, b, ldb, 0.0, c, ldc)
+        function(_ROW_MAJOR, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
     return call
 
@@ -92,9 +92,9 @@ def _dnnl(function):
     function.argtypes += [ctypes.c_float, pointer, dim]
     function.restype = ctypes.c_int
 
-    def call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc):
+    def call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         ta, tb = (b"T" if t else b"N" for t in (trans_a, trans_b))
-        status = function(ta, tb, m, n, k, alpha, a, lda, b, ldb, 0.0, c, ldc)
+        status = function(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
         if status:
             raise RuntimeError(f"oneDNN GEMM {m}x{k} @ {k}x{n} failed with status {status}")
 
@@ -113,19 +113,30 @@ def operand(x: np.ndarray, path: GemmPath) -> np.ndarray:
     return x
 
 
-def gemm(path: GemmPath, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, alpha: float = 1.0):
-    """out [M, N] (fp32, rows contiguous) = alpha * a [M, K] @ b [K, N]."""
+def gemm(
+    path: GemmPath,
+    a: np.ndarray,
+    b: np.ndarray,
+    out: np.ndarray | None = None,
+    alpha: float = 1.0,
+    accumulate: bool = False,
+):
+    """out [M, N] (fp32, rows contiguous) = alpha * a [M, K] @ b [K, N], added to out if `accumulate`."""
     a, b = operand(a, path), operand(b, path)
     (m, k), n = a.shape, b.shape[1]
     if out is None:
         out = np.empty((m, n), np.float32)
     if path._call is None:
         # NumPy: alpha scales a first, as the fp32 kernels always did (bit for bit the same products).
-        return np.matmul(a if alpha == 1.0 else a * np.float32(alpha), b, out=out)
+        product = np.matmul(a if alpha == 1.0 else a * np.float32(alpha), b, out=None if accumulate else out)
+        if accumulate:
+            out += product
+        return out
     if min(m, n) == 0:
         return out
     if k == 0:
-        out[...] = 0.0
+        if not accumulate:
+            out[...] = 0.0
         return out
     a, trans_a, lda = _layout(a)
     b, trans_b, ldb = _layout(b)
@@ -142,6 +153,7 @@ def gemm(path: GemmPath, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = 
         lda,
         b.ctypes.data,
         ldb,
+        1.0 if accumulate else 0.0,
         out.ctypes.data,
         out.strides[0] // 4,
     )

@@ -10,6 +10,7 @@ from flux1.gguf import affine as gguf_affine
 from flux1.gguf.blocks import block_size
 from flux1.gguf.expand import expanded
 from flux1.nn import cpu_linear
+from flux1.nn.activations import gelu_tanh
 from flux1.nn.numpy_cpu import as_numpy
 
 
@@ -225,14 +226,34 @@ class Linear(nn.Module):
             for a in self.adapters
         ]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array | list[mx.array]) -> mx.array:
+        """x W^T + b (+ the adapters), for x an array or the parts of one along its last axis (FLUX's
+        single block multiplies [attention, MLP]: the CPU kernels do not concatenate them)."""
         if backend.numpy_kernels():
-            return cpu_linear.linear(x, self)  # with the bias and the adapters
+            return cpu_linear.linear(x, self)[0]  # with the bias and the adapters
+        if isinstance(x, list):
+            x = mx.concatenate(x, axis=-1)
         on_cpu = backend.cpu_kernels_in_training()  # training: the CPU kernels' GEMM, with the bias
         y = cpu_linear.frozen_product(x, self) if on_cpu else self._mlx_product(x)
         for adapter in self.adapters:
             y = y + adapter(x)
         return y
+
+    def gelu_tanh(self, x: mx.array) -> mx.array:
+        """gelu_tanh(self(x)): an MLP's first layer and its activation, one pass over the output on
+        the CPU kernels (`cpu_linear.linear`)."""
+        if backend.numpy_kernels():
+            return cpu_linear.linear(x, self, gelu_from=0)[0]
+        return gelu_tanh(self(x))
+
+    def split_gelu_tanh(self, x: mx.array, at: int) -> tuple[mx.array, mx.array]:
+        """(y[..., :at], gelu_tanh(y[..., at:])) of y = self(x): FLUX's single block, whose one
+        projection feeds attention and, activated, the MLP."""
+        if backend.numpy_kernels():
+            head, tail = cpu_linear.linear(x, self, gelu_from=at)
+            return head, tail
+        head, tail = mx.split(self(x), [at], axis=-1)
+        return head, gelu_tanh(tail)
 
     def _mlx_product(self, x: mx.array) -> mx.array:
         """x W^T + b on MLX's kernels."""

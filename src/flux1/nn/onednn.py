@@ -4,7 +4,7 @@ A primitive is made once per shape (cached): oneDNN compiles its kernel for this
 AVX512-BF16, AMX). The convolution also picks the weights' blocked layout that kernel reads; each
 call reorders the kernel into that layout (milliseconds) and runs the convolution straight on the
 NHWC image, with the padding, stride and bias inside the kernel. The elementwise primitives (softmax,
-GELU, scale-shift-SiLU, layer norm, rounding to bf16) are one pass over memory each, the whole chain
+GELU, bias + GELU, scale-shift-SiLU, layer norm, rounding to bf16) are one pass over memory each, the whole chain
 of operations fused into one compiled loop on all cores, where NumPy runs a pass per operation (and,
 on AVX2, exp and tanh unvectorized) and MLX a pass per operation on one core; the plan measures
 oneDNN against NumPy (`nn/cpu_activations.py`). Buffers are NumPy arrays used in place.
@@ -26,7 +26,7 @@ _QUERY_IMPLEMENTATION, _QUERY_WEIGHTS = 8, 131  # dnnl_query_impl_info_str, dnnl
 _SRC, _SRC_1, _DST, _WEIGHTS, _BIAS, _SCALE, _SHIFT = 1, 2, 17, 33, 41, 51, 52  # DNNL_ARG_*
 _POST_OP_BASE = 32768  # DNNL_ARG_ATTR_MULTIPLE_POST_OP_BASE
 # dnnl_alg_kind_t
-_LINEAR, _LOGISTIC, _SWISH, _SOFTMAX = 0x26, 0x29, 0x2C, 0x30000
+_LINEAR, _LOGISTIC, _GELU_TANH, _SWISH, _SOFTMAX = 0x26, 0x29, 0x2B, 0x2C, 0x30000
 _ADD, _MUL = 0x1FFF0, 0x1FFF1
 _USE_SCALE, _USE_SHIFT = 0x2, 0x4  # dnnl_normalization_flags_t
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -230,10 +230,10 @@ def convolution(x_shape: tuple, kernel_shape: tuple, stride: int, padding: int, 
 
 
 class _Fused(_Handles):
-    """The binary primitive x * y (y broadcast to x's shape where its sizes are 1) with a chain of
-    post-ops fused in; `self.primitive` once built."""
+    """The binary primitive x * y (or x + y; y broadcast to x's shape where its sizes are 1) with a
+    chain of post-ops fused in; `self.primitive` once built."""
 
-    def _build(self, x: _V, y: _V, post_ops: list[tuple], what: str) -> None:
+    def _build(self, x: _V, y: _V, post_ops: list[tuple], what: str, algorithm: int = _MUL) -> None:
         """post_ops: ("eltwise", algorithm, alpha, beta) or ("binary", algorithm), each binary one
         taking an operand described by y."""
         lib, engine, _ = _runtime()
@@ -251,7 +251,7 @@ class _Fused(_Handles):
         _check(lib.dnnl_primitive_attr_set_post_ops(attributes, chain), "setting post-ops")
         desc = self._own("pd", _V())
         _check(
-            lib.dnnl_binary_primitive_desc_create(ctypes.byref(desc), engine, _MUL, x, y, x, attributes),
+            lib.dnnl_binary_primitive_desc_create(ctypes.byref(desc), engine, algorithm, x, y, x, attributes),
             f"choosing {what}",
         )
         self.primitive = self._compiled(desc)
@@ -308,6 +308,26 @@ class GeluTanh(_Fused):
         arguments[_post_op(1)] = arguments[_post_op(3)] = (self.values, x)
         _execute(self.primitive, arguments)
         return out
+
+
+class BiasGeluTanh(_Fused):
+    """y = gelu_tanh(y + bias) in place over y [rows, cols] (fp32, C-contiguous), bias [cols]: the
+    binary primitive y + bias with oneDNN's GELU as its post-op, where a linear layer's output is
+    written (one pass over it instead of the bias pass, the GELU's pass and the GELU's copy)."""
+
+    def __init__(self, rows: int, cols: int):
+        super().__init__()
+        self.values, self.per_column = (
+            self._own("md", _dense((rows, cols))),
+            self._own("md", _dense((1, cols))),
+        )
+        post_ops = [("eltwise", _GELU_TANH, 0.0, 0.0)]
+        self._build(self.values, self.per_column, post_ops, f"a bias + GELU over {rows} x {cols}", _ADD)
+
+    def __call__(self, y: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        arguments = {_SRC: (self.values, y), _SRC_1: (self.per_column, bias), _DST: (self.values, y)}
+        _execute(self.primitive, arguments)
+        return y
 
 
 class ScaleShiftSilu(_Fused):
@@ -398,6 +418,11 @@ def softmax(shape: tuple) -> Softmax:
 @functools.lru_cache(maxsize=64)
 def gelu_tanh(size: int) -> GeluTanh:
     return GeluTanh(size)
+
+
+@functools.lru_cache(maxsize=64)
+def bias_gelu_tanh(rows: int, cols: int) -> BiasGeluTanh:
+    return BiasGeluTanh(rows, cols)
 
 
 @functools.lru_cache(maxsize=64)
