@@ -286,6 +286,66 @@ def test_cpu_linear_through_each_gemm_path(path, stored):
         assert relative_error(got, np.array(x, np.float64) @ weight.T + bias) < 1e-6
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("stored", ["float32", "q4"])
+def test_cpu_linear_of_parts_equals_the_linear_of_their_concatenation(path, stored):
+    """FLUX's single block hands its last layer [attention, MLP] as parts: each part's GEMM adds
+    into the output (beta = 1 after the first), the same bounds as one product."""
+    layer = _odd_layer(stored)
+    x = mx.random.normal((3, 7, 192), key=mx.random.key(5))
+    weight, bias = np.array(layer.dense_weight(mx.float32), np.float64), np.array(layer.bias, np.float64)
+    with cpu_plan.use(path):
+        got = layer([x[..., :100], x[..., 100:]])
+    assert got.shape == (3, 7, 45)
+    if path.endswith("bf16"):
+        assert relative_error(got, bf16_rounded(x) @ bf16_rounded(weight).T + bias) < 1e-6
+    else:
+        assert relative_error(got, np.array(x, np.float64) @ weight.T + bias) < 1e-6
+
+
+def _gelu64(y: np.ndarray) -> np.ndarray:
+    return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y**3)))
+
+
+@pytest.mark.parametrize("activation", list(activation_paths()))
+@pytest.mark.parametrize("stored", ["float32", "q4"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_linear_with_its_gelu_in_the_output_pass(activation, stored, with_bias):
+    """`Linear.gelu_tanh` (an MLP's first layer) and `split_gelu_tanh` (the single block's projection:
+    its first columns as they are, the rest through the GELU) against the float64 formula on the
+    layer's float64 product: 1e-5 (the fp32 GEMM's summation order, then a few fp32 roundings)."""
+    layer = _odd_layer(stored)
+    if not with_bias:
+        del layer["bias"]
+    x = mx.random.normal((3, 7, 192), key=mx.random.key(5))
+    y = np.array(x, np.float64) @ np.array(layer.dense_weight(mx.float32), np.float64).T
+    if with_bias:
+        y = y + np.array(layer.bias, np.float64)
+    with cpu_plan.use(activation):  # its fp32 GEMM with it
+        whole = layer.gelu_tanh(x)
+        head, tail = layer.split_gelu_tanh(x, 20)
+    assert (whole.shape, head.shape, tail.shape) == ((3, 7, 45), (3, 7, 20), (3, 7, 25))
+    assert relative_error(whole, _gelu64(y)) < 1e-5
+    assert relative_error(head, y[..., :20]) < 1e-5
+    assert relative_error(tail, _gelu64(y[..., 20:])) < 1e-5
+
+
+@pytest.mark.parametrize("activation", list(activation_paths()))
+def test_cpu_linear_adds_its_adapter_before_the_gelu(activation):
+    """With an adapter, the fused layer equals the unfused one: the GELU of the whole output, the
+    adapter's term included (1e-6: the same GEMM, the GELU's fp32 roundings)."""
+    layer = _odd_layer("float32")
+    down = mx.random.normal((4, 192), key=mx.random.key(11))
+    up = mx.random.normal((45, 4), key=mx.random.key(12))
+    layer.add_adapter(LowRankAdapter(down, up, 0.5))
+    x = mx.random.normal((3, 7, 192), key=mx.random.key(5))
+    with cpu_plan.use(activation):
+        expected = gelu_tanh(layer(x))
+        head, tail = layer.split_gelu_tanh(x, 20)
+        assert relative_error(layer.gelu_tanh(x), expected) < 1e-6
+    assert relative_error(mx.concatenate([gelu_tanh(head), tail], axis=-1), expected) < 1e-6
+
+
 def test_numpy_fp32_linear_is_the_old_computation_bit_for_bit():
     layer = Linear(160, 72)
     layer.weight = mx.random.normal((72, 160), key=mx.random.key(6)).astype(mx.bfloat16)
