@@ -161,13 +161,14 @@ def _product(parts: list[mx.array], layer, adapters, gelu_from: int | None) -> l
                 gemm(path, a, weight[first:last, start:stop].T, out=y, accumulate=i > 0)
             outputs.append((y, first, last))
     bias = as_float32(layer.bias) if "bias" in layer else None
+    terms = []
     if adapters:
         whole = flats[0] if len(flats) == 1 else np.concatenate(flats, axis=1)
         terms = [_adapter_term(whole, adapter) for adapter in adapters]
     results = []
     for y, first, last in outputs:
         part_bias = None if bias is None else bias[first:last]
-        part_terms = [term[:, first:last] for term in terms] if adapters else []
+        part_terms = [term[:, first:last] for term in terms]
         gelu = gelu_from is not None and last == layer.output_dims
         if gelu and not part_terms:
             add_bias_gelu_tanh(cpu_plan.active("activation"), y, part_bias)
