@@ -157,7 +157,7 @@ def _product(parts: list[mx.array], layer, adapters, gelu_from: int | None) -> l
         weight = expanded_weight(layer, path.dtype)
         for first, last in itertools.pairwise(rows):
             y = np.empty((len(flats[0]), last - first), np.float32)
-            for i, (a, start, stop) in enumerate(zip(operands, columns[:-1], columns[1:], strict=True)):
+            for i, (a, (start, stop)) in enumerate(zip(operands, itertools.pairwise(columns), strict=True)):
                 gemm(path, a, weight[first:last, start:stop].T, out=y, accumulate=i > 0)
             outputs.append((y, first, last))
     bias = as_float32(layer.bias) if "bias" in layer else None

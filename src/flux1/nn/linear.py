@@ -250,8 +250,7 @@ class Linear(nn.Module):
         """(y[..., :at], gelu_tanh(y[..., at:])) of y = self(x): FLUX's single block, whose one
         projection feeds attention and, activated, the MLP."""
         if backend.numpy_kernels():
-            head, tail = cpu_linear.linear(x, self, gelu_from=at)
-            return head, tail
+            return tuple(cpu_linear.linear(x, self, gelu_from=at))
         head, tail = mx.split(self(x), [at], axis=-1)
         return head, gelu_tanh(tail)
 
