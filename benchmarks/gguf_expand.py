@@ -1,5 +1,6 @@
-"""What a CPU step pays to keep GGUF layers as their blocks: time to expand one 3072 x 21504 weight (the
-largest of FLUX.1) to fp32 on all cores, GGUF blocks against MLX affine weights of saved folders.
+"""What a CPU step pays to keep layers quantized: time to expand one 3072 x 21504 weight (the largest of
+FLUX.1) on all cores, GGUF blocks against MLX affine weights of saved folders, by each expansion path
+of the CPU plan (NumPy or oneDNN, to fp32 or to bf16 for the GEMMs of that dtype).
 
     python benchmarks/gguf_expand.py [--types Q4_K Q8_0 Q6_K Q5_K Q3_K] [--repeats 7]
 """
@@ -19,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from flux1.fixtures.gguf import K_QUANTS, random_k_blocks
-from flux1.nn.cpu_linear import expanded_weight
+from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths
 from flux1.nn.linear import Linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,12 +29,12 @@ from gguf_load import cpu_model  # noqa: E402
 ROWS, COLS = 3072, 21504
 
 
-def seconds(layer: Linear, repeats: int) -> float:
-    expanded_weight(layer)  # the scratch buffer allocated and paged in once
+def seconds(layer: Linear, path: ExpansionPath, repeats: int) -> float:
+    expanded_weight(layer, path.dtype, path.kernel)  # the scratch buffer allocated and paged in once
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        expanded_weight(layer)
+        expanded_weight(layer, path.dtype, path.kernel)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -63,11 +64,13 @@ def main() -> None:
         layer = Linear(COLS, ROWS, bias=False)
         layer.set_gguf(mx.array(raw), qtype)
         layers[f"GGUF {name} blocks"] = layer
-    print(f"\nexpand a {ROWS} x {COLS} weight to fp32, median of {args.repeats}; CPU: {cpu_model()}")
-    print(f"{'weight':<32}{'bits/weight':>12}{'ms':>8}")
+    paths = expansion_paths()
+    print(f"\nexpand a {ROWS} x {COLS} weight, ms (median of {args.repeats}); CPU: {cpu_model()}")
+    print(f"{'weight':<32}{'bits/weight':>12}" + "".join(f"{name:>16}" for name in paths))
     for name, layer in layers.items():
         held = sum(a.nbytes for a in (layer.weight, *(layer[p] for p in ("scales", "biases") if p in layer)))
-        print(f"{name:<32}{held * 8 / (ROWS * COLS):>12.2f}{seconds(layer, args.repeats) * 1e3:>8.0f}")
+        times = "".join(f"{seconds(layer, path, args.repeats) * 1e3:>16.0f}" for path in paths.values())
+        print(f"{name:<32}{held * 8 / (ROWS * COLS):>12.2f}{times}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def main() -> None:
 
     plan = cpu_plan.plan()
     for kind in cpu_plan.KINDS:
-        unit, digits = ("G values/s", 2) if kind == "activation" else ("GFLOP/s", 0)
+        unit, digits = ("G values/s", 2) if kind in ("activation", "expansion") else ("GFLOP/s", 0)
         rates = ", ".join(f"{name} {rate:.{digits}f}" for name, rate in plan.rates[kind].items())
         print(f"plan, {kind} ({unit}, measured {plan.measured}): {rates}")
     weights = f"{args.dtype} weights" + (f", -q {args.quantize}" if args.quantize else "")

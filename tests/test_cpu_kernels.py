@@ -10,12 +10,15 @@ reference: 2^-8 of that probability); against fp32: 8e-3 (two roundings of 2^-9 
 import subprocess
 import sys
 
+import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
 from tests.conftest import relative_error
+from tests.test_gguf import random_blocks
 
 from flux1 import backend, cpu_plan
+from flux1.gguf.blocks import LAYOUTS, block_size, decode
 from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention
 from flux1.nn import onednn
@@ -24,7 +27,7 @@ from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
 from flux1.nn.cpu_activations import activation_paths
 from flux1.nn.cpu_convolution import convolution_paths
-from flux1.nn.cpu_linear import expanded_weight
+from flux1.nn.cpu_expansion import expanded_weight, expansion_paths
 from flux1.nn.gemm import available_paths
 from flux1.nn.group_norm import group_norm
 from flux1.nn.layer_norm import layer_norm
@@ -246,16 +249,93 @@ def test_layer_norm_keeps_mlx_where_onednn_has_only_reference_code(monkeypatch):
         assert np.array_equal(np.array(layer_norm(x, 1e-6, scale, shift)), np.array(expected))
 
 
+EXPANSION_KERNELS = sorted({path.kernel for path in expansion_paths().values()})
+
+
+def _expansions(layer, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's weight expanded by `kernel` to fp32 and to bf16 (as float32), copies."""
+    fp32 = expanded_weight(layer, "fp32", kernel).copy()
+    return fp32, bf16_widened(expanded_weight(layer, "bf16", kernel))
+
+
+def bf16_widened(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("kernel", EXPANSION_KERNELS)
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
-def test_cpu_linear_expands_quantized_weights_exactly(bits):
-    """fp32 scales: the NumPy expansion computes exactly MLX's `scale * code + bias`, and for bf16
-    GEMMs rounds that to the nearest bf16 as MLX's cast does."""
+def test_quantized_weights_with_bf16_scales_expand_exactly(bits, kernel):
+    """A model quantized from bf16 weights (bf16 scales and biases): both kernels compute exactly
+    `scale * code + bias` in fp32 (as MLX's dequantization of fp32 scales and biases does), and for
+    bf16 GEMMs that rounded to the nearest bf16 (oneDNN: (2^bits + code) * scale is exact in fp32)."""
+    layer = Linear(256, 96)
+    layer.weight = mx.random.normal((96, 256), key=mx.random.key(bits)).astype(mx.bfloat16)
+    layer.quantize(bits, 64)
+    scales, biases = (a.astype(mx.float32) for a in (layer.scales, layer.biases))
+    dense = np.array(mx.dequantize(layer.weight, scales, biases, 64, bits))
+    fp32, bf16 = _expansions(layer, kernel)
+    assert np.array_equal(fp32, dense)
+    assert np.array_equal(bf16, bf16_widened(as_bf16(dense)))
+
+
+def assert_within_the_affine_bound(got, expected, scales, offsets, bits: int) -> None:
+    """|got - expected| <= 2^-22 (|offset| + 2^(bits+1) |scale|) per value of each group: oneDNN's
+    three fp32 roundings ((2^bits + code) * scale, offset - 2^bits * scale, their sum) against one."""
+    groups = scales.shape[-1]
+    bound = 2.0**-22 * (np.abs(offsets) + 2.0 ** (bits + 1) * np.abs(scales))
+    error = np.abs(got.astype(np.float64) - expected).reshape(*bound.shape, -1)
+    assert np.all(error <= bound[..., None]) and got.shape[-1] % groups == 0
+
+
+@pytest.mark.parametrize("kernel", EXPANSION_KERNELS)
+@pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
+def test_quantized_weights_with_fp32_scales_expand_within_fp32_rounding(bits, kernel):
+    """fp32 scales: NumPy computes exactly MLX's `scale * code + bias`; oneDNN's product may round
+    (within the affine bound). bf16 is the fp32 expansion rounded to the nearest bf16 either way."""
     layer = Linear(256, 96)
     layer.weight = mx.random.normal((96, 256), key=mx.random.key(bits))
     layer.quantize(bits, 64)
-    dense = layer.dense_weight(mx.float32)
-    assert np.array_equal(expanded_weight(layer), np.array(dense))
-    assert np.array_equal(expanded_weight(layer, "bf16"), np.array(dense.astype(mx.bfloat16).view(mx.uint16)))
+    dense = np.array(layer.dense_weight(mx.float32))
+    fp32, bf16 = _expansions(layer, kernel)
+    assert np.array_equal(bf16, bf16_widened(as_bf16(fp32)))
+    if kernel == "numpy" or bits == 8:
+        assert np.array_equal(fp32, dense)
+    else:
+        scales, biases = np.array(layer.scales), np.array(layer.biases)
+        assert_within_the_affine_bound(fp32, dense, scales, biases, bits)
+
+
+@pytest.mark.parametrize("kernel", EXPANSION_KERNELS)
+@pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
+def test_gguf_blocks_expand_to_gguf_values(qtype, kernel):
+    """Every GGUF type through both kernels against gguf-py's values (random blocks, f16 scales from
+    zero and subnormal to 1e2): NumPy exactly, oneDNN within the affine bound; bf16 is the fp32
+    expansion rounded to the nearest bf16."""
+    rows = random_blocks(qtype, 1200).reshape(24, -1)  # 50 blocks a row
+    cols = 50 * block_size(qtype)[0]
+    layer = Linear(cols, 24, bias=False)
+    layer.set_gguf(mx.array(rows), qtype)
+    expected = gguf.quants.dequantize(rows, qtype)
+    fp32, bf16 = _expansions(layer, kernel)
+    assert np.array_equal(bf16, bf16_widened(as_bf16(fp32)))
+    if kernel == "numpy" or LAYOUTS[qtype].bits == 8:
+        assert np.array_equal(fp32, expected)
+    else:
+        _, scales, offsets = decode(rows.reshape(-1, block_size(qtype)[1]), qtype)
+        shape = (24, cols // LAYOUTS[qtype].group)
+        assert_within_the_affine_bound(
+            fp32, expected, scales.reshape(shape), offsets.reshape(shape), LAYOUTS[qtype].bits
+        )
+
+
+@pytest.mark.skipif("onednn" not in EXPANSION_KERNELS, reason="oneDNN is not installed")
+def test_expansion_keeps_numpy_where_onednn_has_only_reference_code(monkeypatch):
+    layer = Linear(256, 96)
+    layer.weight = mx.random.normal((96, 256), key=mx.random.key(4))
+    layer.quantize(4, 64)
+    expected = _expansions(layer, "numpy")
+    monkeypatch.setattr(onednn, "group_affine", lambda groups, size, dtype: ReferenceCode())
+    assert all(np.array_equal(a, b) for a, b in zip(_expansions(layer, "onednn"), expected, strict=True))
 
 
 def _odd_layer(stored: str) -> Linear:

@@ -18,6 +18,7 @@ from flux1 import backend, cpu_plan
 from flux1.nn import onednn
 from flux1.nn.cpu_activations import activation_paths
 from flux1.nn.cpu_convolution import convolution_paths
+from flux1.nn.cpu_expansion import expansion_paths
 from flux1.nn.gemm import available_paths, gemm
 from flux1.nn.numpy_cpu import as_bf16, as_float32
 
@@ -73,6 +74,7 @@ def fresh_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_plan, "_plan", [])
     monkeypatch.setattr(cpu_plan, "SHAPES", ((96, 160, 128), (64, 96, 80)))
     monkeypatch.setattr(cpu_plan, "CONVOLUTION", (12, 16, 3))
+    monkeypatch.setattr(cpu_plan, "EXPANSION", (48, 128))
     return tmp_path / "flux1" / "cpu_plan.json"
 
 
@@ -157,18 +159,24 @@ def test_plan_file_is_replaced_whole_or_not_at_all(fresh_plan, monkeypatch):
 def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     """A plan for this machine with the given linear rates, as if it had measured them; the other
     kinds' rates follow unless `others` gives them (oneDNN's convolution: half the slowest; a pair of
-    attention paths: its slower one's; activations: oneDNN twice NumPy)."""
+    attention paths: its slower one's; activations and expansions: oneDNN twice NumPy)."""
     others = others or {}
     convolution = {name: rates.get(name, min(rates.values()) / 2) for name in CONVOLUTION_PATHS}
     pairs = {name: min(rates[s.name], rates[v.name]) for name, (s, v) in cpu_plan.attention_pairs().items()}
     activation = {name: 1.0 + (name == "onednn") for name in activation_paths()}
-    defaults = {"attention": pairs, "convolution": convolution, "activation": activation}
+    expansion = {name: 1.0 + (path.kernel == "onednn") for name, path in expansion_paths().items()}
+    defaults = {
+        "attention": pairs,
+        "convolution": convolution,
+        "activation": activation,
+        "expansion": expansion,
+    }
     all_rates = {"linear": rates} | {kind: others.get(kind, defaults[kind]) for kind in cpu_plan.KINDS[1:]}
     cpu_plan.write(file, cpu_plan.Plan(cpu_plan.machine_key(), all_rates, "then", 0.0))
     cpu_plan._plan.clear()
 
 
-@pytest.mark.parametrize("kind", ["attention", "convolution", "activation"])
+@pytest.mark.parametrize("kind", ["attention", "convolution", "activation", "expansion"])
 def test_a_plan_without_a_kind_of_product_is_measured_again(fresh_plan, kind):
     cpu_plan.plan()
     data = json.loads(fresh_plan.read_text())
@@ -320,3 +328,29 @@ def test_activations_take_the_path_measured_fastest_at_every_precision(fresh_pla
             assert mentioned == (cpu_plan.active("activation").library != cpu_plan.active().library)
     with cpu_plan.use("numpy"):  # an activation path by name: fp32 GEMMs elsewhere
         assert cpu_plan.active("activation").name == "numpy" and cpu_plan.active().dtype == "fp32"
+
+
+@pytest.mark.skipif("onednn" not in activation_paths(), reason="oneDNN is not installed")
+@pytest.mark.parametrize("onednn_to_bf16, onednn_to_fp32", [(2.0, 0.5), (0.5, 2.0)])
+def test_quantized_weights_expand_to_the_gemms_dtype_by_the_kernel_measured_fastest_at_it(
+    fresh_plan, onednn_to_bf16, onednn_to_fp32
+):
+    """The kernel is chosen per target dtype (oneDNN won to bf16 and lost to fp32 on the Intel Xeon
+    with AMX), the dtype by the GEMM in use."""
+    rates = {name: 100.0 + i for i, name in enumerate(PATHS)}
+    speedups = {"bf16": onednn_to_bf16, "fp32": onednn_to_fp32}
+    expansion = {
+        name: speedups[path.dtype] if path.kernel == "onednn" else 1.0
+        for name, path in expansion_paths().items()
+    }
+    cached_rates(fresh_plan, rates, {"expansion": expansion})
+    for precision in ("fp32", *(["bf16"] if BF16_PATHS else [])):
+        with cpu_plan.use(precision):
+            picked = cpu_plan.expansion()
+            assert picked.dtype == cpu_plan.active().dtype == precision
+            assert picked.kernel == ("onednn" if speedups[precision] > 1 else "numpy")
+            mentioned = f"; quantized weights expanded through {picked.library}" in cpu_plan.describe()
+            assert mentioned == (picked.library != cpu_plan.active().library)
+    for kernel in ("numpy", "onednn"):  # by name: fp32 GEMMs, the named kernel
+        with cpu_plan.use(kernel):
+            assert cpu_plan.expansion() == expansion_paths()[f"{kernel} to fp32"]

@@ -14,8 +14,9 @@ paths of one library (each product in either dtype). One library: where the two 
 libraries each was fastest through alone (oneDNN, then OpenBLAS), switching between their thread
 pools made a head 30% slower than OpenBLAS for both on 2 Zen 1 cores. So are the VAE's
 convolutions, whose candidates are oneDNN's convolution primitive and unfolded windows through each
-GEMM (`nn/cpu_convolution.py`), and the activations (GELU), computed by NumPy or by oneDNN
-(`nn/cpu_activations.py`).
+GEMM (`nn/cpu_convolution.py`), the activations (GELU), computed by NumPy or by oneDNN
+(`nn/cpu_activations.py`), and the expansion of quantized weights to each GEMM dtype, by NumPy or by
+oneDNN (`nn/cpu_expansion.py`).
 
 The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
 (inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here, for
@@ -43,11 +44,12 @@ from flux1.metadata import write_json
 from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
 from flux1.nn.cpu_attention import head_attention
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
+from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
-FORMAT = 5
+FORMAT = 6
 # Rows x in @ in x out of a FLUX step at 512x512 (1024 image + 256 text tokens): attention and
 # modulation 3072 -> 3072, the MLP's 3072 -> 12288 and 12288 -> 3072.
 SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
@@ -57,7 +59,9 @@ HEAD = (1280, 128)
 CONVOLUTION = (48, 256, 3)
 # GELU over the input of a FLUX MLP's second layer for 256 tokens.
 ACTIVATION = (256, 12288)
-KINDS = ("linear", "attention", "convolution", "activation")
+# A 4-bit weight (group 64) of attention's size, expanded for the GEMM.
+EXPANSION = (3072, 3072)
+KINDS = ("linear", "attention", "convolution", "activation", "expansion")
 MEASURE_SECONDS = 6.0  # spread over the paths; a busy machine measures fewer shapes, never longer
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
 
@@ -69,7 +73,8 @@ _plan: list = []  # [Plan] once measured or read
 @dataclass
 class Plan:
     key: dict
-    rates: dict[str, dict[str, float]]  # kind (one of KINDS) -> path name -> GFLOP/s (activation: G values/s)
+    rates: dict[str, dict[str, float]]  # kind (one of KINDS) -> path name -> GFLOP/s (activation,
+    # expansion: G values/s)
     measured: str  # when
     seconds: float  # what measuring took (0 when read from the cache)
 
@@ -85,6 +90,8 @@ def candidates(kind: str) -> dict:
         return attention_pairs()
     if kind == "activation":
         return activation_paths()
+    if kind == "expansion":
+        return expansion_paths()
     return convolution_paths() if kind == "convolution" else available_paths()
 
 
@@ -213,6 +220,24 @@ def measure_activation(paths: dict[str, ActivationPath], repeats: int = 3) -> di
     }
 
 
+def measure_expansion(paths: dict[str, ExpansionPath], repeats: int = 3) -> dict[str, float]:
+    """G values/s of each path expanding a 4-bit weight of EXPANSION's shape, best of `repeats` after
+    a first call."""
+    import mlx.core as mx
+
+    from flux1.nn.linear import Linear  # here: it imports the CPU kernels, which import the plan
+
+    rows, cols = EXPANSION
+    layer = Linear(cols, rows, bias=False)
+    layer.weight = mx.random.normal((rows, cols), key=mx.random.key(0)).astype(mx.bfloat16)
+    layer.quantize(4, 64)
+    rates = {}
+    for name, path in paths.items():
+        seconds = _best_seconds(lambda path=path: expanded_weight(layer, path.dtype, path.kernel), repeats)
+        rates[name] = float(f"{rows * cols / seconds / 1e9:.4g}")
+    return rates
+
+
 def _best_seconds(call, repeats: int) -> float:
     """The fastest of `repeats` calls, after a first one (the libraries' start-up for the shapes)."""
     best = math.inf
@@ -275,6 +300,7 @@ def plan() -> Plan:
         paths = available_paths()
         key, file = machine_key(), cache_file()
         if len(paths) == len(convolution_paths()) == len(activation_paths()) == 1:  # nothing to choose
+            # (and one expansion kernel: oneDNN is not installed)
             found = Plan(key, {kind: {name: 1.0 for name in candidates(kind)} for kind in KINDS}, "-", 0.0)
         else:
             found = read(file, key)
@@ -283,6 +309,7 @@ def plan() -> Plan:
             rates = {"linear": measure(paths), "attention": measure_attention(attention_pairs())}
             rates["convolution"] = measure_convolution(convolution_paths())
             rates["activation"] = measure_activation(activation_paths())
+            rates["expansion"] = measure_expansion(expansion_paths())
             measured = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             found = Plan(key, rates, measured, time.perf_counter() - start)
             try:
@@ -320,7 +347,8 @@ def _check(choice: str, allowed: tuple) -> None:
 
 
 def active(kind: str = "linear") -> GemmPath | ConvolutionPath:
-    """The path the CPU kernels use now for `kind` of product (one of KINDS)."""
+    """The path the CPU kernels use now for `kind` of product (one of KINDS but expansion:
+    `expansion()`)."""
     choice = _override or _precision
     paths = candidates(kind)
     if kind == "attention" and choice in available_paths():
@@ -344,6 +372,15 @@ def active(kind: str = "linear") -> GemmPath | ConvolutionPath:
     if choice == "auto" and rates[any_dtype] > AUTO_BF16_MARGIN * rates[fp32]:
         return paths[any_dtype]
     return paths[fp32]
+
+
+def expansion() -> ExpansionPath:
+    """How quantized weights are expanded for the GEMM in use: to its dtype, by the kernel measured
+    fastest at that here, or the one named in `use` ("numpy", "onednn")."""
+    choice, dtype = _override or _precision, active().dtype
+    paths = {name: path for name, path in expansion_paths().items() if path.dtype == dtype}
+    named = [name for name, path in paths.items() if path.kernel == choice]
+    return paths[named[0] if named else max(paths, key=plan().rates["expansion"].__getitem__)]
 
 
 def require_bf16() -> None:
@@ -378,4 +415,7 @@ def describe() -> str:
     activation = active("activation")
     if activation.library != path.library:
         line += f"; activations through {activation.library}"
+    expanding = expansion()
+    if expanding.library != path.library:
+        line += f"; quantized weights expanded through {expanding.library}"
     return line

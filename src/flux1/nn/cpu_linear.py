@@ -1,13 +1,12 @@
 """The CPU path of `Linear`: the weight expanded on all cores to the dtype of the plan's GEMM
-(`cpu_plan.active()`: fp32, or bf16 where bf16 GEMMs are faster), then one GEMM.
+(`cpu_plan.active()`: fp32, or bf16 where bf16 GEMMs are faster; `nn/cpu_expansion.py`), then one
+GEMM.
 
 Why NumPy (measured on 2 Zen 4 cores, 1280 x 3072 @ 3072 x 21504, benchmarks/profile_step.py):
 NumPy's bundled OpenBLAS runs the product in 0.90 s where MLX's matmul through MKL takes 1.13 s;
 expanding 8-bit codes to fp32 in NumPy on both cores takes 0.04 s where `mx.dequantize` takes 0.45 s
 (bf16 -> fp32: 0.02 s against 0.16 s); and MLX's own CPU matmuls of bf16 or quantized weights do not
-use a BLAS at all. Weights already in the GEMM's dtype are used in place (zero-copy views: fp32 for
-fp32 GEMMs, bf16 for bf16 GEMMs). Others go into one scratch buffer reused by every layer, so a
-compact model holds one layer expanded at a time.
+use a BLAS at all.
 """
 
 import itertools
@@ -18,110 +17,12 @@ import mlx.core as mx
 import numpy as np
 
 from flux1 import cpu_plan
-from flux1.gguf.expand import expand_rows
 from flux1.nn.cpu_activations import add_bias_gelu_tanh
+from flux1.nn.cpu_expansion import expanded_weight
 from flux1.nn.gemm import gemm, operand
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
 
-_lock = threading.Lock()  # guards the scratch buffer
-_scratch = np.empty(0, np.uint8)
-
-
-def _codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """uint8 codes [rows, cols] of rows packed as MLX does (a little-endian bit stream per row)."""
-    raw = packed.view(np.uint8)
-    if bits == 8:
-        return raw
-    rows = raw.shape[0]
-    if bits == 4:
-        # Each byte widened to a uint16 holding its low code in its low byte and its high code in its
-        # high byte (x86 and ARM are little-endian): contiguous passes instead of writing each byte's
-        # two codes through strided views (benchmarks/gguf_expand.py on 2 Zen 1 cores: a 3072 x 21504
-        # weight in 116-158 ms against 137-166).
-        pair = raw.astype(np.uint16)
-        high = np.left_shift(pair, 4)
-        np.bitwise_and(pair, 0x000F, out=pair)
-        np.bitwise_and(high, 0x0F00, out=high)
-        np.bitwise_or(pair, high, out=pair)
-        return pair.view(np.uint8).reshape(rows, cols)
-    codes = np.empty((rows, cols // 8, 8), np.uint8)
-    # Any width: 8 codes fill `bits` bytes; read them as one integer and shift each code out.
-    octets = raw.reshape(rows, cols // 8, bits)
-    word = octets[..., 0].astype(np.uint64)
-    for i in range(1, bits):
-        word |= octets[..., i].astype(np.uint64) << np.uint64(8 * i)
-    mask = np.uint64((1 << bits) - 1)
-    for k in range(8):
-        codes[..., k] = (word >> np.uint64(k * bits)) & mask
-    return codes.reshape(rows, cols)
-
-
-def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:
-    global _scratch
-    size = rows * cols * np.dtype(dtype).itemsize
-    if _scratch.size < size:
-        _scratch = np.empty(size, np.uint8)
-    return _scratch[:size].view(dtype).reshape(rows, cols)
-
-
-def expanded_weight(layer, dtype: str = "fp32") -> np.ndarray:
-    """The weight of a `Linear` as [out, in] in `dtype`: fp32, or bf16 (rounded to nearest, as
-    uint16 bits). A view if it is stored so, else the scratch buffer."""
-    weight = layer.weight
-    stored = {mx.float32: "fp32", mx.bfloat16: "bf16"}.get(weight.dtype) if layer.bits is None else None
-    if stored == dtype:
-        return as_numpy(weight)
-    rows, cols = layer.output_dims, layer.input_dims
-    out = _scratch_matrix(rows, cols, np.float32 if dtype == "fp32" else np.uint16)
-    if stored == "bf16":  # to fp32: exact, a shift
-        source = as_numpy(weight)
-
-        def fill(start, stop):
-            np.left_shift(source[start:stop], 16, out=out[start:stop].view(np.uint32), dtype=np.uint32)
-
-        in_parallel(fill, rows)
-        return out
-    if layer.gguf_type is not None:
-        raw = as_numpy(weight)
-
-        def fp32_rows(first, last, target):
-            expand_rows(raw[first:last], layer.gguf_type, target)
-    elif layer.bits is None:
-        source = as_numpy(weight)
-
-        def fp32_rows(first, last, target):
-            np.copyto(target, source[first:last])
-    else:
-        packed, groups = as_numpy(weight), cols // layer.group_size
-        scales = as_float32(layer.scales)[..., None]
-        biases = as_float32(layer.biases)[..., None]
-
-        def fp32_rows(first, last, target):
-            codes = _codes(packed[first:last], layer.bits, cols).reshape(last - first, groups, -1)
-            grouped = target.reshape(last - first, groups, -1)
-            # Widened first: NumPy's multiply of uint8 by fp32 casts through a buffer, slower than
-            # a plain copy and two fp32 passes (the same values; `benchmarks/gguf_expand.py` on 2
-            # Intel Xeon cores, 3072 x 21504 to fp32: 4-bit 56, 62 ms against 69, 67; 8-bit 46, 47
-            # against 62, 59).
-            np.copyto(grouped, codes)
-            grouped *= scales[first:last]
-            grouped += biases[first:last]
-
-    def fill(start, stop):
-        """A cache-sized block of rows at a time, expanded to fp32 and, for bf16, rounded while
-        still in the cache."""
-        step = max(1, CACHED_VALUES // cols)
-        block = np.empty((step, cols), np.float32) if dtype == "bf16" else None
-        for first in range(start, stop, step):
-            last = min(first + step, stop)
-            if block is None:
-                fp32_rows(first, last, out[first:last])
-            else:
-                fp32_rows(first, last, block[: last - first])
-                round_to_bf16(block[: last - first], out[first:last])
-
-    in_parallel(fill, rows)
-    return out
+_lock = threading.Lock()  # guards the expansion's scratch buffer
 
 
 def linear(x: mx.array | list[mx.array], layer, gelu_from: int | None = None) -> list[mx.array]:
@@ -154,7 +55,7 @@ def _product(parts: list[mx.array], layer, adapters, gelu_from: int | None) -> l
     rows = [0, layer.output_dims] if not gelu_from else [0, gelu_from, layer.output_dims]
     outputs = []
     with _lock:
-        weight = expanded_weight(layer, path.dtype)
+        weight = expanded_weight(layer, path.dtype, cpu_plan.expansion().kernel)
         for first, last in itertools.pairwise(rows):
             y = np.empty((len(flats[0]), last - first), np.float32)
             for i, (a, (start, stop)) in enumerate(zip(operands, itertools.pairwise(columns), strict=True)):
@@ -187,7 +88,7 @@ def _input_gradient(dy: mx.array, layer) -> mx.array:
     flat = gradient.reshape(-1, gradient.shape[-1])
     path = cpu_plan.active()
     with _lock:
-        dx = gemm(path, flat, expanded_weight(layer, path.dtype))
+        dx = gemm(path, flat, expanded_weight(layer, path.dtype, cpu_plan.expansion().kernel))
     return mx.array(dx.reshape(*dy.shape[:-1], dx.shape[-1]))
 
 

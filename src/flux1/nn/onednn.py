@@ -4,7 +4,8 @@ A primitive is made once per shape (cached): oneDNN compiles its kernel for this
 AVX512-BF16, AMX). The convolution also picks the weights' blocked layout that kernel reads; each
 call reorders the kernel into that layout (milliseconds) and runs the convolution straight on the
 NHWC image, with the padding, stride and bias inside the kernel. The elementwise primitives (softmax,
-GELU, bias + GELU, scale-shift-SiLU, layer norm, rounding to bf16) are one pass over memory each, the whole chain
+GELU, bias + GELU, scale-shift-SiLU, layer norm, rounding to bf16, the affine expansion of quantized
+weights) are one pass over memory each, the whole chain
 of operations fused into one compiled loop on all cores, where NumPy runs a pass per operation (and,
 on AVX2, exp and tanh unvectorized) and MLX a pass per operation on one core; the plan measures
 oneDNN against NumPy (`nn/cpu_activations.py`). Buffers are NumPy arrays used in place.
@@ -350,6 +351,24 @@ class ScaleShiftSilu(_Fused):
         return out
 
 
+class GroupAffine(_Fused):
+    """x = x * scale + shift in place, per group: x [groups, size] (bf16 bits as uint16, or fp32;
+    C-contiguous), scale and shift [groups] fp32, computed in fp32 and rounded once to x's dtype.
+    Described as [1, groups, size]: oneDNN's compiled kernels broadcast an operand along axis 1."""
+
+    def __init__(self, groups: int, size: int, dtype: str):
+        super().__init__()
+        self.values = self._own("md", _dense((1, groups, size), dtype))
+        self.per_group = self._own("md", _dense((1, groups, 1)))
+        self._build(self.values, self.per_group, [("binary", _ADD)], f"a {dtype} affine of {groups} x {size}")
+
+    def __call__(self, x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        arguments = {_SRC: (self.values, x), _SRC_1: (self.per_group, scale), _DST: (self.values, x)}
+        arguments[_post_op(0)] = (self.per_group, shift)
+        _execute(self.primitive, arguments)
+        return x
+
+
 class LayerNorm(_Handles):
     """out = (x - mean) / sqrt(variance + eps) * scale + shift over each row of x [rows, cols], the
     statistics of each row, scale and shift [cols]; all fp32, C-contiguous; out may be x."""
@@ -423,6 +442,11 @@ def gelu_tanh(size: int) -> GeluTanh:
 @functools.lru_cache(maxsize=64)
 def bias_gelu_tanh(rows: int, cols: int) -> BiasGeluTanh:
     return BiasGeluTanh(rows, cols)
+
+
+@functools.lru_cache(maxsize=64)
+def group_affine(groups: int, size: int, dtype: str) -> GroupAffine:
+    return GroupAffine(groups, size, dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,0 +1,233 @@
+"""A `Linear`'s weight expanded for the CPU's GEMMs: [out, in] in the GEMM's dtype (fp32, or bf16 as
+uint16 bits), on all cores. Weights already in that dtype are used in place (zero-copy views); others
+go into one scratch buffer reused by every layer, so a compact model holds one layer expanded at a
+time.
+
+Quantized weights (MLX's affine codes, GGUF blocks: value = scale * code + offset per group of a
+row) are expanded one of two ways, the plan taking the faster on this machine
+(`cpu_plan.expansion()`, kind "expansion"):
+
+- "numpy": codes widened to fp32, times the scales, plus the offsets, then rounded to bf16 for bf16
+  GEMMs: a pass per operation (five for the rounding), a cache-sized block of rows per core.
+- "onednn": each code c of b bits written as the float 2^b + c, whose bits are 2^b's with c in the
+  top of its mantissa (exact for b <= 7, bf16 having 7 mantissa bits): for MLX's 4-bit codes one
+  integer pass over the packed bytes. oneDNN's binary primitive then computes, per group,
+  x * scale + (offset - 2^b * scale) and rounds to the target dtype in one compiled pass
+  (`onednn.GroupAffine`). (2^b + c) * scale is exact in fp32 where the scale has at most
+  23 - b significant bits: bf16 or fp16 scales of MLX's (a model saved from bf16 or fp16
+  weights), and GGUF's but Q6_K's (f16 times 6 bits); then both ways give the same bits. Q6_K's
+  may round there first, within 2^-24 of the value's magnitude.
+
+8-bit codes (MLX's, Q8_0) are expanded by NumPy either way.
+"""
+
+from dataclasses import dataclass
+from functools import cache
+
+import mlx.core as mx
+import numpy as np
+
+from flux1.gguf.blocks import LAYOUTS, block_size, decode
+from flux1.gguf.expand import expand_rows
+from flux1.nn import onednn
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
+
+_MANTISSA_BITS = {"bf16": 7, "fp32": 23}
+_TARGETS = {"bf16": np.uint16, "fp32": np.float32}
+_scratch = np.empty(0, np.uint8)
+
+
+@dataclass(frozen=True)
+class ExpansionPath:
+    name: str  # "<kernel> to <dtype>"
+    kernel: str  # "numpy" or "onednn"
+    library: str
+    dtype: str  # what it expands to: the GEMM's input dtype
+
+
+@cache
+def expansion_paths() -> dict[str, ExpansionPath]:
+    kernels = {"numpy": f"NumPy {np.__version__}"}
+    if onednn.available():
+        kernels["onednn"] = onednn.version()
+    paths = [ExpansionPath(f"{k} to {d}", k, library, d) for k, library in kernels.items() for d in _TARGETS]
+    return {path.name: path for path in paths}
+
+
+def _codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """uint8 codes [rows, cols] of rows packed as MLX does (a little-endian bit stream per row)."""
+    raw = packed.view(np.uint8)
+    if bits == 8:
+        return raw
+    rows = raw.shape[0]
+    if bits == 4:
+        # Each byte widened to a uint16 holding its low code in its low byte and its high code in its
+        # high byte (x86 and ARM are little-endian): contiguous passes instead of writing each byte's
+        # two codes through strided views (benchmarks/gguf_expand.py on 2 Zen 1 cores: a 3072 x 21504
+        # weight in 116-158 ms against 137-166).
+        pair = raw.astype(np.uint16)
+        high = np.left_shift(pair, 4)
+        np.bitwise_and(pair, 0x000F, out=pair)
+        np.bitwise_and(high, 0x0F00, out=high)
+        np.bitwise_or(pair, high, out=pair)
+        return pair.view(np.uint8).reshape(rows, cols)
+    codes = np.empty((rows, cols // 8, 8), np.uint8)
+    # Any width: 8 codes fill `bits` bytes; read them as one integer and shift each code out.
+    octets = raw.reshape(rows, cols // 8, bits)
+    word = octets[..., 0].astype(np.uint64)
+    for i in range(1, bits):
+        word |= octets[..., i].astype(np.uint64) << np.uint64(8 * i)
+    mask = np.uint64((1 << bits) - 1)
+    for k in range(8):
+        codes[..., k] = (word >> np.uint64(k * bits)) & mask
+    return codes.reshape(rows, cols)
+
+
+def _offset_form(bits: int, dtype: str) -> tuple[int, int]:
+    """(the bits of the float 2^bits in `dtype`, the shift that puts a code at the top of its
+    mantissa): their OR is the float 2^bits + code."""
+    mantissa = _MANTISSA_BITS[dtype]
+    return (127 + bits) << mantissa, mantissa - bits
+
+
+def _write_offset(codes: np.ndarray, bits: int, target: np.ndarray) -> None:
+    """target (bf16 bits or fp32) = 2^bits + codes (uint8, of up to 7 bits), the same shape."""
+    dtype = "bf16" if target.dtype == np.uint16 else "fp32"
+    magic, shift = _offset_form(bits, dtype)
+    integer = target.view(np.uint16 if dtype == "bf16" else np.uint32)
+    np.left_shift(codes, shift, out=integer, dtype=integer.dtype)
+    integer |= integer.dtype.type(magic)
+
+
+def _write_offset_nibbles(packed: np.ndarray, target: np.ndarray) -> None:
+    """_write_offset for MLX's 4-bit codes [rows, cols] straight from their packed rows: a byte's
+    two codes become two adjacent values, one integer of twice their width. The byte times
+    2^shift + 2^(width + shift - 4) holds its low code at bit `shift` and its high code at bit
+    `width + shift` (copies between them are masked out)."""
+    dtype = "bf16" if target.dtype == np.uint16 else "fp32"
+    magic, shift = _offset_form(4, dtype)
+    width = 8 * target.itemsize
+    pairs = target.view(np.uint32 if width == 16 else np.uint64)
+    wide = pairs.dtype.type
+    both = 1 + (1 << width)
+    np.multiply(packed.view(np.uint8), wide((1 << shift) + (1 << (width + shift - 4))), out=pairs, dtype=wide)
+    pairs &= wide((0xF << shift) * both)
+    pairs |= wide(magic * both)
+
+
+def _expand_through_onednn(layer, out: np.ndarray) -> bool:
+    """Expands the quantized `layer` into out [rows, cols] (bf16 bits or fp32) as 2^bits + code, then
+    oneDNN's affine per group; False (nothing written) for 8-bit codes or where oneDNN has only its
+    reference code for the shape."""
+    rows, cols = out.shape
+    qtype = layer.gguf_type
+    bits, group = (
+        (LAYOUTS[qtype].bits, LAYOUTS[qtype].group) if qtype is not None else (layer.bits, layer.group_size)
+    )
+    if bits >= 8:
+        return False
+    affine = onednn.group_affine(rows * cols // group, group, "bf16" if out.dtype == np.uint16 else "fp32")
+    if affine.implementation.startswith("ref"):  # slow: NumPy is faster
+        return False
+    raw, magic = as_numpy(layer.weight), np.float32(2**bits)
+    if qtype is None:
+        scales = as_float32(layer.scales)
+        shifts = as_float32(layer.biases) - magic * scales
+
+        def write(first, last):
+            if bits == 4:
+                _write_offset_nibbles(raw[first:last], out[first:last])
+            else:
+                _write_offset(_codes(raw[first:last], bits, cols), bits, out[first:last])
+    else:
+        scales = np.empty((rows, cols // group), np.float32)
+        shifts = np.empty_like(scales)
+
+        def write(first, last):
+            codes, scale, offset = decode(raw[first:last].reshape(-1, block_size(qtype)[1]), qtype)
+            scales[first:last] = scale.reshape(last - first, -1)
+            np.subtract(offset.reshape(last - first, -1), magic * scales[first:last], out=shifts[first:last])
+            _write_offset(codes.reshape(last - first, cols), bits, out[first:last])
+
+    _blocks_of_rows(write, rows, cols * out.itemsize)
+    affine(out, scales, shifts)
+    return True
+
+
+def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:
+    global _scratch
+    size = rows * cols * np.dtype(dtype).itemsize
+    if _scratch.size < size:
+        _scratch = np.empty(size, np.uint8)
+    return _scratch[:size].view(dtype).reshape(rows, cols)
+
+
+def _blocks_of_rows(work, rows: int, row_bytes: int) -> None:
+    """work(first, last) over blocks of rows of about one core's cache (row_bytes each, as they are
+    worked on), the blocks spread over the cores."""
+    step = max(1, 4 * CACHED_VALUES // row_bytes)
+
+    def fill(start, stop):
+        for first in range(start, stop, step):
+            work(first, min(first + step, stop))
+
+    in_parallel(fill, rows)
+
+
+def expanded_weight(layer, dtype: str = "fp32", kernel: str = "numpy") -> np.ndarray:
+    """The weight of a `Linear` as [out, in] in `dtype`: fp32, or bf16 (rounded to nearest, as
+    uint16 bits), quantized codes expanded by `kernel` (an `ExpansionPath`'s). A view if it is
+    stored so, else the scratch buffer (the caller holds it until done with it)."""
+    weight = layer.weight
+    stored = {mx.float32: "fp32", mx.bfloat16: "bf16"}.get(weight.dtype) if layer.bits is None else None
+    if stored == dtype:
+        return as_numpy(weight)
+    rows, cols = layer.output_dims, layer.input_dims
+    out = _scratch_matrix(rows, cols, _TARGETS[dtype])
+    if stored == "bf16":  # to fp32: exact, a shift
+        source = as_numpy(weight)
+
+        def fill(start, stop):
+            np.left_shift(source[start:stop], 16, out=out[start:stop].view(np.uint32), dtype=np.uint32)
+
+        in_parallel(fill, rows)
+        return out
+    if kernel == "onednn" and layer.is_quantized and _expand_through_onednn(layer, out):
+        return out
+    if layer.gguf_type is not None:
+        raw = as_numpy(weight)
+
+        def fp32_rows(first, last, target):
+            expand_rows(raw[first:last], layer.gguf_type, target)
+    elif layer.bits is None:
+        source = as_numpy(weight)
+
+        def fp32_rows(first, last, target):
+            np.copyto(target, source[first:last])
+    else:
+        packed, groups = as_numpy(weight), cols // layer.group_size
+        scales = as_float32(layer.scales)[..., None]
+        biases = as_float32(layer.biases)[..., None]
+
+        def fp32_rows(first, last, target):
+            codes = _codes(packed[first:last], layer.bits, cols).reshape(last - first, groups, -1)
+            grouped = target.reshape(last - first, groups, -1)
+            # Widened first: NumPy's multiply of uint8 by fp32 casts through a buffer, slower than
+            # a plain copy and two fp32 passes (the same values; `benchmarks/gguf_expand.py` on 2
+            # Intel Xeon cores, 3072 x 21504 to fp32: 4-bit 56, 62 ms against 69, 67; 8-bit 46, 47
+            # against 62, 59).
+            np.copyto(grouped, codes)
+            grouped *= scales[first:last]
+            grouped += biases[first:last]
+
+    if dtype == "fp32":
+        _blocks_of_rows(lambda first, last: fp32_rows(first, last, out[first:last]), rows, 4 * cols)
+        return out
+
+    def bf16_rows(first, last):  # rounded while the fp32 block is still in the core's cache
+        block = np.empty((last - first, cols), np.float32)
+        fp32_rows(first, last, block)
+        round_to_bf16(block, out[first:last])
+
+    _blocks_of_rows(bf16_rows, rows, 4 * cols)
+    return out
