@@ -9,16 +9,17 @@ row) are expanded one of two ways, the plan taking the faster on this machine
 
 - "numpy": codes widened to fp32, times the scales, plus the offsets, then rounded to bf16 for bf16
   GEMMs: a pass per operation (five for the rounding), a cache-sized block of rows per core.
-- "onednn": each code c of b bits written as the float 2^b + c, whose bits are 2^b's with c in the
-  top of its mantissa (exact for b <= 7, bf16 having 7 mantissa bits): for MLX's 4-bit codes one
-  integer pass over the packed bytes. oneDNN's binary primitive then computes, per group,
-  x * scale + (offset - 2^b * scale) and rounds to the target dtype in one compiled pass
-  (`onednn.GroupAffine`). (2^b + c) * scale is exact in fp32 where the scale has at most
-  23 - b significant bits: bf16 or fp16 scales of MLX's (a model saved from bf16 or fp16
-  weights), and GGUF's but Q6_K's (f16 times 6 bits); then both ways give the same bits. Q6_K's
-  may round there first, within 2^-24 of the value's magnitude.
-
-8-bit codes (MLX's, Q8_0) are expanded by NumPy either way.
+- "onednn": each code c of b bits <= 7 written as the float 2^b + c, whose bits are 2^b's with c in
+  the top of its mantissa (exact: bf16 has 7 mantissa bits), for MLX's 4-bit codes in one integer
+  pass over the packed bytes; 8-bit codes converted as they are (exact in bf16 too). oneDNN's binary
+  primitive then computes, per group, x * scale + (offset - 2^b * scale, the offset for 8-bit
+  codes) and rounds to the target
+  dtype in one compiled pass (`onednn.GroupAffine`; oneDNN 3.2 compiles it for floats of the
+  target dtype, not for uint8 codes). (2^b + c) * scale is exact in fp32 where the scale has at
+  most 23 - b significant bits (16 for 8-bit codes): bf16 or fp16 scales of MLX's (a model saved
+  from bf16 or fp16 weights), and GGUF's but Q6_K's (f16 times 7 bits); then both ways give the
+  same bits. Elsewhere
+  oneDNN's value is within a few fp32 roundings of NumPy's.
 """
 
 from dataclasses import dataclass
@@ -90,13 +91,24 @@ def _offset_form(bits: int, dtype: str) -> tuple[int, int]:
     return (127 + bits) << mantissa, mantissa - bits
 
 
+def _code_offset(bits: int) -> int:
+    """What `_write_offset` adds to a code: 2^bits for codes of up to 7 bits, 0 for 8-bit codes
+    (converted as they are: exact, 8 significant bits at most)."""
+    return 2**bits if bits < 8 else 0
+
+
 def _write_offset(codes: np.ndarray, bits: int, target: np.ndarray) -> None:
-    """target (bf16 bits or fp32) = 2^bits + codes (uint8, of up to 7 bits), the same shape."""
+    """target (bf16 bits or fp32) = _code_offset(bits) + codes (uint8), the same shape."""
     dtype = "bf16" if target.dtype == np.uint16 else "fp32"
-    magic, shift = _offset_form(bits, dtype)
-    integer = target.view(np.uint16 if dtype == "bf16" else np.uint32)
-    np.left_shift(codes, shift, out=integer, dtype=integer.dtype)
-    integer |= integer.dtype.type(magic)
+    if bits == 8 and dtype == "fp32":
+        np.copyto(target, codes)
+    elif bits == 8:  # an integer of 8 bits converted to fp32 leaves the low half zero: bf16 exactly
+        target[...] = codes.astype(np.float32).view(np.uint16)[..., 1::2]  # little-endian: the upper half
+    else:
+        magic, shift = _offset_form(bits, dtype)
+        integer = target.view(np.uint16 if dtype == "bf16" else np.uint32)
+        np.left_shift(codes, shift, out=integer, dtype=integer.dtype)
+        integer |= integer.dtype.type(magic)
 
 
 def _write_offset_nibbles(packed: np.ndarray, target: np.ndarray) -> None:
@@ -116,20 +128,18 @@ def _write_offset_nibbles(packed: np.ndarray, target: np.ndarray) -> None:
 
 
 def _expand_through_onednn(layer, out: np.ndarray) -> bool:
-    """Expands the quantized `layer` into out [rows, cols] (bf16 bits or fp32) as 2^bits + code, then
-    oneDNN's affine per group; False (nothing written) for 8-bit codes or where oneDNN has only its
+    """Expands the quantized `layer` into out [rows, cols] (bf16 bits or fp32) as its codes offset by
+    `_code_offset`, then oneDNN's affine per group; False (nothing written) where oneDNN has only its
     reference code for the shape."""
     rows, cols = out.shape
     qtype = layer.gguf_type
     bits, group = (
         (LAYOUTS[qtype].bits, LAYOUTS[qtype].group) if qtype is not None else (layer.bits, layer.group_size)
     )
-    if bits >= 8:
-        return False
     affine = onednn.group_affine(rows * cols // group, group, "bf16" if out.dtype == np.uint16 else "fp32")
     if affine.implementation.startswith("ref"):  # slow: NumPy is faster
         return False
-    raw, magic = as_numpy(layer.weight), np.float32(2**bits)
+    raw, magic = as_numpy(layer.weight), np.float32(_code_offset(bits))
     if qtype is None:
         scales = as_float32(layer.scales)
         shifts = as_float32(layer.biases) - magic * scales
