@@ -44,7 +44,7 @@ from flux1.metadata import write_json
 from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
 from flux1.nn.cpu_attention import head_attention
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
-from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths
+from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths, scratch_lock
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
@@ -232,9 +232,12 @@ def measure_expansion(paths: dict[str, ExpansionPath], repeats: int = 3) -> dict
     layer.weight = mx.random.normal((rows, cols), key=mx.random.key(0)).astype(mx.bfloat16)
     layer.quantize(4, 64)
     rates = {}
-    for name, path in paths.items():
-        seconds = _best_seconds(lambda path=path: expanded_weight(layer, path.dtype, path.kernel), repeats)
-        rates[name] = float(f"{rows * cols / seconds / 1e9:.4g}")
+    with scratch_lock:  # expanded_weight's buffer
+        for name, path in paths.items():
+            seconds = _best_seconds(
+                lambda path=path: expanded_weight(layer, path.dtype, path.kernel), repeats
+            )
+            rates[name] = float(f"{rows * cols / seconds / 1e9:.4g}")
     return rates
 
 

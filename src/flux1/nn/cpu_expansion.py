@@ -22,6 +22,7 @@ row) are expanded one of two ways, the plan taking the faster on this machine
   oneDNN's value is within a few fp32 roundings of NumPy's.
 """
 
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -36,6 +37,7 @@ from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel,
 _MANTISSA_BITS = {"bf16": 7, "fp32": 23}
 _TARGETS = {"bf16": np.uint16, "fp32": np.float32}
 _scratch = np.empty(0, np.uint8)
+scratch_lock = threading.RLock()  # held while the scratch buffer is written or read
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ use a BLAS at all.
 """
 
 import itertools
-import threading
 from functools import partial
 
 import mlx.core as mx
@@ -18,11 +17,9 @@ import numpy as np
 
 from flux1 import cpu_plan
 from flux1.nn.cpu_activations import add_bias_gelu_tanh
-from flux1.nn.cpu_expansion import expanded_weight
+from flux1.nn.cpu_expansion import expanded_weight, scratch_lock
 from flux1.nn.gemm import gemm, operand
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
-
-_lock = threading.Lock()  # guards the expansion's scratch buffer
 
 
 def linear(x: mx.array | list[mx.array], layer, gelu_from: int | None = None) -> list[mx.array]:
@@ -54,7 +51,7 @@ def _product(parts: list[mx.array], layer, adapters, gelu_from: int | None) -> l
     columns = np.cumsum([0] + [flat.shape[1] for flat in flats])
     rows = [0, layer.output_dims] if not gelu_from else [0, gelu_from, layer.output_dims]
     outputs = []
-    with _lock:
+    with scratch_lock:
         weight = expanded_weight(layer, path.dtype, cpu_plan.expansion().kernel)
         for first, last in itertools.pairwise(rows):
             y = np.empty((len(flats[0]), last - first), np.float32)
@@ -87,7 +84,7 @@ def _input_gradient(dy: mx.array, layer) -> mx.array:
     gradient = as_numpy(dy.astype(mx.float32))
     flat = gradient.reshape(-1, gradient.shape[-1])
     path = cpu_plan.active()
-    with _lock:
+    with scratch_lock:
         dx = gemm(path, flat, expanded_weight(layer, path.dtype, cpu_plan.expansion().kernel))
     return mx.array(dx.reshape(*dy.shape[:-1], dx.shape[-1]))
 
