@@ -46,7 +46,7 @@ def worker_flux1(fixture: Path, noise: np.ndarray, size: int, steps: int, option
     config = Config(steps, size, size)
     image, _, t = flux.generate_array(0, PROMPT, config, mx.array(noise), progress=False)
     with cpu_plan.use(flux.precision):
-        plan = cpu_plan.describe()
+        plan = cpu_plan.describe(quantized=flux.quantization_bits is not None)
     return {
         "plan": plan,
         "load": t.load,

@@ -138,7 +138,7 @@ def main() -> None:
         f"\n{args.preset} preset ({weights}), {args.size}x{args.size}, {text_tokens} text tokens, "
         f"--precision {args.precision}"
     )
-    print(f"CPU: {cpu_model()}; {cpu_plan.describe()}")
+    print(f"CPU: {cpu_model()}; {cpu_plan.describe(quantized=bool(args.quantize))}")
     print(f"{'part':<34}{'seconds':>9}{'share':>8}{'GFLOP':>9}{'GFLOP/s':>9}")
     parts = sorted((name for name in seconds if name != EXPANSION), key=lambda name: -seconds[name])
     if EXPANSION in seconds:

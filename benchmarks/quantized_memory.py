@@ -182,7 +182,7 @@ def main() -> None:
         f"\nFLUX.1-schnell, {args.preset} preset, {args.size}x{args.size}, {args.steps} steps, --low-ram; "
         "each run's files read once before it (loads from the page cache)"
     )
-    print(f"CPU: {cpu_model()}; {cpu_plan.describe()}")
+    print(f"CPU: {cpu_model()}; {cpu_plan.describe(quantized=True)}")
     print(
         f"step floor: {flops / 1e12:.2f} TFLOP ({image_tokens} image + {TEXT_TOKENS} text tokens) at the "
         f"{cpu_plan.active().name} GEMM's rate around each run"

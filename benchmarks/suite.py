@@ -119,7 +119,7 @@ def main() -> None:
     titled_grid(pictures, titles, columns=len(PROMPTS), scale=scale).save(args.out / "contact_sheet.png")
     summary = {
         "cpu": cpu_model(),
-        "compute": cpu_plan.describe(),
+        "compute": cpu_plan.describe(quantized=flux.quantization_bits is not None),
         "model": files.name,
         "base_model": files.base_model,
         "quantize": flux.quantization_bits,

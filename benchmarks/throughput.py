@@ -42,7 +42,7 @@ def worker_flux1(fixture: Path, size: int, steps: int, batch: int, precision: st
     )
     seconds = time.perf_counter() - start
     with cpu_plan.use(precision):
-        plan = cpu_plan.describe()
+        plan = cpu_plan.describe(quantized=flux.quantization_bits is not None)
     return {"seconds": seconds, "step": statistics.median(images[0].timings.step_seconds), "plan": plan}
 
 

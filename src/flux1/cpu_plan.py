@@ -395,8 +395,9 @@ def require_bf16() -> None:
         )
 
 
-def describe() -> str:
-    """One line for the generation record and --verbose: the library, the GEMM dtype and its rate."""
+def describe(quantized: bool = False) -> str:
+    """One line for the generation record and --verbose: the library, the GEMM dtype and its rate
+    (for a quantized model also how its weights are expanded)."""
     from flux1 import backend
 
     if not backend.numpy_kernels():
@@ -419,6 +420,6 @@ def describe() -> str:
     if activation.library != path.library:
         line += f"; activations through {activation.library}"
     expanding = expansion()
-    if expanding.library != path.library:
+    if quantized and expanding.library != path.library:
         line += f"; quantized weights expanded through {expanding.library}"
     return line

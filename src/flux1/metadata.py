@@ -45,7 +45,7 @@ def generation_record(
         "image_strength": None if mode.DEFAULT_STRENGTH is None else inputs.strength(mode.DEFAULT_STRENGTH),
         "precision": flux.precision,
         "activations": str(flux.compute_dtype("transformer")).removeprefix("mlx.core."),
-        "compute": cpu_plan.describe(),
+        "compute": cpu_plan.describe(quantized=flux.quantization_bits is not None),
         "quantize": flux.quantization_bits,
         "group_size": flux.group_size if flux.quantize is not None else None,
         "loras": [
