@@ -264,15 +264,17 @@ def bf16_widened(bits: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kernel", EXPANSION_KERNELS)
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
-def test_quantized_weights_with_bf16_scales_expand_exactly(bits, kernel):
-    """A model quantized from bf16 weights (bf16 scales and biases): both kernels compute exactly
-    `scale * code + bias` in fp32 (as MLX's dequantization of fp32 scales and biases does), and for
-    bf16 GEMMs that rounded to the nearest bf16 (oneDNN: (2^bits + code) * scale is exact in fp32)."""
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_quantized_weights_with_bf16_scales_expand_exactly(group, bits, kernel):
+    """A model quantized from bf16 weights (bf16 scales and biases), each of MLX's group sizes: both
+    kernels compute exactly `scale * code + bias` in fp32 (as MLX's dequantization of fp32 scales and
+    biases does), and for bf16 GEMMs that rounded to the nearest bf16 (oneDNN: (2^bits + code) *
+    scale is exact in fp32)."""
     layer = Linear(256, 96)
     layer.weight = mx.random.normal((96, 256), key=mx.random.key(bits)).astype(mx.bfloat16)
-    layer.quantize(bits, 64)
+    layer.quantize(bits, group)
     scales, biases = (a.astype(mx.float32) for a in (layer.scales, layer.biases))
-    dense = np.array(mx.dequantize(layer.weight, scales, biases, 64, bits))
+    dense = np.array(mx.dequantize(layer.weight, scales, biases, group, bits))
     fp32, bf16 = _expansions(layer, kernel)
     assert np.array_equal(fp32, dense)
     assert np.array_equal(bf16, bf16_widened(as_bf16(dense)))
