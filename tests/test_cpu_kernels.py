@@ -14,6 +14,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 from tests.conftest import relative_error
 from tests.test_gguf import random_blocks
 
@@ -21,6 +22,7 @@ from flux1 import backend, cpu_plan
 from flux1.gguf.blocks import LAYOUTS, block_size, decode
 from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention
+from flux1.models.vae import ResnetBlock
 from flux1.nn import onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
@@ -214,6 +216,32 @@ def test_group_norm_keeps_numpy_where_onednn_has_only_reference_code(monkeypatch
     monkeypatch.setattr(onednn, "scale_shift_silu", lambda pixels, channels: ReferenceCode())
     with cpu_plan.use("onednn"):
         assert np.array_equal(np.array(group_norm(x, 32, weight, bias, 1e-6, silu=True)), np.array(expected))
+
+
+@pytest.mark.skipif(not backend.numpy_kernels(), reason="the CPU kernels are not in use")
+@pytest.mark.parametrize("path", CONVOLUTION_PATHS)
+@pytest.mark.parametrize("channels", [(32, 32), (32, 64)], ids=["identity shortcut", "1x1 shortcut"])
+def test_resnet_block_on_numpy_arrays_equals_its_layers_through_mlx(channels, path):
+    """The VAE's resnet block on the CPU kernels (`nn/cpu_resnet.py`: NumPy arrays between its
+    kernels, the residual added in NumPy) computes bit for bit what its layers' own CPU paths compute
+    with MLX arrays between them."""
+    block = ResnetBlock(*channels, groups=8)
+    shapes = {name: value.shape for name, value in tree_flatten(block.parameters())}
+    block.update(
+        tree_unflatten(
+            [
+                (name, mx.random.normal(shape, key=mx.random.key(i)))
+                for i, (name, shape) in enumerate(shapes.items())
+            ]
+        )
+    )
+    x = mx.random.normal((2, 9, 11, channels[0]), key=mx.random.key(20))
+    with cpu_plan.use(path):
+        layers = block.conv2(block.norm2(block.conv1(block.norm1(x, silu=True)), silu=True))
+        expected = (block.conv_shortcut(x) if "conv_shortcut" in block else x) + layers
+        got = block(x)
+    assert got.shape == (2, 9, 11, channels[1])
+    assert np.array_equal(np.array(got), np.array(expected))
 
 
 def reference_layer_norm(x, scale, shift, eps: float) -> np.ndarray:

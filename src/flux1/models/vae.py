@@ -3,8 +3,10 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from flux1 import backend
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
+from flux1.nn.cpu_resnet import resnet_block
 from flux1.nn.group_norm import group_norm
 from flux1.nn.linear import Linear
 
@@ -47,6 +49,8 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if backend.numpy_kernels():  # the same, its activations kept NumPy's between the kernels
+            return resnet_block(x, self, _EPS)
         h = self.conv1(self.norm1(x, silu=True))
         h = self.conv2(self.norm2(h, silu=True))
         return (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h

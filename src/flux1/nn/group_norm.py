@@ -28,7 +28,15 @@ def group_norm(
         return _group_norm_mlx(x, groups, weight, bias, eps, silu)
     batch, height, width, channels = x.shape
     pixels = as_float32(x.astype(mx.float32)).reshape(batch, height * width, channels)
+    out = normalized(pixels, groups, as_float32(weight), as_float32(bias), eps, silu)
+    return mx.array(out.reshape(x.shape))
 
+
+def normalized(
+    pixels: np.ndarray, groups: int, weight: np.ndarray, bias: np.ndarray, eps: float, silu: bool = False
+) -> np.ndarray:
+    """The CPU path's group norm (and SiLU) of fp32 pixels [B, pixels, channels], a new array."""
+    batch, count, channels = pixels.shape
     per_group = channels // groups
 
     def channel_sums(start, stop, mean=None):
@@ -45,24 +53,24 @@ def group_norm(
         return total
 
     def group_mean(partials):
-        return sum(partials).reshape(batch, groups, per_group).sum(-1) / (height * width * per_group)
+        return sum(partials).reshape(batch, groups, per_group).sum(-1) / (count * per_group)
 
-    mean = group_mean(in_parallel(channel_sums, height * width))
+    mean = group_mean(in_parallel(channel_sums, count))
     channel_mean = np.repeat(mean, per_group, axis=-1).astype(np.float32)[:, None]
-    var = group_mean(in_parallel(lambda a, b: channel_sums(a, b, channel_mean), height * width))
+    var = group_mean(in_parallel(lambda a, b: channel_sums(a, b, channel_mean), count))
     # y = x * a + b per (batch, channel), with a = weight / std and b = bias - mean * a.
-    a = as_float32(weight) * np.repeat(1.0 / np.sqrt(var + eps), per_group, axis=-1)
-    b = as_float32(bias) - np.repeat(mean, per_group, axis=-1) * a
+    a = weight * np.repeat(1.0 / np.sqrt(var + eps), per_group, axis=-1)
+    b = bias - np.repeat(mean, per_group, axis=-1) * a
     a, b = a.astype(np.float32)[:, None], b.astype(np.float32)[:, None]
     out = np.empty_like(pixels)
     if silu and cpu_plan.active("activation").name == "onednn":
-        primitive = onednn.scale_shift_silu(height * width, channels)
+        primitive = onednn.scale_shift_silu(count, channels)
         # The plan measured GELU's primitive, not this one: where oneDNN has no compiled kernel for it
         # (only its far slower reference code), NumPy computes it.
         if not primitive.implementation.startswith("ref"):
             for image in range(batch):
                 primitive(np.ascontiguousarray(pixels[image]), a[image], b[image], out[image])
-            return mx.array(out.reshape(x.shape))
+            return out
 
     def normalize(start, stop):
         step = max(1, CACHED_VALUES // channels)  # each pass of the chunk stays in the core's cache
@@ -78,8 +86,8 @@ def group_norm(
                 u += 1.0
                 np.divide(y, u, out=y)
 
-    in_parallel(normalize, height * width)
-    return mx.array(out.reshape(x.shape))
+    in_parallel(normalize, count)
+    return out
 
 
 def _group_norm_mlx(x, groups, weight, bias, eps, silu):
