@@ -39,22 +39,8 @@ def _serve_large_blocks_from_the_heap() -> None:
             mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)
 
 
-def _without_transparent_huge_pages() -> None:
-    """NumPy asks Linux for transparent huge pages on each large array (madvise), and where memory is
-    fragmented (a page cache full of model files) the first touch of each 2 MB page may stall on the
-    kernel's compaction. On 2 Intel Xeon cores with AMX a `wide` 512x512 decode, the first in its
-    process after the transformer's steps, spent 1.0-1.3 s in the kernel with them and 0.36 s
-    without, its steps unchanged (numbers in the README's "Measured")."""
-    try:
-        from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:  # NumPy 1.x
-        from numpy.core.multiarray import _set_madvise_hugepage
-    _set_madvise_hugepage(False)
-
-
 if backend.on_cpu():
     _serve_large_blocks_from_the_heap()
-    _without_transparent_huge_pages()
 
 
 def as_numpy(a: mx.array) -> np.ndarray:
