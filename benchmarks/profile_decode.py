@@ -4,7 +4,7 @@ Decodes random latents of a fixture's VAE (default `wide`, 512x512) once per pat
 `--paths` (default: the plan's choice), after a warm-up decode, with every convolution, GroupNorm,
 resnet block, upsampling block and attention block timed on its own (each evaluated before and
 after; resnet and upsampling blocks include their convolutions and norms; on the CPU kernels a resnet
-block passes NumPy arrays between them, `nn/cpu_resnet.py`).
+block passes NumPy arrays between them, `nn/cpu_vae.py`).
 
     python benchmarks/profile_decode.py [--preset wide] [--dtype bfloat16] [--size 512]
         [--paths "onednn convolution fp32" "numpy fp32" ... | numpy onednn (the activations' paths)]
@@ -23,7 +23,7 @@ import mlx.core as mx
 from flux1 import cpu_plan
 from flux1.loaders.vae import load_vae
 from flux1.models import vae as vae_module
-from flux1.nn import cpu_resnet
+from flux1.nn import cpu_vae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import cpu_model, fixture_folder, fixture_parser  # noqa: E402
@@ -55,9 +55,9 @@ def main() -> None:
     mx.eval(vae.decode(z))  # warm-up: the libraries' start-up for these shapes
     vae_module.conv2d = timed("convolutions", vae_module.conv2d)
     vae_module.group_norm = timed("GroupNorm (+ SiLU)", vae_module.group_norm)
-    # Inside a resnet block on the CPU kernels (nn/cpu_resnet.py) the same, on NumPy arrays.
-    cpu_resnet.convolve = timed("convolutions", cpu_resnet.convolve)
-    cpu_resnet.normalized = timed("GroupNorm (+ SiLU)", cpu_resnet.normalized)
+    # Inside a resnet block on the CPU kernels (nn/cpu_vae.py) the same, on NumPy arrays.
+    cpu_vae.convolve = timed("convolutions", cpu_vae.convolve)
+    cpu_vae.normalized = timed("GroupNorm (+ SiLU)", cpu_vae.normalized)
     for block in (vae_module.ResnetBlock, vae_module.Upsample, vae_module.AttentionBlock):
         block.__call__ = timed(f"{block.__name__} blocks", block.__call__)
     print(f"{args.preset} VAE ({args.dtype} weights), decode to {args.size}x{args.size}")

@@ -22,7 +22,7 @@ from flux1 import backend, cpu_plan
 from flux1.gguf.blocks import LAYOUTS, block_size, decode
 from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention
-from flux1.models.vae import ResnetBlock
+from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
@@ -222,7 +222,7 @@ def test_group_norm_keeps_numpy_where_onednn_has_only_reference_code(monkeypatch
 @pytest.mark.parametrize("path", CONVOLUTION_PATHS)
 @pytest.mark.parametrize("channels", [(32, 32), (32, 64)], ids=["identity shortcut", "1x1 shortcut"])
 def test_resnet_block_on_numpy_arrays_equals_its_layers_through_mlx(channels, path):
-    """The VAE's resnet block on the CPU kernels (`nn/cpu_resnet.py`: NumPy arrays between its
+    """The VAE's resnet block on the CPU kernels (`nn/cpu_vae.py`: NumPy arrays between its
     kernels, the residual added in NumPy) computes bit for bit what its layers' own CPU paths compute
     with MLX arrays between them."""
     block = ResnetBlock(*channels, groups=8)
@@ -241,6 +241,29 @@ def test_resnet_block_on_numpy_arrays_equals_its_layers_through_mlx(channels, pa
         expected = (block.conv_shortcut(x) if "conv_shortcut" in block else x) + layers
         got = block(x)
     assert got.shape == (2, 9, 11, channels[1])
+    assert np.array_equal(np.array(got), np.array(expected))
+
+
+@pytest.mark.skipif(not backend.numpy_kernels(), reason="the CPU kernels are not in use")
+@pytest.mark.parametrize("path", CONVOLUTION_PATHS)
+def test_upsampling_interleaved_in_numpy_equals_mlx_interleaving(path):
+    """The VAE's upsampling block on the CPU kernels interleaves its four phases in NumPy
+    (`nn/cpu_vae.py`): bit for bit MLX's slicing and stacking of the same convolution's output."""
+    block = Upsample(16)
+    block.conv.weight = mx.random.normal((16, 3, 3, 16), key=mx.random.key(21))
+    block.conv.bias = mx.random.normal((16,), key=mx.random.key(22))
+    x = mx.random.normal((2, 5, 7, 16), key=mx.random.key(23))
+    kernel = mx.concatenate([_phase_kernel(block.conv.weight, a, b) for a in (0, 1) for b in (0, 1)])
+    with cpu_plan.use(path):
+        y = conv2d(x, kernel, mx.tile(block.conv.bias, 4), padding=1)
+        got = block(x)
+    rows = [
+        mx.stack(
+            [y[:, a : a + 5, b : b + 7, (2 * a + b) * 16 : (2 * a + b + 1) * 16] for b in (0, 1)], axis=3
+        )
+        for a in (0, 1)
+    ]
+    expected = mx.stack(rows, axis=2).reshape(2, 10, 14, 16)
     assert np.array_equal(np.array(got), np.array(expected))
 
 

@@ -6,7 +6,7 @@ import mlx.nn as nn
 from flux1 import backend
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
-from flux1.nn.cpu_resnet import resnet_block
+from flux1.nn.cpu_vae import resnet_block, upsampled
 from flux1.nn.group_norm import group_norm
 from flux1.nn.linear import Linear
 
@@ -107,8 +107,11 @@ class Upsample(nn.Module):
         batch, height, width, _ = x.shape
         out_channels = self.conv.weight.shape[0]
         kernels = [_phase_kernel(self.conv.weight, a, b) for a in (0, 1) for b in (0, 1)]
+        kernel, bias = mx.concatenate(kernels), mx.tile(self.conv.bias, 4)
+        if backend.numpy_kernels():  # the same, interleaved in NumPy on all cores
+            return upsampled(x, kernel, bias, out_channels)
         # y [batch, height + 1, width + 1, 4 * out]: phase (a, b) at rows a.., columns b.. of its block
-        y = conv2d(x, mx.concatenate(kernels), mx.tile(self.conv.bias, 4), padding=1)
+        y = conv2d(x, kernel, bias, padding=1)
         rows = []
         for a in (0, 1):
             channels = [slice((2 * a + b) * out_channels, (2 * a + b + 1) * out_channels) for b in (0, 1)]

@@ -1,10 +1,14 @@
-"""The VAE's resnet block on the CPU kernels, its activations NumPy's from its input to its output.
+"""The VAE's resnet and upsampling blocks on the CPU kernels, their activations NumPy's from input to
+output.
 
 Through each layer's own CPU path every group norm and convolution hands its output to MLX (a copy on
-one core) for the next kernel to read straight back, and MLX adds the residual on one core. Here the
-block's kernels pass NumPy arrays to each other and the residual is added on all cores: one copy into
-MLX per block.
+one core) for the next kernel to read straight back, and MLX adds a resnet's residual, and
+interleaves an upsampling's four phases, on one core. Here a block's kernels pass NumPy arrays to
+each other, the residual is added and the phases interleaved on all cores: one copy into MLX per
+block.
 """
+
+import itertools
 
 import mlx.core as mx
 import numpy as np
@@ -40,3 +44,22 @@ def _normed_silu(image: np.ndarray, norm, eps: float) -> np.ndarray:
 def _convolved(image: np.ndarray, conv) -> np.ndarray:
     path = cpu_plan.active("convolution")
     return convolve(path, image, as_float32(conv.weight), as_float32(conv.bias), conv.stride, conv.padding)
+
+
+def upsampled(x: mx.array, kernel: mx.array, bias: mx.array, channels: int) -> mx.array:
+    """A `models.vae.Upsample`: the convolution of x [B, H, W, C] by its four phases' kernels at once
+    (kernel [4 * channels, 2, 2, C], phase (a, b) at output channels (2a + b) * channels..), each
+    phase's output at rows a.., columns b.. of its padded result, interleaved into [B, 2H, 2W,
+    channels] (output pixel (2i + a, 2j + b) from phase (a, b))."""
+    image = as_float32(x.astype(mx.float32))
+    batch, height, width, _ = image.shape
+    y = convolve(cpu_plan.active("convolution"), image, as_float32(kernel), as_float32(bias), 1, 1)
+    phases = y.reshape(batch, height + 1, width + 1, 2, 2, channels)
+    out = np.empty((batch, height, 2, width, 2, channels), np.float32)
+
+    def rows(start: int, stop: int) -> None:
+        for a, b in itertools.product((0, 1), (0, 1)):
+            out[:, start:stop, a, :, b] = phases[:, start + a : stop + a, b : b + width, a, b]
+
+    in_parallel(rows, height)
+    return mx.array(out.reshape(batch, 2 * height, 2 * width, channels))
