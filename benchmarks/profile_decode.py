@@ -3,8 +3,8 @@
 Decodes random latents of a fixture's VAE (default `wide`, 512x512) once per path named with
 `--paths` (default: the plan's choice), after a warm-up decode, with every convolution, GroupNorm,
 resnet block, upsampling block and attention block timed on its own (each evaluated before and
-after; resnet and upsampling blocks include their convolutions and norms; on the CPU kernels a resnet
-block passes NumPy arrays between them, `nn/cpu_vae.py`).
+after; resnet and upsampling blocks include their convolutions and norms; on the CPU kernels these blocks
+pass NumPy arrays between them, `nn/cpu_vae.py`).
 
     python benchmarks/profile_decode.py [--preset wide] [--dtype bfloat16] [--size 512]
         [--paths "onednn convolution fp32" "numpy fp32" ... | numpy onednn (the activations' paths)]
@@ -55,7 +55,7 @@ def main() -> None:
     mx.eval(vae.decode(z))  # warm-up: the libraries' start-up for these shapes
     vae_module.conv2d = timed("convolutions", vae_module.conv2d)
     vae_module.group_norm = timed("GroupNorm (+ SiLU)", vae_module.group_norm)
-    # Inside a resnet block on the CPU kernels (nn/cpu_vae.py) the same, on NumPy arrays.
+    # Inside the resnet and upsampling blocks on the CPU kernels (nn/cpu_vae.py) the same, on NumPy arrays.
     cpu_vae.convolve = timed("convolutions", cpu_vae.convolve)
     cpu_vae.normalized = timed("GroupNorm (+ SiLU)", cpu_vae.normalized)
     for block in (vae_module.ResnetBlock, vae_module.Upsample, vae_module.AttentionBlock):
