@@ -101,7 +101,7 @@ def feed_forward(layers: list[nn.Module], x: mx.array) -> mx.array:
     """An `mlp`: its GELU goes with the first layer (`Linear.gelu_tanh`: one pass over the output on
     the CPU kernels); the list keeps the reference's weight indices (0 and 2)."""
     up, _, down = layers
-    return down(up.gelu_tanh(x))
+    return down(up.gelu_tanh(x, into_gemm=True))
 
 
 def run(layers: list[nn.Module], x: mx.array) -> mx.array:
@@ -153,7 +153,7 @@ class SingleStreamBlock(nn.Module):
 
     def __call__(self, x, vec, rope):
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1.split_gelu_tanh(modulate(x, shift, scale), 3 * self.dim)
+        qkv, mlp = self.linear1.split_gelu_tanh(modulate(x, shift, scale), 3 * self.dim, into_gemm=True)
         attn = joint_attention([(qkv, self.norm)], self.num_heads, rope)
         return x + gate * self.linear2([attn, mlp])  # of their concatenation
 

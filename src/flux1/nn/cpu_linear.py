@@ -19,10 +19,12 @@ from flux1 import cpu_plan
 from flux1.nn.cpu_activations import add_bias_gelu_tanh
 from flux1.nn.cpu_expansion import expanded_weight, scratch_lock
 from flux1.nn.gemm import gemm, operand
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, as_float32, as_numpy, float32_values, in_parallel
 
 
-def linear(x: mx.array | list[mx.array], layer, gelu_from: int | None = None) -> list[mx.array]:
+def linear(
+    x: mx.array | list[mx.array], layer, gelu_from: int | None = None, gelu_into_gemm: bool = False
+) -> list[mx.array]:
     """x @ W^T + bias + the adapters' terms for a `Linear` on the CPU: the product through the plan's
     GEMM (bf16 GEMMs round x and W to bf16), the output, bias and adapters in fp32.
 
@@ -30,8 +32,11 @@ def linear(x: mx.array | list[mx.array], layer, gelu_from: int | None = None) ->
     W, summed in the GEMM's output, in place of copying the parts into their concatenation. Returns
     [y]; with `gelu_from`, [y[..., :gelu_from], gelu_tanh(y[..., gelu_from:])] (for 0 just the
     GELU'd y), each part of the output a GEMM into its own buffer, its GELU applied in the pass that
-    adds the bias (`cpu_activations.add_bias_gelu_tanh`) instead of in passes and copies of its own."""
-    return _product(x if isinstance(x, list) else [x], layer, layer.adapters, gelu_from)
+    adds the bias (`cpu_activations.add_bias_gelu_tanh`) instead of in passes and copies of its own.
+    With `gelu_into_gemm` (the GELU'd part feeds only linear layers) and bf16 GEMMs, that part comes
+    rounded to bf16: the bits the next GEMM rounds it to, half the bytes to copy into MLX and no
+    rounding pass in the next layer. Parts given in bf16 are taken as they are."""
+    return _product(x if isinstance(x, list) else [x], layer, layer.adapters, gelu_from, gelu_into_gemm)
 
 
 def frozen_product(x: mx.array, layer) -> mx.array:
@@ -42,9 +47,11 @@ def frozen_product(x: mx.array, layer) -> mx.array:
     return product(x)
 
 
-def _product(parts: list[mx.array], layer, adapters, gelu_from: int | None) -> list[mx.array]:
+def _product(
+    parts: list[mx.array], layer, adapters, gelu_from: int | None, gelu_into_gemm: bool = False
+) -> list[mx.array]:
     path = cpu_plan.active()
-    inputs = [as_numpy(part.astype(mx.float32)) for part in parts]
+    inputs = [as_numpy(part if part.dtype == mx.bfloat16 else part.astype(mx.float32)) for part in parts]
     leading = inputs[0].shape[:-1]
     flats = [part.reshape(-1, part.shape[-1]) for part in inputs]
     operands = [operand(flat, path) for flat in flats]  # rounded once, not once per output part
@@ -61,7 +68,8 @@ def _product(parts: list[mx.array], layer, adapters, gelu_from: int | None) -> l
     bias = as_float32(layer.bias) if "bias" in layer else None
     terms = []
     if adapters:
-        whole = flats[0] if len(flats) == 1 else np.concatenate(flats, axis=1)
+        fp32 = [float32_values(flat) for flat in flats]
+        whole = fp32[0] if len(fp32) == 1 else np.concatenate(fp32, axis=1)
         terms = [_adapter_term(whole, adapter) for adapter in adapters]
     results = []
     for y, first, last in outputs:
@@ -75,7 +83,10 @@ def _product(parts: list[mx.array], layer, adapters, gelu_from: int | None) -> l
                 in_parallel(partial(_add_to_rows, y, part_bias, part_terms), y.shape[0])
             if gelu:
                 add_bias_gelu_tanh(cpu_plan.active("activation"), y, None)
-        results.append(mx.array(y.reshape(*leading, y.shape[1])))
+        if gelu and gelu_into_gemm and path.dtype == "bf16":
+            results.append(mx.array(as_bf16(y).reshape(*leading, y.shape[1])).view(mx.bfloat16))
+        else:
+            results.append(mx.array(y.reshape(*leading, y.shape[1])))
     return results
 
 

@@ -13,19 +13,24 @@ import itertools
 import mlx.core as mx
 import numpy as np
 
+from flux1 import cpu_plan
 from flux1.nn.attention import attend_heads
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, as_float32, as_numpy, in_parallel
 
 
 def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float) -> mx.array:
     """Attention over the tokens of every stream at once. streams: (qkv [B, L_i, 3 * heads *
     head_dim], q norm scale [head_dim], k norm scale [head_dim]) in token order; cos and sin [B, 1,
-    L, head_dim / 2] for the L = sum L_i tokens. Returns [B, L, heads * head_dim], fp32."""
+    L, head_dim / 2] for the L = sum L_i tokens. Returns [B, L, heads * head_dim] for FLUX's output
+    projections: fp32, or with bf16 GEMMs rounded to bf16 as they take it."""
     q, k, v = normed_rotated_heads(streams, heads, cos, sin, eps)
     batch, _, tokens, head_dim = q.shape
     out = np.empty((batch, tokens, heads, head_dim), np.float32)
     attend_heads(q, k, v, head_dim**-0.5, None, out.transpose(0, 2, 1, 3))  # [b, h]: a head's columns
-    return mx.array(out.reshape(batch, tokens, heads * head_dim))
+    merged = out.reshape(batch, tokens, heads * head_dim)
+    if cpu_plan.active().dtype == "bf16":
+        return mx.array(as_bf16(merged)).view(mx.bfloat16)
+    return mx.array(merged)
 
 
 def normed_rotated_heads(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float):

@@ -17,7 +17,7 @@ import numpy as np
 
 from flux1 import _blas
 from flux1.nn import onednn
-from flux1.nn.numpy_cpu import as_bf16, widen_bf16
+from flux1.nn.numpy_cpu import as_bf16, float32_values
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -104,13 +104,7 @@ def _dnnl(function):
 def operand(x: np.ndarray, path: GemmPath) -> np.ndarray:
     """x (fp32, or bf16 bits as uint16) in the dtype `path` multiplies: bf16 inputs are rounded to
     the nearest bf16, bf16 bits widened exactly to fp32."""
-    if path.dtype == "bf16":
-        return as_bf16(x)
-    if x.dtype == np.uint16:
-        out = np.empty(x.shape, np.float32)
-        widen_bf16(x, out)
-        return out
-    return x
+    return as_bf16(x) if path.dtype == "bf16" else float32_values(x)
 
 
 def gemm(

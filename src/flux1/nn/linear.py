@@ -239,18 +239,19 @@ class Linear(nn.Module):
             y = y + adapter(x)
         return y
 
-    def gelu_tanh(self, x: mx.array) -> mx.array:
+    def gelu_tanh(self, x: mx.array, into_gemm: bool = False) -> mx.array:
         """gelu_tanh(self(x)): an MLP's first layer and its activation, one pass over the output on
-        the CPU kernels (`cpu_linear.linear`)."""
+        the CPU kernels (`cpu_linear.linear`; `into_gemm`: the result feeds only linear layers, so
+        with bf16 GEMMs it may come rounded to bf16 as they take it)."""
         if backend.numpy_kernels():
-            return cpu_linear.linear(x, self, gelu_from=0)[0]
+            return cpu_linear.linear(x, self, gelu_from=0, gelu_into_gemm=into_gemm)[0]
         return gelu_tanh(self(x))
 
-    def split_gelu_tanh(self, x: mx.array, at: int) -> tuple[mx.array, mx.array]:
+    def split_gelu_tanh(self, x: mx.array, at: int, into_gemm: bool = False) -> tuple[mx.array, mx.array]:
         """(y[..., :at], gelu_tanh(y[..., at:])) of y = self(x): FLUX's single block, whose one
-        projection feeds attention and, activated, the MLP."""
+        projection feeds attention and, activated, the MLP (`into_gemm` as for `gelu_tanh`)."""
         if backend.numpy_kernels():
-            return tuple(cpu_linear.linear(x, self, gelu_from=at))
+            return tuple(cpu_linear.linear(x, self, gelu_from=at, gelu_into_gemm=into_gemm))
         head, tail = mx.split(self(x), [at], axis=-1)
         return head, gelu_tanh(tail)
 

@@ -53,12 +53,16 @@ def as_numpy(a: mx.array) -> np.ndarray:
 
 def as_float32(a: mx.array) -> np.ndarray:
     """`a` as fp32 NumPy (a view when it already is fp32)."""
-    if a.dtype == mx.bfloat16:
-        bits = as_numpy(a)
-        out = np.empty(bits.shape, np.float32)
-        widen_bf16(bits, out)
+    return float32_values(as_numpy(a))
+
+
+def float32_values(x: np.ndarray) -> np.ndarray:
+    """x as fp32, uint16 taken as bf16 bits (a view when it already is fp32)."""
+    if x.dtype == np.uint16:
+        out = np.empty(x.shape, np.float32)
+        widen_bf16(x, out)
         return out
-    return as_numpy(a).astype(np.float32, copy=False)
+    return x.astype(np.float32, copy=False)
 
 
 def in_parallel(work, rows: int) -> list:
