@@ -21,7 +21,7 @@ from tests.test_gguf import random_blocks
 from flux1 import backend, cpu_plan
 from flux1.gguf.blocks import LAYOUTS, block_size, decode
 from flux1.models.embeddings import rope_frequencies
-from flux1.models.flux_blocks import QKNorm, joint_attention
+from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
@@ -297,7 +297,7 @@ def test_layer_norm_keeps_mlx_where_onednn_has_only_reference_code(monkeypatch):
     x = mx.random.normal((1, 9, 64), key=mx.random.key(10))
     scale, shift = mx.ones((1, 1, 64)), mx.zeros((1, 1, 64))
     expected = mx.fast.layer_norm(x, None, None, 1e-6)
-    monkeypatch.setattr(onednn, "layer_norm", lambda rows, cols, eps: ReferenceCode())
+    monkeypatch.setattr(onednn, "layer_norm", lambda rows, cols, eps, dtype: ReferenceCode())
     with cpu_plan.use("onednn"):
         assert np.array_equal(np.array(layer_norm(x, 1e-6, scale, shift)), np.array(expected))
 
@@ -508,6 +508,23 @@ def test_an_mlp_hidden_activation_handed_over_in_bf16_changes_no_bit(path):
             )
         )
         assert relative_error(down(hidden), down(up.gelu_tanh(x))) < (4e-3 if path.endswith("bf16") else 1e-7)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_modulated_input_handed_over_in_bf16_is_the_rounded_layer_norm(path):
+    """FLUX's `modulate` feeds only linear layers: with bf16 GEMMs (and oneDNN's layer norm) it comes
+    as bf16, oneDNN writing the nearest bf16 of the fp32 layer norm's values, bit for bit."""
+    x = 3 + mx.random.normal((2, 9, 64), key=mx.random.key(16))
+    shift, scale = (mx.random.normal((2, 1, 64), key=mx.random.key(k)) for k in (17, 18))
+    with cpu_plan.use(path):
+        got = modulate(x, shift, scale)
+        fp32 = np.array(layer_norm(x, 1e-6, 1 + scale, shift))
+        handed_over = path.endswith("bf16") and cpu_plan.active("activation").name == "onednn"
+    if handed_over:
+        assert got.dtype == mx.bfloat16
+        assert np.array_equal(np.array(got.view(mx.uint16)), as_bf16(fp32))
+    else:
+        assert got.dtype == mx.float32 and np.array_equal(np.array(got), fp32)
 
 
 def test_numpy_fp32_linear_is_the_old_computation_bit_for_bit():

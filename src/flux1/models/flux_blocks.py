@@ -41,8 +41,9 @@ class QKNorm(nn.Module):
 
 
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-    """LayerNorm without affine parameters of its own, then the adaptive scale and shift."""
-    return layer_norm(x, _EPS, 1 + scale, shift)
+    """LayerNorm without affine parameters of its own, then the adaptive scale and shift (the input
+    of linear layers only)."""
+    return layer_norm(x, _EPS, 1 + scale, shift, into_gemm=True)
 
 
 class Modulation(nn.Module):

@@ -15,12 +15,17 @@ from flux1.nn.numpy_cpu import as_float32
 
 
 def layer_norm(
-    x: mx.array, eps: float, scale: mx.array | None = None, shift: mx.array | None = None
+    x: mx.array,
+    eps: float,
+    scale: mx.array | None = None,
+    shift: mx.array | None = None,
+    into_gemm: bool = False,
 ) -> mx.array:
     """LN(x) over the last axis, times `scale`, plus `shift`: each [features], [B, 1, features] for
-    x [B, tokens, features], or None (1 and 0)."""
+    x [B, tokens, features], or None (1 and 0). `into_gemm`: the result feeds only linear layers, so
+    with bf16 GEMMs oneDNN may write it rounded to bf16 as they take it."""
     if backend.numpy_kernels() and cpu_plan.active("activation").name == "onednn":
-        y = _onednn_layer_norm(x, eps, scale, shift)
+        y = _onednn_layer_norm(x, eps, scale, shift, into_gemm and cpu_plan.active().dtype == "bf16")
         if y is not None:
             return y
     if scale is None or scale.ndim == 1:
@@ -29,14 +34,15 @@ def layer_norm(
     return scale * mx.fast.layer_norm(x, None, None, eps) + shift
 
 
-def _onednn_layer_norm(x: mx.array, eps: float, scale, shift) -> mx.array | None:
-    """None where oneDNN has only its reference code for this shape (not what the plan measured)."""
+def _onednn_layer_norm(x: mx.array, eps: float, scale, shift, bf16: bool) -> mx.array | None:
+    """None where oneDNN has only its reference code for this shape (not what the plan measured);
+    with `bf16` the result in bf16."""
     features = x.shape[-1]
     samples = x.shape[0] if scale is not None and scale.ndim > 1 else 1
     rows = x.size // features // samples
     if rows == 0:
         return None
-    primitive = onednn.layer_norm(rows, features, eps)
+    primitive = onednn.layer_norm(rows, features, eps, "bf16" if bf16 else "fp32")
     if primitive.implementation.startswith("ref"):
         return None
     values = np.ascontiguousarray(as_float32(x.astype(mx.float32))).reshape(samples, rows, features)
@@ -44,8 +50,10 @@ def _onednn_layer_norm(x: mx.array, eps: float, scale, shift) -> mx.array | None
         np.broadcast_to(default if a is None else as_float32(a).reshape(-1, features), (samples, features))
         for a, default in ((scale, np.ones(features, np.float32)), (shift, np.zeros(features, np.float32)))
     ]
-    out = np.empty_like(values)
+    out = np.empty(values.shape, np.uint16 if bf16 else np.float32)
     for sample in range(samples):
         scale_row, shift_row = (np.ascontiguousarray(a[sample]) for a in per_sample)
         primitive(values[sample], scale_row, shift_row, out[sample])
+    if bf16:
+        return mx.array(out.reshape(x.shape)).view(mx.bfloat16)
     return mx.array(out.reshape(x.shape)).astype(x.dtype)

@@ -371,12 +371,14 @@ class GroupAffine(_Fused):
 
 class LayerNorm(_Handles):
     """out = (x - mean) / sqrt(variance + eps) * scale + shift over each row of x [rows, cols], the
-    statistics of each row, scale and shift [cols]; all fp32, C-contiguous; out may be x."""
+    statistics of each row, scale and shift [cols]; fp32, out in `dtype` (fp32, or bf16 bits rounded
+    to nearest), C-contiguous; out may be x if fp32."""
 
-    def __init__(self, rows: int, cols: int, eps: float):
+    def __init__(self, rows: int, cols: int, eps: float, dtype: str = "fp32"):
         super().__init__()
         lib, engine, _ = _runtime()
         self.rows, self.per_column = self._own("md", _dense((rows, cols))), self._own("md", _dense((cols,)))
+        self.out = self._own("md", _dense((rows, cols), dtype))
         statistics = self._own("md", _dense((rows,)))
         desc = self._own("pd", _V())
         _check(
@@ -385,7 +387,7 @@ class LayerNorm(_Handles):
                 engine,
                 _FORWARD_INFERENCE,
                 self.rows,
-                self.rows,
+                self.out,
                 statistics,
                 ctypes.c_float(eps),
                 _USE_SCALE | _USE_SHIFT,
@@ -396,7 +398,7 @@ class LayerNorm(_Handles):
         self.primitive = self._compiled(desc)
 
     def __call__(self, x: np.ndarray, scale: np.ndarray, shift: np.ndarray, out: np.ndarray) -> np.ndarray:
-        arguments = {_SRC: (self.rows, x), _DST: (self.rows, out)}
+        arguments = {_SRC: (self.rows, x), _DST: (self.out, out)}
         arguments[_SCALE], arguments[_SHIFT] = (self.per_column, scale), (self.per_column, shift)
         _execute(self.primitive, arguments)
         return out
@@ -450,8 +452,8 @@ def group_affine(groups: int, size: int, dtype: str) -> GroupAffine:
 
 
 @functools.lru_cache(maxsize=64)
-def layer_norm(rows: int, cols: int, eps: float) -> LayerNorm:
-    return LayerNorm(rows, cols, eps)
+def layer_norm(rows: int, cols: int, eps: float, dtype: str = "fp32") -> LayerNorm:
+    return LayerNorm(rows, cols, eps, dtype)
 
 
 @functools.lru_cache(maxsize=64)
