@@ -297,9 +297,33 @@ def test_layer_norm_keeps_mlx_where_onednn_has_only_reference_code(monkeypatch):
     x = mx.random.normal((1, 9, 64), key=mx.random.key(10))
     scale, shift = mx.ones((1, 1, 64)), mx.zeros((1, 1, 64))
     expected = mx.fast.layer_norm(x, None, None, 1e-6)
-    monkeypatch.setattr(onednn, "layer_norm", lambda rows, cols, eps, dtype: ReferenceCode())
+    monkeypatch.setattr(onednn, "layer_norm", lambda rows, cols, eps, dtype="fp32": ReferenceCode())
     with cpu_plan.use("onednn"):
         assert np.array_equal(np.array(layer_norm(x, 1e-6, scale, shift)), np.array(expected))
+
+
+@pytest.mark.skipif("onednn" not in activation_paths(), reason="oneDNN is not installed")
+@pytest.mark.parametrize("path", [name for name in PATHS if name.endswith("bf16")])
+def test_a_modulated_input_stays_fp32_where_onednn_writes_bf16_only_in_reference_code(path, monkeypatch):
+    """Where oneDNN's layer norm has compiled code for fp32 but not for a bf16 result, the modulated
+    input comes in fp32 from the compiled one (the next GEMM rounds it), not from MLX's layer norm."""
+    x = mx.random.normal((2, 9, 64), key=mx.random.key(10))
+    shift, scale = (mx.random.normal((2, 1, 64), key=mx.random.key(k)) for k in (11, 12))
+    with cpu_plan.use(path):
+        expected = np.array(layer_norm(x, 1e-6, 1 + scale, shift))
+    compiled = onednn.layer_norm
+    monkeypatch.setattr(
+        onednn,
+        "layer_norm",
+        lambda rows, cols, eps, dtype="fp32": (
+            ReferenceCode() if dtype == "bf16" else compiled(rows, cols, eps)
+        ),
+    )
+    with cpu_plan.use(path):
+        if cpu_plan.active("activation").name != "onednn":
+            pytest.skip("the plan computes activations through NumPy here")
+        got = modulate(x, shift, scale)
+    assert got.dtype == mx.float32 and np.array_equal(np.array(got), expected)
 
 
 EXPANSION_KERNELS = sorted({path.kernel for path in expansion_paths().values()})

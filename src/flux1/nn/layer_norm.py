@@ -36,13 +36,15 @@ def layer_norm(
 
 def _onednn_layer_norm(x: mx.array, eps: float, scale, shift, bf16: bool) -> mx.array | None:
     """None where oneDNN has only its reference code for this shape (not what the plan measured);
-    with `bf16` the result in bf16."""
+    with `bf16` the result in bf16 where oneDNN compiled that, else fp32."""
     features = x.shape[-1]
     samples = x.shape[0] if scale is not None and scale.ndim > 1 else 1
     rows = x.size // features // samples
     if rows == 0:
         return None
-    primitive = onednn.layer_norm(rows, features, eps, "bf16" if bf16 else "fp32")
+    primitive = onednn.layer_norm(rows, features, eps, "bf16") if bf16 else None
+    if primitive is None or primitive.implementation.startswith("ref"):
+        bf16, primitive = False, onednn.layer_norm(rows, features, eps)
     if primitive.implementation.startswith("ref"):
         return None
     values = np.ascontiguousarray(as_float32(x.astype(mx.float32))).reshape(samples, rows, features)
