@@ -37,6 +37,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from flux1 import user_cache
@@ -223,8 +224,6 @@ def measure_activation(paths: dict[str, ActivationPath], repeats: int = 3) -> di
 def measure_expansion(paths: dict[str, ExpansionPath], repeats: int = 3) -> dict[str, float]:
     """G values/s of each path expanding a 4-bit weight of EXPANSION's shape, best of `repeats` after
     a first call."""
-    import mlx.core as mx
-
     from flux1.nn.linear import Linear  # here: it imports the CPU kernels, which import the plan
 
     rows, cols = EXPANSION

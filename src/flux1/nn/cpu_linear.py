@@ -83,11 +83,17 @@ def _product(
                 in_parallel(partial(_add_to_rows, y, part_bias, part_terms), y.shape[0])
             if gelu:
                 add_bias_gelu_tanh(cpu_plan.active("activation"), y, None)
-        if gelu and gelu_into_gemm and path.dtype == "bf16":
-            results.append(mx.array(as_bf16(y).reshape(*leading, y.shape[1])).view(mx.bfloat16))
-        else:
-            results.append(mx.array(y.reshape(*leading, y.shape[1])))
+        y = y.reshape(*leading, y.shape[1])
+        results.append(gemm_input(y) if gelu and gelu_into_gemm else mx.array(y))
     return results
+
+
+def gemm_input(y: np.ndarray) -> mx.array:
+    """fp32 y as an MLX array for linear layers only: with bf16 GEMMs rounded to bf16, the bits their
+    GEMM would round it to (half the bytes to copy, no rounding pass in the next layer)."""
+    if cpu_plan.active().dtype == "bf16":
+        return mx.array(as_bf16(y)).view(mx.bfloat16)
+    return mx.array(y)
 
 
 def _input_gradient(dy: mx.array, layer) -> mx.array:

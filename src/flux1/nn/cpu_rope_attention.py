@@ -13,9 +13,9 @@ import itertools
 import mlx.core as mx
 import numpy as np
 
-from flux1 import cpu_plan
 from flux1.nn.attention import attend_heads
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, as_float32, as_numpy, in_parallel
+from flux1.nn.cpu_linear import gemm_input
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
 
 
 def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float) -> mx.array:
@@ -27,10 +27,7 @@ def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.arra
     batch, _, tokens, head_dim = q.shape
     out = np.empty((batch, tokens, heads, head_dim), np.float32)
     attend_heads(q, k, v, head_dim**-0.5, None, out.transpose(0, 2, 1, 3))  # [b, h]: a head's columns
-    merged = out.reshape(batch, tokens, heads * head_dim)
-    if cpu_plan.active().dtype == "bf16":
-        return mx.array(as_bf16(merged)).view(mx.bfloat16)
-    return mx.array(merged)
+    return gemm_input(out.reshape(batch, tokens, heads * head_dim))
 
 
 def normed_rotated_heads(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float):

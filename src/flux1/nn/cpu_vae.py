@@ -23,9 +23,12 @@ def resnet_block(x: mx.array, block, eps: float) -> mx.array:
     """shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x)))))) of x [B, H, W, C] NHWC, for a
     `models.vae.ResnetBlock` (its shortcut a 1x1 convolution, or none)."""
     image = as_float32(x.astype(mx.float32))
-    h = _convolved(_normed_silu(image, block.norm1, eps), block.conv1)
-    h = _convolved(_normed_silu(h, block.norm2, eps), block.conv2)
-    skip = _convolved(image, block.conv_shortcut) if "conv_shortcut" in block else image
+    h = _convolved(_normed_silu(image, block.norm1, eps), block.conv1.weight, block.conv1.bias, 1)
+    h = _convolved(_normed_silu(h, block.norm2, eps), block.conv2.weight, block.conv2.bias, 1)
+    if "conv_shortcut" in block:
+        skip = _convolved(image, block.conv_shortcut.weight, block.conv_shortcut.bias, 0)
+    else:
+        skip = image
     flat, residual = h.reshape(-1), skip.reshape(-1)
     in_parallel(
         lambda start, stop: np.add(flat[start:stop], residual[start:stop], out=flat[start:stop]), flat.size
@@ -41,9 +44,10 @@ def _normed_silu(image: np.ndarray, norm, eps: float) -> np.ndarray:
     ).reshape(image.shape)
 
 
-def _convolved(image: np.ndarray, conv) -> np.ndarray:
+def _convolved(image: np.ndarray, kernel: mx.array, bias: mx.array, padding: int) -> np.ndarray:
+    """image convolved with stride 1 through the plan's convolution path."""
     path = cpu_plan.active("convolution")
-    return convolve(path, image, as_float32(conv.weight), as_float32(conv.bias), conv.stride, conv.padding)
+    return convolve(path, image, as_float32(kernel), as_float32(bias), 1, padding)
 
 
 def upsampled(x: mx.array, kernel: mx.array, bias: mx.array, channels: int) -> mx.array:
@@ -53,7 +57,7 @@ def upsampled(x: mx.array, kernel: mx.array, bias: mx.array, channels: int) -> m
     channels] (output pixel (2i + a, 2j + b) from phase (a, b))."""
     image = as_float32(x.astype(mx.float32))
     batch, height, width, _ = image.shape
-    y = convolve(cpu_plan.active("convolution"), image, as_float32(kernel), as_float32(bias), 1, 1)
+    y = _convolved(image, kernel, bias, 1)
     phases = y.reshape(batch, height + 1, width + 1, 2, 2, channels)
     out = np.empty((batch, height, 2, width, 2, channels), np.float32)
 

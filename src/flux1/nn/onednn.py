@@ -5,10 +5,10 @@ AVX512-BF16, AMX). The convolution also picks the weights' blocked layout that k
 call reorders the kernel into that layout (milliseconds) and runs the convolution straight on the
 NHWC image, with the padding, stride and bias inside the kernel. The elementwise primitives (softmax,
 GELU, bias + GELU, scale-shift-SiLU, layer norm, rounding to bf16, the affine expansion of quantized
-weights) are one pass over memory each, the whole chain
-of operations fused into one compiled loop on all cores, where NumPy runs a pass per operation (and,
-on AVX2, exp and tanh unvectorized) and MLX a pass per operation on one core; the plan measures
-oneDNN against NumPy (`nn/cpu_activations.py`). Buffers are NumPy arrays used in place.
+weights) are one pass over memory each, the whole chain of operations fused into one compiled loop on
+all cores, where NumPy runs a pass per operation (and, on AVX2, exp and tanh unvectorized) and MLX a
+pass per operation on one core; the plan measures oneDNN against NumPy (`nn/cpu_activations.py`).
+Buffers are NumPy arrays used in place.
 """
 
 import ctypes
