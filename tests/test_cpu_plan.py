@@ -50,21 +50,23 @@ def test_bf16_rounding_is_mlx_round_to_nearest_even(monkeypatch):
 @pytest.mark.parametrize("m, k, n", [(37, 129, 53), (1, 300, 7), (65, 3, 1)])
 def test_gemm_path_equals_float64_product(name, m, k, n):
     """Row-major and transposed operands, a row slice of a wider matrix (leading dimension > width),
-    and alpha; the output written into a slice of a wider buffer."""
+    alpha, and a second product added to the first; the output written into a slice of a wider
+    buffer."""
     path = available_paths()[name]
     rng = np.random.default_rng(m)
     a = rng.standard_normal((m, k + 5), np.float32)[:, :k]
     w = rng.standard_normal((n, k), np.float32)
     wide = np.full((m, n + 3), 7.0, np.float32)
-    for b in (w.T, np.ascontiguousarray(w.T)):
-        got = gemm(path, a, b, out=wide[:, :n], alpha=0.5)
+    for x, b in ((a, w.T), (np.ascontiguousarray(a.T).T, np.ascontiguousarray(w.T))):
+        gemm(path, x, b, out=wide[:, :n], alpha=0.5)
+        got = gemm(path, x, b, out=wide[:, :n], accumulate=True)
         assert np.all(wide[:, n:] == 7.0)  # nothing written outside the output
         if path.dtype == "fp32":
-            assert relative_error(got, 0.5 * (a.astype(np.float64) @ b)) < 1e-6
+            assert relative_error(got, 1.5 * (a.astype(np.float64) @ b)) < 1e-6
         else:
             rounded = widened(as_bf16(a)).astype(np.float64) @ widened(as_bf16(b.T)).T
-            assert relative_error(got, 0.5 * rounded) < 1e-6
-            assert relative_error(got, 0.5 * (a @ b)) < 4e-3
+            assert relative_error(got, 1.5 * rounded) < 1e-6
+            assert relative_error(got, 1.5 * (a @ b)) < 4e-3
 
 
 @pytest.fixture

@@ -394,6 +394,10 @@ def require_bf16() -> None:
         )
 
 
+def _library_of(path: GemmPath) -> str:
+    return path.library + ("'s matmul primitive" if " matmul " in path.name else "")
+
+
 def describe(quantized: bool = False) -> str:
     """One line for the generation record and --verbose: the library, the GEMM dtype and its rate
     (for a quantized model also how its weights are expanded)."""
@@ -405,11 +409,11 @@ def describe(quantized: bool = False) -> str:
     dtype = "bf16 inputs, fp32 sums" if path.dtype == "bf16" else "fp32"
     rate = current.rates["linear"].get(path.name)
     measured = f", {rate:.0f} GFLOP/s measured" if rate and current.measured != "-" else ""
-    line = f"CPU GEMMs {dtype} through {path.library}{measured} on {cpu_model()}"
+    line = f"CPU GEMMs {dtype} through {_library_of(path)}{measured} on {cpu_model()}"
     heads = active("attention")
     if any(head != path for head in heads):
         line += "; attention: q k^T " + " and probabilities @ v ".join(
-            f"{head.dtype} through {head.library}" for head in heads
+            f"{head.dtype} through {_library_of(head)}" for head in heads
         )
     convolution = active("convolution")
     how = "oneDNN's convolution" if convolution.gemm is None else "unfolded windows through a GEMM"

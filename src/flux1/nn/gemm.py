@@ -71,6 +71,9 @@ def available_paths() -> dict[str, GemmPath]:
         paths.append(GemmPath("onednn fp32", name, "fp32", _dnnl(dnnl.dnnl_sgemm)))
         if bf16:
             paths.append(GemmPath("onednn bf16", name, "bf16", _dnnl(dnnl.dnnl_gemm_bf16bf16f32)))
+        paths.append(GemmPath("onednn matmul fp32", name, "fp32", _matmul("fp32")))
+        if bf16:
+            paths.append(GemmPath("onednn matmul bf16", name, "bf16", _matmul("bf16")))
     return {path.name: path for path in paths}
 
 
@@ -97,6 +100,17 @@ def _dnnl(function):
         status = function(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
         if status:
             raise RuntimeError(f"oneDNN GEMM {m}x{k} @ {k}x{n} failed with status {status}")
+
+    return call
+
+
+def _matmul(dtype: str):
+    """oneDNN's matmul primitive, made once per shape and layout: its brgemm kernels (AMX tiles where
+    the CPU has them), which its GEMM API does not use."""
+
+    def call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        a_strides, b_strides = ((1, lda) if trans_a else (lda, 1)), ((1, ldb) if trans_b else (ldb, 1))
+        onednn.matmul(m, n, k, a_strides, b_strides, ldc, alpha, beta != 0.0, dtype)(a, b, c)
 
     return call
 

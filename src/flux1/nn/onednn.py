@@ -109,16 +109,16 @@ def _primitive(desc: _V) -> _V:
     return primitive
 
 
-def _execute(primitive: _V, arguments: dict[int, tuple[_V, np.ndarray]]) -> None:
-    """Runs `primitive` on NumPy buffers: {DNNL_ARG_*: (memory descriptor, buffer)}."""
+def _execute(primitive: _V, arguments: dict[int, tuple[_V, np.ndarray | int]]) -> None:
+    """Runs `primitive` on NumPy buffers (or their addresses): {DNNL_ARG_*: (memory descriptor,
+    buffer)}."""
     lib, engine, stream = _runtime()
     memories = []
     try:
         for desc, buffer in arguments.values():
             memory = _V()
-            _check(
-                lib.dnnl_memory_create(ctypes.byref(memory), desc, engine, _V(buffer.ctypes.data)), "memory"
-            )
+            address = buffer if isinstance(buffer, int) else buffer.ctypes.data
+            _check(lib.dnnl_memory_create(ctypes.byref(memory), desc, engine, _V(address)), "memory")
             memories.append(memory)
         args = (_Arg * len(memories))(*(_Arg(a, m) for a, m in zip(arguments, memories, strict=True)))
         _check(lib.dnnl_primitive_execute(primitive, stream, len(memories), args), "executing a primitive")
@@ -139,6 +139,29 @@ class _Handles:
         self._destroy["primitive"] = lib.dnnl_primitive_destroy
         self._destroy["attr"] = lib.dnnl_primitive_attr_destroy
         self._destroy["post-ops"] = lib.dnnl_post_ops_destroy
+
+    def _attributes(self, post_ops: list[tuple], operand: _V | None = None) -> _V:
+        """Primitive attributes holding a chain of post-ops: ("eltwise", algorithm, alpha, beta),
+        ("binary", algorithm) taking an operand described by `operand`, or ("sum",) adding the
+        destination's previous values."""
+        lib = _runtime()[0]
+        chain, attributes = self._own("post-ops", _V()), self._own("attr", _V())
+        _check(lib.dnnl_post_ops_create(ctypes.byref(chain)), "creating post-ops")
+        for op in post_ops:
+            if op[0] == "eltwise":
+                status = lib.dnnl_post_ops_append_eltwise(
+                    chain, op[1], ctypes.c_float(op[2]), ctypes.c_float(op[3])
+                )
+            elif op[0] == "sum":
+                status = lib.dnnl_post_ops_append_sum(
+                    chain, ctypes.c_float(1.0), 0, 0
+                )  # dnnl_data_type_undef
+            else:
+                status = lib.dnnl_post_ops_append_binary(chain, op[1], operand)
+            _check(status, f"appending the post-op {op}")
+        _check(lib.dnnl_primitive_attr_create(ctypes.byref(attributes)), "creating attributes")
+        _check(lib.dnnl_primitive_attr_set_post_ops(attributes, chain), "setting post-ops")
+        return attributes
 
     def _own(self, kind: str, handle: _V) -> _V:
         self._owned.append((kind, handle))
@@ -238,24 +261,47 @@ class _Fused(_Handles):
         """post_ops: ("eltwise", algorithm, alpha, beta) or ("binary", algorithm), each binary one
         taking an operand described by y."""
         lib, engine, _ = _runtime()
-        chain, attributes = self._own("post-ops", _V()), self._own("attr", _V())
-        _check(lib.dnnl_post_ops_create(ctypes.byref(chain)), "creating post-ops")
-        for op in post_ops:
-            if op[0] == "eltwise":
-                status = lib.dnnl_post_ops_append_eltwise(
-                    chain, op[1], ctypes.c_float(op[2]), ctypes.c_float(op[3])
-                )
-            else:
-                status = lib.dnnl_post_ops_append_binary(chain, op[1], y)
-            _check(status, f"appending the post-op {op}")
-        _check(lib.dnnl_primitive_attr_create(ctypes.byref(attributes)), "creating attributes")
-        _check(lib.dnnl_primitive_attr_set_post_ops(attributes, chain), "setting post-ops")
+        attributes = self._attributes(post_ops, y)
         desc = self._own("pd", _V())
         _check(
             lib.dnnl_binary_primitive_desc_create(ctypes.byref(desc), engine, algorithm, x, y, x, attributes),
             f"choosing {what}",
         )
         self.primitive = self._compiled(desc)
+
+
+class Matmul(_Handles):
+    """c [m, n] (fp32, rows ldc apart) = alpha a [m, k] @ b [k, n], plus c's previous values if
+    `accumulate`: the matmul primitive (oneDNN's brgemm kernels, AMX tiles where the CPU has them).
+    a and b in `dtype` (fp32, or bf16 bits as uint16), laid out by element strides (a transposed
+    row-major matrix is strides (1, leading dimension))."""
+
+    def __init__(self, m, n, k, a_strides, b_strides, ldc, alpha: float, accumulate: bool, dtype: str):
+        super().__init__()
+        lib, engine, _ = _runtime()
+        self.a = self._own("md", _memory_desc((m, k), a_strides, dtype))
+        self.b = self._own("md", _memory_desc((k, n), b_strides, dtype))
+        self.c = self._own("md", _memory_desc((m, n), (ldc, 1), "fp32"))
+        post_ops = ([("eltwise", _LINEAR, alpha, 0.0)] if alpha != 1.0 else []) + (
+            [("sum",)] if accumulate else []
+        )
+        desc = self._own("pd", _V())
+        _check(
+            lib.dnnl_matmul_primitive_desc_create(
+                ctypes.byref(desc), engine, self.a, self.b, None, self.c, self._attributes(post_ops)
+            ),
+            f"choosing a {dtype} matmul {m}x{k} @ {k}x{n}",
+        )
+        self.primitive = self._compiled(desc)
+
+    def __call__(self, a: int, b: int, c: int) -> None:
+        """a, b, c: the buffers' addresses."""
+        _execute(self.primitive, {_SRC: (self.a, a), _WEIGHTS: (self.b, b), _DST: (self.c, c)})
+
+
+@functools.lru_cache(maxsize=256)
+def matmul(m, n, k, a_strides, b_strides, ldc, alpha: float, accumulate: bool, dtype: str) -> Matmul:
+    return Matmul(m, n, k, a_strides, b_strides, ldc, alpha, accumulate, dtype)
 
 
 class Softmax(_Handles):
