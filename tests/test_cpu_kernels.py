@@ -23,6 +23,7 @@ from flux1.gguf.blocks import LAYOUTS, block_size, decode
 from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
+from flux1.nn import attention as attention_module
 from flux1.nn import onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
@@ -59,7 +60,16 @@ def reference_attention(q, k, v, scale, mask, round_inputs) -> np.ndarray:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_cpu_attention_equals_mlx_kernel(with_mask, path):
+@pytest.mark.parametrize("scores_values", [None, 5 * 17])
+def test_cpu_attention_equals_mlx_kernel(with_mask, path, scores_values, monkeypatch):
+    """Whole heads, and heads in blocks of 5 query rows (the last one 2)."""
+    blocks = []
+    if scores_values:
+        monkeypatch.setattr(attention_module, "SCORES_VALUES", scores_values)
+        head = attention_module.head_attention
+        monkeypatch.setattr(
+            attention_module, "head_attention", lambda *a: blocks.append(len(a[2])) or head(*a)
+        )
     shape = (2, 3, 17, 8)
     q, k, v = (mx.random.normal(shape, key=mx.random.key(i)) for i in range(3))
     mask = mx.random.normal((1, 3, 17, 17), key=mx.random.key(9)) if with_mask else None
@@ -69,6 +79,7 @@ def test_cpu_attention_equals_mlx_kernel(with_mask, path):
     bf16 = path.endswith("bf16")
     assert relative_error(got, expected) < (8e-3 if bf16 else 1e-5)
     assert relative_error(got, reference_attention(q, k, v, 0.3, mask, bf16)) < (1e-3 if bf16 else 1e-5)
+    assert blocks == ([5, 5, 5, 2] * 6 if scores_values else [])
 
 
 @pytest.mark.parametrize("path", PATHS)
