@@ -55,10 +55,15 @@ def upsampled(x: mx.array, kernel: mx.array, bias: mx.array, channels: int) -> m
     (kernel [4 * channels, 2, 2, C], phase (a, b) at output channels (2a + b) * channels..), each
     phase's output at rows a.., columns b.. of its padded result, interleaved into [B, 2H, 2W,
     channels] (output pixel (2i + a, 2j + b) from phase (a, b))."""
-    image = as_float32(x.astype(mx.float32))
-    batch, height, width, _ = image.shape
-    y = _convolved(image, kernel, bias, 1)
-    phases = y.reshape(batch, height + 1, width + 1, 2, 2, channels)
+    batch, height, width, _ = x.shape
+    y = _convolved(as_float32(x.astype(mx.float32)), kernel, bias, 1)
+    out = _interleaved(y.reshape(batch, height + 1, width + 1, 2, 2, channels), height, width)
+    del y  # freed before the copy into MLX, which reuses it (at 1024x1024 the phases are 1 GB)
+    return mx.array(out.reshape(batch, 2 * height, 2 * width, channels))
+
+
+def _interleaved(phases: np.ndarray, height: int, width: int) -> np.ndarray:
+    batch, channels = phases.shape[0], phases.shape[-1]
     out = np.empty((batch, height, 2, width, 2, channels), np.float32)
 
     def rows(start: int, stop: int) -> None:
@@ -66,4 +71,4 @@ def upsampled(x: mx.array, kernel: mx.array, bias: mx.array, channels: int) -> m
             out[:, start:stop, a, :, b] = phases[:, start + a : stop + a, b : b + width, a, b]
 
     in_parallel(rows, height)
-    return mx.array(out.reshape(batch, 2 * height, 2 * width, channels))
+    return out

@@ -18,7 +18,7 @@ from flux1.nn import onednn
 THREADS = os.cpu_count() or 1
 _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="flux1-cpu")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-_KEEP_FREED_BYTES = 2**30
+_KEEP_FREED_BYTES = 2**31
 CACHED_VALUES = 2**17  # 512 KB of float32: a block that one core's L2 cache holds
 
 
@@ -28,10 +28,13 @@ def _serve_large_blocks_from_the_heap() -> None:
     of system time per `wide` step (Zen 4). From the heap, which is reused, fewer; but glibc still
     hands the heap's free top back to the kernel whenever it passes 128 KB, so a large activation
     freed at the top is faulted in again by the next one (a 1280 x 12288 fp32 array: 15,328 faults,
-    which tests/test_cpu_kernels.py counts). Up to 1 GiB of freed heap is kept for reuse: on 2 Intel
+    which tests/test_cpu_kernels.py counts). Up to 2 GiB of freed heap is kept for reuse: on 2 Intel
     Xeon cores with AMX (`/usr/bin/time python benchmarks/profile_step.py --dtype bfloat16 --repeats
-    5`) the `wide` step went from 1.197 to 0.935 s, the run's page faults from 924k to 418k, its peak
-    RSS unchanged (1.81 GB)."""
+    5`) keeping 1 GiB took the `wide` step from 1.197 to 0.935 s, the run's page faults from 924k to
+    418k, its peak RSS unchanged (1.81 GB); 2 GiB, so that the 1 GB of a 1024x1024 decode's last
+    upsampling phases, freed before its output is copied into MLX, serves that copy: a warm decode
+    12.36, 12.50 s -> 10.68, 10.21 s, peak RSS 5.51 -> 3.86 GB (`/usr/bin/time python
+    benchmarks/profile_decode.py --dtype bfloat16 --size 1024`)."""
     if sys.platform.startswith("linux"):
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
         if mallopt is not None:
