@@ -21,6 +21,7 @@ from flux1 import _blas
 _V = ctypes.c_void_p
 _Dims = ctypes.c_int64 * 12  # DNNL_MAX_NDIMS
 _DTYPES = {"bf16": 2, "fp32": 3}  # dnnl_data_type_t
+_UNDEFINED_TYPE = 0  # dnnl_data_type_undef: a sum post-op in the destination's dtype
 _FORMAT_ANY = 1  # dnnl_format_tag_any: the primitive chooses the layout
 _FORWARD_INFERENCE, _CONVOLUTION_DIRECT = 96, 1
 _QUERY_IMPLEMENTATION, _QUERY_WEIGHTS = 8, 131  # dnnl_query_impl_info_str, dnnl_query_weights_md
@@ -153,9 +154,7 @@ class _Handles:
                     chain, op[1], ctypes.c_float(op[2]), ctypes.c_float(op[3])
                 )
             elif op[0] == "sum":
-                status = lib.dnnl_post_ops_append_sum(
-                    chain, ctypes.c_float(1.0), 0, 0
-                )  # dnnl_data_type_undef
+                status = lib.dnnl_post_ops_append_sum(chain, ctypes.c_float(1.0), 0, _UNDEFINED_TYPE)
             else:
                 status = lib.dnnl_post_ops_append_binary(chain, op[1], operand)
             _check(status, f"appending the post-op {op}")
@@ -282,9 +281,9 @@ class Matmul(_Handles):
         self.a = self._own("md", _memory_desc((m, k), a_strides, dtype))
         self.b = self._own("md", _memory_desc((k, n), b_strides, dtype))
         self.c = self._own("md", _memory_desc((m, n), (ldc, 1), "fp32"))
-        post_ops = ([("eltwise", _LINEAR, alpha, 0.0)] if alpha != 1.0 else []) + (
-            [("sum",)] if accumulate else []
-        )
+        post_ops = [("eltwise", _LINEAR, alpha, 0.0)] if alpha != 1.0 else []  # alpha * a @ b
+        if accumulate:
+            post_ops.append(("sum",))  # then + c
         desc = self._own("pd", _V())
         _check(
             lib.dnnl_matmul_primitive_desc_create(
