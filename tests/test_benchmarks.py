@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from flux1.nn.gemm import available_paths
 from flux1.sheet import LINE_HEIGHT
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -182,3 +183,22 @@ def test_train_step_prints_every_row(tmp_path):
     rows = [line.rsplit(maxsplit=2) for line in table[3:]]
     assert [row[0] for row in rows] == ["flux1", "flux1, FLUX1_COMPUTE=mlx", "diffusers + peft"]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+
+
+def test_gemm_rates_prints_every_path_and_torch():
+    out = _run("gemm_rates.py", "--size", "64", "--text-tokens", "16", "--repeats", "1")
+    lines = out.splitlines()
+    assert lines[0].startswith("CPU: ") and lines[1].startswith("torch: torch ")
+    table = [line.strip("|").split("|") for line in lines if line.startswith("| ")]
+    columns = [c.strip() for c in table[0][1:]]
+    assert columns[: len(available_paths())] == list(available_paths())
+    assert columns[-2:] == ["torch bf16", "torch fp32"]
+    rows = {row[0].strip(): [c.strip() for c in row[1:]] for row in table[1:]}
+    assert len(rows) == 11 and "single linear1" in rows and "attention head" in rows
+    for what, cells in rows.items():
+        filled = [c for c in cells if c]
+        if what == "attention head":  # flux1's attention at each precision, and torch's
+            assert len(filled) == len(columns) - len(available_paths())
+        else:  # every GEMM path and torch in both dtypes
+            assert len(filled) == len(available_paths()) + 2
+        assert all(float(c) > 0 for c in filled), (what, cells)
