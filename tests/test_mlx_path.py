@@ -48,16 +48,20 @@ def _residual_dtypes(model, x: dict) -> dict[str, mx.Dtype]:
     """The dtype of the residual stream after the first double and single block, and of the output."""
     seen = {}
 
-    def recording(block, name):
-        def call(*args):
-            out = block(*args)
-            seen[name] = (out[0] if isinstance(out, tuple) else out).dtype
+    class Recording:
+        def __init__(self, block, name):
+            self.block, self.name = block, name
+
+        def modulations(self, vec):
+            return self.block.modulations(vec)
+
+        def __call__(self, *args):
+            out = self.block(*args)
+            seen[self.name] = (out[0] if isinstance(out, tuple) else out).dtype
             return out
 
-        return call
-
-    model.double_blocks[0] = recording(model.double_blocks[0], "double block")
-    model.single_blocks[0] = recording(model.single_blocks[0], "single block")
+    model.double_blocks[0] = Recording(model.double_blocks[0], "double block")
+    model.single_blocks[0] = Recording(model.single_blocks[0], "single block")
     img = mx.array(x["img"]).astype(mx.bfloat16)
     out = model(
         img,

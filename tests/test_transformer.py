@@ -101,3 +101,30 @@ def test_dev_transformer_requires_guidance(tmp_path):
     transformer_fixture.write(tmp_path, configs("tiny", "dev")["transformer"], "float32", seed=0)
     with pytest.raises(ValueError, match="FLUX.1-dev\\) needs a guidance value"):
         _ours(load_transformer(tmp_path), _inputs(False))
+
+
+def test_several_steps_modulations_at_once_equal_diffusers_at_each_step(transformer_folder, compute_path):
+    """`step_modulations`: the modulations of 3 steps from one product per modulation layer (a batch
+    of 2 images, so 6 rows), each step's velocity against diffusers' at that step's timestep."""
+    reference = FluxTransformer2DModel.from_pretrained(transformer_folder)
+    model = load_transformer(transformer_folder)
+    x = _inputs(model.guidance_embeds)
+    x["img"], x["txt"] = (np.concatenate([a, 0.5 * a]) for a in (x["img"], x["txt"]))
+    x["y"] = np.concatenate([x["y"], -x["y"]])
+    timesteps = np.array([1.0, 0.75, 0.2], np.float32)
+    guidance = None if x["guidance"] is None else mx.array(x["guidance"])
+    steps = model.step_modulations(mx.array(timesteps), mx.array(x["y"]), guidance, mx.float32)
+    assert len(steps) == 3
+    for t, modulations in zip(timesteps, steps, strict=True):
+        got = model(
+            mx.array(x["img"]),
+            mx.array(x["img_ids"])[None],
+            mx.array(x["txt"]),
+            mx.array(x["txt_ids"])[None],
+            None,
+            None,
+            modulations=modulations,
+        )
+        expected = reference_velocity(reference, {**x, "timesteps": np.array([t, t], np.float32)})
+        assert got.shape == expected.shape == (2, 15, 64)
+        assert relative_error(np.array(got), expected) < TOLERANCE

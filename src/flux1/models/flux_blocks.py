@@ -124,9 +124,14 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, num_heads)
         self.txt_mlp = mlp(dim, hidden)
 
-    def __call__(self, img, txt, vec, rope):
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+    def modulations(self, vec: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+        """Each stream's (shift, scale, gate) twice, from the conditioning vectors vec [B, dim]."""
+        return self.img_mod(vec), self.txt_mod(vec)
+
+    def __call__(self, img, txt, modulations, rope):
+        img_mod, txt_mod = modulations
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
 
         img_qkv = self.img_attn.qkv(modulate(img, img_shift1, img_scale1))
         txt_qkv = self.txt_attn.qkv(modulate(txt, txt_shift1, txt_scale1))
@@ -152,8 +157,12 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, double=False)
 
-    def __call__(self, x, vec, rope):
-        shift, scale, gate = self.modulation(vec)
+    def modulations(self, vec: mx.array) -> list[mx.array]:
+        """(shift, scale, gate) from the conditioning vectors vec [B, dim]."""
+        return self.modulation(vec)
+
+    def __call__(self, x, modulations, rope):
+        shift, scale, gate = modulations
         qkv, mlp = self.linear1.split_gelu_tanh(modulate(x, shift, scale), 3 * self.dim, into_gemm=True)
         attn = joint_attention([(qkv, self.norm)], self.num_heads, rope)
         return x + gate * self.linear2([attn, mlp])  # of their concatenation
@@ -165,6 +174,10 @@ class LastLayer(nn.Module):
         self.linear = Linear(dim, out_channels)
         self.adaLN_modulation = [SiLU(), Linear(dim, 2 * dim)]
 
-    def __call__(self, x: mx.array, vec: mx.array) -> mx.array:
-        shift, scale = mx.split(run(self.adaLN_modulation, vec)[:, None, :], 2, axis=-1)
+    def modulations(self, vec: mx.array) -> list[mx.array]:
+        """(shift, scale) from the conditioning vectors vec [B, dim]."""
+        return mx.split(run(self.adaLN_modulation, vec)[:, None, :], 2, axis=-1)
+
+    def __call__(self, x: mx.array, modulations: list[mx.array]) -> mx.array:
+        shift, scale = modulations
         return self.linear(modulate(x, shift, scale))

@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from flux1.configs import AXES_DIMS_ROPE, MLP_RATIO, ROPE_THETA
 from flux1.models.embeddings import MLPEmbedder, rope_frequencies, timestep_embedding
@@ -46,22 +47,49 @@ class FluxTransformer(nn.Module):
         timesteps: mx.array,
         y: mx.array,
         guidance: mx.array | None = None,
+        modulations: list | None = None,
     ) -> mx.array:
-        """Velocity [B, N, 64] of the packed latents img [B, N, 64] at sigma `timesteps` [B]."""
+        """Velocity [B, N, 64] of the packed latents img [B, N, 64] at sigma `timesteps` [B], or with
+        this step's `modulations` computed ahead (`step_modulations`)."""
         dtype = img.dtype  # the activations' dtype: every input is cast to it, as in diffusers
+        if modulations is None:
+            modulations = self.modulations(self.conditioning(timesteps, y, guidance, dtype))
         img = self.img_in(img)
+        txt = self.txt_in(txt.astype(dtype))
+        rope = rope_frequencies(mx.concatenate([txt_ids, img_ids], axis=1), self.axes_dims, ROPE_THETA)
+
+        double = len(self.double_blocks)
+        for block, block_modulations in zip(self.double_blocks, modulations[:double], strict=True):
+            img, txt = block(img, txt, block_modulations, rope)
+        x = mx.concatenate([txt, img], axis=1)
+        for block, block_modulations in zip(self.single_blocks, modulations[double:-1], strict=True):
+            x = block(x, block_modulations, rope)
+        return self.final_layer(x[:, txt.shape[1] :], modulations[-1])
+
+    def conditioning(
+        self, timesteps: mx.array, y: mx.array, guidance: mx.array | None, dtype: mx.Dtype
+    ) -> mx.array:
+        """The vector [B, dim] every block is modulated by: the timestep's embedding, the guidance's
+        (FLUX.1-dev) and the pooled text's y."""
         vec = self.time_in(timestep_embedding(timesteps).astype(dtype))
         if self.guidance_embeds:
             if guidance is None:
                 raise ValueError("this transformer (FLUX.1-dev) needs a guidance value")
             vec = vec + self.guidance_in(timestep_embedding(guidance).astype(dtype))
-        vec = vec + self.vector_in(y.astype(dtype))
-        txt = self.txt_in(txt.astype(dtype))
-        rope = rope_frequencies(mx.concatenate([txt_ids, img_ids], axis=1), self.axes_dims, ROPE_THETA)
+        return vec + self.vector_in(y.astype(dtype))
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope)
-        x = mx.concatenate([txt, img], axis=1)
-        for block in self.single_blocks:
-            x = block(x, vec, rope)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+    def modulations(self, vec: mx.array) -> list:
+        """Every block's modulation parameters, then the last layer's, from vec [B, dim]."""
+        blocks = [*self.double_blocks, *self.single_blocks, self.final_layer]
+        return [block.modulations(vec) for block in blocks]
+
+    def step_modulations(
+        self, timesteps: mx.array, y: mx.array, guidance: mx.array | None, dtype: mx.Dtype
+    ) -> list[list]:
+        """`modulations` for each of several steps' timesteps [S] (y [B, ...] and guidance the same at
+        every step) from one product per modulation layer over all S * B rows, instead of one per
+        step: a quantized layer is expanded once for them all."""
+        steps, batch = timesteps.shape[0], y.shape[0]
+        rows = self.conditioning(mx.repeat(timesteps, batch), mx.tile(y, (steps, 1)), guidance, dtype)
+        every = self.modulations(rows)
+        return [tree_map(lambda a, s=s: a[s * batch : (s + 1) * batch], every) for s in range(steps)]

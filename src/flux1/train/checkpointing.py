@@ -35,6 +35,10 @@ class _Checkpointed(nn.Module):
         checkpointed = _recomputed(run) if backend.cpu_kernels_in_training() else mx.checkpoint(run)
         object.__setattr__(self, "run", checkpointed)
 
+    def modulations(self, vec: mx.array):
+        """The block's own (outside the checkpoint: small, and computed ahead of the block)."""
+        return self.block.modulations(vec)
+
     def __call__(self, *args):
         return self.run([a.parameters() for a in self.trained], *args)
 
