@@ -1,5 +1,7 @@
 """End to end: the same files, prompt and initial noise give the image diffusers' FluxPipeline gives."""
 
+import weakref
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -43,6 +45,23 @@ def test_image_equals_diffusers_pipeline(tiny_checkpoint, reference_image, compu
     expected = reference_image(config, noise, record["max_sequence_length"])
     assert ours.shape == expected.shape == (HEIGHT, WIDTH, 3)
     assert relative_error(ours, expected) < TOLERANCE
+
+
+def test_low_ram_frees_each_network_when_it_releases_it(tiny_schnell, monkeypatch):
+    """--low-ram's release must find no reference left to a network (a local of the method that ran
+    it, the steps' modulations), or its memory is freed only later, into MLX's cache, and the next
+    phase's peak holds it."""
+    flux = Flux1.from_path(tiny_schnell, low_ram=True)
+    release, alive = Flux1.release, {}
+
+    def watched(self, *names):
+        models = {name: weakref.ref(self._models[name]) for name in names if name in self._models}
+        release(self, *names)
+        alive.update({name: model() is not None for name, model in models.items()})
+
+    monkeypatch.setattr(Flux1, "release", watched)
+    flux.generate_image(5, PROMPT, Config(num_inference_steps=2, height=32, width=32), progress=False)
+    assert alive == dict.fromkeys(("clip", "t5", "transformer", "vae"), False)
 
 
 def test_same_seed_same_pixels_and_low_ram_changes_nothing(tiny_schnell):

@@ -393,6 +393,8 @@ class Flux1:
                     index, len(pairs), float(sigma), float(sigma_next), x, v, time.perf_counter() - start
                 )
                 on_step(step)
+        # No reference left (the generator holds one too), so that --low-ram's release frees it here.
+        del transformer, modulations
         self._done_with("transformer")
         return x
 
@@ -412,6 +414,7 @@ class Flux1:
             image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(image)
             images.append(np.array(image[0]))
+        del vae  # so that --low-ram's release frees it
         self._done_with("vae")
         return images
 
