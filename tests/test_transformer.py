@@ -121,8 +121,6 @@ def test_several_steps_modulations_at_once_equal_diffusers_at_each_step(transfor
             mx.array(x["img_ids"])[None],
             mx.array(x["txt"]),
             mx.array(x["txt_ids"])[None],
-            None,
-            None,
             modulations=modulations,
         )
         expected = reference_velocity(reference, {**x, "timesteps": np.array([t, t], np.float32)})

@@ -377,9 +377,7 @@ class Flux1:
         modulations = _step_modulations(transformer, schedule[:-1], pooled, guidance, dtype)
         for index, (sigma, sigma_next) in enumerate(tqdm(pairs, disable=not progress, unit="step"), 1):
             start = time.perf_counter()
-            v = transformer(
-                mode.model_input(x, dtype), ids, hidden, txt_ids, None, None, modulations=next(modulations)
-            )
+            v = transformer(mode.model_input(x, dtype), ids, hidden, txt_ids, modulations=next(modulations))
             v = v[:, :image_tokens].astype(mx.float32)  # Kontext: the reference tokens' output is unused
             if mode.negative is not None:
                 v = v[batch:] + mode.true_cfg_scale * (v[:batch] - v[batch:])

@@ -44,13 +44,13 @@ class FluxTransformer(nn.Module):
         img_ids: mx.array,
         txt: mx.array,
         txt_ids: mx.array,
-        timesteps: mx.array,
-        y: mx.array,
+        timesteps: mx.array | None = None,
+        y: mx.array | None = None,
         guidance: mx.array | None = None,
         modulations: list | None = None,
     ) -> mx.array:
-        """Velocity [B, N, 64] of the packed latents img [B, N, 64] at sigma `timesteps` [B], or with
-        this step's `modulations` computed ahead (`step_modulations`)."""
+        """Velocity [B, N, 64] of the packed latents img [B, N, 64] at sigma `timesteps` [B] given the
+        pooled text y, or with this step's `modulations` computed ahead (`step_modulations`)."""
         dtype = img.dtype  # the activations' dtype: every input is cast to it, as in diffusers
         if modulations is None:
             modulations = self.modulations(self.conditioning(timesteps, y, guidance, dtype))
