@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import cpu_model  # noqa: E402  (no flux1: the torch child imports this module too)
+
 WIDTH, HIDDEN, HEADS, HEAD_DIM = 3072, 12288, 24, 128
 
 
@@ -74,7 +77,8 @@ def torch_rates(size: int, text_tokens: int, repeats: int) -> dict:
     return {"rates": rates, "library": f"torch {torch.__version__} ({dnnl.lstrip('- ')})"}
 
 
-def flux1_rates(size: int, text_tokens: int, repeats: int) -> tuple[dict, list[str]]:
+def flux1_rates(size: int, text_tokens: int, repeats: int) -> tuple[dict, list[str], list[str]]:
+    """(rates, their columns, the libraries of the plan's GEMM paths)."""
     import flux1  # noqa: F401  (first: loads the BLAS before mlx)
     from flux1 import cpu_plan
     from flux1.nn.attention import attend_heads
@@ -101,7 +105,7 @@ def flux1_rates(size: int, text_tokens: int, repeats: int) -> tuple[dict, list[s
         name = f"flux1 attention {precision} ({pair})"
         rates[f"{name}|attention head"] = 4.0 * HEADS * tokens * tokens * HEAD_DIM / seconds / 1e9
         names.append(name)
-    return rates, names
+    return rates, names, sorted({path.library for path in available_paths().values()})
 
 
 def main() -> None:
@@ -132,14 +136,10 @@ def main() -> None:
         if result.returncode:
             sys.exit(f"torch's rates failed:\n{result.stderr[-3000:]}")
         torch = json.loads(result.stdout.splitlines()[-1])
-    rates, columns = flux1_rates(args.size, args.text_tokens, args.repeats)
+    rates, columns, libraries = flux1_rates(args.size, args.text_tokens, args.repeats)
     rates.update(torch["rates"])
     columns += sorted({key.split("|")[0] for key in torch["rates"]})
 
-    from flux1.nn.gemm import available_paths
-    from measure import cpu_model
-
-    libraries = sorted({path.library for path in available_paths().values()})
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; {'; '.join(libraries)}")
     if torch["library"]:
         print(f"torch: {torch['library']}")
@@ -153,5 +153,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()
