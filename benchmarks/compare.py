@@ -2,7 +2,8 @@
 
 Each run is its own process (so peak memory is its own), runs alternate A B A B so drift in the
 machine's speed shows, and the table gives seconds for text encoding, the median denoising step,
-decoding and the whole run, peak resident memory, each step over the faster diffusers step (fp32 or
+all the steps (the first one computes every step's modulations, which a quantized model expands once:
+the median step leaves that out, the denoise total does not), decoding and the whole run, peak resident memory, each step over the faster diffusers step (fp32 or
 bf16), and the PSNR of each image against diffusers fp32's. flux1 rows name their precision
 (`auto` = the CPU plan's choice on this machine, `fp32` = fp32 GEMMs) and the plan they ran.
 
@@ -161,13 +162,16 @@ def main() -> None:
             results[row].append(result)
             print(  # each run's figures as it ends: an interrupted comparison keeps what it measured
                 f"run {repeat + 1} {row}: encode {result['encode']:.2f} s, median step "
-                f"{statistics.median(result['steps']):.2f} s, decode {result['decode']:.2f} s, total "
+                f"{statistics.median(result['steps']):.2f} s, denoise {sum(result['steps']):.2f} s, "
+                f"decode {result['decode']:.2f} s, total "
                 f"{result['total']:.1f} s, peak {result['peak_gb']:.2f} GB",
                 flush=True,
             )
 
     def median(row: str, key: str) -> float:
-        values = [statistics.median(r[key]) if key == "steps" else r[key] for r in results[row]]
+        """Over the row's runs; "steps": each run's median step, "denoise": each run's steps summed."""
+        per_run = {"steps": statistics.median, "denoise": sum}
+        values = [per_run[key](r["steps"]) if key in per_run else r[key] for r in results[row]]
         return statistics.median(values)
 
     base = "diffusers fp32" if "diffusers fp32" in results else None
@@ -181,14 +185,15 @@ def main() -> None:
         for plan in sorted({r["plan"] for r in results[row] if "plan" in r}):
             print(f"{row}: {plan}; BLAS loaded first: {results[row][0]['blas']}")
     print(
-        f"{'row':<24}{'encode s':>9}{'step s':>8}{'decode s':>9}{'total s':>9}{'peak GB':>9}"
+        f"{'row':<24}{'encode s':>9}{'step s':>8}{'denoise s':>10}{'decode s':>9}{'total s':>9}{'peak GB':>9}"
         f"{'step / fastest diffusers':>26}{'PSNR dB':>9}"
     )
     for row in args.rows:
         ratio = f"{median(row, 'steps') / median(fastest, 'steps'):.2f}" if fastest else "-"
         quality = f"{psnr(results[row][0]['image'], results[base][0]['image']):.1f}" if base else "-"
         print(
-            f"{row:<24}{median(row, 'encode'):>9.2f}{median(row, 'steps'):>8.2f}{median(row, 'decode'):>9.2f}"
+            f"{row:<24}{median(row, 'encode'):>9.2f}{median(row, 'steps'):>8.2f}{median(row, 'denoise'):>10.2f}"
+            f"{median(row, 'decode'):>9.2f}"
             f"{median(row, 'total'):>9.1f}{median(row, 'peak_gb'):>9.2f}{ratio:>26}{quality:>9}"
         )
 

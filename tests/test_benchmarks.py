@@ -34,19 +34,21 @@ def test_compare_prints_every_row(tmp_path):
         "--size",
         "32",
         "--steps",
-        "1",
+        "2",
         "--repeats",
         "1",
         "--cache",
         str(tmp_path),
     )
-    table = out[out.index("tiny preset, 32x32, 1 steps") :].splitlines()
+    table = out[out.index("tiny preset, 32x32, 2 steps") :].splitlines()
     if sys.platform == "linux" and platform.machine() == "x86_64":  # requirements.txt installs MKL there
         assert "BLAS loaded first: MKL" in table[1], table[1]
     assert table[1].startswith("flux1 default: CPU GEMMs"), table[1]
     rows = {line[:24].strip(): line.split() for line in table[4:]}
     assert list(rows) == ["flux1 default", "flux1 --precision fp32", "diffusers fp32", "diffusers bf16"]
     assert rows["diffusers fp32"][-1] == "inf"
+    for cells in rows.values():  # 2 steps: their sum is twice their median (each printed to 0.01 s)
+        assert abs(float(cells[-6]) - 2 * float(cells[-7])) <= 0.015, cells
     # same noise, the weights rounded to bf16 (diffusers fp32 runs the fp32 fixture): the images agree
     assert float(rows["flux1 --precision fp32"][-1]) > 45
 
