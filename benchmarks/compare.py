@@ -1,11 +1,12 @@
 """flux1 against diffusers' FluxPipeline on the same weights, prompt and initial noise.
 
 Each run is its own process (so peak memory is its own), runs alternate A B A B so drift in the
-machine's speed shows, and the table gives seconds for text encoding, the median denoising step,
-all the steps (the first one computes every step's modulations, which a quantized model expands once:
-the median step leaves that out, the denoise total does not), decoding and the whole run, peak resident memory, each step over the faster diffusers step (fp32 or
-bf16), and the PSNR of each image against diffusers fp32's. flux1 rows name their precision
-(`auto` = the CPU plan's choice on this machine, `fp32` = fp32 GEMMs) and the plan they ran.
+machine's speed shows, and the table gives seconds for text encoding, the median denoising step, all
+the steps (flux1's first computes every step's modulations, which a quantized model expands once: the
+median step leaves that out, the denoise total does not), decoding and the whole run, peak resident
+memory, each step over the faster diffusers step (fp32 or bf16), and the PSNR of each image against
+diffusers fp32's. flux1 rows name their precision (`auto` = the CPU plan's choice on this machine,
+`fp32` = fp32 GEMMs) and the plan they ran.
 
     python benchmarks/compare.py [--preset wide] [--size 512] [--steps 4] [--repeats 2] [--rows ...]
 """
