@@ -17,13 +17,14 @@ from flux1 import backend
 from flux1.convert.transformer_diffusers import to_diffusers
 from flux1.fixtures.gguf import K_QUANTS, random_k_blocks, write_gguf
 from flux1.fixtures.presets import configs
-from flux1.gguf.affine import REQUANTIZED, mlx_form, to_mlx_affine
-from flux1.gguf.blocks import LAYOUTS, block_size, decode
+from flux1.gguf.affine import REQUANTIZED, mlx_form, pack_codes, to_mlx_affine
+from flux1.gguf.blocks import LAYOUTS, Q4_K_PAIRED, SUPPORTED, block_size, decode, held_for_cpu
 from flux1.gguf.expand import expanded
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.nn.linear import Linear, LowRankAdapter
 from flux1.weights.safetensors_io import WeightFileError
 
+FILE_TYPES = [t for t in LAYOUTS if t in SUPPORTED]  # the quantized types of files
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "F16", "BF16"]
 # Re-quantization error bounds of the K-types without an exact MLX form (measured ~5e-3 and ~1e-2).
 REQUANTIZATION_BOUND = {T.Q6_K: 1e-2, T.Q3_K: 3e-2, T.Q2_K: 3e-2}
@@ -44,8 +45,9 @@ def random_blocks(qtype: T, count: int, seed: int = 0) -> np.ndarray:
     return blocks
 
 
-@pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", FILE_TYPES, ids=lambda t: t.name)
 def test_blocks_decode_to_gguf_values_bit_for_bit(qtype):
+    """The file's blocks and the form the CPU kernels hold them in (Q4_K's re-laid) alike."""
     blocks = random_blocks(qtype, 3000)
     codes, scales, offsets = decode(blocks, qtype)
     assert codes.dtype == np.uint8 and codes.max() < 2 ** LAYOUTS[qtype].bits
@@ -53,16 +55,30 @@ def test_blocks_decode_to_gguf_values_bit_for_bit(qtype):
     rows = blocks.reshape(60, -1)  # 50 blocks a row
     expected = gguf.quants.dequantize(rows, qtype)
     assert np.array_equal(expanded(rows, qtype, expected.shape[1]), expected)
+    held, held_type = held_for_cpu(rows, qtype)
+    assert held.shape == rows.shape and block_size(held_type) == block_size(qtype)
+    assert np.array_equal(expanded(held, held_type, expected.shape[1]), expected)
 
 
-@pytest.mark.parametrize("qtype", [t for t in LAYOUTS if t not in REQUANTIZED], ids=lambda t: t.name)
+def test_q4_k_is_held_with_its_codes_packed_as_mlx_packs_4_bit_codes():
+    blocks = random_blocks(T.Q4_K, 600)
+    held, held_type = held_for_cpu(blocks.reshape(20, -1), T.Q4_K)
+    codes = decode(blocks, T.Q4_K)[0]
+    assert held_type == Q4_K_PAIRED and held.dtype == np.uint8
+    held = held.reshape(600, 144)
+    assert np.array_equal(held[:, :16], blocks[:, :16])  # d, dmin and the sub-block scales as they are
+    assert np.array_equal(held[:, 16:].view(np.uint32), pack_codes(codes, 4))
+
+
+@pytest.mark.parametrize("qtype", [t for t in FILE_TYPES if t not in REQUANTIZED], ids=lambda t: t.name)
 def test_mlx_affine_form_is_exact_for_32_value_groups(qtype):
     rows = random_blocks(qtype, 2000).reshape(40, -1)
     expected = gguf.quants.dequantize(rows, qtype)
-    codes, scales, biases, bits, group = to_mlx_affine(rows, qtype, expected.shape[1])
-    assert (bits, group) == (LAYOUTS[qtype].bits, 32) and scales.dtype == mx.float32
-    values = mx.dequantize(codes, scales, biases, group_size=group, bits=bits)
-    assert np.array_equal(np.array(values), expected)
+    for blocks, form in ((rows, qtype), held_for_cpu(rows, qtype)):  # the file's, the CPU kernels'
+        codes, scales, biases, bits, group = to_mlx_affine(blocks, form, expected.shape[1])
+        assert (bits, group) == (LAYOUTS[qtype].bits, 32) and scales.dtype == mx.float32
+        values = mx.dequantize(codes, scales, biases, group_size=group, bits=bits)
+        assert np.array_equal(np.array(values), expected)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +102,7 @@ def _loaded_values(model) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("compute", ["auto", "mlx"])
 @pytest.mark.parametrize("qtype", TYPES)
 def test_loaded_weights_equal_gguf_dequantize(gguf_files, qtype, compute):
-    """CPU kernels: the file's blocks, every type exact. MLX's kernels: MLX affine, exact but for the
+    """CPU kernels: the file's blocks (Q4_K's re-laid), every type exact. MLX's kernels: MLX affine, exact but for the
     re-quantized types."""
     with backend.use(compute):
         model = load_transformer_gguf(gguf_files[qtype])
@@ -104,13 +120,14 @@ def test_loaded_weights_equal_gguf_dequantize(gguf_files, qtype, compute):
     assert quantized_layers > 0 or qtype in ("F16", "BF16")
     if T[qtype] in LAYOUTS:
         layer = model.double_blocks[0].img_mlp[2]
-        if compute == "auto":  # the file's bytes, as they are
+        if compute == "auto":  # the file's blocks, in as many bytes (Q4_K's re-laid)
             tensor = next(
                 t
                 for t in gguf.GGUFReader(gguf_files[qtype]).tensors
                 if t.name == "double_blocks.0.img_mlp.2.weight"
             )
-            assert layer.gguf_type == T[qtype] and layer.weight.nbytes == tensor.n_bytes
+            held_type = Q4_K_PAIRED if qtype == "Q4_K" else T[qtype]
+            assert layer.gguf_type == held_type and layer.weight.nbytes == tensor.n_bytes
         else:
             assert (layer.bits, layer.group_size) == mlx_form(T[qtype]) and layer.gguf_type is None
 

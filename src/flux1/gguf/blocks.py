@@ -7,6 +7,11 @@ significant bits) times a sub-block scale (at most 7 bits) times a code (at most
 makes too (`d * q - dm` rounds as `d * q + (-dm)`). Symmetric types store `q - c` with c = 2^(bits-1)
 (Q3_K: 4): their offset is `-c * scale`, exact, and `scale * q - c * scale` is the exact
 `scale * (q - c)` that gguf-py computes.
+
+Q4_K blocks are held for the CPU kernels in a form of their own, `Q4_K_PAIRED` (`held_for_cpu`): the
+same bytes per block with each byte holding two consecutive codes, as MLX packs 4-bit codes, so
+that they expand through the same integer pass as MLX's (`nn/cpu_expansion.py`) instead of one
+strided pass per nibble plane.
 """
 
 from collections.abc import Callable
@@ -16,9 +21,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from flux1.nn.numpy_cpu import in_parallel
+
 _NIBBLE_SHIFTS = np.array([0, 4], np.uint8)[:, None]
 _CRUMB_SHIFTS = np.array([0, 2, 4, 6], np.uint8)[:, None]
 _BIT_SHIFTS = np.arange(8, dtype=np.uint8)[:, None]
+
+
+Q4_K_PAIRED = "Q4_K paired"  # not a GGML type: flux1's form of Q4_K blocks (above)
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,10 @@ class Layout:
     bits: int  # width of a code
     group: int  # values sharing one scale and offset
     decode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    # Codes packed as MLX packs 4-bit codes: the byte of a block they start at, and what `decode`
+    # returns besides them (blocks -> fp32 scales, offsets).
+    nibbles_from: int | None = None
+    affine: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -72,25 +86,74 @@ def _q5_1(blocks):
     return _five_bit(low, blocks[:, 4:8]), _f16(blocks, 0), _f16(blocks, 2)
 
 
-def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8 6-bit sub-block scales and mins of Q4_K/Q5_K from their 12 bytes: bytes 0-3 hold the
-    low 6 bits of scales 0-3, bytes 4-7 of mins 0-3; bytes 8-11 the low nibbles of scales 4-7 and
-    high nibbles of mins 4-7, whose top 2 bits are the top bits of bytes 0-3 and 4-7."""
-    d, m, md = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    scales = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=1)
-    mins = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
-    return scales, mins
-
-
 def _k_affine(blocks) -> tuple[np.ndarray, np.ndarray]:
-    scales, mins = _k_scales(blocks[:, 4:16])
-    return _f16(blocks, 0) * scales, -(_f16(blocks, 2) * mins)
+    """Scales and offsets of Q4_K/Q5_K: the f16 d and dmin times 8 6-bit sub-block scales and mins
+    packed in 12 bytes: bytes 0-3 hold the low 6 bits of scales 0-3, bytes 4-7 of mins 0-3; bytes
+    8-11 the low nibbles of scales 4-7 and high nibbles of mins 4-7, whose top 2 bits are the top
+    bits of bytes 0-3 and 4-7. Each field is unpacked 4 bytes at a time, as a uint32."""
+    n = len(blocks)
+    words = np.ascontiguousarray(blocks[:, :16]).view(np.uint32)  # d and dmin, then the 12 bytes
+    low, high, mixed = words[:, 1], words[:, 2], words[:, 3]
+    fields = np.empty((n, 4), np.uint32)  # as bytes: scales 0-7, then mins 0-7
+    fields[:, 0] = low & 0x3F3F3F3F
+    fields[:, 1] = (mixed & 0x0F0F0F0F) | ((low >> 2) & 0x30303030)
+    fields[:, 2] = high & 0x3F3F3F3F
+    fields[:, 3] = ((mixed >> 4) & 0x0F0F0F0F) | ((high >> 2) & 0x30303030)
+    factors = words[:, :1].view(np.float16).astype(np.float32)  # [n, 2]: d, dmin
+    products = fields.view(np.uint8).reshape(n, 2, 8) * factors[:, :, None]
+    return products[:, 0], -products[:, 1]
 
 
 def _q4_k(blocks):
     n = len(blocks)
     codes = _split(blocks[:, 16:].reshape(n, 4, 32), _NIBBLE_SHIFTS, 0xF).reshape(n, -1)
     return codes, *_k_affine(blocks)
+
+
+def nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 codes [rows, 2 * bytes] of packed [rows, bytes] holding two 4-bit codes a byte, low
+    nibble first (as MLX packs them). Each byte is widened to a uint16 holding its low code in its
+    low byte and its high code in its high byte (x86 and ARM are little-endian): contiguous passes
+    instead of writing each byte's two codes through strided views (benchmarks/gguf_expand.py on 2
+    Zen 1 cores: a 3072 x 21504 weight in 116-158 ms against 137-166)."""
+    pair = packed.astype(np.uint16)
+    high = np.left_shift(pair, 4)
+    np.bitwise_and(pair, 0x000F, out=pair)
+    np.bitwise_and(high, 0x0F00, out=high)
+    np.bitwise_or(pair, high, out=pair)
+    return pair.view(np.uint8).reshape(len(packed), -1)
+
+
+def _q4_k_paired(blocks):
+    return nibbles(blocks[:, 16:]), *_k_affine(blocks)
+
+
+def _pair_q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    """out = `blocks` [n, 144] of Q4_K with their codes as `Q4_K_PAIRED` holds them. A file's block
+    holds its values in 4 runs of 64, each as 32 bytes of (value i, value 32 + i) nibble pairs: read
+    as 16 little-endian uint16 words, word j's low nibbles are values 2j and 2j + 1, its high
+    nibbles values 32 + 2j and 33 + 2j."""
+    out[:, :16] = blocks[:, :16]
+    words = np.ascontiguousarray(blocks[:, 16:]).view(np.uint16).reshape(-1, 4, 1, 16)
+    pairs = out[:, 16:].reshape(-1, 4, 2, 16)
+    low, high = words & np.uint16(0x0F0F), (words >> np.uint16(4)) & np.uint16(0x0F0F)
+    pairs[:, :, :1] = low | (low >> np.uint16(4))  # the uint16's low byte: nibble 0 | nibble 2 << 4
+    pairs[:, :, 1:] = high | (high >> np.uint16(4))
+
+
+def held_for_cpu(raw_rows: np.ndarray, qtype: T) -> tuple[np.ndarray, T | str]:
+    """(blocks, type) of raw_rows [rows, bytes per row] as the CPU kernels hold them: Q4_K re-laid
+    as `Q4_K_PAIRED` (a pass over the bytes, on all cores), other types as they are."""
+    if qtype != T.Q4_K:
+        return raw_rows, qtype
+    out = np.empty_like(raw_rows)
+    nbytes = block_size(qtype)[1]
+
+    def pair(start: int, stop: int) -> None:
+        _pair_q4_k(raw_rows[start:stop].reshape(-1, nbytes), out[start:stop].reshape(-1, nbytes))
+
+    in_parallel(pair, len(raw_rows))
+    return out, Q4_K_PAIRED
 
 
 def _q5_k(blocks):
@@ -133,22 +196,23 @@ LAYOUTS = {
     T.Q5_0: Layout(5, 32, _q5_0),
     T.Q5_1: Layout(5, 32, _q5_1),
     T.Q4_K: Layout(4, 32, _q4_k),
+    Q4_K_PAIRED: Layout(4, 32, _q4_k_paired, nibbles_from=16, affine=_k_affine),
     T.Q5_K: Layout(5, 32, _q5_k),
     T.Q6_K: Layout(6, 16, _q6_k),
     T.Q3_K: Layout(3, 16, _q3_k),
     T.Q2_K: Layout(2, 16, _q2_k),
 }
 DENSE = (T.F32, T.F16, T.BF16)
-SUPPORTED = (*LAYOUTS, *DENSE)
+SUPPORTED = (*(t for t in LAYOUTS if t != Q4_K_PAIRED), *DENSE)  # in files
 
 
-def decode(blocks: np.ndarray, qtype: T) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode(blocks: np.ndarray, qtype: T | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw blocks [n, bytes per block] -> (uint8 codes [n, values per block], fp32 scales and
     offsets [n, values per block / group])."""
     codes, scales, offsets = LAYOUTS[qtype].decode(blocks)
     return codes, scales.astype(np.float32, copy=False), offsets.astype(np.float32, copy=False)
 
 
-def block_size(qtype: T) -> tuple[int, int]:
+def block_size(qtype: T | str) -> tuple[int, int]:
     """(values, bytes) of one `qtype` block."""
-    return GGML_QUANT_SIZES[qtype]
+    return GGML_QUANT_SIZES[T.Q4_K if qtype == Q4_K_PAIRED else qtype]

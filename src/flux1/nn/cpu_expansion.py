@@ -29,7 +29,7 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
-from flux1.gguf.blocks import LAYOUTS, block_size, decode
+from flux1.gguf.blocks import LAYOUTS, block_size, decode, nibbles
 from flux1.gguf.expand import expand_rows
 from flux1.nn import onednn
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
@@ -64,16 +64,7 @@ def _codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
         return raw
     rows = raw.shape[0]
     if bits == 4:
-        # Each byte widened to a uint16 holding its low code in its low byte and its high code in its
-        # high byte (x86 and ARM are little-endian): contiguous passes instead of writing each byte's
-        # two codes through strided views (benchmarks/gguf_expand.py on 2 Zen 1 cores: a 3072 x 21504
-        # weight in 116-158 ms against 137-166).
-        pair = raw.astype(np.uint16)
-        high = np.left_shift(pair, 4)
-        np.bitwise_and(pair, 0x000F, out=pair)
-        np.bitwise_and(high, 0x0F00, out=high)
-        np.bitwise_or(pair, high, out=pair)
-        return pair.view(np.uint8).reshape(rows, cols)
+        return nibbles(raw)
     codes = np.empty((rows, cols // 8, 8), np.uint8)
     # Any width: 8 codes fill `bits` bytes; read them as one integer and shift each code out.
     octets = raw.reshape(rows, cols // 8, bits)
@@ -152,14 +143,34 @@ def _expand_through_onednn(layer, out: np.ndarray) -> bool:
             else:
                 _write_offset(_codes(raw[first:last], bits, cols), bits, out[first:last])
     else:
+        layout, (values, nbytes) = LAYOUTS[qtype], block_size(qtype)
         scales = np.empty((rows, cols // group), np.float32)
         shifts = np.empty_like(scales)
 
-        def write(first, last):
-            codes, scale, offset = decode(raw[first:last].reshape(-1, block_size(qtype)[1]), qtype)
+        def keep(first, last, scale, offset):
             scales[first:last] = scale.reshape(last - first, -1)
             np.subtract(offset.reshape(last - first, -1), magic * scales[first:last], out=shifts[first:last])
-            _write_offset(codes.reshape(last - first, cols), bits, out[first:last])
+
+        if layout.nibbles_from is None:
+
+            def write(first, last):
+                codes, scale, offset = decode(raw[first:last].reshape(-1, nbytes), qtype)
+                _write_offset(codes.reshape(last - first, cols), bits, out[first:last])
+                keep(first, last, scale, offset)
+        else:
+            # The scales first, over more rows at a time than the codes: a few rows' scales are
+            # arrays small enough that NumPy's per-call work, under the GIL, would serialize the cores.
+            def keep_affine(start, stop):
+                step = max(1, 8 * CACHED_VALUES // cols)
+                for first in range(start, stop, step):
+                    last = min(first + step, stop)
+                    keep(first, last, *layout.affine(raw[first:last].reshape(-1, nbytes)))
+
+            in_parallel(keep_affine, rows)
+
+            def write(first, last):
+                codes = raw[first:last].reshape(-1, nbytes)[:, layout.nibbles_from :]
+                _write_offset_nibbles(codes, out[first:last].reshape(-1, values))
 
     _blocks_of_rows(write, rows, cols * out.itemsize)
     affine(out, scales, shifts)

@@ -88,7 +88,7 @@ class Linear(nn.Module):
             self.bias = mx.zeros((output_dims,))
         self.bits: int | None = None
         self.group_size: int | None = None
-        self.gguf_type: int | None = None
+        self.gguf_type: int | str | None = None  # a `gguf.blocks.LAYOUTS` key
         object.__setattr__(self, "adapters", [])
 
     @property
@@ -113,7 +113,7 @@ class Linear(nn.Module):
         self.weight, self.scales, self.biases = weight, scales, biases
         self.bits, self.group_size, self.gguf_type = bits, group_size, None
 
-    def set_gguf(self, blocks: mx.array, gguf_type: int) -> None:
+    def set_gguf(self, blocks: mx.array, gguf_type: int | str) -> None:
         """Hold a GGUF weight as its blocks (uint8 [out, bytes per row]), expanded per call on the CPU."""
         self.weight, self.gguf_type = blocks, gguf_type
 
