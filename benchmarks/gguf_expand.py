@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from flux1.fixtures.gguf import K_QUANTS, random_k_blocks
-from flux1.gguf.blocks import held_for_cpu
+from flux1.gguf.blocks import to_cpu_form
 from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths
 from flux1.nn.linear import Linear
 
@@ -63,8 +63,8 @@ def main() -> None:
         else:
             raw = gguf.quants.quantize(weight, qtype)
         layer = Linear(COLS, ROWS, bias=False)
-        blocks, held = held_for_cpu(raw, qtype)  # as the loader holds them
-        layer.set_gguf(mx.array(blocks), held)
+        held = to_cpu_form(raw, qtype)  # re-laid in place, as the loader holds them
+        layer.set_gguf(mx.array(raw), held)
         layers[f"GGUF {name} blocks"] = layer
     paths = expansion_paths()
     print(f"\nexpand a {ROWS} x {COLS} weight, ms (median of {args.repeats}); CPU: {cpu_model()}")

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from tests.conftest import relative_error
-from tests.test_gguf import FILE_TYPES, random_blocks
+from tests.test_gguf import FILE_TYPES, held_for_cpu, random_blocks
 
 from flux1 import backend, cpu_plan
-from flux1.gguf.blocks import LAYOUTS, block_size, decode, held_for_cpu
+from flux1.gguf.blocks import LAYOUTS, block_size, decode
 from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel

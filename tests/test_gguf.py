@@ -18,7 +18,7 @@ from flux1.convert.transformer_diffusers import to_diffusers
 from flux1.fixtures.gguf import K_QUANTS, random_k_blocks, write_gguf
 from flux1.fixtures.presets import configs
 from flux1.gguf.affine import REQUANTIZED, mlx_form, pack_codes, to_mlx_affine
-from flux1.gguf.blocks import LAYOUTS, Q4_K_PAIRED, SUPPORTED, block_size, decode, held_for_cpu
+from flux1.gguf.blocks import LAYOUTS, Q4_K_PAIRED, SUPPORTED, block_size, decode, to_cpu_form
 from flux1.gguf.expand import expanded
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.nn.linear import Linear, LowRankAdapter
@@ -43,6 +43,12 @@ def random_blocks(qtype: T, count: int, seed: int = 0) -> np.ndarray:
         d[:8], d[8:16] = 0.0, 6e-8 * rng.integers(1, 100, 8)  # zero and f16 subnormals
         blocks[:, offset : offset + 2] = d.astype(np.float16).view(np.uint8).reshape(count, 2)
     return blocks
+
+
+def held_for_cpu(rows: np.ndarray, qtype: T) -> tuple[np.ndarray, T | str]:
+    """(a copy of rows as the CPU kernels hold them, its type)."""
+    held = rows.copy()
+    return held, to_cpu_form(held, qtype)
 
 
 @pytest.mark.parametrize("qtype", FILE_TYPES, ids=lambda t: t.name)

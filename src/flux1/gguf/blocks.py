@@ -8,7 +8,7 @@ makes too (`d * q - dm` rounds as `d * q + (-dm)`). Symmetric types store `q - c
 (Q3_K: 4): their offset is `-c * scale`, exact, and `scale * q - c * scale` is the exact
 `scale * (q - c)` that gguf-py computes.
 
-Q4_K blocks are held for the CPU kernels in a form of their own, `Q4_K_PAIRED` (`held_for_cpu`): the
+Q4_K blocks are held for the CPU kernels in a form of their own, `Q4_K_PAIRED` (`to_cpu_form`): the
 same bytes per block with each byte holding two consecutive codes, as MLX packs 4-bit codes, so
 that they expand through the same integer pass as MLX's (`nn/cpu_expansion.py`) instead of one
 strided pass per nibble plane.
@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from flux1.nn.numpy_cpu import in_parallel
+from flux1.nn.numpy_cpu import CACHED_VALUES, in_parallel
 
 _NIBBLE_SHIFTS = np.array([0, 4], np.uint8)[:, None]
 _CRUMB_SHIFTS = np.array([0, 2, 4, 6], np.uint8)[:, None]
@@ -128,32 +128,37 @@ def _q4_k_paired(blocks):
     return nibbles(blocks[:, 16:]), *_k_affine(blocks)
 
 
-def _pair_q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    """out = `blocks` [n, 144] of Q4_K with their codes as `Q4_K_PAIRED` holds them. A file's block
-    holds its values in 4 runs of 64, each as 32 bytes of (value i, value 32 + i) nibble pairs: read
-    as 16 little-endian uint16 words, word j's low nibbles are values 2j and 2j + 1, its high
-    nibbles values 32 + 2j and 33 + 2j."""
-    out[:, :16] = blocks[:, :16]
-    words = np.ascontiguousarray(blocks[:, 16:]).view(np.uint16).reshape(-1, 4, 1, 16)
-    pairs = out[:, 16:].reshape(-1, 4, 2, 16)
-    low, high = words & np.uint16(0x0F0F), (words >> np.uint16(4)) & np.uint16(0x0F0F)
-    pairs[:, :, :1] = low | (low >> np.uint16(4))  # the uint16's low byte: nibble 0 | nibble 2 << 4
-    pairs[:, :, 1:] = high | (high >> np.uint16(4))
+def _pair_q4_k(blocks: np.ndarray) -> None:
+    """Re-lays the codes of Q4_K `blocks` [n, 144] in place as `Q4_K_PAIRED` holds them. A file's
+    block holds its values in 4 runs of 64, each as 32 bytes of (value i, value 32 + i) nibble
+    pairs: read as 16 little-endian uint16 words, word j's low nibbles are values 2j and 2j + 1,
+    its high nibbles values 32 + 2j and 33 + 2j."""
+    words = blocks[:, 16:].view(np.uint16).reshape(-1, 4, 1, 16)
+    low = words & np.uint16(0x0F0F)
+    high = words >> np.uint16(4)
+    high &= np.uint16(0x0F0F)
+    low |= low >> np.uint16(4)  # each uint16's low byte: its first nibble | its third << 4
+    high |= high >> np.uint16(4)
+    pairs = blocks[:, 16:].reshape(-1, 4, 2, 16)  # written once both are read
+    np.copyto(pairs[:, :, :1], low, casting="unsafe")  # the low bytes
+    np.copyto(pairs[:, :, 1:], high, casting="unsafe")
 
 
-def held_for_cpu(raw_rows: np.ndarray, qtype: T) -> tuple[np.ndarray, T | str]:
-    """(blocks, type) of raw_rows [rows, bytes per row] as the CPU kernels hold them: Q4_K re-laid
-    as `Q4_K_PAIRED` (a pass over the bytes, on all cores), other types as they are."""
+def to_cpu_form(raw_rows: np.ndarray, qtype: T) -> T | str:
+    """Re-lays raw_rows [rows, bytes per row] in place as the CPU kernels hold them; the held type:
+    Q4_K as `Q4_K_PAIRED` (a pass over the bytes, a cache-sized block at a time on all cores), other
+    types as they are."""
     if qtype != T.Q4_K:
-        return raw_rows, qtype
-    out = np.empty_like(raw_rows)
+        return qtype
     nbytes = block_size(qtype)[1]
+    step = max(1, 4 * CACHED_VALUES // raw_rows.shape[1])
 
     def pair(start: int, stop: int) -> None:
-        _pair_q4_k(raw_rows[start:stop].reshape(-1, nbytes), out[start:stop].reshape(-1, nbytes))
+        for first in range(start, stop, step):
+            _pair_q4_k(raw_rows[first : min(first + step, stop)].reshape(-1, nbytes))
 
     in_parallel(pair, len(raw_rows))
-    return out, Q4_K_PAIRED
+    return Q4_K_PAIRED
 
 
 def _q5_k(blocks):
