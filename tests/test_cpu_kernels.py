@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from tests.conftest import relative_error
-from tests.test_gguf import FILE_TYPES, held_for_cpu, random_blocks
+from tests.test_gguf import FILE_TYPES, random_blocks
 
 from flux1 import backend, cpu_plan
-from flux1.gguf.blocks import LAYOUTS, block_size, decode
+from flux1.gguf.blocks import LAYOUTS, block_size, cpu_form, decode
 from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
@@ -398,16 +398,16 @@ def test_quantized_weights_with_fp32_scales_expand_within_fp32_rounding(bits, ke
 @pytest.mark.parametrize("kernel", EXPANSION_KERNELS)
 @pytest.mark.parametrize("qtype", FILE_TYPES, ids=lambda t: t.name)
 def test_gguf_blocks_expand_to_gguf_values(qtype, kernel):
-    """Every GGUF type, held as the loader holds it, through both kernels against gguf-py's values
-    (random blocks, f16 scales from zero and subnormal to 1e2): NumPy exactly, oneDNN within the
-    affine bound; bf16 is the fp32 expansion rounded to the nearest bf16."""
+    """Every GGUF type through both kernels against gguf-py's values (random blocks, f16 scales from
+    zero and subnormal to 1e2): NumPy exactly, oneDNN within the affine bound; bf16 is the fp32
+    expansion rounded to the nearest bf16. Q4_K's blocks are re-laid by the first expansion."""
     rows = random_blocks(qtype, 1200).reshape(24, -1)  # 50 blocks a row
     cols = 50 * block_size(qtype)[0]
     layer = Linear(cols, 24, bias=False)
-    blocks, held_type = held_for_cpu(rows, qtype)
-    layer.set_gguf(mx.array(blocks), held_type)
+    layer.set_gguf(mx.array(rows), qtype)
     expected = gguf.quants.dequantize(rows, qtype)
     fp32, bf16 = _expansions(layer, kernel)
+    assert layer.gguf_type == cpu_form(qtype)
     assert np.array_equal(bf16, bf16_widened(as_bf16(fp32)))
     if kernel == "numpy" or LAYOUTS[qtype].bits == 8:
         assert np.array_equal(fp32, expected)

@@ -21,6 +21,7 @@ from flux1.gguf.affine import REQUANTIZED, mlx_form, pack_codes, to_mlx_affine
 from flux1.gguf.blocks import LAYOUTS, Q4_K_PAIRED, SUPPORTED, block_size, decode, to_cpu_form
 from flux1.gguf.expand import expanded
 from flux1.loaders.gguf import load_transformer_gguf
+from flux1.nn.cpu_expansion import expanded_weight
 from flux1.nn.linear import Linear, LowRankAdapter
 from flux1.weights.safetensors_io import WeightFileError
 
@@ -76,6 +77,31 @@ def test_q4_k_is_held_with_its_codes_packed_as_mlx_packs_4_bit_codes():
     assert np.array_equal(held[:, 16:].view(np.uint32), pack_codes(codes, 4))
 
 
+def test_a_q4_k_layer_is_re_laid_in_place_at_its_first_expansion():
+    rows = random_blocks(T.Q4_K, 600).reshape(20, -1)
+    layer = Linear(30 * 256, 20, bias=False)
+    layer.set_gguf(mx.array(rows)[:, ::-1][:, ::-1], T.Q4_K)  # not contiguous: copied first
+    before = layer.dense_weight()
+    assert layer.gguf_type == T.Q4_K  # dense_weight reads the blocks as they are
+    expanded_weight(layer)
+    assert layer.gguf_type == Q4_K_PAIRED and np.array_equal(
+        np.array(layer.weight), held_for_cpu(rows, T.Q4_K)[0]
+    )
+    assert np.array_equal(np.array(layer.dense_weight()), np.array(before))
+    expanded_weight(layer)  # once only
+    assert np.array_equal(np.array(layer.weight), held_for_cpu(rows, T.Q4_K)[0])
+
+
+def test_re_laying_refuses_blocks_it_cannot_write_in_place():
+    rows = random_blocks(T.Q4_K, 60).reshape(6, -1)
+    rows.flags.writeable = False
+    with pytest.raises(
+        ValueError, match="^Q4_K blocks are re-laid in place: they must be writable, C-contiguous rows$"
+    ):
+        to_cpu_form(rows, T.Q4_K)
+    assert to_cpu_form(rows, T.Q8_0) == T.Q8_0  # nothing to re-lay
+
+
 @pytest.mark.parametrize("qtype", [t for t in FILE_TYPES if t not in REQUANTIZED], ids=lambda t: t.name)
 def test_mlx_affine_form_is_exact_for_32_value_groups(qtype):
     rows = random_blocks(qtype, 2000).reshape(40, -1)
@@ -108,7 +134,7 @@ def _loaded_values(model) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("compute", ["auto", "mlx"])
 @pytest.mark.parametrize("qtype", TYPES)
 def test_loaded_weights_equal_gguf_dequantize(gguf_files, qtype, compute):
-    """CPU kernels: the file's blocks (Q4_K's re-laid), every type exact. MLX's kernels: MLX affine, exact but for the
+    """CPU kernels: the file's blocks, every type exact. MLX's kernels: MLX affine, exact but for the
     re-quantized types."""
     with backend.use(compute):
         model = load_transformer_gguf(gguf_files[qtype])
@@ -126,14 +152,13 @@ def test_loaded_weights_equal_gguf_dequantize(gguf_files, qtype, compute):
     assert quantized_layers > 0 or qtype in ("F16", "BF16")
     if T[qtype] in LAYOUTS:
         layer = model.double_blocks[0].img_mlp[2]
-        if compute == "auto":  # the file's blocks, in as many bytes (Q4_K's re-laid)
+        if compute == "auto":  # the file's bytes, as they are
             tensor = next(
                 t
                 for t in gguf.GGUFReader(gguf_files[qtype]).tensors
                 if t.name == "double_blocks.0.img_mlp.2.weight"
             )
-            held_type = Q4_K_PAIRED if qtype == "Q4_K" else T[qtype]
-            assert layer.gguf_type == held_type and layer.weight.nbytes == tensor.n_bytes
+            assert layer.gguf_type == T[qtype] and layer.weight.nbytes == tensor.n_bytes
         else:
             assert (layer.bits, layer.group_size) == mlx_form(T[qtype]) and layer.gguf_type is None
 
@@ -285,7 +310,8 @@ def _gguf_linear(raw: np.ndarray) -> Linear:
 
 @pytest.mark.parametrize("compute", ["auto", "mlx"])
 def test_linear_holding_gguf_blocks(q4_k_rows, compute):
-    """y = x W^T + b on both compute paths; the MLX path converts the blocks to MLX affine once."""
+    """y = x W^T + b on both compute paths; the CPU path re-lays Q4_K's codes, the MLX path converts
+    the blocks to MLX affine, once."""
     raw, weight = q4_k_rows
     layer = _gguf_linear(raw)
     assert (layer.output_dims, layer.input_dims, layer.is_quantized) == (48, 512, True)
@@ -295,7 +321,7 @@ def test_linear_holding_gguf_blocks(q4_k_rows, compute):
     expected = x @ weight.T.astype(np.float64) + np.array(layer.bias)
     assert relative_error(y, expected) < 1e-6
     assert np.array_equal(np.array(layer.dense_weight()), weight)
-    assert layer.gguf_type == (T.Q4_K if compute == "auto" else None)
+    assert layer.gguf_type == (Q4_K_PAIRED if compute == "auto" else None)
 
 
 def test_gguf_linear_with_adapters_merges_into_its_mlx_form(q4_k_rows):

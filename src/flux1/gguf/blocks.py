@@ -8,10 +8,10 @@ makes too (`d * q - dm` rounds as `d * q + (-dm)`). Symmetric types store `q - c
 (Q3_K: 4): their offset is `-c * scale`, exact, and `scale * q - c * scale` is the exact
 `scale * (q - c)` that gguf-py computes.
 
-Q4_K blocks are held for the CPU kernels in a form of their own, `Q4_K_PAIRED` (`to_cpu_form`): the
-same bytes per block with each byte holding two consecutive codes, as MLX packs 4-bit codes, so
-that they expand through the same integer pass as MLX's (`nn/cpu_expansion.py`) instead of one
-strided pass per nibble plane.
+The CPU kernels re-lay Q4_K blocks in a form of their own, `Q4_K_PAIRED` (`to_cpu_form`, at a
+layer's first expansion): the same bytes per block with each byte holding two consecutive codes, as
+MLX packs 4-bit codes, so that they expand through the same integer pass as MLX's
+(`nn/cpu_expansion.py`) instead of one strided pass per nibble plane.
 """
 
 from collections.abc import Callable
@@ -144,12 +144,18 @@ def _pair_q4_k(blocks: np.ndarray) -> None:
     np.copyto(pairs[:, :, 1:], high, casting="unsafe")
 
 
-def to_cpu_form(raw_rows: np.ndarray, qtype: T) -> T | str:
-    """Re-lays raw_rows [rows, bytes per row] in place as the CPU kernels hold them; the held type:
-    Q4_K as `Q4_K_PAIRED` (a pass over the bytes, a cache-sized block at a time on all cores), other
-    types as they are."""
-    if qtype != T.Q4_K:
+def cpu_form(qtype: T | str) -> T | str:
+    """The type the CPU kernels hold `qtype` blocks as: Q4_K as `Q4_K_PAIRED`, others as they are."""
+    return Q4_K_PAIRED if qtype == T.Q4_K else qtype
+
+
+def to_cpu_form(raw_rows: np.ndarray, qtype: T | str) -> T | str:
+    """Re-lays raw_rows [rows, bytes per row] in place into `cpu_form(qtype)`, which it returns (for
+    Q4_K a pass over the bytes, a cache-sized block at a time on all cores)."""
+    if cpu_form(qtype) == qtype:
         return qtype
+    if not (raw_rows.flags.c_contiguous and raw_rows.flags.writeable):
+        raise ValueError("Q4_K blocks are re-laid in place: they must be writable, C-contiguous rows")
     nbytes = block_size(qtype)[1]
     step = max(1, 4 * CACHED_VALUES // raw_rows.shape[1])
 

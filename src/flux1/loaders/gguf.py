@@ -1,6 +1,6 @@
 """Load the FLUX transformer from a GGUF file, keeping its quantized layers quantized: as the file's
-blocks for the CPU kernels (expanded per layer, exact, 4.5 bits per weight for Q4_K, whose codes are
-re-laid: `gguf.blocks.to_cpu_form`), as MLX affine quantization for MLX's kernels (`gguf/affine.py`)."""
+blocks for the CPU kernels (expanded per layer, exact, 4.5 bits per weight for Q4_K), as MLX affine
+quantization for MLX's kernels (`gguf/affine.py`)."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +11,9 @@ from flux1 import backend
 from flux1.configs import check_config
 from flux1.convert.transformer_bfl import infer_config
 from flux1.gguf.affine import to_mlx_affine
-from flux1.gguf.blocks import to_cpu_form
 from flux1.gguf.reader import GGUFFile, RawBlocks
 from flux1.models.transformer import FluxTransformer
 from flux1.nn.linear import Linear
-from flux1.nn.numpy_cpu import as_numpy
 from flux1.weights.assign import assign_weights
 from flux1.weights.safetensors_io import Tensors, WeightFileError
 
@@ -66,8 +64,7 @@ def load_transformer_gguf(
             tensors.add(name, placed, origin)
             continue
         if keep_blocks:
-            blocks = mx.array(value.raw)  # a copy of the mapped bytes, re-laid in place
-            layer.set_gguf(blocks, to_cpu_form(as_numpy(blocks), value.qtype))
+            layer.set_gguf(mx.array(value.raw), value.qtype)
         else:
             layer.set_quantized(*to_mlx_affine(value.raw, value.qtype, value.shape[1]))
         for param in ("weight", "scales", "biases"):

@@ -201,6 +201,7 @@ def expanded_weight(layer, dtype: str = "fp32", kernel: str = "numpy") -> np.nda
     """The weight of a `Linear` as [out, in] in `dtype`: fp32, or bf16 (rounded to nearest, as
     uint16 bits), quantized codes expanded by `kernel` (an `ExpansionPath`'s). A view if it is
     stored so, else the scratch buffer (the caller holds it until done with it)."""
+    layer.to_cpu_form()
     weight = layer.weight
     stored = {mx.float32: "fp32", mx.bfloat16: "bf16"}.get(weight.dtype) if layer.bits is None else None
     if stored == dtype:

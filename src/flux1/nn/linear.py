@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from flux1 import backend
 from flux1.gguf import affine as gguf_affine
-from flux1.gguf.blocks import block_size
+from flux1.gguf.blocks import block_size, cpu_form, to_cpu_form
 from flux1.gguf.expand import expanded
 from flux1.nn import cpu_linear
 from flux1.nn.activations import gelu_tanh
@@ -123,6 +123,13 @@ class Linear(nn.Module):
             self.set_quantized(
                 *gguf_affine.to_mlx_affine(as_numpy(self.weight), self.gguf_type, self.input_dims)
             )
+
+    def to_cpu_form(self) -> None:
+        """GGUF blocks re-laid in place as the CPU kernels expand them fastest (`gguf.blocks.to_cpu_form`:
+        Q4_K's codes; the same values), once, at the layer's first expansion."""
+        if self.gguf_type is not None and cpu_form(self.gguf_type) != self.gguf_type:
+            self.weight = mx.contiguous(self.weight)  # rows the re-laying can write in place
+            self.gguf_type = to_cpu_form(as_numpy(self.weight), self.gguf_type)
 
     def set_dense(self, weight: mx.array) -> None:
         """Hold `weight` as a dense matrix (in the dtype of the scales if the layer was quantized)."""
