@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import fixture_folder, run_measured  # noqa: E402
+from measure import fixture_folder, gguf_fixture, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LOAD = """
@@ -59,16 +59,6 @@ def load(src: Path, kind: str, source: Path, compute: str = "auto") -> tuple[flo
     return float(seconds), int(held) / 2**30, result.peak_rss_gb
 
 
-def ensure_gguf(fixture: Path, qtype: str, out: Path) -> None:
-    if out.is_file():
-        return
-    print(f"writing {out} ...", flush=True)
-    script = "import sys; from flux1.fixtures.gguf import write_gguf; write_gguf(*sys.argv[1:])"
-    result = run_measured(["-c", script, str(fixture / "transformer"), str(out), qtype])
-    if result.returncode:
-        sys.exit(result.stderr[-3000:])
-
-
 def ensure_saved(fixture: Path, out: Path) -> None:
     if (out / "model_index.json").is_file():
         return
@@ -97,8 +87,7 @@ def main() -> None:
     rows = {"imports only": (src, "none", saved / "transformer", "auto")}
     rows["saved -q 4"] = (src, "saved", saved / "transformer", "auto")
     for qtype in args.types:
-        gguf_file = args.cache / f"{args.preset}-schnell-{qtype}.gguf"
-        ensure_gguf(fixture, qtype, gguf_file)
+        gguf_file = gguf_fixture(fixture, qtype)
         rows[f"{qtype}"] = (src, "gguf", gguf_file, "auto")
         if args.mlx:
             rows[f"{qtype}, FLUX1_COMPUTE=mlx"] = (src, "gguf", gguf_file, "mlx")

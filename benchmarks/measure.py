@@ -80,6 +80,20 @@ def _parser(doc: str, size: int) -> argparse.ArgumentParser:
     return parser
 
 
+def gguf_fixture(fixture: Path, qtype: str) -> Path:
+    """The transformer of the `fixture` folder as a GGUF file of `qtype` beside it, written by the
+    fixture builder if missing (`<preset>-schnell-<qtype>.gguf` for a bf16 fixture)."""
+    out = fixture.parent / f"{fixture.name.removesuffix('-bfloat16')}-{qtype}.gguf"
+    if not out.is_file():
+        print(f"writing {out} ...", flush=True)
+        script = "import sys; from flux1.fixtures.gguf import write_gguf; write_gguf(*sys.argv[1:])"
+        result = run_measured(["-c", script, str(fixture / "transformer"), str(out), qtype])
+        if result.returncode:
+            sys.exit(f"writing {out} failed:\n{result.stderr[-3000:]}")
+        print(f"  {result.seconds:.0f}s, peak {result.peak_rss_gb:.1f} GB", flush=True)
+    return out
+
+
 def fixture_parser(doc: str) -> argparse.ArgumentParser:
     """The options every in-process benchmark shares: which fixture, at which image size."""
     parser = _parser(doc, 512)

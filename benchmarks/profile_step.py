@@ -7,11 +7,13 @@ timed). The floor is the step's floating-point work (2 * tokens * in * out per l
 4 * heads * tokens^2 * head_dim per attention) divided by the rate of the GEMM the CPU plan uses at
 this precision (`cpu_plan.active()`), measured here on a 4096 x 3072 x 3072 product through it.
 
-With `--quantize BITS` the transformer is quantized as `main.py -q BITS` does, and expanding the
-compact weights before each GEMM (part of the linear layers' time) is also timed on its own.
+With `--quantize BITS` the transformer is quantized as `main.py -q BITS` does, with `--gguf TYPE`
+loaded from the fixture's transformer as a GGUF file of that type (written beside the fixture if
+missing), and expanding the compact weights before each GEMM (part of the linear layers' time) is
+also timed on its own.
 
     python benchmarks/profile_step.py [--preset wide] [--dtype float32] [--size 512] [--repeats 3]
-        [--precision auto|fp32|bf16] [--quantize BITS]
+        [--precision auto|fp32|bf16] [--quantize BITS | --gguf TYPE]
 """
 
 import statistics
@@ -26,6 +28,8 @@ import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 import mlx.core as mx
 
 from flux1 import cpu_plan
+from flux1.gguf.blocks import DENSE, SUPPORTED
+from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.transformer import load_transformer
 from flux1.models import flux_blocks
 from flux1.nn import cpu_linear, cpu_rope_attention
@@ -38,6 +42,7 @@ from measure import (  # noqa: E402
     fixture_folder,
     fixture_parser,
     gemm_rate,
+    gguf_fixture,
     transformer_flops,
     transformer_inputs,
 )
@@ -102,10 +107,17 @@ def main() -> None:
     parser = fixture_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps timed (median)")
     parser.add_argument("--precision", default="auto", choices=cpu_plan.PRECISIONS)
-    parser.add_argument("--quantize", type=int, choices=BITS, help="quantize as main.py -q does")
+    compact = parser.add_mutually_exclusive_group()
+    compact.add_argument("--quantize", type=int, choices=BITS, help="quantize as main.py -q does")
+    types = [t.name for t in SUPPORTED if t not in DENSE]
+    compact.add_argument("--gguf", choices=types, help="load as a GGUF file of this type")
     args = parser.parse_args()
     cpu_plan.set_precision(args.precision)
-    transformer = load_transformer(fixture_folder(args.cache, args.preset, args.dtype) / "transformer")
+    fixture = fixture_folder(args.cache, args.preset, args.dtype)
+    if args.gguf:
+        transformer = load_transformer_gguf(gguf_fixture(fixture, args.gguf))
+    else:
+        transformer = load_transformer(fixture / "transformer")
     if args.quantize:
         quantize_linears(transformer, args.quantize, 64)
     mx.eval(transformer.parameters())
@@ -133,12 +145,13 @@ def main() -> None:
         unit, digits = ("G values/s", 2) if kind in ("activation", "expansion") else ("GFLOP/s", 0)
         rates = ", ".join(f"{name} {rate:.{digits}f}" for name, rate in plan.rates[kind].items())
         print(f"plan, {kind} ({unit}, measured {plan.measured}): {rates}")
-    weights = f"{args.dtype} weights" + (f", -q {args.quantize}" if args.quantize else "")
+    compact = f", -q {args.quantize}" if args.quantize else f", GGUF {args.gguf}" if args.gguf else ""
+    weights = f"{args.dtype} weights{compact}"
     print(
         f"\n{args.preset} preset ({weights}), {args.size}x{args.size}, {text_tokens} text tokens, "
         f"--precision {args.precision}"
     )
-    print(f"CPU: {cpu_model()}; {cpu_plan.describe(quantized=bool(args.quantize))}")
+    print(f"CPU: {cpu_model()}; {cpu_plan.describe(quantized=bool(args.quantize or args.gguf))}")
     print(f"{'part':<34}{'seconds':>9}{'share':>8}{'GFLOP':>9}{'GFLOP/s':>9}")
     parts = sorted((name for name in seconds if name != EXPANSION), key=lambda name: -seconds[name])
     if EXPANSION in seconds:

@@ -24,7 +24,7 @@ import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 from flux1 import cpu_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import cpu_model, gemm_rate, run_measured, transformer_flops  # noqa: E402
+from measure import cpu_model, gemm_rate, gguf_fixture, run_measured, transformer_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_TOKENS = 256  # schnell's T5 sequence length, main.py's default
@@ -147,21 +147,7 @@ def main() -> None:
                 )
             )
     for qtype in args.gguf:
-        gguf_file = args.cache / f"{args.preset}-schnell-{qtype}.gguf"
-        if not gguf_file.is_file():
-            print(f"writing {gguf_file} ...", flush=True)
-            result = run_measured(
-                [
-                    "-c",
-                    "import sys; from flux1.fixtures.gguf import write_gguf; write_gguf(*sys.argv[1:])",
-                    str(fixture / "transformer"),
-                    str(gguf_file),
-                    qtype,
-                ]
-            )
-            if result.returncode:
-                sys.exit(f"writing {gguf_file} failed:\n{result.stderr[-3000:]}")
-            print(f"  {result.seconds:.0f}s, peak {result.peak_rss_gb:.1f} GB", flush=True)
+        gguf_file = gguf_fixture(fixture, qtype)
         saved4 = args.cache / f"{args.preset}-schnell-q4"
         others, extra = (saved4, []) if 4 in args.bits else (fixture, ["-q", "4"])
         rows.append(

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from flux1.nn.gemm import available_paths
@@ -109,12 +110,14 @@ def test_quantization_quality_prints_every_level(tmp_path):
     assert psnrs == sorted(psnrs, reverse=True)
 
 
-def test_profile_step_prints_every_part(tmp_path):
+@pytest.mark.parametrize("compact", [("--quantize", "4", "-q 4"), ("--gguf", "Q4_K", "GGUF Q4_K")])
+def test_profile_step_prints_every_part(tmp_path, compact):
+    option, value, weights = compact
     out = _run(
         "profile_step.py", "--preset", "tiny", "--size", "32", "--repeats", "1", "--cache", str(tmp_path),
-        "--quantize", "4",
+        option, value,
     )  # fmt: skip
-    table = out[out.index("tiny preset (float32 weights, -q 4)") :].splitlines()
+    table = out[out.index(f"tiny preset (float32 weights, {weights})") :].splitlines()
     parts = {line[:34].strip() for line in table[3 : table.index("")]}
     assert parts == {
         "linear layers (+ bias, MLP GELU)",
