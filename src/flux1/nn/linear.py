@@ -126,7 +126,8 @@ class Linear(nn.Module):
 
     def to_cpu_form(self) -> None:
         """GGUF blocks re-laid in place as the CPU kernels expand them fastest (`gguf.blocks.to_cpu_form`:
-        Q4_K's codes; the same values), once, at the layer's first expansion."""
+        Q4_K's codes; the same values), once, at the layer's first expansion. The blocks are the
+        layer's own (the loader's copy of the file's bytes)."""
         if self.gguf_type is not None and cpu_form(self.gguf_type) != self.gguf_type:
             self.weight = mx.contiguous(self.weight)  # rows the re-laying can write in place
             self.gguf_type = to_cpu_form(as_numpy(self.weight), self.gguf_type)
