@@ -158,6 +158,71 @@ def test_plan_file_is_replaced_whole_or_not_at_all(fresh_plan, monkeypatch):
     assert list(fresh_plan.parent.iterdir()) == [fresh_plan]
 
 
+class SlowSpellClock:
+    """A clock for `cpu_plan.time` that calls advance: a call costs its own time, three times that
+    while the clock is before `spell_ends` (a shared machine's slow spell)."""
+
+    def __init__(self, spell_ends: float):
+        self.now, self.spell_ends, self.order = 0.0, spell_ends, []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def call(self, name: str, cost: float):
+        def run():
+            self.order.append(name)
+            self.now += cost * (3 if self.now < self.spell_ends else 1)
+
+        return run
+
+
+def test_candidates_are_timed_in_turn_so_a_slow_spell_slows_them_alike(monkeypatch):
+    """One after the other (3 calls of a, then of b), a spell lasting a's calls would make the
+    slower b look faster; timed in turn, each has calls after the spell and a wins."""
+    clock = SlowSpellClock(spell_ends=10.0)
+    monkeypatch.setattr(cpu_plan, "time", clock)
+    calls = {"a": clock.call("a", 1.0), "b": clock.call("b", 1.2)}
+    best = cpu_plan._interleaved(calls, rounds=3)
+    assert clock.order == ["a", "b"] * 4  # a first untimed call each, then 3 rounds
+    assert best == {"a": pytest.approx(1.0), "b": pytest.approx(1.2)}
+
+
+def test_no_round_starts_that_would_end_past_the_deadline(monkeypatch):
+    clock = SlowSpellClock(spell_ends=0.0)
+    monkeypatch.setattr(cpu_plan, "time", clock)
+    calls = {"a": clock.call("a", 1.0), "b": clock.call("b", 2.0)}
+    # rounds of 3: the first always (past the deadline or not), then while one more ends by 7
+    best = cpu_plan._interleaved(calls, rounds=5, deadline=7.0, warm_up=False)
+    assert clock.order == ["a", "b"] * 2 and best == {"a": 1.0, "b": 2.0}
+    clock.order.clear()
+    cpu_plan._interleaved(calls, rounds=5, deadline=0.0, warm_up=False)
+    assert clock.order == ["a", "b"]
+
+
+def test_linear_gemms_measure_fewer_shapes_rather_than_run_long(monkeypatch):
+    """With no time left the plan still times every path once on the first shape (after a start-up
+    call) and on no other; with time, every shape in rounds."""
+    monkeypatch.setattr(cpu_plan, "SHAPES", ((48, 64, 32), (16, 32, 24)))
+    shapes = []
+
+    def counted(path, a, b, out):
+        shapes.append((path.name, a.shape[0], b.shape[1]))
+        return gemm(path, a, b, out)
+
+    monkeypatch.setattr(cpu_plan, "gemm", counted)
+    monkeypatch.setattr(cpu_plan, "MEASURE_SECONDS", 0.0)
+    rates = cpu_plan.measure(available_paths())
+    assert set(rates) == set(PATHS) and min(rates.values()) > 0
+    assert sorted(shapes) == sorted([(name, 48, 32) for name in PATHS] * 2)
+    shapes.clear()
+    monkeypatch.setattr(cpu_plan, "MEASURE_SECONDS", 60.0)
+    cpu_plan.measure(available_paths())
+    first = [name for name, rows, _ in shapes if rows == 48]
+    second = [name for name, rows, _ in shapes if rows == 16]
+    assert sorted(first) == sorted(PATHS * (1 + cpu_plan.ROUNDS))
+    assert set(second) <= set(PATHS) and len(second) == cpu_plan.ROUNDS * len(set(second)) > 0
+
+
 def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     """A plan for this machine with the given linear rates, as if it had measured them; the other
     kinds' rates follow unless `others` gives them (oneDNN's convolution: half the slowest; a pair of

@@ -1,5 +1,5 @@
 """The CPU compute plan: which GEMM (library and input dtype) the CPU kernels use on this machine,
-chosen by timing every candidate once on the model's own GEMM shapes.
+chosen by timing every candidate, in turn and best of a few rounds, on the model's own GEMM shapes.
 
 No single choice wins everywhere: on 2 Zen 4 cores NumPy's OpenBLAS beats MKL and oneDNN's bf16
 GEMM doubles both; on an Intel Xeon without AMX, MKL's fp32 beats everything in bf16. So the
@@ -63,7 +63,8 @@ ACTIVATION = (256, 12288)
 # A 4-bit weight (group 64) of attention's size, expanded for the GEMM.
 EXPANSION = (3072, 3072)
 KINDS = ("linear", "attention", "convolution", "activation", "expansion")
-MEASURE_SECONDS = 6.0  # spread over the paths; a busy machine measures fewer shapes, never longer
+MEASURE_SECONDS = 6.0  # for the linear layers' GEMMs: a slow machine measures fewer shapes, never longer
+ROUNDS = 3  # each GEMM shape timed best of 3, the paths in turn
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
 
 _precision = "fp32"
@@ -134,120 +135,126 @@ def machine_key() -> dict:
 
 def measure(paths: dict[str, GemmPath]) -> dict[str, float]:
     """GFLOP/s of each path over SHAPES, the weight as a transposed [out, in] matrix as Linear has
-    it. Each path gets an equal share of the MEASURE_SECONDS left when it starts (start-up included)
-    and stops before a shape that would overrun it at the rate seen so far, or after its first shape
-    if that is below half the best rate (it cannot win)."""
+    it: each shape timed in ROUNDS (`_interleaved`), its best time counted. A shape is started only
+    if one round of it fits in what is left of MEASURE_SECONDS at the rates seen so far; after each
+    shape a path below half the best rate is no longer timed (it cannot win) and keeps its rate."""
     deadline = time.perf_counter() + MEASURE_SECONDS
     rng = np.random.default_rng(0)
     size = max(rows * inner for rows, inner, _ in SHAPES), max(inner * cols for _, inner, cols in SHAPES)
     inputs = {"fp32": [rng.random(n, np.float32) for n in size]}  # uniform: quicker to draw
     inputs["bf16"] = [as_bf16(x) for x in inputs["fp32"]]
     out = np.empty(max(rows * cols for rows, _, cols in SHAPES), np.float32)
-    rates: dict[str, float] = {}
-    for index, (name, path) in enumerate(paths.items()):
-        started = time.perf_counter()
-        share = (deadline - started) / (len(paths) - index)
-        work = seconds = 0.0
-        for rows, inner, cols in SHAPES:
-            flops = 2.0 * rows * inner * cols
-            spent = time.perf_counter() - started
-            if work and spent + flops / (work / seconds) > share:
-                break
+    contenders, rates = dict(paths), {}
+    seconds, work = dict.fromkeys(paths, 0.0), 0.0
+    for index, (rows, inner, cols) in enumerate(SHAPES):
+        flops = 2.0 * rows * inner * cols
+        if index and time.perf_counter() + sum(flops / rates[name] / 1e9 for name in contenders) > deadline:
+            break
+        calls = {}
+        for name, path in contenders.items():
             a = inputs[path.dtype][0][: rows * inner].reshape(rows, inner)
             weight = inputs[path.dtype][1][: cols * inner].reshape(cols, inner)
             product = out[: rows * cols].reshape(rows, cols)
-            if not work:
+            if not index:
                 gemm(path, a[:256], weight.T, product[:256])  # first call: the library's start-up
-            start = time.perf_counter()
-            gemm(path, a, weight.T, product)
-            seconds += time.perf_counter() - start
-            work += flops
-            if work / seconds < 0.5e9 * max(rates.values(), default=0.0):
-                break
-        rates[name] = float(f"{work / seconds / 1e9:.4g}")
-    return rates
+            calls[name] = functools.partial(gemm, path, a, weight.T, product)
+        for name, best in _interleaved(calls, ROUNDS, deadline, warm_up=False).items():
+            seconds[name] += best
+        work += flops
+        rates.update({name: work / seconds[name] / 1e9 for name in contenders})
+        contenders = {name: p for name, p in contenders.items() if rates[name] >= 0.5 * max(rates.values())}
+    return {name: float(f"{rate:.4g}") for name, rate in rates.items()}
 
 
-def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], repeats: int = 5) -> dict[str, float]:
+def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int = 5) -> dict[str, float]:
     """GFLOP/s of one head's attention (its two products' work over the time of both and the
     softmax between them) through each pair of paths, as `nn/attention.py` runs it: k transposed,
     v not, a bf16 path's inputs rounded to bf16 (q and the probabilities each call, k and v once).
-    Best of `repeats`, after a first call (the libraries' start-up for these shapes)."""
+    Best of `rounds` (`_interleaved`)."""
     tokens, width = HEAD
     rng = np.random.default_rng(0)
     q, k, v = (rng.random((tokens, width), np.float32) for _ in range(3))
     scores, out = np.empty((tokens, tokens), np.float32), np.empty((tokens, width), np.float32)
-    flops = 4.0 * tokens * tokens * width
 
     def head(scores_path, values_path, k_in, v_in, weights):
         q_in = as_bf16(q) if scores_path.dtype == "bf16" else q
         head_attention(scores_path, values_path, q_in, k_in, v_in, 0.1, None, scores, weights, out)
 
-    rates = {}
+    calls = {}
     for name, (scores_path, values_path) in pairs.items():
         k_in = as_bf16(k) if scores_path.dtype == "bf16" else k
         v_in = as_bf16(v) if values_path.dtype == "bf16" else v
         weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
-        call = functools.partial(head, scores_path, values_path, k_in, v_in, weights)
-        rates[name] = float(f"{flops / _best_seconds(call, repeats) / 1e9:.4g}")
-    return rates
+        calls[name] = functools.partial(head, scores_path, values_path, k_in, v_in, weights)
+    return _rates(calls, 4.0 * tokens * tokens * width, rounds)
 
 
-def measure_convolution(paths: dict[str, ConvolutionPath], repeats: int = 2) -> dict[str, float]:
+def measure_convolution(paths: dict[str, ConvolutionPath], rounds: int = 2) -> dict[str, float]:
     """GFLOP/s of each path on one of the VAE decoder's convolutions (CONVOLUTION), best of
-    `repeats` after a first call (the library's start-up, oneDNN's choice of kernel)."""
+    `rounds` (`_interleaved`; its first call is oneDNN's choice of kernel)."""
     size, channels, kernel = CONVOLUTION
     rng = np.random.default_rng(0)
     image = rng.random((1, size, size, channels), np.float32)
     weight = rng.random((channels, kernel, kernel, channels), np.float32)
     bias = np.zeros(channels, np.float32)
-    flops = 2.0 * size * size * kernel * kernel * channels * channels
-    rates = {}
-    for name, path in paths.items():
-        seconds = _best_seconds(
-            lambda path=path: convolve(path, image, weight, bias, padding=kernel // 2), repeats
-        )
-        rates[name] = float(f"{flops / seconds / 1e9:.4g}")
-    return rates
-
-
-def measure_activation(paths: dict[str, ActivationPath], repeats: int = 3) -> dict[str, float]:
-    """G values/s of GELU through each path over ACTIVATION values, best of `repeats` after a first
-    call."""
-    x = np.random.default_rng(0).standard_normal(ACTIVATION, np.float32)
-    return {
-        name: float(f"{x.size / _best_seconds(lambda path=path: gelu_tanh(path, x), repeats) / 1e9:.4g}")
+    calls = {
+        name: functools.partial(convolve, path, image, weight, bias, padding=kernel // 2)
         for name, path in paths.items()
     }
+    return _rates(calls, 2.0 * size * size * kernel * kernel * channels * channels, rounds)
 
 
-def measure_expansion(paths: dict[str, ExpansionPath], repeats: int = 3) -> dict[str, float]:
-    """G values/s of each path expanding a 4-bit weight of EXPANSION's shape, best of `repeats` after
-    a first call."""
+def measure_activation(paths: dict[str, ActivationPath], rounds: int = 3) -> dict[str, float]:
+    """G values/s of GELU through each path over ACTIVATION values, best of `rounds`."""
+    x = np.random.default_rng(0).standard_normal(ACTIVATION, np.float32)
+    return _rates(
+        {name: functools.partial(gelu_tanh, path, x) for name, path in paths.items()}, x.size, rounds
+    )
+
+
+def measure_expansion(paths: dict[str, ExpansionPath], rounds: int = 3) -> dict[str, float]:
+    """G values/s of each path expanding a 4-bit weight of EXPANSION's shape, best of `rounds`."""
     from flux1.nn.linear import Linear  # here: it imports the CPU kernels, which import the plan
 
     rows, cols = EXPANSION
     layer = Linear(cols, rows, bias=False)
     layer.weight = mx.random.normal((rows, cols), key=mx.random.key(0)).astype(mx.bfloat16)
     layer.quantize(4, 64)
-    rates = {}
+    calls = {
+        name: functools.partial(expanded_weight, layer, path.dtype, path.kernel)
+        for name, path in paths.items()
+    }
     with scratch_lock:  # expanded_weight's buffer
-        for name, path in paths.items():
-            seconds = _best_seconds(
-                lambda path=path: expanded_weight(layer, path.dtype, path.kernel), repeats
-            )
-            rates[name] = float(f"{rows * cols / seconds / 1e9:.4g}")
-    return rates
+        return _rates(calls, rows * cols, rounds)
 
 
-def _best_seconds(call, repeats: int) -> float:
-    """The fastest of `repeats` calls, after a first one (the libraries' start-up for the shapes)."""
-    best = math.inf
-    for attempt in range(repeats + 1):
-        start = time.perf_counter()
-        call()
-        if attempt:
-            best = min(best, time.perf_counter() - start)
+def _rates(calls: dict, work: float, rounds: int) -> dict[str, float]:
+    """work (FLOPs or values) per second, in billions, over each call's best time."""
+    return {name: float(f"{work / best / 1e9:.4g}") for name, best in _interleaved(calls, rounds).items()}
+
+
+def _interleaved(
+    calls: dict, rounds: int, deadline: float = math.inf, warm_up: bool = True
+) -> dict[str, float]:
+    """The fastest time of each call over `rounds`, every call once per round in turn: on a machine
+    whose speed drifts (a shared VM: `benchmarks/profile_step.py` measured oneDNN's bf16 GEMM at 527
+    to 872 GFLOP/s between the steps of one run on 2 Intel Xeon cores) a slow spell slows every
+    candidate alike instead of the ones timed in it.
+    A first untimed call each with `warm_up` (the libraries' start-up for the shapes); after the
+    first round, no round that would end past `deadline` at the last round's pace."""
+    if warm_up:
+        for call in calls.values():
+            call()
+    best, pace = dict.fromkeys(calls, math.inf), 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        if pace and started + pace > deadline:
+            break
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - start)
+        pace = time.perf_counter() - started
     return best
 
 
