@@ -189,7 +189,7 @@ def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int =
     return _rates(calls, 4.0 * tokens * tokens * width, rounds)
 
 
-def measure_convolution(paths: dict[str, ConvolutionPath], rounds: int = 2) -> dict[str, float]:
+def measure_convolution(paths: dict[str, ConvolutionPath], rounds: int = 3) -> dict[str, float]:
     """GFLOP/s of each path on one of the VAE decoder's convolutions (CONVOLUTION), best of
     `rounds` (`_interleaved`; its first call is oneDNN's choice of kernel)."""
     size, channels, kernel = CONVOLUTION
