@@ -24,11 +24,12 @@ from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
-from flux1.nn import onednn
+from flux1.nn import cpu_attention, onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
 from flux1.nn.cpu_activations import activation_paths
+from flux1.nn.cpu_attention import EXP_FUSED
 from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.cpu_expansion import expanded_weight, expansion_paths
 from flux1.nn.gemm import available_paths
@@ -46,16 +47,16 @@ def bf16_rounded(x) -> np.ndarray:
     return (as_bf16(np.asarray(x, np.float32)).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-def reference_attention(q, k, v, scale, mask, round_inputs) -> np.ndarray:
-    """softmax(scale q k^T + mask) v in float64; with round_inputs, q, k, v and the probabilities
-    rounded to bf16 first, as the bf16 GEMMs take them."""
+def reference_attention(q, k, v, scale, mask, round_inputs, round_weights=True) -> np.ndarray:
+    """softmax(scale q k^T + mask) v in float64; with round_inputs, q, k, v and (round_weights) the
+    probabilities rounded to bf16 first, as the bf16 GEMMs take them."""
     rounded = bf16_rounded if round_inputs else (lambda a: np.asarray(a, np.float64))
     scores = scale * (rounded(q) @ np.swapaxes(rounded(k), -1, -2))
     if mask is not None:
         scores = scores + np.asarray(mask, np.float64)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
-    return rounded(weights) @ rounded(v)
+    return (rounded(weights) if round_weights else weights) @ rounded(v)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -66,10 +67,8 @@ def test_cpu_attention_equals_mlx_kernel(with_mask, path, scores_values, monkeyp
     blocks = []
     if scores_values:
         monkeypatch.setattr(attention_module, "SCORES_VALUES", scores_values)
-        head = attention_module.head_attention
-        monkeypatch.setattr(
-            attention_module, "head_attention", lambda *a: blocks.append(len(a[2])) or head(*a)
-        )
+        head = cpu_attention.head_attention
+        monkeypatch.setattr(cpu_attention, "head_attention", lambda *a: blocks.append(len(a[2])) or head(*a))
     shape = (2, 3, 17, 8)
     q, k, v = (mx.random.normal(shape, key=mx.random.key(i)) for i in range(3))
     mask = mx.random.normal((1, 3, 17, 17), key=mx.random.key(9)) if with_mask else None
@@ -108,6 +107,69 @@ def test_cpu_rope_attention_equals_mlx_graph(lengths, path):
     assert got.shape == expected.shape == (2, sum(lengths), heads * head_dim)
     assert got.dtype == (mx.bfloat16 if path.endswith("bf16") else mx.float32)
     assert relative_error(got.astype(mx.float32), expected) < (8e-3 if path.endswith("bf16") else 1e-5)
+
+
+FUSED_PAIR = next((pair for name, pair in cpu_plan.attention_pairs().items() if EXP_FUSED in name), None)
+needs_fused = pytest.mark.skipif(FUSED_PAIR is None, reason="no bf16 matmul primitive (oneDNN, AVX512-BF16)")
+
+
+def with_attention_pair(monkeypatch, pair) -> None:
+    active = cpu_plan.active
+    monkeypatch.setattr(
+        cpu_plan, "active", lambda kind="linear": pair if kind == "attention" else active(kind)
+    )
+
+
+@needs_fused
+@pytest.mark.parametrize("scores_values", [None, 5 * 17])
+def test_attention_with_exponentials_in_the_product_equals_the_reference(monkeypatch, scores_values):
+    """exp(scale q k^T - bound) written in bf16 by the product, each row divided by the sum of its
+    own bf16 weights. Against the float64 attention of the bf16-rounded q, k, v with unrounded
+    probabilities: 3e-3 (2^-9 per weight; 1.4e-3 to 1.6e-3 measured, as for the usual bf16 path,
+    which rounds the probabilities after normalizing), and no further from it than the usual path
+    (within 25%). Whole heads and blocks of 5 rows; a mask takes the usual path."""
+    if scores_values:
+        monkeypatch.setattr(attention_module, "SCORES_VALUES", scores_values)
+    with_attention_pair(monkeypatch, FUSED_PAIR)
+    fused = []
+    exp_attention = cpu_attention._exp_attention
+    monkeypatch.setattr(
+        cpu_attention, "_exp_attention", lambda *a: fused.append(len(a[1])) or exp_attention(*a)
+    )
+    q, k, v = (mx.random.normal((2, 3, 17, 8), key=mx.random.key(i)) for i in range(3))
+    got = attention(q, k, v, 0.3)
+    assert relative_error(got, mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3)) < 8e-3
+    exact_weights = reference_attention(q, k, v, 0.3, None, True, round_weights=False)
+    assert fused == ([5, 5, 5, 2] * 6 if scores_values else [17] * 6)
+    with_attention_pair(monkeypatch, (FUSED_PAIR[1], FUSED_PAIR[1]))
+    usual = attention(q, k, v, 0.3)
+    assert relative_error(got, exact_weights) < min(3e-3, 1.25 * relative_error(usual, exact_weights))
+    fused.clear()
+    with_attention_pair(monkeypatch, FUSED_PAIR)
+    mask = mx.random.normal((1, 3, 17, 17), key=mx.random.key(9))
+    assert relative_error(attention(q, k, v, 0.3, mask), reference_attention(q, k, v, 0.3, mask, True)) < 1e-3
+    assert fused == []
+
+
+@needs_fused
+def test_a_block_whose_exponentials_underflow_is_computed_the_usual_way(monkeypatch):
+    """One query far longer than the others raises its block's bound some 300 above their scores,
+    whose exponentials then underflow: that block is computed as the pair's usual path computes it
+    (bit for bit), the other block keeps the exponentials in the product."""
+    scores_path, values_path = FUSED_PAIR
+    rng = np.random.default_rng(0)
+    q, k, v = (as_bf16(rng.standard_normal((12, 8), np.float32) * 0.1) for _ in range(3))
+    q[0] = as_bf16(np.full(8, 200.0, np.float32))
+    bounds = cpu_attention.score_bounds(
+        *(np.left_shift(x, 16, dtype=np.uint32).view(np.float32) for x in (q, k)), 1.0
+    )
+    scores, weights = np.empty((6, 12), np.float32), np.empty((6, 12), np.uint16)
+    got, usual = np.empty((12, 8), np.float32), np.empty((12, 8), np.float32)
+    cpu_attention.attend_head(scores_path, values_path, q, k, v, 1.0, None, scores, weights, got, bounds)
+    cpu_attention.attend_head(values_path, values_path, q, k, v, 1.0, None, scores, weights, usual)
+    assert np.array_equal(got[:6], usual[:6])  # the block of the long query: the usual way
+    assert not np.array_equal(got[6:], usual[6:])  # the other: its own rounding of the weights
+    assert relative_error(got[6:], usual[6:]) < 4e-3
 
 
 def test_numpy_fp32_attention_is_the_old_computation_bit_for_bit():

@@ -17,6 +17,7 @@ from tests.conftest import relative_error
 from flux1 import backend, cpu_plan
 from flux1.nn import onednn
 from flux1.nn.cpu_activations import activation_paths
+from flux1.nn.cpu_attention import EXP_FUSED
 from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.cpu_expansion import expansion_paths
 from flux1.nn.gemm import available_paths, gemm
@@ -229,7 +230,10 @@ def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     attention paths: its slower one's; activations and expansions: oneDNN twice NumPy)."""
     others = others or {}
     convolution = {name: rates.get(name, min(rates.values()) / 2) for name in CONVOLUTION_PATHS}
-    pairs = {name: min(rates[s.name], rates[v.name]) for name, (s, v) in cpu_plan.attention_pairs().items()}
+    pairs = {
+        name: min(rates[s.name.removesuffix(EXP_FUSED)], rates[v.name])
+        for name, (s, v) in cpu_plan.attention_pairs().items()
+    }
     activation = {name: 1.0 + (name == "onednn") for name in activation_paths()}
     expansion = {name: 1.0 + (path.kernel == "onednn") for name, path in expansion_paths().items()}
     defaults = {
@@ -310,6 +314,20 @@ def test_attention_takes_the_pair_measured_fastest_for_a_head(fresh_plan):
             library = available_paths()[fp32[0]].library
             line = f"; attention: q k^T fp32 through {library} and probabilities @ v fp32 through {library}"
             assert line in cpu_plan.describe()
+
+
+@pytest.mark.skipif("onednn matmul bf16" not in PATHS, reason="no bf16 matmul primitive here")
+def test_attention_with_exponentials_in_the_product_is_a_candidate_named_in_the_record(fresh_plan):
+    """Measured like every pair (on a head, as attention runs it); taken where fastest, and named."""
+    pairs = cpu_plan.attention_pairs()
+    fused = "onednn matmul bf16" + EXP_FUSED + " + onednn matmul bf16"
+    assert pairs[fused][0].dtype == "bf16" and pairs[fused][1] == available_paths()["onednn matmul bf16"]
+    assert fused in cpu_plan.plan().rates["attention"]
+    rates = {name: 100.0 if name.endswith("fp32") else 200.0 for name in PATHS}
+    cached_rates(fresh_plan, rates, {"attention": dict.fromkeys(pairs, 50.0) | {fused: 500.0}})
+    with cpu_plan.use("auto"):
+        assert cpu_plan.active("attention") == pairs[fused]
+        assert "; attention: q k^T and its exponentials bf16 through oneDNN" in cpu_plan.describe()
 
 
 @pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")

@@ -43,7 +43,7 @@ import numpy as np
 from flux1 import user_cache
 from flux1.metadata import write_json
 from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
-from flux1.nn.cpu_attention import head_attention
+from flux1.nn.cpu_attention import EXP_FUSED, attend_head, exp_fused, score_bounds
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
 from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths, scratch_lock
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
@@ -82,9 +82,17 @@ class Plan:
 
 
 def attention_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
-    """(q k^T's path, probabilities @ v's path) of one library, named "<scores> + <values>"."""
-    paths = available_paths().values()
-    return {f"{s.name} + {v.name}": (s, v) for s in paths for v in paths if s.library == v.library}
+    """(q k^T's path, probabilities @ v's path) of one library, named "<scores> + <values>"; with
+    oneDNN's bf16 matmul primitive also its pair with the exponentials in the product
+    (`cpu_attention.attend_head`)."""
+    available = available_paths()
+    paths = available.values()
+    pairs = {f"{s.name} + {v.name}": (s, v) for s in paths for v in paths if s.library == v.library}
+    if "onednn matmul bf16" in available:
+        matmul = available["onednn matmul bf16"]
+        fused = exp_fused(matmul)
+        pairs[f"{fused.name} + {matmul.name}"] = (fused, matmul)
+    return pairs
 
 
 def candidates(kind: str) -> dict:
@@ -166,7 +174,7 @@ def measure(paths: dict[str, GemmPath]) -> dict[str, float]:
     return {name: float(f"{rate:.4g}") for name, rate in rates.items()}
 
 
-def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int = 5) -> dict[str, float]:
+def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int = 3) -> dict[str, float]:
     """GFLOP/s of one head's attention (its two products' work over the time of both and the
     softmax between them) through each pair of paths, as `nn/attention.py` runs it: k transposed,
     v not, a bf16 path's inputs rounded to bf16 (q and the probabilities each call, k and v once).
@@ -177,8 +185,9 @@ def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int =
     scores, out = np.empty((tokens, tokens), np.float32), np.empty((tokens, width), np.float32)
 
     def head(scores_path, values_path, k_in, v_in, weights):
+        bounds = score_bounds(q, k, 0.1) if scores_path.name.endswith(EXP_FUSED) else None
         q_in = as_bf16(q) if scores_path.dtype == "bf16" else q
-        head_attention(scores_path, values_path, q_in, k_in, v_in, 0.1, None, scores, weights, out)
+        attend_head(scores_path, values_path, q_in, k_in, v_in, 0.1, None, scores, weights, out, bounds)
 
     calls = {}
     for name, (scores_path, values_path) in pairs.items():
@@ -419,7 +428,8 @@ def describe(quantized: bool = False) -> str:
     line = f"CPU GEMMs {dtype} through {_library_of(path)}{measured} on {cpu_model()}"
     heads = active("attention")
     if any(head != path for head in heads):
-        line += "; attention: q k^T " + " and probabilities @ v ".join(
+        exponentials = " and its exponentials" if heads[0].name.endswith(EXP_FUSED) else ""
+        line += f"; attention: q k^T{exponentials} " + " and probabilities @ v ".join(
             f"{head.dtype} through {_library_of(head)}" for head in heads
         )
     convolution = active("convolution")

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from flux1 import backend, cpu_plan
-from flux1.nn.cpu_attention import head_attention, head_gradients
+from flux1.nn.cpu_attention import EXP_FUSED, attend_head, head_gradients, score_bounds
 from flux1.nn.numpy_cpu import as_bf16, as_numpy
 
 # The most scores (query rows x key tokens) in memory at once, 16 MB in fp32: a 512x512 image's
@@ -66,6 +66,7 @@ def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask
     head_dim] (each head's rows may be strided, as may out's: its rows contiguous), a block of at most
     SCORES_VALUES scores (query rows x key tokens) at a time."""
     scores_path, values_path = cpu_plan.active("attention")
+    bounds = score_bounds(q, k, scale) if mask is None and scores_path.name.endswith(EXP_FUSED) else None
     if scores_path.dtype == "bf16":
         q, k = as_bf16(q), as_bf16(k)
     if values_path.dtype == "bf16":
@@ -75,14 +76,10 @@ def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask
     scores = np.empty((rows, keys), np.float32)
     weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
     for b, h in np.ndindex(*q.shape[:2]):
-        for start in range(0, queries, rows):
-            block = slice(start, min(start + rows, queries))
-            size = block.stop - block.start
-            head_attention(
-                scores_path, values_path, q[b, h, block], k[b, h], v[b, h], scale,
-                None if mask is None else mask[b, h, block], scores[:size],
-                None if weights is None else weights[:size], out[b, h, block],
-            )  # fmt: skip
+        attend_head(
+            scores_path, values_path, q[b, h], k[b, h], v[b, h], scale, None if mask is None else mask[b, h],
+            scores, weights, out[b, h], None if bounds is None else bounds[b, h],
+        )  # fmt: skip
 
 
 def _cpu_attention_gradients(q, k, v, scale: float, mask, dy, y) -> tuple[mx.array, mx.array, mx.array]:

@@ -8,6 +8,8 @@ fp32) are rounded to bf16 (oneDNN's reorder, or NumPy a block of rows at a time)
 cores with AMX the plan measured a head through MKL's bf16 GEMMs at 138 GFLOP/s with NumPy's softmax
 and rounding, 345 with oneDNN's (`benchmarks/profile_step.py` prints the plan's rates)."""
 
+import dataclasses
+import math
 from functools import partial
 
 import numpy as np
@@ -15,6 +17,84 @@ import numpy as np
 from flux1.nn import onednn
 from flux1.nn.gemm import GemmPath, gemm
 from flux1.nn.numpy_cpu import CACHED_VALUES, in_parallel, round_to_bf16
+
+EXP_FUSED = ", exponentials in the product"
+# exp underflows below e^-87: a row whose largest exponential is below e^-60 may have lost
+# probabilities that count (within e^-25 of its largest), so its block is computed the usual way.
+_SMALLEST_LARGEST = math.exp(-60.0)
+_BOUND_MARGIN = 1.0 + 2.0**-7  # q and k rounded to bf16 (2^-9 each), the scores' fp32 sums
+
+
+def exp_fused(path: GemmPath) -> GemmPath:
+    """oneDNN's bf16 matmul primitive as the scores' path of `attend_head`'s exponentials in the
+    product (as a plain GEMM, for the gradients, the same path)."""
+    return dataclasses.replace(path, name=path.name + EXP_FUSED)
+
+
+def attend_head(
+    scores_path: GemmPath,
+    values_path: GemmPath,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    scale: float,
+    mask: np.ndarray | None,
+    scores: np.ndarray,
+    weights: np.ndarray | None,
+    out: np.ndarray,
+    bounds: np.ndarray | None = None,
+) -> None:
+    """out [q_tokens, width] = softmax(scale q k^T + mask) v for one head, a block of len(scores)
+    query rows at a time (`head_attention`); q, k, v already in their path's dtype.
+
+    With `exp_fused` scores (no mask), each block's probabilities are never written in fp32: oneDNN's
+    matmul writes e = exp(scale q k^T - bound) in bf16 straight from its sums, the bound the largest
+    of the block's rows' `bounds` on their scores (`score_bounds`), and e @ [v | 1] gives the
+    unnormalized output and each row's sum of e at once, so each row is divided by the sum of the
+    very weights it was made of. A block with a row whose largest exponential came out below e^-60
+    (the bound far above its scores) is computed the usual way."""
+    fused = scores_path.name.endswith(EXP_FUSED) and mask is None
+    if fused:
+        v_ones = np.empty((len(v), v.shape[1] + 1), np.uint16)
+        v_ones[:, :-1] = v
+        v_ones[:, -1] = 0x3F80  # 1.0 in bf16
+        product = np.empty((len(scores), v_ones.shape[1]), np.float32)
+    queries, rows = len(q), len(scores)
+    for start in range(0, queries, rows):
+        block = slice(start, min(start + rows, queries))
+        size = block.stop - block.start
+        block_weights = None if weights is None else weights[:size]
+        bound = float(bounds[block].max()) if fused else 0.0
+        if fused and _exp_attention(
+            values_path, q[block], k, v_ones, scale, bound, block_weights, product[:size], out[block]
+        ):
+            continue
+        head_attention(
+            scores_path, values_path, q[block], k, v, scale, None if mask is None else mask[block],
+            scores[:size], block_weights, out[block],
+        )  # fmt: skip
+
+
+def score_bounds(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """A bound on the scores scale q_i . k_j of each query row of fp32 q, k [..., tokens, head_dim]:
+    |q_i| times the longest k_j, times scale (Cauchy-Schwarz), with room for their rounding to bf16:
+    [..., q_tokens]."""
+    q_norms, k_norms = (np.sqrt(np.einsum("...ij,...ij->...i", x, x)) for x in (q, k))
+    return q_norms * (scale * _BOUND_MARGIN * k_norms.max(axis=-1, keepdims=True))
+
+
+def _exp_attention(values_path, q, k, v_ones, scale, bound, exps, product, out) -> bool:
+    """out = exp(scale q k^T - bound) @ v, each row over its sum of exponentials (v_ones is v with a
+    column of ones); False, out untouched, if a row's largest exponential is below e^-60."""
+    rows, keys = exps.shape
+    a_strides, b_strides = (q.strides[0] // 2, q.strides[1] // 2), (k.strides[1] // 2, k.strides[0] // 2)
+    onednn.shifted_exp_matmul(rows, keys, q.shape[1], a_strides, b_strides, scale)(q, k, -bound, exps)
+    gemm(values_path, exps, v_ones, out=product)
+    sums = product[:, -1]
+    if sums.min() < keys * _SMALLEST_LARGEST:  # the largest of a row is at least its sum / keys
+        return False
+    np.divide(product[:, :-1], sums[:, None], out=out)
+    return True
 
 
 def head_attention(

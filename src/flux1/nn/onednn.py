@@ -28,7 +28,7 @@ _QUERY_IMPLEMENTATION, _QUERY_WEIGHTS = 8, 131  # dnnl_query_impl_info_str, dnnl
 _SRC, _SRC_1, _DST, _WEIGHTS, _BIAS, _SCALE, _SHIFT = 1, 2, 17, 33, 41, 51, 52  # DNNL_ARG_*
 _POST_OP_BASE = 32768  # DNNL_ARG_ATTR_MULTIPLE_POST_OP_BASE
 # dnnl_alg_kind_t
-_LINEAR, _LOGISTIC, _GELU_TANH, _SWISH, _SOFTMAX = 0x26, 0x29, 0x2B, 0x2C, 0x30000
+_LINEAR, _LOGISTIC, _EXP, _GELU_TANH, _SWISH, _SOFTMAX = 0x26, 0x29, 0x2A, 0x2B, 0x2C, 0x30000
 _ADD, _MUL = 0x1FFF0, 0x1FFF1
 _USE_SCALE, _USE_SHIFT = 0x2, 0x4  # dnnl_normalization_flags_t
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -301,6 +301,47 @@ class Matmul(_Handles):
 @functools.lru_cache(maxsize=256)
 def matmul(m, n, k, a_strides, b_strides, ldc, alpha: float, accumulate: bool, dtype: str) -> Matmul:
     return Matmul(m, n, k, a_strides, b_strides, ldc, alpha, accumulate, dtype)
+
+
+class ShiftedExpMatmul(_Handles):
+    """e [m, n] (bf16 bits, C-contiguous) = exp(alpha a @ b + shift) for bf16 a [m, k] and b [k, n]
+    laid out by element strides and one fp32 shift given at each call: the matmul primitive with
+    the shift and the exponential as post-ops on its fp32 sums, rounded to bf16 as they are written
+    (a per-row shift would make oneDNN 3.2 fall back to its reference kernel; a scalar keeps brgemm)."""
+
+    def __init__(self, m, n, k, a_strides, b_strides, alpha: float):
+        super().__init__()
+        lib, engine, _ = _runtime()
+        self.a = self._own("md", _memory_desc((m, k), a_strides, "bf16"))
+        self.b = self._own("md", _memory_desc((k, n), b_strides, "bf16"))
+        self.e = self._own("md", _dense((m, n), "bf16"))
+        self.shift = self._own("md", _dense((1, 1)))
+        post_ops = [("eltwise", _LINEAR, alpha, 0.0), ("binary", _ADD), ("eltwise", _EXP, 0.0, 0.0)]
+        desc = self._own("pd", _V())
+        _check(
+            lib.dnnl_matmul_primitive_desc_create(
+                ctypes.byref(desc),
+                engine,
+                self.a,
+                self.b,
+                None,
+                self.e,
+                self._attributes(post_ops, self.shift),
+            ),
+            f"choosing a bf16 matmul {m}x{k} @ {k}x{n} with its exponentials",
+        )
+        self.primitive = self._compiled(desc)
+
+    def __call__(self, a: np.ndarray, b: np.ndarray, shift: float, e: np.ndarray) -> np.ndarray:
+        arguments = {_SRC: (self.a, a), _WEIGHTS: (self.b, b), _DST: (self.e, e)}
+        arguments[_post_op(1)] = (self.shift, np.array([[shift]], np.float32))
+        _execute(self.primitive, arguments)
+        return e
+
+
+@functools.lru_cache(maxsize=256)
+def shifted_exp_matmul(m, n, k, a_strides, b_strides, alpha: float) -> ShiftedExpMatmul:
+    return ShiftedExpMatmul(m, n, k, a_strides, b_strides, alpha)
 
 
 class Softmax(_Handles):
