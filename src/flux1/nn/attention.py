@@ -7,7 +7,8 @@ makes the attention of a 512x512 image 5x slower than its matmuls; NumPy's vecto
 bounds the scores in memory). Its two products go through the pair of GEMM paths the plan measured fastest for a
 whole head (`cpu_plan.active("attention")`: one library, each product in fp32 or bf16; a 128-wide
 head is a narrow product, where a bf16 GEMM may not pay for rounding its inputs); a bf16 product's
-inputs are rounded to bf16 once.
+inputs are rounded to bf16 once. One more pair has no softmax pass: oneDNN's bf16 matmul writing
+the exponentials itself (`cpu_attention.attend_head`).
 """
 
 import mlx.core as mx
