@@ -47,13 +47,13 @@ def attend_head(
     """out [q_tokens, width] = softmax(scale q k^T + mask) v for one head, a block of len(scores)
     query rows at a time (`head_attention`); q, k, v already in their path's dtype.
 
-    With `exp_fused` scores (no mask), each block's probabilities are never written in fp32: oneDNN's
+    With `exp_fused` scores, no mask and `bounds` (`score_bounds` of q and k), each block's probabilities are never written in fp32: oneDNN's
     matmul writes e = exp(scale q k^T - bound) in bf16 straight from its sums, the bound the largest
     of the block's rows' `bounds` on their scores (`score_bounds`), and e @ [v | 1] gives the
     unnormalized output and each row's sum of e at once, so each row is divided by the sum of the
     very weights it was made of. A block with a row whose largest exponential came out below e^-60
     (the bound far above its scores) is computed the usual way."""
-    fused = scores_path.name.endswith(EXP_FUSED) and mask is None
+    fused = scores_path.name.endswith(EXP_FUSED) and mask is None and bounds is not None
     if fused:
         v_ones = np.empty((len(v), v.shape[1] + 1), np.uint16)
         v_ones[:, :-1] = v
