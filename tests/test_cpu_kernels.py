@@ -156,7 +156,7 @@ def test_a_block_whose_exponentials_underflow_is_computed_the_usual_way(monkeypa
     """One query far longer than the others raises its block's bound some 300 above their scores,
     whose exponentials then underflow: that block is computed as the pair's usual path computes it
     (bit for bit), the other block keeps the exponentials in the product."""
-    scores_path, values_path = FUSED_PAIR
+    values_path = FUSED_PAIR[1]
     rng = np.random.default_rng(0)
     q, k, v = (as_bf16(rng.standard_normal((12, 8), np.float32) * 0.1) for _ in range(3))
     q[0] = as_bf16(np.full(8, 200.0, np.float32))
@@ -165,8 +165,8 @@ def test_a_block_whose_exponentials_underflow_is_computed_the_usual_way(monkeypa
     )
     scores, weights = np.empty((6, 12), np.float32), np.empty((6, 12), np.uint16)
     got, usual = np.empty((12, 8), np.float32), np.empty((12, 8), np.float32)
-    cpu_attention.attend_head(scores_path, values_path, q, k, v, 1.0, None, scores, weights, got, bounds)
-    cpu_attention.attend_head(values_path, values_path, q, k, v, 1.0, None, scores, weights, usual)
+    cpu_attention.attend_head(FUSED_PAIR, q, k, v, 1.0, None, (scores, weights), got, bounds)
+    cpu_attention.attend_head((values_path,) * 2, q, k, v, 1.0, None, (scores, weights), usual)
     assert np.array_equal(got[:6], usual[:6])  # the block of the long query: the usual way
     assert not np.array_equal(got[6:], usual[6:])  # the other: its own rounding of the weights
     assert relative_error(got[6:], usual[6:]) < 4e-3

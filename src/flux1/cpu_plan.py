@@ -187,7 +187,7 @@ def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int =
     def head(scores_path, values_path, k_in, v_in, weights):
         bounds = score_bounds(q, k, 0.1) if scores_path.name.endswith(EXP_FUSED) else None
         q_in = as_bf16(q) if scores_path.dtype == "bf16" else q
-        attend_head(scores_path, values_path, q_in, k_in, v_in, 0.1, None, scores, weights, out, bounds)
+        attend_head((scores_path, values_path), q_in, k_in, v_in, 0.1, None, (scores, weights), out, bounds)
 
     calls = {}
     for name, (scores_path, values_path) in pairs.items():

@@ -78,8 +78,8 @@ def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask
     weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
     for b, h in np.ndindex(*q.shape[:2]):
         attend_head(
-            scores_path, values_path, q[b, h], k[b, h], v[b, h], scale, None if mask is None else mask[b, h],
-            scores, weights, out[b, h], None if bounds is None else bounds[b, h],
+            (scores_path, values_path), q[b, h], k[b, h], v[b, h], scale, None if mask is None else mask[b, h],
+            (scores, weights), out[b, h], None if bounds is None else bounds[b, h],
         )  # fmt: skip
 
 

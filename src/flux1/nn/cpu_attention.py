@@ -32,27 +32,19 @@ def exp_fused(path: GemmPath) -> GemmPath:
 
 
 def attend_head(
-    scores_path: GemmPath,
-    values_path: GemmPath,
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    scale: float,
-    mask: np.ndarray | None,
-    scores: np.ndarray,
-    weights: np.ndarray | None,
-    out: np.ndarray,
-    bounds: np.ndarray | None = None,
+    pair: tuple[GemmPath, GemmPath], q, k, v, scale: float, mask, scratch: tuple, out, bounds=None
 ) -> None:
-    """out [q_tokens, width] = softmax(scale q k^T + mask) v for one head, a block of len(scores)
-    query rows at a time (`head_attention`); q, k, v already in their path's dtype.
+    """out [q_tokens, width] = softmax(scale q k^T + mask) v for one head through the plan's pair of
+    paths (scores, values), a block of len(scores) query rows at a time (`head_attention`); q, k, v
+    already in their path's dtype; scratch: (scores, weights) as `head_attention` takes them.
 
-    With `exp_fused` scores, no mask and `bounds` (`score_bounds` of q and k), each block's probabilities are never written in fp32: oneDNN's
-    matmul writes e = exp(scale q k^T - bound) in bf16 straight from its sums, the bound the largest
-    of the block's rows' `bounds` on their scores (`score_bounds`), and e @ [v | 1] gives the
-    unnormalized output and each row's sum of e at once, so each row is divided by the sum of the
-    very weights it was made of. A block with a row whose largest exponential came out below e^-60
-    (the bound far above its scores) is computed the usual way."""
+    With `exp_fused` scores, no mask and `bounds` (`score_bounds` of q and k), each block's
+    probabilities are never written in fp32: oneDNN's matmul writes e = exp(scale q k^T - bound) in
+    bf16 straight from its sums, the bound the largest of the block's rows' bounds on their scores,
+    and e @ [v | 1] gives the unnormalized output and each row's sum of e at once, so each row is
+    divided by the sum of the very weights it was made of. A block with a row whose largest
+    exponential came out below e^-60 (the bound far above its scores) is computed the usual way."""
+    (scores_path, values_path), (scores, weights) = pair, scratch
     fused = scores_path.name.endswith(EXP_FUSED) and mask is None and bounds is not None
     if fused:
         v_ones = np.empty((len(v), v.shape[1] + 1), np.uint16)
