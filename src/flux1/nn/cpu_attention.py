@@ -56,10 +56,10 @@ def attend_head(
         block = slice(start, min(start + rows, queries))
         size = block.stop - block.start
         block_weights = None if weights is None else weights[:size]
-        bound = float(bounds[block].max()) if fused else 0.0
         if fused and _exp_attention(
-            values_path, q[block], k, v_ones, scale, bound, block_weights, product[:size], out[block]
-        ):
+            values_path, q[block], k, v_ones, scale, float(bounds[block].max()), block_weights,
+            product[:size], out[block],
+        ):  # fmt: skip
             continue
         head_attention(
             scores_path, values_path, q[block], k, v, scale, None if mask is None else mask[block],

@@ -269,29 +269,37 @@ class _Fused(_Handles):
         self.primitive = self._compiled(desc)
 
 
-class Matmul(_Handles):
-    """c [m, n] (fp32, rows ldc apart) = alpha a [m, k] @ b [k, n], plus c's previous values if
-    `accumulate`: the matmul primitive (oneDNN's brgemm kernels, AMX tiles where the CPU has them).
-    a and b in `dtype` (fp32, or bf16 bits as uint16), laid out by element strides (a transposed
-    row-major matrix is strides (1, leading dimension))."""
+class _MatmulPrimitive(_Handles):
+    """The matmul primitive (oneDNN's brgemm kernels, AMX tiles where the CPU has them) of a [m, k] @
+    b [k, n] in `dtype`, laid out by element strides (a transposed row-major matrix is strides (1,
+    leading dimension)), into the destination `dst` describes, with a chain of post-ops."""
 
-    def __init__(self, m, n, k, a_strides, b_strides, ldc, alpha: float, accumulate: bool, dtype: str):
-        super().__init__()
+    def _build(self, m, n, k, a_strides, b_strides, dtype: str, dst: _V, post_ops: list, operand=None):
         lib, engine, _ = _runtime()
         self.a = self._own("md", _memory_desc((m, k), a_strides, dtype))
         self.b = self._own("md", _memory_desc((k, n), b_strides, dtype))
-        self.c = self._own("md", _memory_desc((m, n), (ldc, 1), "fp32"))
-        post_ops = [("eltwise", _LINEAR, alpha, 0.0)] if alpha != 1.0 else []  # alpha * a @ b
-        if accumulate:
-            post_ops.append(("sum",))  # then + c
+        self.c = self._own("md", dst)
         desc = self._own("pd", _V())
+        attributes = self._attributes(post_ops, operand)
         _check(
             lib.dnnl_matmul_primitive_desc_create(
-                ctypes.byref(desc), engine, self.a, self.b, None, self.c, self._attributes(post_ops)
+                ctypes.byref(desc), engine, self.a, self.b, None, self.c, attributes
             ),
             f"choosing a {dtype} matmul {m}x{k} @ {k}x{n}",
         )
         self.primitive = self._compiled(desc)
+
+
+class Matmul(_MatmulPrimitive):
+    """c [m, n] (fp32, rows ldc apart) = alpha a [m, k] @ b [k, n], plus c's previous values if
+    `accumulate`; a and b in `dtype` (fp32, or bf16 bits as uint16)."""
+
+    def __init__(self, m, n, k, a_strides, b_strides, ldc, alpha: float, accumulate: bool, dtype: str):
+        super().__init__()
+        post_ops = [("eltwise", _LINEAR, alpha, 0.0)] if alpha != 1.0 else []  # alpha * a @ b
+        if accumulate:
+            post_ops.append(("sum",))  # then + c
+        self._build(m, n, k, a_strides, b_strides, dtype, _memory_desc((m, n), (ldc, 1), "fp32"), post_ops)
 
     def __call__(self, a: int, b: int, c: int) -> None:
         """a, b, c: the buffers' addresses."""
@@ -303,37 +311,20 @@ def matmul(m, n, k, a_strides, b_strides, ldc, alpha: float, accumulate: bool, d
     return Matmul(m, n, k, a_strides, b_strides, ldc, alpha, accumulate, dtype)
 
 
-class ShiftedExpMatmul(_Handles):
+class ShiftedExpMatmul(_MatmulPrimitive):
     """e [m, n] (bf16 bits, C-contiguous) = exp(alpha a @ b + shift) for bf16 a [m, k] and b [k, n]
-    laid out by element strides and one fp32 shift given at each call: the matmul primitive with
-    the shift and the exponential as post-ops on its fp32 sums, rounded to bf16 as they are written
-    (a per-row shift would make oneDNN 3.2 fall back to its reference kernel; a scalar keeps brgemm)."""
+    laid out by element strides and one fp32 shift given at each call: the shift and the exponential
+    as post-ops on the fp32 sums, rounded to bf16 as they are written (a per-row shift would make
+    oneDNN 3.2 fall back to its reference kernel; a scalar keeps brgemm)."""
 
     def __init__(self, m, n, k, a_strides, b_strides, alpha: float):
         super().__init__()
-        lib, engine, _ = _runtime()
-        self.a = self._own("md", _memory_desc((m, k), a_strides, "bf16"))
-        self.b = self._own("md", _memory_desc((k, n), b_strides, "bf16"))
-        self.e = self._own("md", _dense((m, n), "bf16"))
         self.shift = self._own("md", _dense((1, 1)))
         post_ops = [("eltwise", _LINEAR, alpha, 0.0), ("binary", _ADD), ("eltwise", _EXP, 0.0, 0.0)]
-        desc = self._own("pd", _V())
-        _check(
-            lib.dnnl_matmul_primitive_desc_create(
-                ctypes.byref(desc),
-                engine,
-                self.a,
-                self.b,
-                None,
-                self.e,
-                self._attributes(post_ops, self.shift),
-            ),
-            f"choosing a bf16 matmul {m}x{k} @ {k}x{n} with its exponentials",
-        )
-        self.primitive = self._compiled(desc)
+        self._build(m, n, k, a_strides, b_strides, "bf16", _dense((m, n), "bf16"), post_ops, self.shift)
 
     def __call__(self, a: np.ndarray, b: np.ndarray, shift: float, e: np.ndarray) -> np.ndarray:
-        arguments = {_SRC: (self.a, a), _WEIGHTS: (self.b, b), _DST: (self.e, e)}
+        arguments = {_SRC: (self.a, a), _WEIGHTS: (self.b, b), _DST: (self.c, e)}
         arguments[_post_op(1)] = (self.shift, np.array([[shift]], np.float32))
         _execute(self.primitive, arguments)
         return e
