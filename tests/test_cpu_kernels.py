@@ -442,15 +442,16 @@ def assert_within_the_affine_bound(got, expected, scales, offsets, bits: int) ->
 @pytest.mark.parametrize("kernel", EXPANSION_KERNELS)
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
 def test_quantized_weights_with_fp32_scales_expand_within_fp32_rounding(bits, kernel):
-    """fp32 scales: NumPy computes exactly MLX's `scale * code + bias`; oneDNN's product may round
-    (within the affine bound). bf16 is the fp32 expansion rounded to the nearest bf16 either way."""
+    """fp32 scales: NumPy and the native kernel compute exactly MLX's `scale * code + bias`; oneDNN's
+    product may round (within the affine bound). bf16 is the fp32 expansion rounded to the nearest
+    bf16 every way."""
     layer = Linear(256, 96)
     layer.weight = mx.random.normal((96, 256), key=mx.random.key(bits))
     layer.quantize(bits, 64)
     dense = np.array(layer.dense_weight(mx.float32))
     fp32, bf16 = _expansions(layer, kernel)
     assert np.array_equal(bf16, bf16_widened(as_bf16(fp32)))
-    if kernel == "numpy" or bits == 8:
+    if kernel in ("numpy", "native") or bits == 8:  # native: NumPy's arithmetic, compiled
         assert np.array_equal(fp32, dense)
     else:
         scales, biases = np.array(layer.scales), np.array(layer.biases)

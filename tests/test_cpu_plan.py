@@ -96,7 +96,7 @@ def test_plan_is_measured_once_and_cached(fresh_plan):
         assert set(rates) == set(cpu_plan.candidates(kind)) and min(rates.values()) > 0
     assert set(CONVOLUTION_PATHS) >= set(PATHS)
     assert first.seconds > 0 and fresh_plan.is_file()
-    assert list(fresh_plan.parent.iterdir()) == [fresh_plan]  # no temporary file left
+    assert [f for f in fresh_plan.parent.iterdir() if f.is_file()] == [fresh_plan]  # no temporary file left
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = measured_again(fresh_plan)
@@ -415,30 +415,33 @@ def test_activations_take_the_path_measured_fastest_at_every_precision(fresh_pla
         assert cpu_plan.active("activation").name == "numpy" and cpu_plan.active().dtype == "fp32"
 
 
-@pytest.mark.skipif("onednn" not in activation_paths(), reason="oneDNN is not installed")
-@pytest.mark.parametrize("onednn_to_bf16, onednn_to_fp32", [(2.0, 0.5), (0.5, 2.0)])
+@pytest.mark.parametrize(
+    "to_bf16, to_fp32", [("onednn", "numpy"), ("numpy", "onednn"), ("native", "numpy"), ("onednn", "native")]
+)
 def test_quantized_weights_expand_to_the_gemms_dtype_by_the_kernel_measured_fastest_at_it(
-    fresh_plan, onednn_to_bf16, onednn_to_fp32
+    fresh_plan, to_bf16, to_fp32
 ):
     """The kernel is chosen per target dtype (oneDNN won to bf16 and lost to fp32 on the Intel Xeon
     with AMX), the dtype by the GEMM in use."""
+    winners = {"bf16": to_bf16, "fp32": to_fp32}
+    kernels = {path.kernel for path in expansion_paths().values()}
+    if not set(winners.values()) <= kernels:
+        pytest.skip(f"the kernels here are {sorted(kernels)}")
     rates = {name: 100.0 + i for i, name in enumerate(PATHS)}
-    speedups = {"bf16": onednn_to_bf16, "fp32": onednn_to_fp32}
     expansion = {
-        name: speedups[path.dtype] if path.kernel == "onednn" else 1.0
-        for name, path in expansion_paths().items()
+        name: 2.0 if path.kernel == winners[path.dtype] else 1.0 for name, path in expansion_paths().items()
     }
     cached_rates(fresh_plan, rates, {"expansion": expansion})
     for precision in ("fp32", *(["bf16"] if BF16_PATHS else [])):
         with cpu_plan.use(precision):
             picked = cpu_plan.expansion()
             assert picked.dtype == cpu_plan.active().dtype == precision
-            assert picked.kernel == ("onednn" if speedups[precision] > 1 else "numpy")
+            assert picked.kernel == winners[precision]
             line = f"; quantized weights expanded through {picked.library}"
             assert (line in cpu_plan.describe(quantized=True)) == (
                 picked.library != cpu_plan.active().library
             )
             assert line not in cpu_plan.describe()  # a dense model's record does not mention it
-    for kernel in ("numpy", "onednn"):  # by name: fp32 GEMMs, the named kernel
+    for kernel in sorted(kernels):  # by name: fp32 GEMMs, the named kernel
         with cpu_plan.use(kernel):
             assert cpu_plan.expansion() == expansion_paths()[f"{kernel} to fp32"]

@@ -15,8 +15,8 @@ libraries each was fastest through alone (oneDNN, then OpenBLAS), switching betw
 pools made a head 30% slower than OpenBLAS for both on 2 Zen 1 cores. So are the VAE's
 convolutions, whose candidates are oneDNN's convolution primitive and unfolded windows through each
 GEMM (`nn/cpu_convolution.py`), the activations (GELU), computed by NumPy or by oneDNN
-(`nn/cpu_activations.py`), and the expansion of quantized weights to each GEMM dtype, by NumPy or by
-oneDNN (`nn/cpu_expansion.py`).
+(`nn/cpu_activations.py`), and the expansion of quantized weights to each GEMM dtype, by NumPy, by
+oneDNN or by C compiled for this CPU (`nn/cpu_expansion.py`).
 
 The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
 (inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here, for
@@ -317,8 +317,9 @@ def plan() -> Plan:
     if not _plan:
         paths = available_paths()
         key, file = machine_key(), cache_file()
-        if len(paths) == len(convolution_paths()) == len(activation_paths()) == 1:  # nothing to choose
-            # (and one expansion kernel: oneDNN is not installed)
+        kernels = {path.kernel for path in expansion_paths().values()}
+        if len(paths) == len(convolution_paths()) == len(activation_paths()) == len(kernels) == 1:
+            # nothing to choose
             found = Plan(key, {kind: {name: 1.0 for name in candidates(kind)} for kind in KINDS}, "-", 0.0)
         else:
             found = read(file, key)
@@ -349,9 +350,11 @@ def set_precision(precision: str) -> None:
 def use(choice: str):
     """Inside the block the CPU kernels compute with `choice`: a precision (auto, fp32, bf16) or one
     path by name (e.g. "numpy fp32", "onednn bf16", "onednn convolution fp32", "onednn" for the
-    activations; a name of one kind's path sets its dtype for the other kinds)."""
+    activations and the expansion, "native" for the expansion; a name of one kind's path sets its
+    dtype for the other kinds)."""
     global _override
-    _check(choice, PRECISIONS + tuple(convolution_paths()) + tuple(activation_paths()))
+    kernels = tuple(sorted({path.kernel for path in expansion_paths().values()} - set(activation_paths())))
+    _check(choice, PRECISIONS + tuple(convolution_paths()) + tuple(activation_paths()) + kernels)
     previous, _override = _override, choice
     try:
         yield
@@ -373,8 +376,9 @@ def active(kind: str = "linear") -> GemmPath | ConvolutionPath:
         choice = f"{choice} + {choice}"
     if choice in paths:
         return paths[choice]
-    if choice not in PRECISIONS:  # another kind's path
-        choice = {**convolution_paths(), **activation_paths()}[choice].dtype
+    if choice not in PRECISIONS:  # another kind's path; an expansion kernel's alone: fp32 GEMMs
+        other = {**convolution_paths(), **activation_paths()}.get(choice)
+        choice = "fp32" if other is None else other.dtype
     if kind == "activation":
         choice = "fp32"
     rates = plan().rates[kind]
@@ -394,7 +398,7 @@ def active(kind: str = "linear") -> GemmPath | ConvolutionPath:
 
 def expansion() -> ExpansionPath:
     """How quantized weights are expanded for the GEMM in use: to its dtype, by the kernel measured
-    fastest at that here, or the one named in `use` ("numpy", "onednn")."""
+    fastest at that here, or the one named in `use` ("numpy", "onednn", "native")."""
     choice, dtype = _override or _precision, active().dtype
     paths = {name: path for name, path in expansion_paths().items() if path.dtype == dtype}
     named = [name for name, path in paths.items() if path.kernel == choice]

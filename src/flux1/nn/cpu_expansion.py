@@ -20,6 +20,10 @@ row) are expanded one of two ways, the plan taking the faster on this machine
   from bf16 or fp16 weights), and GGUF's but Q6_K's (f16 times 7 bits); then both ways give the
   same bits. Elsewhere
   oneDNN's value is within a few fp32 roundings of NumPy's.
+- "native": one pass of C compiled for this CPU (`nn/native.py`, where a C compiler is installed)
+  from the codes to the target dtype, NumPy's arithmetic (the same bits for MLX's codes; for GGUF
+  blocks code * scale + offset of their decoded scales, as oneDNN's); codes of 3, 5 or 6 bits and
+  GGUF's other than Q4_K are first unpacked to bytes by NumPy, a block of rows at a time.
 """
 
 import threading
@@ -31,7 +35,7 @@ import numpy as np
 
 from flux1.gguf.blocks import LAYOUTS, block_size, decode, nibbles
 from flux1.gguf.expand import expand_rows
-from flux1.nn import onednn
+from flux1.nn import native, onednn
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
 
 _MANTISSA_BITS = {"bf16": 7, "fp32": 23}
@@ -53,6 +57,8 @@ def expansion_paths() -> dict[str, ExpansionPath]:
     kernels = {"numpy": f"NumPy {np.__version__}"}
     if onednn.available():
         kernels["onednn"] = onednn.version()
+    if native.library() is not None:
+        kernels["native"] = f"C compiled by {native.compiler()[1]}"
     paths = [ExpansionPath(f"{k} to {d}", k, library, d) for k, library in kernels.items() for d in _TARGETS]
     return {path.name: path for path in paths}
 
@@ -120,30 +126,43 @@ def _write_offset_nibbles(packed: np.ndarray, target: np.ndarray) -> None:
     pairs |= wide(magic * both)
 
 
-def _expand_through_onednn(layer, out: np.ndarray) -> bool:
-    """Expands the quantized `layer` into out [rows, cols] (bf16 bits or fp32) as its codes offset by
-    `_code_offset`, then oneDNN's affine per group; False (nothing written) where oneDNN has only its
-    reference code for the shape."""
+def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
+    """Expands the quantized `layer` into out [rows, cols] (bf16 bits or fp32), code * scale + offset
+    per group: by `kernel` "native" in one compiled pass a block of rows at a time, or "onednn" as
+    its codes offset by `_code_offset`, then oneDNN's affine; False (nothing written) where oneDNN
+    has only its reference code for the shape."""
     rows, cols = out.shape
     qtype = layer.gguf_type
     bits, group = (
         (LAYOUTS[qtype].bits, LAYOUTS[qtype].group) if qtype is not None else (layer.bits, layer.group_size)
     )
-    affine = onednn.group_affine(rows * cols // group, group, "bf16" if out.dtype == np.uint16 else "fp32")
-    if affine.implementation.startswith("ref"):  # slow: NumPy is faster
-        return False
-    raw, magic = as_numpy(layer.weight), np.float32(_code_offset(bits))
+    compiled = kernel == "native"
+    if not compiled:
+        affine = onednn.group_affine(
+            rows * cols // group, group, "bf16" if out.dtype == np.uint16 else "fp32"
+        )
+        if affine.implementation.startswith("ref"):  # slow: NumPy is faster
+            return False
+    raw, magic = as_numpy(layer.weight), np.float32(0 if compiled else _code_offset(bits))
+
+    def expand(codes, nibbles: bool, first: int, last: int) -> None:
+        """Rows first..last from their codes: [units, bytes], two codes a byte if `nibbles`."""
+        if compiled:
+            native.expand(codes, nibbles, scales[first:last], shifts[first:last], group, out[first:last])
+        elif nibbles:
+            _write_offset_nibbles(codes, out[first:last].reshape(len(codes), -1))
+        else:
+            _write_offset(codes, bits, out[first:last])
+
     if qtype is None:
-        scales = as_float32(layer.scales)
+        scales = np.ascontiguousarray(as_float32(layer.scales))
         shifts = as_float32(layer.biases) - magic * scales
 
         def write(first, last):
-            if bits == 4:
-                _write_offset_nibbles(raw[first:last], out[first:last])
-            else:
-                _write_offset(_codes(raw[first:last], bits, cols), bits, out[first:last])
+            packed = raw[first:last].view(np.uint8)
+            expand(packed if bits in (4, 8) else _codes(packed, bits, cols), bits == 4, first, last)
     else:
-        layout, (values, nbytes) = LAYOUTS[qtype], block_size(qtype)
+        layout, nbytes = LAYOUTS[qtype], block_size(qtype)[1]
         scales = np.empty((rows, cols // group), np.float32)
         shifts = np.empty_like(scales)
 
@@ -155,8 +174,8 @@ def _expand_through_onednn(layer, out: np.ndarray) -> bool:
 
             def write(first, last):
                 codes, scale, offset = decode(raw[first:last].reshape(-1, nbytes), qtype)
-                _write_offset(codes.reshape(last - first, cols), bits, out[first:last])
                 keep(first, last, scale, offset)
+                expand(codes.reshape(last - first, cols), False, first, last)
         else:
             # The scales first, over more rows at a time than the codes: a few rows' scales are
             # arrays small enough that NumPy's per-call work, under the GIL, would serialize the cores.
@@ -169,11 +188,11 @@ def _expand_through_onednn(layer, out: np.ndarray) -> bool:
             in_parallel(keep_affine, rows)
 
             def write(first, last):
-                codes = raw[first:last].reshape(-1, nbytes)[:, layout.nibbles_from :]
-                _write_offset_nibbles(codes, out[first:last].reshape(-1, values))
+                expand(raw[first:last].reshape(-1, nbytes)[:, layout.nibbles_from :], True, first, last)
 
     _blocks_of_rows(write, rows, cols * out.itemsize)
-    affine(out, scales, shifts)
+    if not compiled:
+        affine(out, scales, shifts)
     return True
 
 
@@ -216,7 +235,7 @@ def expanded_weight(layer, dtype: str = "fp32", kernel: str = "numpy") -> np.nda
 
         in_parallel(fill, rows)
         return out
-    if kernel == "onednn" and layer.is_quantized and _expand_through_onednn(layer, out):
+    if kernel != "numpy" and layer.is_quantized and _expand_affine(layer, out, kernel):
         return out
     if layer.gguf_type is not None:
         raw = as_numpy(weight)

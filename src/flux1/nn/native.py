@@ -1,0 +1,108 @@
+"""Small C kernels (`native_kernels.c`) compiled for this CPU on first use, where a C compiler is
+installed (`$CC`, else `cc`), and kept in flux1's cache folder under a name made from everything the
+machine code depends on (the source, the compiler's version, the flags, the CPU model and its
+instruction sets: a home folder shared by different CPUs gets one build per CPU). Where there is no
+compiler, or the build fails (with a warning), they are simply not offered: the CPU plan measures
+only what is available (`cpu_expansion.expansion_paths`).
+
+One pass of compiled code over a quantized weight (codes to values and values to bf16 together,
+vectorized for this CPU) where NumPy needs several and oneDNN two (`cpu_expansion.py`)."""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from flux1 import user_cache
+from flux1.nn.gemm import cpu_flags
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+@functools.cache
+def compiler() -> tuple[str, str] | None:
+    """(the compiler's path, the first line of its --version), or None where there is none."""
+    found = shutil.which(os.environ.get("CC") or "cc")
+    if found is None:
+        return None
+    try:
+        version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = version.stdout.splitlines()
+    return (found, lines[0].strip()) if version.returncode == 0 and lines else None
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built now if this machine has none yet; None where they cannot be."""
+    from flux1.cpu_plan import cpu_model  # here: the plan imports the kernels that import this
+
+    found = compiler()
+    if found is None:
+        return None
+    source = SOURCE.read_bytes()
+    identity = repr((source, found[1], FLAGS, cpu_model(), sorted(cpu_flags())))
+    built = (
+        user_cache.folder() / "native" / f"kernels-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
+    )
+    try:
+        if not built.is_file():
+            _build(found[0], built)
+        try:
+            kernels = ctypes.CDLL(str(built))
+        except OSError as damaged:
+            warnings.warn(f"flux1: rebuilding the native kernels {built} ({damaged})", stacklevel=2)
+            _build(found[0], built)
+            kernels = ctypes.CDLL(str(built))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(f"flux1: no native kernels ({error}); NumPy's and oneDNN's are used", stacklevel=2)
+        return None
+    for name in ("expand_bytes_fp32", "expand_bytes_bf16", "expand_nibbles_fp32", "expand_nibbles_bf16"):
+        getattr(kernels, name).argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
+    return kernels
+
+
+def _build(compiler_path: str, built: Path) -> None:
+    """Compiles SOURCE into `built`, written whole: a new name first, then renamed."""
+    built.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=built.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [compiler_path, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode:
+            raise RuntimeError(f"{compiler_path} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
+        os.replace(partial, built)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def expand(
+    codes: np.ndarray, nibbles: bool, scales: np.ndarray, offsets: np.ndarray, group: int, out
+) -> None:
+    """out (fp32, or bf16 bits as uint16; C-contiguous) = code * scale + offset per group of `group`
+    values, the codes given as units [units, bytes] (rows of uint8, each row's bytes contiguous,
+    rows may be strided), two 4-bit codes a byte (low first) if `nibbles`; scales and offsets
+    C-contiguous fp32, one per group of out's values in order."""
+    units, unit_bytes = codes.shape
+    assert codes.dtype == np.uint8 and codes.strides[1] == 1 and out.flags.c_contiguous
+    assert scales.flags.c_contiguous and offsets.flags.c_contiguous and scales.dtype == np.float32
+    values = unit_bytes * (2 if nibbles else 1)
+    assert out.size == units * values and scales.size == offsets.size == out.size // group
+    kind = "nibbles" if nibbles else "bytes"
+    function = getattr(library(), f"expand_{kind}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
+    function(codes.ctypes.data, units, values, codes.strides[0], scales.ctypes.data, offsets.ctypes.data, group,
+             out.ctypes.data)  # fmt: skip
