@@ -4,7 +4,7 @@ go into one scratch buffer reused by every layer, so a compact model holds one l
 time.
 
 Quantized weights (MLX's affine codes, GGUF blocks: value = scale * code + offset per group of a
-row) are expanded one of two ways, the plan taking the faster on this machine
+row) are expanded one of three ways, the plan taking the fastest on this machine
 (`cpu_plan.expansion()`, kind "expansion"):
 
 - "numpy": codes widened to fp32, times the scales, plus the offsets, then rounded to bf16 for bf16
