@@ -22,8 +22,9 @@ row) are expanded one of three ways, the plan taking the fastest on this machine
   oneDNN's value is within a few fp32 roundings of NumPy's.
 - "native": one pass of C compiled for this CPU (`nn/native.py`, where a C compiler is installed)
   from the codes to the target dtype, NumPy's arithmetic (the same bits for MLX's codes; for GGUF
-  blocks code * scale + offset of their decoded scales, as oneDNN's); codes of 3, 5 or 6 bits and
-  GGUF's other than Q4_K are first unpacked to bytes by NumPy, a block of rows at a time.
+  blocks code * scale + offset of their decoded scales, as oneDNN's, Q4_K's decoded in the same
+  pass); codes of 3, 5 or 6 bits and GGUF's other than Q4_K are first unpacked to bytes by NumPy, a
+  block of rows at a time.
 """
 
 import threading
@@ -33,7 +34,7 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
-from flux1.gguf.blocks import LAYOUTS, block_size, decode, nibbles
+from flux1.gguf.blocks import LAYOUTS, Q4_K_PAIRED, block_size, decode, nibbles
 from flux1.gguf.expand import expand_rows
 from flux1.nn import native, onednn
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
@@ -144,6 +145,16 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
         if affine.implementation.startswith("ref"):  # slow: NumPy is faster
             return False
     raw, magic = as_numpy(layer.weight), np.float32(0 if compiled else _code_offset(bits))
+    if compiled and qtype == Q4_K_PAIRED:  # its sub-block scales decoded in the same pass
+        blocks = raw.reshape(rows, -1, block_size(qtype)[1])
+        _blocks_of_rows(
+            lambda first, last: native.expand_q4_k(
+                blocks[first:last].reshape(-1, blocks.shape[2]), out[first:last]
+            ),
+            rows,
+            cols * out.itemsize,
+        )
+        return True
 
     def expand(codes, nibbles: bool, first: int, last: int) -> None:
         """Rows first..last from their codes: [units, bytes], two codes a byte if `nibbles`."""

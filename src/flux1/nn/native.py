@@ -70,6 +70,8 @@ def library() -> ctypes.CDLL | None:
         return None
     for name in ("expand_bytes_fp32", "expand_bytes_bf16", "expand_nibbles_fp32", "expand_nibbles_bf16"):
         getattr(kernels, name).argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
+    for name in ("expand_q4_k_fp32", "expand_q4_k_bf16"):
+        getattr(kernels, name).argtypes = [_P, _I, _I, _P]
     return kernels
 
 
@@ -106,3 +108,13 @@ def expand(
     function = getattr(library(), f"expand_{kind}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
     function(codes.ctypes.data, units, values, codes.strides[0], scales.ctypes.data, offsets.ctypes.data, group,
              out.ctypes.data)  # fmt: skip
+
+
+def expand_q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
+    """out (fp32, or bf16 bits as uint16; C-contiguous, 256 values a block) = the values of Q4_K
+    blocks [count, 144] as `gguf.blocks.Q4_K_PAIRED` holds them (each block's bytes contiguous), the
+    sub-block scales decoded in the same pass."""
+    assert blocks.dtype == np.uint8 and blocks.shape[1] == 144 and blocks.strides[1] == 1
+    assert out.flags.c_contiguous and out.size == 256 * len(blocks)
+    function = getattr(library(), f"expand_q4_k_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
+    function(blocks.ctypes.data, len(blocks), blocks.strides[0], out.ctypes.data)

@@ -47,3 +47,46 @@ EXPAND(expand_bytes_fp32, float, to_fp32, 0)
 EXPAND(expand_bytes_bf16, uint16_t, to_bf16, 0)
 EXPAND(expand_nibbles_fp32, float, to_fp32, 1)
 EXPAND(expand_nibbles_bf16, uint16_t, to_bf16, 1)
+
+/* f16 bits to float, exactly (subnormals, infinities and NaNs included). */
+static inline float from_f16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    float value;
+    if (exponent == 0x1F) {
+        bits = sign | 0x7F800000u | (mantissa << 13);
+    } else if (exponent) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else {
+        value = (float)mantissa * 0x1p-24f; /* zero or subnormal: exact */
+        memcpy(&bits, &value, sizeof bits);
+        bits |= sign;
+    }
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* GGUF Q4_K blocks as flux1 holds them (gguf/blocks.py's Q4_K_PAIRED: 144 bytes, the f16 d and dmin,
+ * 12 bytes of 6-bit sub-block scales and mins, 128 bytes of MLX-ordered nibbles) straight to values:
+ * each sub-block of 32 is code * (d * scale) + -(dmin * min), as gguf/blocks.py's _k_affine. */
+#define EXPAND_Q4_K(name, type, convert)                                                             \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+        for (int64_t b = 0; b < count; b++) {                                                        \
+            const uint8_t *block = blocks + b * stride, *q = block + 4, *c = block + 16;             \
+            uint16_t halves[2];                                                                      \
+            memcpy(halves, block, sizeof halves);                                                    \
+            const float d = from_f16(halves[0]), dmin = from_f16(halves[1]);                         \
+            for (int s = 0; s < 8; s++) {                                                            \
+                const int scale_bits = s < 4 ? q[s] & 63 : (q[s + 4] & 15) | ((q[s - 4] >> 6) << 4); \
+                const int min_bits = s < 4 ? q[s + 4] & 63 : (q[s + 4] >> 4) | ((q[s] >> 6) << 4);  \
+                const float scale = (float)scale_bits * d, offset = -((float)min_bits * dmin);       \
+                type *o = out + b * 256 + s * 32;                                                    \
+                for (int j = 0; j < 16; j++) {                                                       \
+                    o[2 * j] = convert((float)(c[s * 16 + j] & 15) * scale + offset);                \
+                    o[2 * j + 1] = convert((float)(c[s * 16 + j] >> 4) * scale + offset);            \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+EXPAND_Q4_K(expand_q4_k_fp32, float, to_fp32)
+EXPAND_Q4_K(expand_q4_k_bf16, uint16_t, to_bf16)
