@@ -2,7 +2,7 @@
 FLUX.1) on all cores, GGUF blocks against MLX affine weights of saved folders, by each expansion path
 of the CPU plan (NumPy or oneDNN, to fp32 or to bf16 for the GEMMs of that dtype).
 
-    python benchmarks/gguf_expand.py [--types Q4_K Q8_0 Q6_K Q5_K Q3_K] [--repeats 7]
+    python benchmarks/gguf_expand.py [--types Q4_K Q8_0 Q6_K Q5_K Q3_K] [--bits 4 8] [--repeats 7]
 """
 
 import argparse
@@ -46,12 +46,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--types", nargs="+", default=["Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q3_K"])
+    parser.add_argument("--bits", type=int, nargs="*", default=[4, 8], help="MLX affine widths (saved -q)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((ROWS, COLS), np.float32) / np.sqrt(COLS)
     layers = {}
-    for bits in (4, 8):
+    for bits in args.bits:
         layer = Linear(COLS, ROWS, bias=False)
         layer.weight = mx.array(weight).astype(mx.bfloat16)  # bf16 scales, as saved from bf16
         layer.quantize(bits, 64)

@@ -23,8 +23,8 @@ row) are expanded one of three ways, the plan taking the fastest on this machine
 - "native": one pass of C compiled for this CPU (`nn/native.py`, where a C compiler is installed)
   from the codes to the target dtype, NumPy's arithmetic (the same bits for MLX's codes; for GGUF
   blocks code * scale + offset of their decoded scales, as oneDNN's, Q4_K's decoded in the same
-  pass); codes of 3, 5 or 6 bits and GGUF's other than Q4_K are first unpacked to bytes by NumPy, a
-  block of rows at a time.
+  pass); the codes of GGUF's other types are first unpacked to bytes by NumPy, a block of rows at
+  a time.
 """
 
 import threading
@@ -156,22 +156,18 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
         )
         return True
 
-    def expand(codes, nibbles: bool, first: int, last: int) -> None:
-        """Rows first..last from their codes: [units, bytes], two codes a byte if `nibbles`."""
-        if compiled:
-            native.expand(codes, nibbles, scales[first:last], shifts[first:last], group, out[first:last])
-        elif nibbles:
-            _write_offset_nibbles(codes, out[first:last].reshape(len(codes), -1))
-        else:
-            _write_offset(codes, bits, out[first:last])
-
     if qtype is None:
         scales = np.ascontiguousarray(as_float32(layer.scales))
         shifts = as_float32(layer.biases) - magic * scales
 
         def write(first, last):
             packed = raw[first:last].view(np.uint8)
-            expand(packed if bits in (4, 8) else _codes(packed, bits, cols), bits == 4, first, last)
+            if compiled:
+                native.expand(packed, bits, scales[first:last], shifts[first:last], group, out[first:last])
+            elif bits == 4:
+                _write_offset_nibbles(packed, out[first:last])
+            else:
+                _write_offset(_codes(packed, bits, cols), bits, out[first:last])
     else:
         layout, nbytes = LAYOUTS[qtype], block_size(qtype)[1]
         scales = np.empty((rows, cols // group), np.float32)
@@ -186,7 +182,11 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
             def write(first, last):
                 codes, scale, offset = decode(raw[first:last].reshape(-1, nbytes), qtype)
                 keep(first, last, scale, offset)
-                expand(codes.reshape(last - first, cols), False, first, last)
+                codes = codes.reshape(last - first, cols)
+                if compiled:  # codes as bytes
+                    native.expand(codes, 8, scales[first:last], shifts[first:last], group, out[first:last])
+                else:
+                    _write_offset(codes, bits, out[first:last])
         else:
             # The scales first, over more rows at a time than the codes: a few rows' scales are
             # arrays small enough that NumPy's per-call work, under the GIL, would serialize the cores.
@@ -198,8 +198,9 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
 
             in_parallel(keep_affine, rows)
 
-            def write(first, last):
-                expand(raw[first:last].reshape(-1, nbytes)[:, layout.nibbles_from :], True, first, last)
+            def write(first, last):  # oneDNN's (the native kernel's Q4_K: above)
+                codes = raw[first:last].reshape(-1, nbytes)[:, layout.nibbles_from :]
+                _write_offset_nibbles(codes, out[first:last].reshape(len(codes), -1))
 
     _blocks_of_rows(write, rows, cols * out.itemsize)
     if not compiled:

@@ -11,6 +11,7 @@ vectorized for this CPU) where NumPy needs several and oneDNN two (`cpu_expansio
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from flux1.nn.gemm import cpu_flags
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
+BITS = (3, 4, 5, 6, 8)  # the code widths `expand` takes
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -68,8 +70,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as error:
         warnings.warn(f"flux1: no native kernels ({error}); NumPy's and oneDNN's are used", stacklevel=2)
         return None
-    for name in ("expand_bytes_fp32", "expand_bytes_bf16", "expand_nibbles_fp32", "expand_nibbles_bf16"):
-        getattr(kernels, name).argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
+    for bits, dtype in itertools.product(BITS, ("fp32", "bf16")):
+        getattr(kernels, f"expand_{bits}_{dtype}").argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
     for name in ("expand_q4_k_fp32", "expand_q4_k_bf16"):
         getattr(kernels, name).argtypes = [_P, _I, _I, _P]
     return kernels
@@ -92,20 +94,17 @@ def _build(compiler_path: str, built: Path) -> None:
             os.remove(partial)
 
 
-def expand(
-    codes: np.ndarray, nibbles: bool, scales: np.ndarray, offsets: np.ndarray, group: int, out
-) -> None:
+def expand(codes: np.ndarray, bits: int, scales: np.ndarray, offsets: np.ndarray, group: int, out) -> None:
     """out (fp32, or bf16 bits as uint16; C-contiguous) = code * scale + offset per group of `group`
     values, the codes given as units [units, bytes] (rows of uint8, each row's bytes contiguous,
-    rows may be strided), two 4-bit codes a byte (low first) if `nibbles`; scales and offsets
+    rows may be strided) of `bits`-bit codes packed as MLX packs them; scales and offsets
     C-contiguous fp32, one per group of out's values in order."""
     units, unit_bytes = codes.shape
-    assert codes.dtype == np.uint8 and codes.strides[1] == 1 and out.flags.c_contiguous
+    assert codes.dtype == np.uint8 and codes.strides[1] == 1 and out.flags.c_contiguous and bits in BITS
     assert scales.flags.c_contiguous and offsets.flags.c_contiguous and scales.dtype == np.float32
-    values = unit_bytes * (2 if nibbles else 1)
+    values = unit_bytes * 8 // bits
     assert out.size == units * values and scales.size == offsets.size == out.size // group
-    kind = "nibbles" if nibbles else "bytes"
-    function = getattr(library(), f"expand_{kind}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
+    function = getattr(library(), f"expand_{bits}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
     function(codes.ctypes.data, units, values, codes.strides[0], scales.ctypes.data, offsets.ctypes.data, group,
              out.ctypes.data)  # fmt: skip
 

@@ -3,10 +3,11 @@
  * -ffp-contract=off, no fused multiply-add), written as fp32 or rounded to the nearest bf16 (ties
  * to even, the bits of numpy_cpu.round_to_bf16). Compiled for this CPU by nn/native.py.
  *
- * The codes come in `units` of `unit_values` codes, unit u's at codes + u * unit_stride (a row of
- * MLX's packed codes, or the code bytes of a GGUF block); scales and offsets hold one value per
- * group of `group` values of the units laid end to end, and so does out (C-contiguous). Nibbles:
- * two 4-bit codes a byte, the low one first (MLX's packing). */
+ * expand_<bits>_<dtype>: the codes come in `units` of `unit_values` codes, unit u's at codes + u *
+ * unit_stride (a row of MLX's packed codes, or of GGUF codes unpacked to bytes), packed as MLX
+ * packs them: a little-endian bit stream, 8 codes in `bits` bytes (two 4-bit codes a byte, the low
+ * one first); scales and offsets hold one value per group of `group` values of the units laid end
+ * to end, and so does out (C-contiguous). */
 #include <stdint.h>
 #include <string.h>
 
@@ -19,7 +20,7 @@ static inline uint16_t to_bf16(float x) {
 
 static inline float to_fp32(float x) { return x; }
 
-#define EXPAND(name, type, convert, nibbles)                                                        \
+#define EXPAND(name, type, convert, bits)                                                           \
     void name(const uint8_t *codes, int64_t units, int64_t unit_values, int64_t unit_stride,        \
               const float *scales, const float *offsets, int64_t group, type *out) {                \
         const int64_t groups = unit_values / group;                                                  \
@@ -27,26 +28,41 @@ static inline float to_fp32(float x) { return x; }
             for (int64_t g = 0; g < groups; g++) {                                                   \
                 const int64_t at = u * groups + g;                                                   \
                 const float scale = scales[at], offset = offsets[at];                                \
+                const uint8_t *c = codes + u * unit_stride + g * group * bits / 8;                   \
                 type *o = out + at * group;                                                          \
-                if (nibbles) {                                                                       \
-                    const uint8_t *c = codes + u * unit_stride + g * group / 2;                      \
+                if (bits == 8) {                                                                     \
+                    for (int64_t j = 0; j < group; j++)                                              \
+                        o[j] = convert((float)c[j] * scale + offset);                                \
+                } else if (bits == 4) {                                                              \
                     for (int64_t j = 0; j < group / 2; j++) {                                        \
                         o[2 * j] = convert((float)(c[j] & 15) * scale + offset);                     \
                         o[2 * j + 1] = convert((float)(c[j] >> 4) * scale + offset);                 \
                     }                                                                                \
-                } else {                                                                             \
-                    const uint8_t *c = codes + u * unit_stride + g * group;                          \
+                } else { /* unpacked to bytes first, then converted as in the 8-bit case */          \
+                    uint8_t unpacked[group];                                                         \
+                    for (int64_t j = 0; j < group; j += 8) {                                         \
+                        uint64_t word = 0;                                                           \
+                        memcpy(&word, c + j / 8 * bits, bits);                                       \
+                        for (int k = 0; k < 8; k++)                                                  \
+                            unpacked[j + k] = (word >> (k * bits)) & ((1u << bits) - 1);             \
+                    }                                                                                \
                     for (int64_t j = 0; j < group; j++)                                              \
-                        o[j] = convert((float)c[j] * scale + offset);                                \
+                        o[j] = convert((float)unpacked[j] * scale + offset);                         \
                 }                                                                                    \
             }                                                                                        \
         }                                                                                            \
     }
 
-EXPAND(expand_bytes_fp32, float, to_fp32, 0)
-EXPAND(expand_bytes_bf16, uint16_t, to_bf16, 0)
-EXPAND(expand_nibbles_fp32, float, to_fp32, 1)
-EXPAND(expand_nibbles_bf16, uint16_t, to_bf16, 1)
+EXPAND(expand_3_fp32, float, to_fp32, 3)
+EXPAND(expand_3_bf16, uint16_t, to_bf16, 3)
+EXPAND(expand_4_fp32, float, to_fp32, 4)
+EXPAND(expand_4_bf16, uint16_t, to_bf16, 4)
+EXPAND(expand_5_fp32, float, to_fp32, 5)
+EXPAND(expand_5_bf16, uint16_t, to_bf16, 5)
+EXPAND(expand_6_fp32, float, to_fp32, 6)
+EXPAND(expand_6_bf16, uint16_t, to_bf16, 6)
+EXPAND(expand_8_fp32, float, to_fp32, 8)
+EXPAND(expand_8_bf16, uint16_t, to_bf16, 8)
 
 /* f16 bits to float, exactly (subnormals, infinities and NaNs included). */
 static inline float from_f16(uint16_t h) {
