@@ -24,7 +24,7 @@ from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
-from flux1.nn import cpu_attention, onednn
+from flux1.nn import cpu_attention, native, onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -462,10 +462,10 @@ def test_quantized_weights_with_fp32_scales_expand_within_fp32_rounding(bits, ke
 @pytest.mark.parametrize("qtype", FILE_TYPES, ids=lambda t: t.name)
 def test_gguf_blocks_expand_to_gguf_values(qtype, kernel):
     """Every GGUF type through every kernel against gguf-py's values (random blocks, f16 scales from
-    zero and subnormal to 1e2): NumPy exactly, the native kernel exactly for Q4_K (its scales decoded
-    in C: every product exact, one rounding), oneDNN and the native kernel elsewhere within the
-    affine bound; bf16 is the fp32 expansion rounded to the nearest bf16. Q4_K's blocks are re-laid
-    by the first expansion."""
+    zero and subnormal to 1e2): NumPy exactly, the native kernel exactly for the types it decodes
+    itself (Q4_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: every product exact, at most one rounding), oneDNN
+    and the native kernel elsewhere within the affine bound; bf16 is the fp32 expansion rounded to
+    the nearest bf16. Q4_K's blocks are re-laid by the first expansion."""
     rows = random_blocks(qtype, 1200).reshape(24, -1)  # 50 blocks a row
     cols = 50 * block_size(qtype)[0]
     layer = Linear(cols, 24, bias=False)
@@ -477,7 +477,7 @@ def test_gguf_blocks_expand_to_gguf_values(qtype, kernel):
     if (
         kernel == "numpy"
         or LAYOUTS[qtype].bits == 8
-        or (kernel == "native" and qtype == gguf.GGMLQuantizationType.Q4_K)
+        or (kernel == "native" and cpu_form(qtype) in native.BLOCKS)
     ):
         assert np.array_equal(fp32, expected)
     else:

@@ -22,9 +22,9 @@ row) are expanded one of three ways, the plan taking the fastest on this machine
   oneDNN's value is within a few fp32 roundings of NumPy's.
 - "native": one pass of C compiled for this CPU (`nn/native.py`, where a C compiler is installed)
   from the codes to the target dtype, NumPy's arithmetic (the same bits for MLX's codes; for GGUF
-  blocks code * scale + offset of their decoded scales, as oneDNN's, Q4_K's decoded in the same
-  pass); the codes of GGUF's other types are first unpacked to bytes by NumPy, a block of rows at
-  a time.
+  blocks code * scale + offset of their decoded scales, as oneDNN's: Q4_K, Q4_0, Q4_1, Q5_0, Q5_1
+  and Q8_0 decoded in the same pass, the other K-quants' codes unpacked to bytes by NumPy first, a
+  block of rows at a time).
 """
 
 import threading
@@ -34,7 +34,7 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
-from flux1.gguf.blocks import LAYOUTS, Q4_K_PAIRED, block_size, decode, nibbles
+from flux1.gguf.blocks import LAYOUTS, block_size, decode, nibbles
 from flux1.gguf.expand import expand_rows
 from flux1.nn import native, onednn
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
@@ -145,11 +145,11 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
         if affine.implementation.startswith("ref"):  # slow: NumPy is faster
             return False
     raw, magic = as_numpy(layer.weight), np.float32(0 if compiled else _code_offset(bits))
-    if compiled and qtype == Q4_K_PAIRED:  # its sub-block scales decoded in the same pass
+    if compiled and qtype in native.BLOCKS:  # their scales decoded in the same pass
         blocks = raw.reshape(rows, -1, block_size(qtype)[1])
         _blocks_of_rows(
-            lambda first, last: native.expand_q4_k(
-                blocks[first:last].reshape(-1, blocks.shape[2]), out[first:last]
+            lambda first, last: native.expand_blocks(
+                qtype, blocks[first:last].reshape(-1, blocks.shape[2]), out[first:last]
             ),
             rows,
             cols * out.itemsize,

@@ -20,13 +20,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from flux1 import user_cache
+from flux1.gguf.blocks import Q4_K_PAIRED, block_size
 from flux1.nn.gemm import cpu_flags
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 BITS = (3, 4, 5, 6, 8)  # the code widths `expand` takes
+# GGUF types whose blocks `expand_blocks` takes as flux1 holds them (gguf/blocks.py's cpu_form)
+BLOCKS = {Q4_K_PAIRED: "q4_k", T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q8_0: "q8_0"}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -72,8 +76,8 @@ def library() -> ctypes.CDLL | None:
         return None
     for bits, dtype in itertools.product(BITS, ("fp32", "bf16")):
         getattr(kernels, f"expand_{bits}_{dtype}").argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
-    for name in ("expand_q4_k_fp32", "expand_q4_k_bf16"):
-        getattr(kernels, name).argtypes = [_P, _I, _I, _P]
+    for kind, dtype in itertools.product(BLOCKS.values(), ("fp32", "bf16")):
+        getattr(kernels, f"expand_{kind}_{dtype}").argtypes = [_P, _I, _I, _P]
     return kernels
 
 
@@ -109,11 +113,12 @@ def expand(codes: np.ndarray, bits: int, scales: np.ndarray, offsets: np.ndarray
              out.ctypes.data)  # fmt: skip
 
 
-def expand_q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
-    """out (fp32, or bf16 bits as uint16; C-contiguous, 256 values a block) = the values of Q4_K
-    blocks [count, 144] as `gguf.blocks.Q4_K_PAIRED` holds them (each block's bytes contiguous), the
-    sub-block scales decoded in the same pass."""
-    assert blocks.dtype == np.uint8 and blocks.shape[1] == 144 and blocks.strides[1] == 1
-    assert out.flags.c_contiguous and out.size == 256 * len(blocks)
-    function = getattr(library(), f"expand_q4_k_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
+def expand_blocks(qtype, blocks: np.ndarray, out: np.ndarray) -> None:
+    """out (fp32, or bf16 bits as uint16; C-contiguous) = the values of GGUF blocks [count, block
+    bytes] of a type in BLOCKS (each block's bytes contiguous), their scales decoded in the same
+    pass."""
+    values, nbytes = block_size(qtype)
+    assert blocks.dtype == np.uint8 and blocks.shape[1] == nbytes and blocks.strides[1] == 1
+    assert out.flags.c_contiguous and out.size == values * len(blocks)
+    function = getattr(library(), f"expand_{BLOCKS[qtype]}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
     function(blocks.ctypes.data, len(blocks), blocks.strides[0], out.ctypes.data)

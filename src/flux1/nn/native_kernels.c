@@ -106,3 +106,45 @@ static inline float from_f16(uint16_t h) {
 
 EXPAND_Q4_K(expand_q4_k_fp32, float, to_fp32)
 EXPAND_Q4_K(expand_q4_k_bf16, uint16_t, to_bf16)
+
+/* GGUF's blocks of 32 values, as in the file: the f16 d (Q4_1, Q5_1: then the f16 m), Q5's 4 bytes
+ * of fifth bits, then 16 bytes of nibbles (value j low, value j + 16 high), or Q8_0's 32 int8.
+ * Each value is code * d + offset as gguf/blocks.py decodes it: the code unsigned (Q8_0's q + 128)
+ * and the offset m, or -d times the middle code (8, 16, 128). */
+#define EXPAND_LEGACY(name, type, convert, code_bits, with_min)                                     \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+        for (int64_t b = 0; b < count; b++) {                                                        \
+            const uint8_t *block = blocks + b * stride;                                              \
+            uint16_t halves[2];                                                                      \
+            memcpy(halves, block, sizeof halves);                                                    \
+            const float d = from_f16(halves[0]);                                                     \
+            const float offset = with_min ? from_f16(halves[1]) : -(float)(1 << (code_bits - 1)) * d; \
+            const uint8_t *q = block + (with_min ? 4 : 2) + (code_bits == 5 ? 4 : 0);                \
+            type *o = out + b * 32;                                                                  \
+            if (code_bits == 8) {                                                                    \
+                for (int j = 0; j < 32; j++)                                                         \
+                    o[j] = convert((float)(uint8_t)(q[j] ^ 0x80) * d + offset);                      \
+            } else {                                                                                 \
+                uint32_t fifth = 0;                                                                  \
+                if (code_bits == 5)                                                                  \
+                    memcpy(&fifth, q - 4, sizeof fifth);                                             \
+                for (int j = 0; j < 16; j++) {                                                       \
+                    const unsigned low = (q[j] & 15) | (((fifth >> j) & 1) << 4);                    \
+                    const unsigned high = (q[j] >> 4) | (((fifth >> (j + 16)) & 1) << 4);            \
+                    o[j] = convert((float)low * d + offset);                                         \
+                    o[j + 16] = convert((float)high * d + offset);                                   \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+EXPAND_LEGACY(expand_q4_0_fp32, float, to_fp32, 4, 0)
+EXPAND_LEGACY(expand_q4_0_bf16, uint16_t, to_bf16, 4, 0)
+EXPAND_LEGACY(expand_q4_1_fp32, float, to_fp32, 4, 1)
+EXPAND_LEGACY(expand_q4_1_bf16, uint16_t, to_bf16, 4, 1)
+EXPAND_LEGACY(expand_q5_0_fp32, float, to_fp32, 5, 0)
+EXPAND_LEGACY(expand_q5_0_bf16, uint16_t, to_bf16, 5, 0)
+EXPAND_LEGACY(expand_q5_1_fp32, float, to_fp32, 5, 1)
+EXPAND_LEGACY(expand_q5_1_bf16, uint16_t, to_bf16, 5, 1)
+EXPAND_LEGACY(expand_q8_0_fp32, float, to_fp32, 8, 0)
+EXPAND_LEGACY(expand_q8_0_bf16, uint16_t, to_bf16, 8, 0)
