@@ -463,7 +463,7 @@ def test_quantized_weights_with_fp32_scales_expand_within_fp32_rounding(bits, ke
 def test_gguf_blocks_expand_to_gguf_values(qtype, kernel):
     """Every GGUF type through every kernel against gguf-py's values (random blocks, f16 scales from
     zero and subnormal to 1e2): NumPy exactly, the native kernel exactly for the types it decodes
-    itself (Q4_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: every product exact, at most one rounding), oneDNN
+    itself (`native.BLOCKS`: gguf-py's arithmetic, or every product exact and one rounding), oneDNN
     and the native kernel elsewhere within the affine bound; bf16 is the fp32 expansion rounded to
     the nearest bf16. Q4_K's blocks are re-laid by the first expansion."""
     rows = random_blocks(qtype, 1200).reshape(24, -1)  # 50 blocks a row

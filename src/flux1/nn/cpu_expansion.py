@@ -22,9 +22,9 @@ row) are expanded one of three ways, the plan taking the fastest on this machine
   oneDNN's value is within a few fp32 roundings of NumPy's.
 - "native": one pass of C compiled for this CPU (`nn/native.py`, where a C compiler is installed)
   from the codes to the target dtype, NumPy's arithmetic (the same bits for MLX's codes; for GGUF
-  blocks code * scale + offset of their decoded scales, as oneDNN's: Q4_K, Q4_0, Q4_1, Q5_0, Q5_1
-  and Q8_0 decoded in the same pass, the other K-quants' codes unpacked to bytes by NumPy first, a
-  block of rows at a time).
+  blocks code * scale + offset of their decoded scales, as oneDNN's: Q4_K, Q5_K, Q6_K, Q4_0, Q4_1,
+  Q5_0, Q5_1 and Q8_0 decoded in the same pass (`native.BLOCKS`), Q2_K's and Q3_K's codes unpacked
+  to bytes by NumPy first, a block of rows at a time).
 """
 
 import threading

@@ -30,7 +30,16 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 BITS = (3, 4, 5, 6, 8)  # the code widths `expand` takes
 # GGUF types whose blocks `expand_blocks` takes as flux1 holds them (gguf/blocks.py's cpu_form)
-BLOCKS = {Q4_K_PAIRED: "q4_k", T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q8_0: "q8_0"}
+BLOCKS = {
+    Q4_K_PAIRED: "q4_k",
+    T.Q5_K: "q5_k",
+    T.Q6_K: "q6_k",
+    T.Q4_0: "q4_0",
+    T.Q4_1: "q4_1",
+    T.Q5_0: "q5_0",
+    T.Q5_1: "q5_1",
+    T.Q8_0: "q8_0",
+}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 

@@ -148,3 +148,71 @@ EXPAND_LEGACY(expand_q5_1_fp32, float, to_fp32, 5, 1)
 EXPAND_LEGACY(expand_q5_1_bf16, uint16_t, to_bf16, 5, 1)
 EXPAND_LEGACY(expand_q8_0_fp32, float, to_fp32, 8, 0)
 EXPAND_LEGACY(expand_q8_0_bf16, uint16_t, to_bf16, 8, 0)
+
+/* Sub-block s (0-7) of a Q4_K/Q5_K block's 12 bytes of 6-bit scales and mins (ggml's
+ * get_scale_min_k4). */
+static inline void scale_min_k4(const uint8_t *q, int s, int *scale, int *min) {
+    *scale = s < 4 ? q[s] & 63 : (q[s + 4] & 15) | ((q[s - 4] >> 6) << 4);
+    *min = s < 4 ? q[s + 4] & 63 : (q[s + 4] >> 4) | ((q[s] >> 6) << 4);
+}
+
+/* GGUF Q5_K blocks as in the file (176 bytes: f16 d and dmin, 12 bytes of scales and mins, 32 bytes
+ * of fifth bits, 128 of nibbles): each run of 64 values is 32 low nibbles then 32 high ones, their
+ * fifth bits bits 2r and 2r + 1 of the 32 bytes; value = code * (d * scale) - dmin * min. */
+#define EXPAND_Q5_K(name, type, convert)                                                             \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+        for (int64_t b = 0; b < count; b++) {                                                        \
+            const uint8_t *block = blocks + b * stride, *q = block + 4, *qh = block + 16;            \
+            uint16_t halves[2];                                                                      \
+            memcpy(halves, block, sizeof halves);                                                    \
+            const float d = from_f16(halves[0]), dmin = from_f16(halves[1]);                         \
+            for (int r = 0; r < 4; r++) {                                                            \
+                const uint8_t *ql = block + 48 + 32 * r;                                             \
+                for (int half = 0; half < 2; half++) {                                               \
+                    int scale_bits, min_bits;                                                        \
+                    scale_min_k4(q, 2 * r + half, &scale_bits, &min_bits);                           \
+                    const float scale = (float)scale_bits * d, offset = -((float)min_bits * dmin);   \
+                    type *o = out + b * 256 + 64 * r + 32 * half;                                    \
+                    for (int l = 0; l < 32; l++) {                                                   \
+                        const unsigned code = ((ql[l] >> (4 * half)) & 15) |                         \
+                                              (((qh[l] >> (2 * r + half)) & 1) << 4);                \
+                        o[l] = convert((float)code * scale + offset);                                \
+                    }                                                                                \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+/* GGUF Q6_K blocks as in the file (210 bytes: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16
+ * int8 scales, the f16 d): value = (code - 32) * (d * scale), as gguf-py computes it. */
+#define EXPAND_Q6_K(name, type, convert)                                                             \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+        for (int64_t b = 0; b < count; b++) {                                                        \
+            const uint8_t *block = blocks + b * stride;                                              \
+            const int8_t *scales = (const int8_t *)(block + 192);                                    \
+            uint16_t half;                                                                           \
+            memcpy(&half, block + 208, sizeof half);                                                 \
+            const float d = from_f16(half);                                                          \
+            for (int n = 0; n < 2; n++) {                                                            \
+                const uint8_t *ql = block + 64 * n, *qh = block + 128 + 32 * n;                      \
+                type *o = out + b * 256 + 128 * n;                                                   \
+                for (int part = 0; part < 4; part++) {                                               \
+                    const uint8_t *low = ql + 32 * (part & 1);                                       \
+                    const int low_shift = 4 * (part >> 1), high_shift = 2 * part;                    \
+                    for (int sub = 0; sub < 2; sub++) {                                              \
+                        const float scale = d * (float)scales[8 * n + sub + 2 * part];               \
+                        for (int l = 16 * sub; l < 16 * sub + 16; l++) {                             \
+                            const int code = ((low[l] >> low_shift) & 15) |                          \
+                                             (((qh[l] >> high_shift) & 3) << 4);                     \
+                            o[32 * part + l] = convert((float)(code - 32) * scale);                  \
+                        }                                                                            \
+                    }                                                                                \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+EXPAND_Q5_K(expand_q5_k_fp32, float, to_fp32)
+EXPAND_Q5_K(expand_q5_k_bf16, uint16_t, to_bf16)
+EXPAND_Q6_K(expand_q6_k_fp32, float, to_fp32)
+EXPAND_Q6_K(expand_q6_k_bf16, uint16_t, to_bf16)
