@@ -81,6 +81,21 @@ static inline float from_f16(uint16_t h) {
     return value;
 }
 
+/* The f16 d and dmin that begin a Q4_K/Q5_K block. */
+static inline void scale_and_min(const uint8_t *block, float *d, float *dmin) {
+    uint16_t halves[2];
+    memcpy(halves, block, sizeof halves);
+    *d = from_f16(halves[0]);
+    *dmin = from_f16(halves[1]);
+}
+
+/* Sub-block s (0-7) of a Q4_K/Q5_K block's 12 bytes of 6-bit scales and mins (ggml's
+ * get_scale_min_k4). */
+static inline void scale_min_k4(const uint8_t *q, int s, int *scale, int *min) {
+    *scale = s < 4 ? q[s] & 63 : (q[s + 4] & 15) | ((q[s - 4] >> 6) << 4);
+    *min = s < 4 ? q[s + 4] & 63 : (q[s + 4] >> 4) | ((q[s] >> 6) << 4);
+}
+
 /* GGUF Q4_K blocks as flux1 holds them (gguf/blocks.py's Q4_K_PAIRED: 144 bytes, the f16 d and dmin,
  * 12 bytes of 6-bit sub-block scales and mins, 128 bytes of MLX-ordered nibbles) straight to values:
  * each sub-block of 32 is code * (d * scale) + -(dmin * min), as gguf/blocks.py's _k_affine. */
@@ -88,12 +103,11 @@ static inline float from_f16(uint16_t h) {
     void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
         for (int64_t b = 0; b < count; b++) {                                                        \
             const uint8_t *block = blocks + b * stride, *q = block + 4, *c = block + 16;             \
-            uint16_t halves[2];                                                                      \
-            memcpy(halves, block, sizeof halves);                                                    \
-            const float d = from_f16(halves[0]), dmin = from_f16(halves[1]);                         \
+            float d, dmin;                                                                           \
+            scale_and_min(block, &d, &dmin);                                                         \
             for (int s = 0; s < 8; s++) {                                                            \
-                const int scale_bits = s < 4 ? q[s] & 63 : (q[s + 4] & 15) | ((q[s - 4] >> 6) << 4); \
-                const int min_bits = s < 4 ? q[s + 4] & 63 : (q[s + 4] >> 4) | ((q[s] >> 6) << 4);  \
+                int scale_bits, min_bits;                                                            \
+                scale_min_k4(q, s, &scale_bits, &min_bits);                                          \
                 const float scale = (float)scale_bits * d, offset = -((float)min_bits * dmin);       \
                 type *o = out + b * 256 + s * 32;                                                    \
                 for (int j = 0; j < 16; j++) {                                                       \
@@ -149,13 +163,6 @@ EXPAND_LEGACY(expand_q5_1_bf16, uint16_t, to_bf16, 5, 1)
 EXPAND_LEGACY(expand_q8_0_fp32, float, to_fp32, 8, 0)
 EXPAND_LEGACY(expand_q8_0_bf16, uint16_t, to_bf16, 8, 0)
 
-/* Sub-block s (0-7) of a Q4_K/Q5_K block's 12 bytes of 6-bit scales and mins (ggml's
- * get_scale_min_k4). */
-static inline void scale_min_k4(const uint8_t *q, int s, int *scale, int *min) {
-    *scale = s < 4 ? q[s] & 63 : (q[s + 4] & 15) | ((q[s - 4] >> 6) << 4);
-    *min = s < 4 ? q[s + 4] & 63 : (q[s + 4] >> 4) | ((q[s] >> 6) << 4);
-}
-
 /* GGUF Q5_K blocks as in the file (176 bytes: f16 d and dmin, 12 bytes of scales and mins, 32 bytes
  * of fifth bits, 128 of nibbles): each run of 64 values is 32 low nibbles then 32 high ones, their
  * fifth bits bits 2r and 2r + 1 of the 32 bytes; value = code * (d * scale) - dmin * min. */
@@ -163,9 +170,8 @@ static inline void scale_min_k4(const uint8_t *q, int s, int *scale, int *min) {
     void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
         for (int64_t b = 0; b < count; b++) {                                                        \
             const uint8_t *block = blocks + b * stride, *q = block + 4, *qh = block + 16;            \
-            uint16_t halves[2];                                                                      \
-            memcpy(halves, block, sizeof halves);                                                    \
-            const float d = from_f16(halves[0]), dmin = from_f16(halves[1]);                         \
+            float d, dmin;                                                                           \
+            scale_and_min(block, &d, &dmin);                                                         \
             for (int r = 0; r < 4; r++) {                                                            \
                 const uint8_t *ql = block + 48 + 32 * r;                                             \
                 for (int half = 0; half < 2; half++) {                                               \
