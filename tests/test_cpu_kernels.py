@@ -24,7 +24,7 @@ from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
-from flux1.nn import cpu_attention, native, onednn
+from flux1.nn import cpu_attention, onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -462,10 +462,9 @@ def test_quantized_weights_with_fp32_scales_expand_within_fp32_rounding(bits, ke
 @pytest.mark.parametrize("qtype", FILE_TYPES, ids=lambda t: t.name)
 def test_gguf_blocks_expand_to_gguf_values(qtype, kernel):
     """Every GGUF type through every kernel against gguf-py's values (random blocks, f16 scales from
-    zero and subnormal to 1e2): NumPy exactly, the native kernel exactly for the types it decodes
-    itself (`native.BLOCKS`: gguf-py's arithmetic, or every product exact and one rounding), oneDNN
-    and the native kernel elsewhere within the affine bound; bf16 is the fp32 expansion rounded to
-    the nearest bf16. Q4_K's blocks are re-laid by the first expansion."""
+    zero and subnormal to 1e2): NumPy and the native kernel exactly (gguf-py's arithmetic, or every
+    product exact and one rounding), oneDNN within the affine bound; bf16 is the fp32 expansion
+    rounded to the nearest bf16. Q4_K's blocks are re-laid by the first expansion."""
     rows = random_blocks(qtype, 1200).reshape(24, -1)  # 50 blocks a row
     cols = 50 * block_size(qtype)[0]
     layer = Linear(cols, 24, bias=False)
@@ -474,11 +473,7 @@ def test_gguf_blocks_expand_to_gguf_values(qtype, kernel):
     fp32, bf16 = _expansions(layer, kernel)
     assert layer.gguf_type == cpu_form(qtype)
     assert np.array_equal(bf16, bf16_widened(as_bf16(fp32)))
-    if (
-        kernel == "numpy"
-        or LAYOUTS[qtype].bits == 8
-        or (kernel == "native" and cpu_form(qtype) in native.BLOCKS)
-    ):
+    if kernel == "numpy" or LAYOUTS[qtype].bits == 8 or kernel == "native":
         assert np.array_equal(fp32, expected)
     else:
         _, scales, offsets = decode(rows.reshape(-1, block_size(qtype)[1]), qtype)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from flux1.gguf.blocks import LAYOUTS, cpu_form
 from flux1.nn import cpu_expansion, native
 
 
@@ -84,3 +85,8 @@ def test_a_failed_build_warns_and_leaves_nothing(fresh_native, tmp_path, monkeyp
         assert native.library() is None
     assert os.listdir(fresh_native) == []
     assert "native" not in {path.kernel for path in cpu_expansion.expansion_paths().values()}
+
+
+def test_every_gguf_type_has_a_block_kernel():
+    """The native expansion decodes every GGUF type's blocks itself (as the CPU kernels hold them)."""
+    assert set(native.BLOCKS) == {cpu_form(qtype) for qtype in LAYOUTS}

@@ -21,10 +21,9 @@ row) are expanded one of three ways, the plan taking the fastest on this machine
   same bits. Elsewhere
   oneDNN's value is within a few fp32 roundings of NumPy's.
 - "native": one pass of C compiled for this CPU (`nn/native.py`, where a C compiler is installed)
-  from the codes to the target dtype, NumPy's arithmetic (the same bits for MLX's codes; for GGUF
-  blocks code * scale + offset of their decoded scales, as oneDNN's: Q4_K, Q5_K, Q6_K, Q4_0, Q4_1,
-  Q5_0, Q5_1 and Q8_0 decoded in the same pass (`native.BLOCKS`), Q2_K's and Q3_K's codes unpacked
-  to bytes by NumPy first, a block of rows at a time).
+  from the codes to the target dtype, NumPy's arithmetic (the same bits for MLX's codes), and for
+  every GGUF type straight from its blocks, their scales decoded in the same pass (gguf-py's
+  values, bit for bit).
 """
 
 import threading
@@ -145,7 +144,7 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
         if affine.implementation.startswith("ref"):  # slow: NumPy is faster
             return False
     raw, magic = as_numpy(layer.weight), np.float32(0 if compiled else _code_offset(bits))
-    if compiled and qtype in native.BLOCKS:  # their scales decoded in the same pass
+    if compiled and qtype is not None:  # every GGUF type, its scales decoded in the same pass
         blocks = raw.reshape(rows, -1, block_size(qtype)[1])
         _blocks_of_rows(
             lambda first, last: native.expand_blocks(
@@ -168,7 +167,7 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
                 _write_offset_nibbles(packed, out[first:last])
             else:
                 _write_offset(_codes(packed, bits, cols), bits, out[first:last])
-    else:
+    else:  # GGUF through oneDNN
         layout, nbytes = LAYOUTS[qtype], block_size(qtype)[1]
         scales = np.empty((rows, cols // group), np.float32)
         shifts = np.empty_like(scales)
@@ -182,11 +181,7 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
             def write(first, last):
                 codes, scale, offset = decode(raw[first:last].reshape(-1, nbytes), qtype)
                 keep(first, last, scale, offset)
-                codes = codes.reshape(last - first, cols)
-                if compiled:  # codes as bytes
-                    native.expand(codes, 8, scales[first:last], shifts[first:last], group, out[first:last])
-                else:
-                    _write_offset(codes, bits, out[first:last])
+                _write_offset(codes.reshape(last - first, cols), bits, out[first:last])
         else:
             # The scales first, over more rows at a time than the codes: a few rows' scales are
             # arrays small enough that NumPy's per-call work, under the GIL, would serialize the cores.
@@ -198,7 +193,7 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
 
             in_parallel(keep_affine, rows)
 
-            def write(first, last):  # oneDNN's (the native kernel's Q4_K: above)
+            def write(first, last):
                 codes = raw[first:last].reshape(-1, nbytes)[:, layout.nibbles_from :]
                 _write_offset_nibbles(codes, out[first:last].reshape(len(codes), -1))
 

@@ -29,8 +29,10 @@ from flux1.nn.gemm import cpu_flags
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 BITS = (3, 4, 5, 6, 8)  # the code widths `expand` takes
-# GGUF types whose blocks `expand_blocks` takes as flux1 holds them (gguf/blocks.py's cpu_form)
+# Every GGUF type, as flux1 holds its blocks (gguf/blocks.py's cpu_form): `expand_blocks`'s kernel
 BLOCKS = {
+    T.Q2_K: "q2_k",
+    T.Q3_K: "q3_k",
     Q4_K_PAIRED: "q4_k",
     T.Q5_K: "q5_k",
     T.Q6_K: "q6_k",

@@ -222,3 +222,57 @@ EXPAND_Q5_K(expand_q5_k_fp32, float, to_fp32)
 EXPAND_Q5_K(expand_q5_k_bf16, uint16_t, to_bf16)
 EXPAND_Q6_K(expand_q6_k_fp32, float, to_fp32)
 EXPAND_Q6_K(expand_q6_k_bf16, uint16_t, to_bf16)
+
+/* GGUF Q2_K blocks as in the file (84 bytes: 16 bytes of 4-bit scale | 4-bit min, 64 bytes of 2-bit
+ * codes, the f16 d and dmin): each half of 128 values is 4 runs of 32 (codes at bits 2j of its 32
+ * bytes), each run two sub-blocks of 16; value = code * (d * scale) - dmin * min. */
+#define EXPAND_Q2_K(name, type, convert)                                                             \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+        for (int64_t b = 0; b < count; b++) {                                                        \
+            const uint8_t *block = blocks + b * stride;                                              \
+            float d, dmin;                                                                           \
+            scale_and_min(block + 80, &d, &dmin);                                                    \
+            for (int sub = 0; sub < 16; sub++) {                                                     \
+                const float scale = (float)(block[sub] & 15) * d;                                    \
+                const float offset = -((float)(block[sub] >> 4) * dmin);                             \
+                const uint8_t *q = block + 16 + 32 * (sub / 8) + 16 * (sub & 1);                     \
+                const int shift = 2 * ((sub / 2) & 3);                                               \
+                type *o = out + b * 256 + 16 * sub;                                                  \
+                for (int l = 0; l < 16; l++)                                                         \
+                    o[l] = convert((float)((q[l] >> shift) & 3) * scale + offset);                   \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+EXPAND_Q2_K(expand_q2_k_fp32, float, to_fp32)
+EXPAND_Q2_K(expand_q2_k_bf16, uint16_t, to_bf16)
+
+/* GGUF Q3_K blocks as in the file (110 bytes: 32 bytes of high bits, 64 of 2-bit codes, 12 of 6-bit
+ * sub-block scales, the f16 d): value v's code is bits 2j of byte 32 * (v / 128) + v % 32 (j = v %
+ * 128 / 32), less 4 where its high bit (bit v / 32 of byte v % 32) is clear; value = code * (d *
+ * (scale - 32)), as gguf-py computes it. */
+#define EXPAND_Q3_K(name, type, convert)                                                             \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+        for (int64_t b = 0; b < count; b++) {                                                        \
+            const uint8_t *block = blocks + b * stride, *high = block, *low = block + 32;            \
+            const uint8_t *scales = block + 96;                                                      \
+            uint16_t half;                                                                           \
+            memcpy(&half, block + 108, sizeof half);                                                 \
+            const float d = from_f16(half);                                                          \
+            for (int sub = 0; sub < 16; sub++) {                                                     \
+                const int scale_low = sub < 8 ? scales[sub] & 15 : scales[sub - 8] >> 4;             \
+                const int scale_high = (scales[8 + sub % 4] >> (2 * (sub / 4))) & 3;                 \
+                const float scale = d * (float)((scale_low | (scale_high << 4)) - 32);              \
+                const int v0 = 16 * sub, shift = 2 * (v0 % 128 / 32), bit = v0 / 32;                \
+                const uint8_t *q = low + 32 * (v0 / 128) + v0 % 32, *h = high + v0 % 32;             \
+                type *o = out + b * 256 + v0;                                                        \
+                for (int l = 0; l < 16; l++) {                                                       \
+                    const int code = ((q[l] >> shift) & 3) - (((h[l] >> bit) & 1) ? 0 : 4);          \
+                    o[l] = convert((float)code * scale);                                             \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+EXPAND_Q3_K(expand_q3_k_fp32, float, to_fp32)
+EXPAND_Q3_K(expand_q3_k_bf16, uint16_t, to_bf16)
