@@ -126,49 +126,30 @@ def _write_offset_nibbles(packed: np.ndarray, target: np.ndarray) -> None:
     pairs |= wide(magic * both)
 
 
-def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
-    """Expands the quantized `layer` into out [rows, cols] (bf16 bits or fp32), code * scale + offset
-    per group: by `kernel` "native" in one compiled pass a block of rows at a time, or "onednn" as
-    its codes offset by `_code_offset`, then oneDNN's affine; False (nothing written) where oneDNN
-    has only its reference code for the shape."""
+def _expand_through_onednn(layer, out: np.ndarray) -> bool:
+    """Expands the quantized `layer` into out [rows, cols] (bf16 bits or fp32) as its codes offset by
+    `_code_offset`, then oneDNN's affine per group; False (nothing written) where oneDNN has only its
+    reference code for the shape."""
     rows, cols = out.shape
     qtype = layer.gguf_type
     bits, group = (
         (LAYOUTS[qtype].bits, LAYOUTS[qtype].group) if qtype is not None else (layer.bits, layer.group_size)
     )
-    compiled = kernel == "native"
-    if not compiled:
-        affine = onednn.group_affine(
-            rows * cols // group, group, "bf16" if out.dtype == np.uint16 else "fp32"
-        )
-        if affine.implementation.startswith("ref"):  # slow: NumPy is faster
-            return False
-    raw, magic = as_numpy(layer.weight), np.float32(0 if compiled else _code_offset(bits))
-    if compiled and qtype is not None:  # every GGUF type, its scales decoded in the same pass
-        blocks = raw.reshape(rows, -1, block_size(qtype)[1])
-        _blocks_of_rows(
-            lambda first, last: native.expand_blocks(
-                qtype, blocks[first:last].reshape(-1, blocks.shape[2]), out[first:last]
-            ),
-            rows,
-            cols * out.itemsize,
-        )
-        return True
-
+    affine = onednn.group_affine(rows * cols // group, group, "bf16" if out.dtype == np.uint16 else "fp32")
+    if affine.implementation.startswith("ref"):  # slow: NumPy is faster
+        return False
+    raw, magic = as_numpy(layer.weight), np.float32(_code_offset(bits))
     if qtype is None:
-        scales = np.ascontiguousarray(as_float32(layer.scales))
+        scales = as_float32(layer.scales)
         shifts = as_float32(layer.biases) - magic * scales
 
         def write(first, last):
-            packed = raw[first:last].view(np.uint8)
-            if compiled:
-                native.expand(packed, bits, scales[first:last], shifts[first:last], group, out[first:last])
-            elif bits == 4:
-                _write_offset_nibbles(packed, out[first:last])
+            if bits == 4:
+                _write_offset_nibbles(raw[first:last], out[first:last])
             else:
-                _write_offset(_codes(packed, bits, cols), bits, out[first:last])
-    else:  # GGUF through oneDNN
-        layout, nbytes = LAYOUTS[qtype], block_size(qtype)[1]
+                _write_offset(_codes(raw[first:last], bits, cols), bits, out[first:last])
+    else:
+        layout, (values, nbytes) = LAYOUTS[qtype], block_size(qtype)
         scales = np.empty((rows, cols // group), np.float32)
         shifts = np.empty_like(scales)
 
@@ -180,8 +161,8 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
 
             def write(first, last):
                 codes, scale, offset = decode(raw[first:last].reshape(-1, nbytes), qtype)
-                keep(first, last, scale, offset)
                 _write_offset(codes.reshape(last - first, cols), bits, out[first:last])
+                keep(first, last, scale, offset)
         else:
             # The scales first, over more rows at a time than the codes: a few rows' scales are
             # arrays small enough that NumPy's per-call work, under the GIL, would serialize the cores.
@@ -195,12 +176,36 @@ def _expand_affine(layer, out: np.ndarray, kernel: str) -> bool:
 
             def write(first, last):
                 codes = raw[first:last].reshape(-1, nbytes)[:, layout.nibbles_from :]
-                _write_offset_nibbles(codes, out[first:last].reshape(len(codes), -1))
+                _write_offset_nibbles(codes, out[first:last].reshape(-1, values))
 
     _blocks_of_rows(write, rows, cols * out.itemsize)
-    if not compiled:
-        affine(out, scales, shifts)
+    affine(out, scales, shifts)
     return True
+
+
+def _expand_native(layer, out: np.ndarray) -> None:
+    """Expands the quantized `layer` into out [rows, cols] (bf16 bits or fp32) by the native kernel,
+    a block of rows at a time: MLX's codes with their scales and biases, GGUF blocks with their
+    scales decoded in the same pass."""
+    rows, cols = out.shape
+    raw = as_numpy(layer.weight)
+    if layer.gguf_type is not None:
+        blocks = raw.reshape(rows, -1, block_size(layer.gguf_type)[1])
+
+        def write(first, last):
+            native.expand_blocks(
+                layer.gguf_type, blocks[first:last].reshape(-1, blocks.shape[2]), out[first:last]
+            )
+    else:
+        scales, biases = (np.ascontiguousarray(as_float32(a)) for a in (layer.scales, layer.biases))
+
+        def write(first, last):
+            packed = raw[first:last].view(np.uint8)
+            native.expand(
+                packed, layer.bits, scales[first:last], biases[first:last], layer.group_size, out[first:last]
+            )
+
+    _blocks_of_rows(write, rows, cols * out.itemsize)
 
 
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:
@@ -242,7 +247,10 @@ def expanded_weight(layer, dtype: str = "fp32", kernel: str = "numpy") -> np.nda
 
         in_parallel(fill, rows)
         return out
-    if kernel != "numpy" and layer.is_quantized and _expand_affine(layer, out, kernel):
+    if kernel == "native" and layer.is_quantized:
+        _expand_native(layer, out)
+        return out
+    if kernel == "onednn" and layer.is_quantized and _expand_through_onednn(layer, out):
         return out
     if layer.gguf_type is not None:
         raw = as_numpy(weight)

@@ -4,10 +4,10 @@
  * to even, the bits of numpy_cpu.round_to_bf16). Compiled for this CPU by nn/native.py.
  *
  * expand_<bits>_<dtype>: the codes come in `units` of `unit_values` codes, unit u's at codes + u *
- * unit_stride (a row of MLX's packed codes, or of GGUF codes unpacked to bytes), packed as MLX
- * packs them: a little-endian bit stream, 8 codes in `bits` bytes (two 4-bit codes a byte, the low
- * one first); scales and offsets hold one value per group of `group` values of the units laid end
- * to end, and so does out (C-contiguous). */
+ * unit_stride (a row of MLX's packed codes), packed as MLX packs them: a little-endian bit stream,
+ * 8 codes in `bits` bytes (two 4-bit codes a byte, the low one first); scales and offsets hold one
+ * value per group of `group` values of the units laid end to end, and so does out (C-contiguous).
+ * expand_<type>_<dtype>: GGUF blocks of that type straight to values, their scales decoded too. */
 #include <stdint.h>
 #include <string.h>
 
@@ -81,7 +81,7 @@ static inline float from_f16(uint16_t h) {
     return value;
 }
 
-/* The f16 d and dmin that begin a Q4_K/Q5_K block. */
+/* A K-quant block's f16 d and dmin (at the start of Q4_K's and Q5_K's blocks, the end of Q2_K's). */
 static inline void scale_and_min(const uint8_t *block, float *d, float *dmin) {
     uint16_t halves[2];
     memcpy(halves, block, sizeof halves);
