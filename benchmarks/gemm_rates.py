@@ -3,8 +3,9 @@
 The plan chooses among the libraries flux1 loads (NumPy's BLAS, MKL, oneDNN from PyPI); the reference
 implementations run on torch, which bundles its own oneDNN. This prints, shape by shape, the GFLOP/s
 of each (the operands already in the product's dtype: the pure product, no rounding or bias), and one
-head of attention each way: flux1's (`attend_heads` through the plan's pair, a head's average over
-all heads of a layer) and torch's `scaled_dot_product_attention`. torch runs in a child process (its
+head of attention each way: flux1's (`attend_heads` through the plan's pair of GEMM paths, and where
+it runs, the native kernel: a head's average over all heads of a layer) and torch's
+`scaled_dot_product_attention`. torch runs in a child process (its
 own OpenMP runtime, as in compare.py), with as many threads as there are cores.
 
     python benchmarks/gemm_rates.py [--size 512] [--text-tokens 256] [--repeats 5] [--no-torch]
@@ -82,6 +83,7 @@ def flux1_rates(size: int, text_tokens: int, repeats: int) -> tuple[dict, list[s
     import flux1  # noqa: F401  (first: loads the BLAS before mlx)
     from flux1 import cpu_plan
     from flux1.nn.attention import attend_heads
+    from flux1.nn.cpu_attention import NATIVE
     from flux1.nn.gemm import available_paths, gemm, operand
 
     rng = np.random.default_rng(0)
@@ -96,13 +98,14 @@ def flux1_rates(size: int, text_tokens: int, repeats: int) -> tuple[dict, list[s
     tokens = (size // 16) ** 2 + text_tokens
     q, k, v = (rng.standard_normal((1, HEADS, tokens, HEAD_DIM), np.float32) for _ in range(3))
     out = np.empty_like(q)
-    for precision in ("fp32", "bf16"):
-        if precision == "bf16" and not any(p.dtype == "bf16" for p in available_paths().values()):
-            continue
+    bf16 = any(p.dtype == "bf16" for p in available_paths().values())
+    for precision in ["fp32"] + ["bf16"] * bf16 + [NATIVE] * (NATIVE in cpu_plan.attention_pairs()):
+        gemm_pair = precision != NATIVE
         with cpu_plan.use(precision):
-            pair = " + ".join(p.name for p in cpu_plan.active("attention"))
-            seconds = best_seconds(partial(attend_heads, q, k, v, HEAD_DIM**-0.5, None, out), repeats)
-        name = f"flux1 attention {precision} ({pair})"
+            pair = " + ".join(p.name for p in cpu_plan.active("attention", gemm_pair))
+            attend = partial(attend_heads, q, k, v, HEAD_DIM**-0.5, None, out, gemm_pair)
+            seconds = best_seconds(attend, repeats)
+        name = f"flux1 attention {precision} ({pair})" if gemm_pair else f"flux1 attention ({NATIVE})"
         rates[f"{name}|attention head"] = 4.0 * HEADS * tokens * tokens * HEAD_DIM / seconds / 1e9
         names.append(name)
     return rates, names, sorted({path.library for path in available_paths().values()})

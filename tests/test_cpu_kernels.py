@@ -24,7 +24,7 @@ from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
-from flux1.nn import cpu_attention, onednn
+from flux1.nn import cpu_attention, native, onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -81,7 +81,11 @@ def test_cpu_attention_equals_mlx_kernel(with_mask, path, scores_values, monkeyp
     assert blocks == ([5, 5, 5, 2] * 6 if scores_values else [])
 
 
-@pytest.mark.parametrize("path", PATHS)
+NATIVE_PAIR = cpu_attention.native_pair()
+needs_native_attention = pytest.mark.skipif(NATIVE_PAIR is None, reason="no C compiler, or no AMX-BF16 here")
+
+
+@pytest.mark.parametrize("path", PATHS + ([cpu_attention.NATIVE] if NATIVE_PAIR else []))
 @pytest.mark.parametrize("lengths", [(13,), (5, 9)])
 def test_cpu_rope_attention_equals_mlx_graph(lengths, path):
     """FLUX's joint attention from the fused qkv projections (head split, q/k RMS norms, RoPE, merged
@@ -114,9 +118,16 @@ needs_fused = pytest.mark.skipif(FUSED_PAIR is None, reason="no bf16 matmul prim
 
 
 def with_attention_pair(monkeypatch, pair) -> None:
+    """`pair` as the plan's attention (the native one only where it is taken: no mask, no gradients)."""
     active = cpu_plan.active
     monkeypatch.setattr(
-        cpu_plan, "active", lambda kind="linear": pair if kind == "attention" else active(kind)
+        cpu_plan,
+        "active",
+        lambda kind="linear", gemm_pair=False: (
+            pair
+            if kind == "attention" and not (gemm_pair and pair == NATIVE_PAIR)
+            else active(kind, gemm_pair)
+        ),
     )
 
 
@@ -149,6 +160,47 @@ def test_attention_with_exponentials_in_the_product_equals_the_reference(monkeyp
     mask = mx.random.normal((1, 3, 17, 17), key=mx.random.key(9))
     assert relative_error(attention(q, k, v, 0.3, mask), reference_attention(q, k, v, 0.3, mask, True)) < 1e-3
     assert fused == []
+
+
+@needs_native_attention
+@pytest.mark.parametrize(
+    ("shape", "keys", "magnitude"),
+    [((2, 3, 17, 8), 17, 1.0), ((1, 2, 45, 40), 70, 1.0), ((1, 2, 64, 128), 96, 8.0)],
+)
+def test_native_attention_equals_the_reference(monkeypatch, shape, keys, magnitude):
+    """Whole heads in C (`native.attend`): q k^T and p v from bf16 in AMX tiles with fp32 sums, each
+    row's exponentials rounded to bf16 and its output divided by their sum. Rows, keys and head_dim
+    not multiples of 32 (padded with zeros), more keys than queries, peaked probabilities (q times
+    8: most exponentials underflow). Against the float64 attention of the bf16-rounded q, k, v with
+    unrounded probabilities: 3e-3 (2^-9 per probability, as for the exponentials in the product)
+    and no further than the usual bf16 path (within 25%). The same on strided NumPy views (k and v
+    slices of one projection, the output a transposed view, as the transformer's attention passes
+    them); a mask takes a pair of GEMMs."""
+    batch, heads, queries, dim = shape
+    q = magnitude * mx.random.normal(shape, key=mx.random.key(0))
+    k, v = (mx.random.normal((batch, heads, keys, dim), key=mx.random.key(i)) for i in (1, 2))
+    with_attention_pair(monkeypatch, NATIVE_PAIR)
+    attend = native.attend
+    calls = []
+    monkeypatch.setattr(native, "attend", lambda *a: calls.append(a[0].shape) or attend(*a))
+    got = attention(q, k, v, 0.3)
+    assert calls == [shape]
+    exact_weights = reference_attention(q, k, v, 0.3, None, True, round_weights=False)
+    with cpu_plan.use("bf16"):
+        usual_pair = cpu_plan.active("attention", gemm_pair=True)
+    with_attention_pair(monkeypatch, usual_pair)
+    usual = attention(q, k, v, 0.3)
+    assert relative_error(got, exact_weights) < min(3e-3, 1.25 * relative_error(usual, exact_weights))
+
+    projection = np.stack([np.array(k), np.array(v)], axis=3)  # [b, h, keys, 2, d]: k and v strided
+    out = np.full((batch, queries, heads, dim), np.nan, np.float32)
+    attend(np.array(q), projection[:, :, :, 0], projection[:, :, :, 1], 0.3, out.transpose(0, 2, 1, 3))
+    assert np.array_equal(out.transpose(0, 2, 1, 3), np.array(got))
+
+    with_attention_pair(monkeypatch, NATIVE_PAIR)
+    mask = mx.random.normal((1, heads, queries, keys), key=mx.random.key(9))
+    assert relative_error(attention(q, k, v, 0.3, mask), reference_attention(q, k, v, 0.3, mask, True)) < 1e-3
+    assert calls == [shape]
 
 
 @needs_fused

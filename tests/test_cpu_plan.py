@@ -17,7 +17,7 @@ from tests.conftest import relative_error
 from flux1 import backend, cpu_plan
 from flux1.nn import onednn
 from flux1.nn.cpu_activations import activation_paths
-from flux1.nn.cpu_attention import EXP_FUSED
+from flux1.nn.cpu_attention import EXP_FUSED, NATIVE
 from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.cpu_expansion import expansion_paths
 from flux1.nn.gemm import available_paths, gemm
@@ -226,12 +226,15 @@ def test_linear_gemms_measure_fewer_shapes_rather_than_run_long(monkeypatch):
 
 def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     """A plan for this machine with the given linear rates, as if it had measured them; the other
-    kinds' rates follow unless `others` gives them (oneDNN's convolution: half the slowest; a pair of
-    attention paths: its slower one's; activations and expansions: oneDNN twice NumPy)."""
+    kinds' rates follow unless `others` gives them (oneDNN's convolution and the native attention: half
+    the slowest; a pair of attention paths: its slower one's; activations and expansions: oneDNN
+    twice NumPy)."""
     others = others or {}
     convolution = {name: rates.get(name, min(rates.values()) / 2) for name in CONVOLUTION_PATHS}
     pairs = {
         name: min(rates[s.name.removesuffix(EXP_FUSED)], rates[v.name])
+        if name != NATIVE
+        else min(rates.values()) / 2
         for name, (s, v) in cpu_plan.attention_pairs().items()
     }
     activation = {name: 1.0 + (name == "onednn") for name in activation_paths()}
@@ -328,6 +331,26 @@ def test_attention_with_exponentials_in_the_product_is_a_candidate_named_in_the_
     with cpu_plan.use("auto"):
         assert cpu_plan.active("attention") == pairs[fused]
         assert "; attention: q k^T and its exponentials bf16 through oneDNN" in cpu_plan.describe()
+
+
+@pytest.mark.skipif(NATIVE not in cpu_plan.attention_pairs(), reason="no C compiler, or no AMX-BF16 here")
+def test_native_attention_is_a_candidate_taken_without_a_mask_and_named_in_the_record(fresh_plan):
+    """Measured on a layer's heads; taken where fastest, and named; where a mask or the gradients
+    need a pair of GEMMs, the fastest of those."""
+    pairs = cpu_plan.attention_pairs()
+    assert pairs[NATIVE][0].dtype == pairs[NATIVE][1].dtype == "bf16"
+    assert cpu_plan.plan().rates["attention"][NATIVE] > 0
+    second = next(name for name, (scores, _) in pairs.items() if scores.dtype == "bf16" and name != NATIVE)
+    rates = {name: 100.0 if name.endswith("fp32") else 200.0 for name in PATHS}
+    cached_rates(fresh_plan, rates, {"attention": dict.fromkeys(pairs, 50.0) | {NATIVE: 500.0, second: 90.0}})
+    with cpu_plan.use("auto"):
+        assert cpu_plan.active("attention") == pairs[NATIVE]
+        assert cpu_plan.active("attention", gemm_pair=True) == pairs[second]
+        assert "; attention: whole heads bf16 in AMX tiles through C compiled by" in cpu_plan.describe()
+    with cpu_plan.use(NATIVE):  # by name, as the tests take it; the GEMMs then in bf16
+        assert cpu_plan.active("attention") == pairs[NATIVE] and cpu_plan.active().dtype == "bf16"
+    with cpu_plan.use("fp32"):
+        assert cpu_plan.active("attention") != pairs[NATIVE]
 
 
 @pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")

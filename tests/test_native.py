@@ -1,6 +1,7 @@
 """The native kernels' build: compiled once per machine into flux1's cache folder, re-made when the
 file is damaged, and simply not offered (the plan measures without them) where there is no compiler
-or the build fails. Their values are tested with every expansion kernel's (`test_cpu_kernels.py`)."""
+or the build fails. The expansion's values are tested with every expansion kernel's, the attention's
+with the other attention paths (`test_cpu_kernels.py`)."""
 
 import os
 import stat
@@ -10,14 +11,14 @@ import sys
 import pytest
 
 from flux1.gguf.blocks import LAYOUTS, cpu_form
-from flux1.nn import cpu_expansion, native
+from flux1.nn import cpu_attention, cpu_expansion, native
 
 
 @pytest.fixture
 def fresh_native(tmp_path, monkeypatch):
     """An empty cache folder and no kernels loaded yet; the process's own afterwards."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    caches = (native.compiler, native.library, cpu_expansion.expansion_paths)
+    caches = (native.compiler, native.library, native.attention_available, cpu_expansion.expansion_paths)
     for cached in caches:
         cached.cache_clear()
     yield tmp_path / "flux1" / "native"
@@ -73,6 +74,7 @@ def test_without_a_compiler_no_native_kernel_is_offered(fresh_native, monkeypatc
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert native.compiler() is None and native.library() is None
     assert "native" not in {path.kernel for path in cpu_expansion.expansion_paths().values()}
+    assert not native.attention_available() and cpu_attention.native_pair() is None
     assert not fresh_native.exists()
 
 
@@ -80,7 +82,8 @@ def test_a_failed_build_warns_and_leaves_nothing(fresh_native, tmp_path, monkeyp
     monkeypatch.setenv("CC", fake_compiler(tmp_path, 1, "no such instruction set"))
     assert native.compiler()[1] == "fake-cc 1.0"
     with pytest.warns(
-        UserWarning, match=r"no native kernels \(.*fake-cc failed on native_kernels.c: no such"
+        UserWarning,
+        match=r"no native kernels \(.*fake-cc failed on native_expansion.c and native_attention.c: no",
     ):
         assert native.library() is None
     assert os.listdir(fresh_native) == []

@@ -42,8 +42,9 @@ import numpy as np
 
 from flux1 import user_cache
 from flux1.metadata import write_json
+from flux1.nn import native
 from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
-from flux1.nn.cpu_attention import EXP_FUSED, attend_head, exp_fused, score_bounds
+from flux1.nn.cpu_attention import EXP_FUSED, NATIVE, attend_head, exp_fused, native_pair, score_bounds
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
 from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths, scratch_lock
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
@@ -56,6 +57,9 @@ FORMAT = 6
 SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
 # One head of attention at 512x512 (1280 tokens, 128 wide): q @ k^T, then probabilities @ v.
 HEAD = (1280, 128)
+# The native kernel takes a layer's heads at once, split over the cores: timed on FLUX's 24 (on a
+# few heads much of the time is starting the threads, which a layer's heads share).
+WHOLE_HEADS = 24
 # One 3x3 convolution of the VAE decoder's (256 -> 256 channels), on a 48x48 image.
 CONVOLUTION = (48, 256, 3)
 # GELU over the input of a FLUX MLP's second layer for 256 tokens.
@@ -84,7 +88,7 @@ class Plan:
 def attention_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
     """(q k^T's path, probabilities @ v's path) of one library, named "<scores> + <values>"; with
     oneDNN's bf16 matmul primitive also its pair with the exponentials in the product
-    (`cpu_attention.attend_head`)."""
+    (`cpu_attention.attend_head`); and NATIVE, whole heads in C, where it runs."""
     available = available_paths()
     paths = available.values()
     pairs = {f"{s.name} + {v.name}": (s, v) for s in paths for v in paths if s.library == v.library}
@@ -92,6 +96,8 @@ def attention_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
         matmul = available["onednn matmul bf16"]
         fused = exp_fused(matmul)
         pairs[f"{fused.name} + {matmul.name}"] = (fused, matmul)
+    if (whole_heads := native_pair()) is not None:
+        pairs[NATIVE] = whole_heads
     return pairs
 
 
@@ -189,13 +195,18 @@ def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int =
         q_in = as_bf16(q) if scores_path.dtype == "bf16" else q
         attend_head((scores_path, values_path), q_in, k_in, v_in, 0.1, None, (scores, weights), out, bounds)
 
-    calls = {}
+    calls, work = {}, dict.fromkeys(pairs, 4.0 * tokens * tokens * width)
     for name, (scores_path, values_path) in pairs.items():
+        if name == NATIVE:  # a layer's heads in one call, split over the cores: timed on WHOLE_HEADS
+            layer = [np.broadcast_to(x, (1, WHOLE_HEADS, tokens, width)) for x in (q, k, v)]
+            calls[name] = functools.partial(native.attend, *layer, 0.1, np.empty(layer[0].shape, np.float32))
+            work[name] *= WHOLE_HEADS
+            continue
         k_in = as_bf16(k) if scores_path.dtype == "bf16" else k
         v_in = as_bf16(v) if values_path.dtype == "bf16" else v
         weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
         calls[name] = functools.partial(head, scores_path, values_path, k_in, v_in, weights)
-    return _rates(calls, 4.0 * tokens * tokens * width, rounds)
+    return _rates(calls, work, rounds)
 
 
 def measure_convolution(paths: dict[str, ConvolutionPath], rounds: int = 3) -> dict[str, float]:
@@ -237,9 +248,12 @@ def measure_expansion(paths: dict[str, ExpansionPath], rounds: int = 3) -> dict[
         return _rates(calls, rows * cols, rounds)
 
 
-def _rates(calls: dict, work: float, rounds: int) -> dict[str, float]:
-    """work (FLOPs or values) per second, in billions, over each call's best time."""
-    return {name: float(f"{work / best / 1e9:.4g}") for name, best in _interleaved(calls, rounds).items()}
+def _rates(calls: dict, work: float | dict[str, float], rounds: int) -> dict[str, float]:
+    """work (FLOPs or values; or each call's) per second, in billions, over each call's best time."""
+    each = work if isinstance(work, dict) else dict.fromkeys(calls, work)
+    return {
+        name: float(f"{each[name] / best / 1e9:.4g}") for name, best in _interleaved(calls, rounds).items()
+    }
 
 
 def _interleaved(
@@ -350,11 +364,14 @@ def set_precision(precision: str) -> None:
 def use(choice: str):
     """Inside the block the CPU kernels compute with `choice`: a precision (auto, fp32, bf16) or one
     path by name (e.g. "numpy fp32", "onednn bf16", "onednn convolution fp32", "onednn" for the
-    activations and the expansion, "native" for the expansion; a name of one kind's path sets its
-    dtype for the other kinds)."""
+    activations and the expansion, "native" for the expansion, "native bf16" for attention's whole
+    heads in C; a name of one kind's path sets its dtype for the other kinds)."""
     global _override
     kernels = tuple(sorted({path.kernel for path in expansion_paths().values()} - set(activation_paths())))
-    _check(choice, PRECISIONS + tuple(convolution_paths()) + tuple(activation_paths()) + kernels)
+    whole_heads = (NATIVE,) if NATIVE in attention_pairs() else ()
+    _check(
+        choice, PRECISIONS + tuple(convolution_paths()) + tuple(activation_paths()) + kernels + whole_heads
+    )
     previous, _override = _override, choice
     try:
         yield
@@ -367,24 +384,25 @@ def _check(choice: str, allowed: tuple) -> None:
         raise ValueError(f"--precision {choice}: expected one of {', '.join(allowed)}")
 
 
-def active(kind: str = "linear") -> GemmPath | ConvolutionPath:
+def active(kind: str = "linear", gemm_pair: bool = False) -> GemmPath | ConvolutionPath:
     """The path the CPU kernels use now for `kind` of product (one of KINDS but expansion:
-    `expansion()`)."""
+    `expansion()`); for attention with `gemm_pair`, a pair of GEMM paths (for a mask or the
+    gradients, which the native kernel does not take)."""
     choice = _override or _precision
-    paths = candidates(kind)
+    paths = {name: path for name, path in candidates(kind).items() if not (gemm_pair and name == NATIVE)}
     if kind == "attention" and choice in available_paths():
         choice = f"{choice} + {choice}"
     if choice in paths:
         return paths[choice]
     if choice not in PRECISIONS:  # another kind's path; an expansion kernel's alone: fp32 GEMMs
         other = {**convolution_paths(), **activation_paths()}.get(choice)
-        choice = "fp32" if other is None else other.dtype
+        choice = "bf16" if choice == NATIVE else "fp32" if other is None else other.dtype
     if kind == "activation":
         choice = "fp32"
     rates = plan().rates[kind]
 
     def fastest(allowed) -> str | None:
-        names = [name for name in rates if _dtypes(paths[name]) <= allowed]
+        names = [name for name in rates if name in paths and _dtypes(paths[name]) <= allowed]
         return max(names, key=rates.__getitem__) if names else None
 
     if choice == "bf16":
@@ -431,7 +449,9 @@ def describe(quantized: bool = False) -> str:
     measured = f", {rate:.0f} GFLOP/s measured" if rate and current.measured != "-" else ""
     line = f"CPU GEMMs {dtype} through {_library_of(path)}{measured} on {cpu_model()}"
     heads = active("attention")
-    if any(head != path for head in heads):
+    if heads[0].name == NATIVE:
+        line += f"; attention: whole heads bf16 in AMX tiles through {heads[0].library}"
+    elif any(head != path for head in heads):
         exponentials = " and its exponentials" if heads[0].name.endswith(EXP_FUSED) else ""
         line += f"; attention: q k^T{exponentials} " + " and probabilities @ v ".join(
             f"{head.dtype} through {_library_of(head)}" for head in heads

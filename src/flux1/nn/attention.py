@@ -8,14 +8,16 @@ bounds the scores in memory). Its two products go through the pair of GEMM paths
 whole head (`cpu_plan.active("attention")`: one library, each product in fp32 or bf16; a 128-wide
 head is a narrow product, where a bf16 GEMM may not pay for rounding its inputs); a bf16 product's
 inputs are rounded to bf16 once. One more pair has no softmax pass: oneDNN's bf16 matmul writing
-the exponentials itself (`cpu_attention.attend_head`).
+the exponentials itself (`cpu_attention.attend_head`); and one computes whole heads in C with AMX
+tiles, where it runs (`native.attend`; without a mask).
 """
 
 import mlx.core as mx
 import numpy as np
 
 from flux1 import backend, cpu_plan
-from flux1.nn.cpu_attention import EXP_FUSED, attend_head, head_gradients, score_bounds
+from flux1.nn import native
+from flux1.nn.cpu_attention import EXP_FUSED, NATIVE, attend_head, head_gradients, score_bounds
 from flux1.nn.numpy_cpu import as_bf16, as_numpy
 
 # The most scores (query rows x key tokens) in memory at once, 16 MB in fp32: a 512x512 image's
@@ -62,11 +64,17 @@ def _cpu_attention(q, k, v, scale: float, mask) -> mx.array:
     return mx.array(out)
 
 
-def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask, out: np.ndarray) -> None:
+def attend_heads(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask, out: np.ndarray, gemm_pair: bool = False
+) -> None:
     """out[b, h] = softmax(scale q k^T + mask) v for each head of fp32 NumPy q, k, v [B, heads, tokens,
     head_dim] (each head's rows may be strided, as may out's: its rows contiguous), a block of at most
-    SCORES_VALUES scores (query rows x key tokens) at a time."""
-    scores_path, values_path = cpu_plan.active("attention")
+    SCORES_VALUES scores (query rows x key tokens) at a time; through the plan's pair of GEMM paths
+    where the native kernel would be taken if `gemm_pair`."""
+    scores_path, values_path = cpu_plan.active("attention", gemm_pair=gemm_pair or mask is not None)
+    if scores_path.name == NATIVE:
+        native.attend(q, k, v, scale, out)
+        return
     bounds = score_bounds(q, k, scale) if mask is None and scores_path.name.endswith(EXP_FUSED) else None
     if scores_path.dtype == "bf16":
         q, k = as_bf16(q), as_bf16(k)
@@ -87,7 +95,7 @@ def _cpu_attention_gradients(q, k, v, scale: float, mask, dy, y) -> tuple[mx.arr
     """The gradients for q, k and v of the attention's output y, given dy, a head at a time."""
     qn, kn, vn, mn = _numpy_heads(q, k, v, mask)
     dyn, yn = as_numpy(dy.astype(mx.float32)), as_numpy(y.astype(mx.float32))
-    scores_path, values_path = cpu_plan.active("attention")
+    scores_path, values_path = cpu_plan.active("attention", gemm_pair=True)
     dq, dk, dv = (np.empty(a.shape, np.float32) for a in (qn, kn, vn))
     weights = np.empty((q.shape[2], k.shape[2]), np.float32)
     gradient = np.empty(weights.shape, np.float32)

@@ -6,7 +6,9 @@ vectorized, the plan measured a head through oneDNN's products on 2 Zen 1 cores 
 NumPy's softmax, 40 with oneDNN's). With a bf16 path for the values, the probabilities (summed in
 fp32) are rounded to bf16 (oneDNN's reorder, or NumPy a block of rows at a time). On 2 Intel Xeon
 cores with AMX the plan measured a head through MKL's bf16 GEMMs at 138 GFLOP/s with NumPy's softmax
-and rounding, 345 with oneDNN's (`benchmarks/profile_step.py` prints the plan's rates)."""
+and rounding, 345 with oneDNN's (`benchmarks/profile_step.py` prints the plan's rates). Where the
+CPU has AMX tiles and a C compiler is installed, one more candidate computes whole heads without
+the libraries: `native.attend` (`native_pair`)."""
 
 import dataclasses
 import math
@@ -14,11 +16,12 @@ from functools import partial
 
 import numpy as np
 
-from flux1.nn import onednn
+from flux1.nn import native, onednn
 from flux1.nn.gemm import GemmPath, gemm
 from flux1.nn.numpy_cpu import CACHED_VALUES, in_parallel, round_to_bf16
 
 EXP_FUSED = ", exponentials in the product"
+NATIVE = "native bf16"
 # exp underflows below e^-87: a row whose largest exponential is below e^-60 may have lost
 # probabilities that count (within e^-25 of its largest), so its block is computed the usual way.
 _SMALLEST_LARGEST = math.exp(-60.0)
@@ -29,6 +32,15 @@ def exp_fused(path: GemmPath) -> GemmPath:
     """oneDNN's bf16 matmul primitive as the scores' path of `attend_head`'s exponentials in the
     product (as a plain GEMM, for the gradients, the same path)."""
     return dataclasses.replace(path, name=path.name + EXP_FUSED)
+
+
+def native_pair() -> tuple[GemmPath, GemmPath] | None:
+    """`native.attend` as a candidate of the plan's attention (both products, bf16), where it runs
+    here; no GEMM of its own: a mask or the gradients take a pair of GEMM paths."""
+    if not native.attention_available():
+        return None
+    path = GemmPath(NATIVE, native.description(), "bf16")
+    return path, path
 
 
 def attend_head(

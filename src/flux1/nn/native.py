@@ -1,12 +1,14 @@
-"""Small C kernels (`native_kernels.c`) compiled for this CPU on first use, where a C compiler is
+"""Small C kernels (`native_expansion.c`, `native_attention.c`) compiled for this CPU on first use, where a C compiler is
 installed (`$CC`, else `cc`), and kept in flux1's cache folder under a name made from everything the
 machine code depends on (the source, the compiler's version, the flags, the CPU model and its
 instruction sets: a home folder shared by different CPUs gets one build per CPU). Where there is no
 compiler, or the build fails (with a warning), they are simply not offered: the CPU plan measures
-only what is available (`cpu_expansion.expansion_paths`).
+only what is available (`cpu_expansion.expansion_paths`, `cpu_attention.native_pair`).
 
 One pass of compiled code over a quantized weight (codes to values and values to bf16 together,
-vectorized for this CPU) where NumPy needs several and oneDNN two (`cpu_expansion.py`)."""
+vectorized for this CPU) where NumPy needs several and oneDNN two (`cpu_expansion.py`); and, where
+the CPU has AMX tiles, attention a block of query rows at a time, its probabilities never leaving
+the cache, where the libraries' GEMMs write and read them back between two products."""
 
 import ctypes
 import functools
@@ -25,8 +27,9 @@ from gguf import GGMLQuantizationType as T
 from flux1 import user_cache
 from flux1.gguf.blocks import Q4_K_PAIRED, block_size
 from flux1.nn.gemm import cpu_flags
+from flux1.nn.numpy_cpu import in_parallel
 
-SOURCE = Path(__file__).with_name("native_kernels.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("native_expansion.c", "native_attention.c"))
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 BITS = (3, 4, 5, 6, 8)  # the code widths `expand` takes
 # Every GGUF type, as flux1 holds its blocks (gguf/blocks.py's cpu_form): `expand_blocks`'s kernel
@@ -42,6 +45,7 @@ BLOCKS = {
     T.Q5_1: "q5_1",
     T.Q8_0: "q8_0",
 }
+ATTENTION_BLOCK = 32  # `attend`'s query rows at a time; rows, keys and head_dim padded to multiples
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -68,8 +72,8 @@ def library() -> ctypes.CDLL | None:
     found = compiler()
     if found is None:
         return None
-    source = SOURCE.read_bytes()
-    identity = repr((source, found[1], FLAGS, cpu_model(), sorted(cpu_flags())))
+    sources = [source.read_bytes() for source in SOURCES]
+    identity = repr((sources, found[1], FLAGS, cpu_model(), sorted(cpu_flags())))
     built = (
         user_cache.folder() / "native" / f"kernels-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     )
@@ -89,20 +93,29 @@ def library() -> ctypes.CDLL | None:
         getattr(kernels, f"expand_{bits}_{dtype}").argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
     for kind, dtype in itertools.product(BLOCKS.values(), ("fp32", "bf16")):
         getattr(kernels, f"expand_{kind}_{dtype}").argtypes = [_P, _I, _I, _P]
+    if kernels.attention_available():
+        for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
+            getattr(kernels, name).argtypes = [_P] + [_I] * 8 + [_P, _I, _I]
+        kernels.attend_bf16.argtypes = [_P] * 3 + [_I] * 6 + [ctypes.c_float, _I, _P] + [_I] * 5
     return kernels
 
 
 def _build(compiler_path: str, built: Path) -> None:
-    """Compiles SOURCE into `built`, written whole: a new name first, then renamed."""
+    """Compiles SOURCES into `built`, written whole: a new name first, then renamed."""
     built.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(suffix=".so", dir=built.parent)
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler_path, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=300
+            [compiler_path, *FLAGS, "-o", partial, *map(str, SOURCES)],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if result.returncode:
-            raise RuntimeError(f"{compiler_path} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
+            raise RuntimeError(
+                f"{compiler_path} failed on {' and '.join(source.name for source in SOURCES)}: {result.stderr.strip()[-500:]}"
+            )
         os.replace(partial, built)
     finally:
         if os.path.exists(partial):
@@ -133,3 +146,60 @@ def expand_blocks(qtype, blocks: np.ndarray, out: np.ndarray) -> None:
     assert out.flags.c_contiguous and out.size == values * len(blocks)
     function = getattr(library(), f"expand_{BLOCKS[qtype]}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
     function(blocks.ctypes.data, len(blocks), blocks.strides[0], out.ctypes.data)
+
+
+def description() -> str:
+    """What the kernels are, for the plan's record: "C compiled by <the compiler's version>"."""
+    return f"C compiled by {compiler()[1]}"
+
+
+@functools.cache
+def attention_available() -> bool:
+    """Whether `attend` runs here: the kernels were built for a CPU with AMX-BF16 (and AVX512-BF16)
+    and Linux granted this process the tile registers."""
+    kernels = library()
+    return kernels is not None and bool(kernels.attention_available())
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray) -> None:
+    """out[b, h] = softmax(scale q k^T) v for fp32 q, k, v [B, heads, tokens, head_dim] (any strides;
+    each row's features contiguous, or copied so), the products' inputs and the probabilities in bf16,
+    the sums in fp32 (`native_attention.c`); out fp32 [B, heads, q_tokens, head_dim], each row
+    contiguous. The operands are rounded and laid out as AMX takes them, the heads split over the
+    cores, then the heads' blocks of query rows."""
+    batch, heads, queries, dim = q.shape
+    keys = k.shape[2]
+    padded = [-(-n // ATTENTION_BLOCK) * ATTENTION_BLOCK for n in (queries, keys, dim)]
+    kernels = library()
+    q_in, k_in, v_in = (
+        _packed(pack, x, rows, padded[2])
+        for pack, x, rows in (
+            (kernels.pack_rows, q, padded[0]),
+            (kernels.pack_feature_pairs, k, padded[1]),
+            (kernels.pack_row_pairs, v, padded[1]),
+        )
+    )
+    assert out.dtype == np.float32 and out.shape == q.shape and out.strides[3] == 4
+    strides = [stride // 4 for stride in out.strides[:3]]
+
+    def blocks(first: int, last: int) -> None:
+        kernels.attend_bf16(q_in.ctypes.data, k_in.ctypes.data, v_in.ctypes.data, *padded, queries, keys, dim,
+                            scale, heads, out.ctypes.data, *strides, first, last)  # fmt: skip
+
+    in_parallel(blocks, batch * heads * padded[0] // ATTENTION_BLOCK)
+
+
+def _packed(pack, x: np.ndarray, rows: int, dim: int) -> np.ndarray:
+    """x [B, heads, tokens, head_dim] (fp32) through one of the attention's packing kernels, each
+    head padded to rows x dim: [B, heads, rows, dim] bf16 bits, in the kernel's layout."""
+    if x.dtype != np.float32 or x.strides[3] != 4:
+        x = np.ascontiguousarray(x, np.float32)
+    batch, heads, tokens, features = x.shape
+    out = np.empty((batch, heads, rows, dim), np.uint16)
+    strides = [stride // 4 for stride in x.strides[:3]]
+
+    def each(first: int, last: int) -> None:
+        pack(x.ctypes.data, heads, *strides, tokens, features, rows, dim, out.ctypes.data, first, last)
+
+    in_parallel(each, batch * heads)
+    return out

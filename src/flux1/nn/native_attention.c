@@ -1,0 +1,204 @@
+/* Attention, softmax(scale q k^T) v, a block of 32 query rows at a time with AMX tiles: the block's
+ * scores q k^T (bf16 products, fp32 sums) into a buffer that stays in the cache, each row's
+ * exponentials exp(scale s - scale max) rounded to bf16 (ties to even) and summed as rounded, then
+ * their product with v divided by each row's sum: the probabilities are never written to memory.
+ * Compiled for this CPU by nn/native.py; where the compiler was not targeting AMX-BF16 (and
+ * AVX512-BF16), attention_available() says 0 and nothing else is built.
+ *
+ * Operands, bf16 bits, each head's rows, keys and head_dim padded with zeros to multiples of 32:
+ * q [heads][rows][dim] row-major; k as AMX takes the right operand of q k^T, pairs of a key's
+ * features side by side: [heads][dim / 2][keys][2]; v likewise for p v, pairs of keys side by
+ * side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i at out + b * out_batch +
+ * i * out_head, its rows out_row apart; only the first `valid_rows` x `valid_dim` are written, and
+ * only the first `valid_keys` keys are attended to. [first, last) counts blocks of 32 rows over
+ * all heads in order: the share of one core. */
+#include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define BLOCK 32
+
+int attention_available(void) {
+    /* Linux hands out the tile registers' state only on request, once per process. */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+/* Eight tiles of 16 rows x 64 bytes: 0-3 a 32 x 32 block of fp32 sums, 4-5 the left operand's two
+ * 16-row halves, 6-7 the right operand's two 16-column halves. */
+static void configure_tiles(void) {
+    struct tile_config config = {0};
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.bytes_per_row[t] = 64;
+        config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* out [32 x 32] (fp32, rows out_stride bytes apart) = a [32 x depth] @ b, a's rows a_stride bytes
+ * apart, b given as pairs of rows [depth / 2][32][2], its rows b_stride bytes apart. */
+static inline void product_block(const uint16_t *a, int64_t a_stride, const uint16_t *b, int64_t b_stride,
+                                 int64_t depth, float *out, int64_t out_stride) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t d = 0; d < depth; d += BLOCK) {
+        _tile_loadd(4, a + d, a_stride);
+        _tile_loadd(5, (const char *)(a + d) + 16 * a_stride, a_stride);
+        const char *pairs = (const char *)b + d / 2 * b_stride;
+        _tile_loadd(6, pairs, b_stride);
+        _tile_loadd(7, pairs + 64, b_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out, out_stride);
+    _tile_stored(1, out + 16, out_stride);
+    _tile_stored(2, (char *)out + 16 * out_stride, out_stride);
+    _tile_stored(3, (char *)out + 16 * out_stride + 64, out_stride);
+}
+
+/* 2^x for x <= 0 (clamped at -150, where it is 0 in fp32 anyway): x = n + f, |f| <= 1/2, 2^f =
+ * e^(f ln 2) by its Taylor polynomial of degree 5 (relative error below 2.5e-6, a thousandth of
+ * bf16's rounding), times 2^n. */
+static inline __m512 exp2_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558146428443e-3f); /* ln(2)^5 / 5! */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 valid_lanes(int64_t at, int64_t valid) {
+    return at + 16 <= valid ? 0xFFFF : at < valid ? (__mmask16)((1u << (valid - at)) - 1) : 0;
+}
+
+/* probabilities [keys] (bf16) = exp(scale s - scale max s) over the first `valid` scores, 0 past
+ * them (keys a multiple of 32); returns their sum as rounded. */
+static float exponentials(const float *scores, int64_t keys, int64_t valid, float scale, uint16_t *probabilities) {
+    __m512 largest = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < valid; j += 16)
+        largest = _mm512_max_ps(largest, _mm512_mask_loadu_ps(largest, valid_lanes(j, valid), scores + j));
+    const float factor = scale * 1.44269504088896341f; /* e^(scale s) = 2^(scale log2(e) s) */
+    const __m512 shift = _mm512_set1_ps(factor * _mm512_reduce_max_ps(largest)), by = _mm512_set1_ps(factor);
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < keys; j += 32) {
+        const __m512 low = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j), by, shift));
+        const __m512 high = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j + 16), by, shift));
+        const __m512bh rounded = _mm512_cvtne2ps_pbh(_mm512_maskz_mov_ps(valid_lanes(j + 16, valid), high),
+                                                     _mm512_maskz_mov_ps(valid_lanes(j, valid), low));
+        _mm512_storeu_si512(probabilities + j, (__m512i)rounded);
+        sum = _mm512_dpbf16_ps(sum, rounded, ones);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* out [n] (bf16) = x [valid] rounded to the nearest bf16 (ties to even), then zeros. */
+static void round_row(const float *x, int64_t valid, int64_t n, uint16_t *out) {
+    for (int64_t j = 0; j < n; j += 16) {
+        const __m512 values = _mm512_maskz_loadu_ps(valid_lanes(j, valid), x + j);
+        _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(values));
+    }
+}
+
+/* The operands of attend_bf16 from fp32 x, head h = b * per_batch + i at x + b * x_batch + i *
+ * x_head, its rows x_row apart, `valid_rows` x `valid_dim` of them, padded with zeros to `rows` x
+ * `dim` (multiples of 32), heads [first, last): as they are (q), with each row's pairs of features
+ * side by side (k), or with each pair of rows' values side by side (v). */
+#define EACH_HEAD(...)                                                                                \
+    for (int64_t h = first; h < last; h++) {                                                           \
+        const float *head = x + h / per_batch * x_batch + h % per_batch * x_head;                      \
+        uint16_t *packed = out + h * rows * dim;                                                       \
+        __VA_ARGS__                                                                                    \
+    }
+
+#define PACK(name, ...)                                                                               \
+    void name(const float *x, int64_t per_batch, int64_t x_batch, int64_t x_head, int64_t x_row,       \
+              int64_t valid_rows, int64_t valid_dim, int64_t rows, int64_t dim, uint16_t *out,         \
+              int64_t first, int64_t last) {                                                           \
+        uint16_t *row_pair = aligned_alloc(64, 2 * 16 * dim * sizeof(uint16_t));                       \
+        EACH_HEAD(__VA_ARGS__)                                                                         \
+        free(row_pair);                                                                                \
+    }
+
+PACK(pack_rows, {
+    for (int64_t r = 0; r < rows; r++)
+        round_row(head + r * x_row, r < valid_rows ? valid_dim : 0, dim, packed + r * dim);
+})
+
+PACK(pack_feature_pairs, {
+    uint32_t *pairs = (uint32_t *)packed, *block = (uint32_t *)row_pair; /* 16 rows' pairs */
+    for (int64_t r = 0; r < rows; r += 16) {
+        for (int64_t j = 0; j < 16; j++)
+            round_row(head + (r + j) * x_row, r + j < valid_rows ? valid_dim : 0, dim, row_pair + j * dim);
+        for (int64_t p = 0; p < dim / 2; p++)
+            for (int64_t j = 0; j < 16; j++)
+                pairs[p * rows + r + j] = block[j * dim / 2 + p];
+    }
+})
+
+PACK(pack_row_pairs, {
+    for (int64_t r = 0; r < rows; r += 2) {
+        round_row(head + r * x_row, r < valid_rows ? valid_dim : 0, dim, row_pair);
+        round_row(head + (r + 1) * x_row, r + 1 < valid_rows ? valid_dim : 0, dim, row_pair + dim);
+        for (int64_t c = 0; c < dim; c++) {
+            packed[(r / 2 * dim + c) * 2] = row_pair[c];
+            packed[(r / 2 * dim + c) * 2 + 1] = row_pair[dim + c];
+        }
+    }
+})
+
+void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t rows, int64_t keys, int64_t dim,
+                 int64_t valid_rows, int64_t valid_keys, int64_t valid_dim, float scale, int64_t per_batch,
+                 float *out, int64_t out_batch, int64_t out_head, int64_t out_row, int64_t first, int64_t last) {
+    float *scores = aligned_alloc(64, BLOCK * keys * sizeof(float));
+    uint16_t *probabilities = aligned_alloc(64, BLOCK * keys * sizeof(uint16_t));
+    float *values = aligned_alloc(64, BLOCK * dim * sizeof(float));
+    float sums[BLOCK];
+    const int64_t blocks = rows / BLOCK;
+    configure_tiles();
+    for (int64_t at = first; at < last; at++) {
+        const int64_t head = at / blocks, row = at % blocks * BLOCK;
+        const uint16_t *q_block = q + (head * rows + row) * dim;
+        const uint16_t *k_head = k + head * keys * dim, *v_head = v + head * keys * dim;
+        for (int64_t key = 0; key < keys; key += BLOCK)
+            product_block(q_block, dim * 2, k_head + key * 2, keys * 4, dim, scores + key, keys * 4);
+        for (int64_t r = 0; r < BLOCK; r++)
+            sums[r] = exponentials(scores + r * keys, keys, valid_keys, scale, probabilities + r * keys);
+        for (int64_t column = 0; column < dim; column += BLOCK)
+            product_block(probabilities, keys * 2, v_head + column * 2, dim * 4, keys, values + column, dim * 4);
+        float *o = out + head / per_batch * out_batch + head % per_batch * out_head;
+        for (int64_t r = 0; r < BLOCK && row + r < valid_rows; r++)
+            for (int64_t c = 0; c < valid_dim; c++)
+                o[(row + r) * out_row + c] = values[r * dim + c] / sums[r];
+    }
+    _tile_release();
+    free(scores);
+    free(probabilities);
+    free(values);
+}
+
+#else
+int attention_available(void) { return 0; }
+#endif
