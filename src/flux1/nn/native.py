@@ -167,6 +167,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.nd
     the sums in fp32 (`native_attention.c`); out fp32 [B, heads, q_tokens, head_dim], each row
     contiguous. The operands are rounded and laid out as AMX takes them, the heads split over the
     cores, then the heads' blocks of query rows."""
+    assert scale > 0  # the kernel's largest score is the largest scaled score
     batch, heads, queries, dim = q.shape
     keys = k.shape[2]
     padded = [-(-n // ATTENTION_BLOCK) * ATTENTION_BLOCK for n in (queries, keys, dim)]

@@ -1,9 +1,13 @@
-/* Attention, softmax(scale q k^T) v, a block of 32 query rows at a time with AMX tiles: the block's
- * scores q k^T (bf16 products, fp32 sums) into a buffer that stays in the cache, each row's
- * exponentials exp(scale s - scale max) rounded to bf16 (ties to even) and summed as rounded, then
- * their product with v divided by each row's sum: the probabilities are never written to memory.
- * Compiled for this CPU by nn/native.py; where the compiler was not targeting AMX-BF16 (and
- * AVX512-BF16), attention_available() says 0 and nothing else is built.
+/* Attention, softmax(scale q k^T) v, with AMX tiles, as flash attention computes it: for a group
+ * of up to 8 blocks of 32 query rows, the keys a chunk of 512 at a time (the chunk's k and v stay
+ * in the cache while every block of the group uses them); per block, the chunk's scores q k^T (bf16
+ * products, fp32 sums) into a buffer in the cache, each row's exponentials exp(scale s - scale m)
+ * rounded to bf16 (ties to even) and summed as rounded, m the row's largest score so far, then
+ * their product with v added to the block's output, which (with the sums) is first scaled by
+ * exp(scale (m_before - m)) where m grew. Each output row is finally divided by its sum: the
+ * probabilities are never written to memory. Compiled for this CPU by nn/native.py; where the
+ * compiler was not targeting AMX-BF16 (and AVX512-BF16), attention_available() says 0 and nothing
+ * else is built.
  *
  * Operands, bf16 bits, each head's rows, keys and head_dim padded with zeros to multiples of 32:
  * q [heads][rows][dim] row-major; k as AMX takes the right operand of q k^T, pairs of a key's
@@ -11,7 +15,7 @@
  * side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i at out + b * out_batch +
  * i * out_head, its rows out_row apart; only the first `valid_rows` x `valid_dim` are written, and
  * only the first `valid_keys` keys are attended to. [first, last) counts blocks of 32 rows over
- * all heads in order: the share of one core. */
+ * all heads in order: the share of one core. scale > 0. */
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
@@ -23,7 +27,9 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define BLOCK 32
+#define BLOCK 32  /* query rows, and the side of a product's block */
+#define GROUP 8   /* query blocks sharing each chunk of keys */
+#define CHUNK 512 /* keys at a time */
 
 int attention_available(void) {
     /* Linux hands out the tile registers' state only on request, once per process. */
@@ -48,14 +54,22 @@ static void configure_tiles(void) {
     _tile_loadconfig(&config);
 }
 
-/* out [32 x 32] (fp32, rows out_stride bytes apart) = a [32 x depth] @ b, a's rows a_stride bytes
- * apart, b given as pairs of rows [depth / 2][32][2], its rows b_stride bytes apart. */
+/* out [32 x 32] (fp32, rows out_stride bytes apart) = a [32 x depth] @ b, plus out if `accumulate`;
+ * a's rows a_stride bytes apart, b given as pairs of rows [depth / 2][32][2], its rows b_stride
+ * bytes apart. */
 static inline void product_block(const uint16_t *a, int64_t a_stride, const uint16_t *b, int64_t b_stride,
-                                 int64_t depth, float *out, int64_t out_stride) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+                                 int64_t depth, float *out, int64_t out_stride, int accumulate) {
+    if (accumulate) {
+        _tile_loadd(0, out, out_stride);
+        _tile_loadd(1, out + 16, out_stride);
+        _tile_loadd(2, (char *)out + 16 * out_stride, out_stride);
+        _tile_loadd(3, (char *)out + 16 * out_stride + 64, out_stride);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
     for (int64_t d = 0; d < depth; d += BLOCK) {
         _tile_loadd(4, a + d, a_stride);
         _tile_loadd(5, (const char *)(a + d) + 16 * a_stride, a_stride);
@@ -93,25 +107,32 @@ static inline __mmask16 valid_lanes(int64_t at, int64_t valid) {
     return at + 16 <= valid ? 0xFFFF : at < valid ? (__mmask16)((1u << (valid - at)) - 1) : 0;
 }
 
-/* probabilities [keys] (bf16) = exp(scale s - scale max s) over the first `valid` scores, 0 past
- * them (keys a multiple of 32); returns their sum as rounded. */
-static float exponentials(const float *scores, int64_t keys, int64_t valid, float scale, uint16_t *probabilities) {
-    __m512 largest = _mm512_set1_ps(-INFINITY);
+/* probabilities [keys] (bf16) = exp(scale s - scale m) over the first `valid` of a row's chunk of
+ * scores (keys a multiple of 32), 0 past them, m the larger of *largest (the row's largest score
+ * before the chunk) and the chunk's; *sum becomes *sum exp(scale (*largest - m)) plus their sum as
+ * rounded, *largest m. Returns exp(scale (*largest - m)), the factor of what came before. */
+static float exponentials(const float *scores, int64_t keys, int64_t valid, float scale, float *largest, float *sum,
+                          uint16_t *probabilities) {
+    __m512 chunk = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < valid; j += 16)
-        largest = _mm512_max_ps(largest, _mm512_mask_loadu_ps(largest, valid_lanes(j, valid), scores + j));
+        chunk = _mm512_max_ps(chunk, _mm512_mask_loadu_ps(chunk, valid_lanes(j, valid), scores + j));
+    const float m = fmaxf(*largest, _mm512_reduce_max_ps(chunk));
     const float factor = scale * 1.44269504088896341f; /* e^(scale s) = 2^(scale log2(e) s) */
-    const __m512 shift = _mm512_set1_ps(factor * _mm512_reduce_max_ps(largest)), by = _mm512_set1_ps(factor);
+    const float before = _mm512_cvtss_f32(exp2_nonpositive(_mm512_set1_ps(factor * (*largest - m))));
+    const __m512 shift = _mm512_set1_ps(factor * m), by = _mm512_set1_ps(factor);
     const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
-    __m512 sum = _mm512_setzero_ps();
+    __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < keys; j += 32) {
         const __m512 low = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j), by, shift));
         const __m512 high = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(scores + j + 16), by, shift));
         const __m512bh rounded = _mm512_cvtne2ps_pbh(_mm512_maskz_mov_ps(valid_lanes(j + 16, valid), high),
                                                      _mm512_maskz_mov_ps(valid_lanes(j, valid), low));
         _mm512_storeu_si512(probabilities + j, (__m512i)rounded);
-        sum = _mm512_dpbf16_ps(sum, rounded, ones);
+        total = _mm512_dpbf16_ps(total, rounded, ones);
     }
-    return _mm512_reduce_add_ps(sum);
+    *sum = *sum * before + _mm512_reduce_add_ps(total);
+    *largest = m;
+    return before;
 }
 
 /* out [n] (bf16) = x [valid] rounded to the nearest bf16 (ties to even), then zeros. */
@@ -172,26 +193,47 @@ PACK(pack_row_pairs, {
 void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t rows, int64_t keys, int64_t dim,
                  int64_t valid_rows, int64_t valid_keys, int64_t valid_dim, float scale, int64_t per_batch,
                  float *out, int64_t out_batch, int64_t out_head, int64_t out_row, int64_t first, int64_t last) {
-    float *scores = aligned_alloc(64, BLOCK * keys * sizeof(float));
-    uint16_t *probabilities = aligned_alloc(64, BLOCK * keys * sizeof(uint16_t));
-    float *values = aligned_alloc(64, BLOCK * dim * sizeof(float));
-    float sums[BLOCK];
+    float *scores = aligned_alloc(64, BLOCK * CHUNK * sizeof(float));
+    uint16_t *probabilities = aligned_alloc(64, BLOCK * CHUNK * sizeof(uint16_t));
+    float *values = aligned_alloc(64, GROUP * BLOCK * dim * sizeof(float));
+    float largest[GROUP * BLOCK], sums[GROUP * BLOCK];
     const int64_t blocks = rows / BLOCK;
     configure_tiles();
-    for (int64_t at = first; at < last; at++) {
+    for (int64_t at = first; at < last;) {
         const int64_t head = at / blocks, row = at % blocks * BLOCK;
-        const uint16_t *q_block = q + (head * rows + row) * dim;
+        int64_t count = last - at < GROUP ? last - at : GROUP; /* blocks of this head in the group */
+        count = blocks - at % blocks < count ? blocks - at % blocks : count;
         const uint16_t *k_head = k + head * keys * dim, *v_head = v + head * keys * dim;
-        for (int64_t key = 0; key < keys; key += BLOCK)
-            product_block(q_block, dim * 2, k_head + key * 2, keys * 4, dim, scores + key, keys * 4);
-        for (int64_t r = 0; r < BLOCK; r++)
-            sums[r] = exponentials(scores + r * keys, keys, valid_keys, scale, probabilities + r * keys);
-        for (int64_t column = 0; column < dim; column += BLOCK)
-            product_block(probabilities, keys * 2, v_head + column * 2, dim * 4, keys, values + column, dim * 4);
-        float *o = out + head / per_batch * out_batch + head % per_batch * out_head;
-        for (int64_t r = 0; r < BLOCK && row + r < valid_rows; r++)
+        for (int64_t r = 0; r < count * BLOCK; r++) {
+            largest[r] = -INFINITY;
+            sums[r] = 0.0f;
+        }
+        for (int64_t key = 0; key < keys; key += CHUNK) {
+            const int64_t width = keys - key < CHUNK ? keys - key : CHUNK;
+            const int64_t valid = valid_keys - key < width ? valid_keys - key : width;
+            for (int64_t b = 0; b < count; b++) {
+                const uint16_t *q_block = q + (head * rows + row + b * BLOCK) * dim;
+                float *values_block = values + b * BLOCK * dim;
+                for (int64_t j = 0; j < width; j += BLOCK)
+                    product_block(q_block, dim * 2, k_head + (key + j) * 2, keys * 4, dim, scores + j, CHUNK * 4, 0);
+                for (int64_t r = 0; r < BLOCK; r++) {
+                    const int64_t at_row = b * BLOCK + r;
+                    const float before = exponentials(scores + r * CHUNK, width, valid, scale, largest + at_row,
+                                                      sums + at_row, probabilities + r * CHUNK);
+                    if (key)
+                        for (int64_t c = 0; c < dim; c++)
+                            values_block[r * dim + c] *= before;
+                }
+                for (int64_t column = 0; column < dim; column += BLOCK)
+                    product_block(probabilities, CHUNK * 2, v_head + key * dim + column * 2, dim * 4, width,
+                                  values_block + column, dim * 4, key > 0);
+            }
+        }
+        float *o = out + head / per_batch * out_batch + head % per_batch * out_head + row * out_row;
+        for (int64_t r = 0; r < count * BLOCK && row + r < valid_rows; r++)
             for (int64_t c = 0; c < valid_dim; c++)
-                o[(row + r) * out_row + c] = values[r * dim + c] / sums[r];
+                o[r * out_row + c] = values[r * dim + c] / sums[r];
+        at += count;
     }
     _tile_release();
     free(scores);
