@@ -165,13 +165,20 @@ def test_attention_with_exponentials_in_the_product_equals_the_reference(monkeyp
 @needs_native_attention
 @pytest.mark.parametrize(
     ("shape", "keys", "magnitude"),
-    [((2, 3, 17, 8), 17, 1.0), ((1, 2, 45, 40), 70, 1.0), ((1, 2, 64, 128), 96, 8.0)],
+    [
+        ((2, 3, 17, 8), 17, 1.0),
+        ((1, 2, 45, 40), 70, 1.0),
+        ((1, 2, 64, 128), 96, 8.0),
+        ((1, 2, 300, 64), 2100, 4.0),
+    ],
 )
 def test_native_attention_equals_the_reference(monkeypatch, shape, keys, magnitude):
     """Whole heads in C (`native.attend`): q k^T and p v from bf16 in AMX tiles with fp32 sums, each
     row's exponentials rounded to bf16 and its output divided by their sum. Rows, keys and head_dim
     not multiples of 32 (padded with zeros), more keys than queries, peaked probabilities (q times
-    8: most exponentials underflow). Against the float64 attention of the bf16-rounded q, k, v with
+    8: most exponentials underflow), and keys in three chunks for groups of query blocks (2100 keys
+    for 300 rows: where a row's largest score grows from chunk to chunk, what came before is
+    rescaled). Against the float64 attention of the bf16-rounded q, k, v with
     unrounded probabilities: 3e-3 (2^-9 per probability, as for the exponentials in the product)
     and no further than the usual bf16 path (within 25%). The same on strided NumPy views (k and v
     slices of one projection, the output a transposed view, as the transformer's attention passes

@@ -1,5 +1,5 @@
 /* Attention, softmax(scale q k^T) v, with AMX tiles, as flash attention computes it: for a group
- * of up to 8 blocks of 32 query rows, the keys a chunk of 512 at a time (the chunk's k and v stay
+ * of up to 8 blocks of 32 query rows, the keys a chunk of 1024 at a time (the chunk's k and v stay
  * in the cache while every block of the group uses them); per block, the chunk's scores q k^T (bf16
  * products, fp32 sums) into a buffer in the cache, each row's exponentials exp(scale s - scale m)
  * rounded to bf16 (ties to even) and summed as rounded, m the row's largest score so far, then
@@ -29,7 +29,7 @@
 #define XFEATURE_XTILEDATA 18
 #define BLOCK 32  /* query rows, and the side of a product's block */
 #define GROUP 8   /* query blocks sharing each chunk of keys */
-#define CHUNK 512 /* keys at a time */
+#define CHUNK 1024 /* keys at a time */
 
 int attention_available(void) {
     /* Linux hands out the tile registers' state only on request, once per process. */
