@@ -30,6 +30,7 @@
 #define BLOCK 32  /* query rows, and the side of a product's block */
 #define GROUP 8   /* query blocks sharing each chunk of keys */
 #define CHUNK 1024 /* keys at a time */
+#define ROW (CHUNK + 32) /* a block's rows of scores and probabilities apart: not a power of 2 */
 
 int attention_available(void) {
     /* Linux hands out the tile registers' state only on request, once per process. */
@@ -193,8 +194,8 @@ PACK(pack_row_pairs, {
 void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t rows, int64_t keys, int64_t dim,
                  int64_t valid_rows, int64_t valid_keys, int64_t valid_dim, float scale, int64_t per_batch,
                  float *out, int64_t out_batch, int64_t out_head, int64_t out_row, int64_t first, int64_t last) {
-    float *scores = aligned_alloc(64, BLOCK * CHUNK * sizeof(float));
-    uint16_t *probabilities = aligned_alloc(64, BLOCK * CHUNK * sizeof(uint16_t));
+    float *scores = aligned_alloc(64, BLOCK * ROW * sizeof(float));
+    uint16_t *probabilities = aligned_alloc(64, BLOCK * ROW * sizeof(uint16_t));
     float *values = aligned_alloc(64, GROUP * BLOCK * dim * sizeof(float));
     float largest[GROUP * BLOCK], sums[GROUP * BLOCK];
     const int64_t blocks = rows / BLOCK;
@@ -215,17 +216,17 @@ void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_
                 const uint16_t *q_block = q + (head * rows + row + b * BLOCK) * dim;
                 float *values_block = values + b * BLOCK * dim;
                 for (int64_t j = 0; j < width; j += BLOCK)
-                    product_block(q_block, dim * 2, k_head + (key + j) * 2, keys * 4, dim, scores + j, CHUNK * 4, 0);
+                    product_block(q_block, dim * 2, k_head + (key + j) * 2, keys * 4, dim, scores + j, ROW * 4, 0);
                 for (int64_t r = 0; r < BLOCK; r++) {
                     const int64_t at_row = b * BLOCK + r;
-                    const float before = exponentials(scores + r * CHUNK, width, valid, scale, largest + at_row,
-                                                      sums + at_row, probabilities + r * CHUNK);
+                    const float before = exponentials(scores + r * ROW, width, valid, scale, largest + at_row,
+                                                      sums + at_row, probabilities + r * ROW);
                     if (key)
                         for (int64_t c = 0; c < dim; c++)
                             values_block[r * dim + c] *= before;
                 }
                 for (int64_t column = 0; column < dim; column += BLOCK)
-                    product_block(probabilities, CHUNK * 2, v_head + key * dim + column * 2, dim * 4, width,
+                    product_block(probabilities, ROW * 2, v_head + key * dim + column * 2, dim * 4, width,
                                   values_block + column, dim * 4, key > 0);
             }
         }
