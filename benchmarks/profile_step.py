@@ -84,6 +84,11 @@ def attention_flops(q: mx.array, k: mx.array, *_) -> float:
     return 4.0 * batch * heads * length * k.shape[2] * head_dim
 
 
+def rope_attention_flops(streams: list[tuple], heads: int, *_) -> float:
+    batch, tokens = streams[0][0].shape[0], sum(qkv.shape[1] for qkv, _, _ in streams)
+    return 4.0 * batch * tokens * tokens * streams[0][0].shape[2] // 3
+
+
 LINEAR, EXPANSION = "linear layers (+ bias, MLP GELU)", "  of which weight expansion"
 ATTENTION = "attention (q k^T, softmax, @ v)"
 
@@ -101,6 +106,11 @@ def instrument() -> None:
     heads = timed("q/k RMS norm + RoPE + head split", cpu_rope_attention.normed_rotated_heads)
     cpu_rope_attention.normed_rotated_heads = heads
     cpu_rope_attention.attend_heads = timed(ATTENTION, cpu_rope_attention.attend_heads, attention_flops)
+    # The native attention normalizes and rotates q and k as it packs them: timed as one.
+    native = timed(
+        "attention + q/k RMS norm + RoPE", cpu_rope_attention.native_rope_attention, rope_attention_flops
+    )
+    cpu_rope_attention.native_rope_attention = native
 
 
 def main() -> None:

@@ -87,13 +87,15 @@ needs_native_attention = pytest.mark.skipif(NATIVE_PAIR is None, reason="no C co
 
 @pytest.mark.parametrize("path", PATHS + ([cpu_attention.NATIVE] if NATIVE_PAIR else []))
 @pytest.mark.parametrize("lengths", [(13,), (5, 9)])
-def test_cpu_rope_attention_equals_mlx_graph(lengths, path):
+@pytest.mark.parametrize(("head_dim", "axes"), [(8, (2, 2, 4)), (40, (8, 16, 16))])
+def test_cpu_rope_attention_equals_mlx_graph(lengths, path, head_dim, axes):
     """FLUX's joint attention from the fused qkv projections (head split, q/k RMS norms, RoPE, merged
     heads) on the CPU kernels against MLX's graph of it on MLX's kernels: one stream (single blocks)
     and two (double blocks: text, then image), a batch of 2 with their own positions; the bounds of
     the attention test above. With bf16 GEMMs the output comes rounded to bf16, as the output
-    projections take it (2^-9 more, within the bound)."""
-    heads, head_dim = 3, 8
+    projections take it (2^-9 more, within the bound). The native attention normalizes and rotates
+    q and k itself as it packs them: a head_dim not a multiple of 16 there too."""
+    heads = 3
     streams = []
     for i, length in enumerate(lengths):
         qkv = 2 * mx.random.normal((2, length, 3 * heads * head_dim), key=mx.random.key(20 + i))
@@ -103,7 +105,7 @@ def test_cpu_rope_attention_equals_mlx_graph(lengths, path):
         )
         streams.append((qkv, norm))
     ids = mx.random.randint(0, 64, (2, sum(lengths), 3), key=mx.random.key(40))
-    rope = rope_frequencies(ids, (2, 2, 4), 10000.0)
+    rope = rope_frequencies(ids, axes, 10000.0)
     with backend.use("mlx"):
         expected = joint_attention(streams, heads, rope)
     with cpu_plan.use(path):

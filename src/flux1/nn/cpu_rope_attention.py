@@ -5,7 +5,8 @@ over memory per operation on one core, several of them transposing copies. Here 
 read in place, a block of tokens at a time (all heads) normalized and rotated while in the cache (the
 pairs a RoPE rotates are complex numbers: one complex product) and written head by head, the tokens
 split over the cores; each head's attention writes its columns of the merged [B, tokens, heads *
-head_dim] output.
+head_dim] output. Where the plan takes the native attention, its packing kernels normalize and
+rotate q and k themselves as they round them to bf16, straight from the projections.
 """
 
 import itertools
@@ -13,7 +14,10 @@ import itertools
 import mlx.core as mx
 import numpy as np
 
+from flux1 import cpu_plan
+from flux1.nn import native
 from flux1.nn.attention import attend_heads
+from flux1.nn.cpu_attention import NATIVE
 from flux1.nn.cpu_linear import gemm_input
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
 
@@ -23,11 +27,37 @@ def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.arra
     head_dim], q norm scale [head_dim], k norm scale [head_dim]) in token order; cos and sin [B, 1,
     L, head_dim / 2] for the L = sum L_i tokens. Returns [B, L, heads * head_dim] for FLUX's output
     projections: fp32, or with bf16 GEMMs rounded to bf16 as they take it."""
-    q, k, v = normed_rotated_heads(streams, heads, cos, sin, eps)
-    batch, _, tokens, head_dim = q.shape
+    batch, tokens = streams[0][0].shape[0], sum(qkv.shape[1] for qkv, _, _ in streams)
+    head_dim = streams[0][0].shape[2] // (3 * heads)
     out = np.empty((batch, tokens, heads, head_dim), np.float32)
-    attend_heads(q, k, v, head_dim**-0.5, None, out.transpose(0, 2, 1, 3))  # [b, h]: a head's columns
+    if cpu_plan.active("attention")[0].name == NATIVE:
+        native_rope_attention(streams, heads, cos, sin, eps, out.transpose(0, 2, 1, 3))
+    else:
+        q, k, v = normed_rotated_heads(streams, heads, cos, sin, eps)
+        attend_heads(q, k, v, head_dim**-0.5, None, out.transpose(0, 2, 1, 3))  # [b, h]: a head's columns
     return gemm_input(out.reshape(batch, tokens, heads * head_dim))
+
+
+def native_rope_attention(
+    streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float, out
+) -> None:
+    """`rope_attention` through the native kernel, into out [B, heads, L, head_dim]: q and k normed
+    and rotated as the kernel rounds them to bf16 from the projections (`native.source`), v read
+    from them as it is."""
+    sources = {"q": [], "k": [], "v": []}
+    rope = [np.ascontiguousarray(as_float32(a)[:, 0]) for a in (cos, sin)]  # [B, L, head_dim / 2]
+    first = 0
+    for qkv, q_scale, k_scale in streams:
+        projection = as_numpy(qkv.astype(mx.float32))
+        batch, length = projection.shape[:2]
+        parts = projection.reshape(batch, length, 3, heads, -1).transpose(
+            2, 0, 3, 1, 4
+        )  # [qkv, B, h, L_i, d]
+        sources["q"].append(native.source(parts[0], first, (as_float32(q_scale), *rope, eps)))
+        sources["k"].append(native.source(parts[1], first, (as_float32(k_scale), *rope, eps)))
+        sources["v"].append(native.source(parts[2], first))
+        first += length
+    native.attend_sources(sources["q"], sources["k"], sources["v"], first, out.shape[-1] ** -0.5, out)
 
 
 def normed_rotated_heads(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float):

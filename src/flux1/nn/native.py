@@ -95,7 +95,7 @@ def library() -> ctypes.CDLL | None:
         getattr(kernels, f"expand_{kind}_{dtype}").argtypes = [_P, _I, _I, _P]
     if kernels.attention_available():
         for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
-            getattr(kernels, name).argtypes = [_P] + [_I] * 8 + [_P, _I, _I]
+            getattr(kernels, name).argtypes = [ctypes.POINTER(Source), _I, _I, _I, _P, _I, _I]
         kernels.attend_bf16.argtypes = [_P] * 3 + [_I] * 6 + [ctypes.c_float, _I, _P] + [_I] * 5
     return kernels
 
@@ -161,26 +161,64 @@ def attention_available() -> bool:
     return kernels is not None and bool(kernels.attention_available())
 
 
+class Source(ctypes.Structure):
+    """Rows [begin, end) of each head of one of `attend_sources`' operands (`native_attention.c`'s
+    struct source): from fp32 x [B, heads, tokens, features], each row's features contiguous; with
+    `scale`, RMS-normed (eps), times scale and rotated by cos + i sin [B or 1, rows, features / 2]."""
+
+    _fields_ = [
+        ("x", _P), ("per_batch", _I), ("batch", _I), ("head", _I), ("row", _I), ("features", _I),
+        ("begin", _I), ("end", _I), ("scale", _P), ("cos", _P), ("sin", _P), ("rope_batch", _I),
+        ("eps", ctypes.c_float),
+    ]  # fmt: skip
+
+
+def source(x: np.ndarray, begin: int = 0, norm: tuple | None = None) -> tuple[Source, tuple]:
+    """(x's rows as rows begin.. of an operand, the arrays it points into: keep them while it is used);
+    norm: (scale [features], cos, sin [B or 1, rows, features / 2], eps), all fp32."""
+    if x.dtype != np.float32 or x.strides[3] != 4:
+        x = np.ascontiguousarray(x, np.float32)
+    batch, heads, tokens, features = x.shape
+    strides = [stride // 4 for stride in x.strides[:3]]
+    kept = (x,)
+    rope = (None, None, None, 0, 0.0)
+    if norm is not None:
+        scale, cos, sin, eps = norm
+        scale, cos, sin = (np.ascontiguousarray(a, np.float32) for a in (scale, cos, sin))
+        kept += (scale, cos, sin)
+        rope_batch = cos[0].size if len(cos) > 1 else 0
+        rope = (scale.ctypes.data, cos.ctypes.data, sin.ctypes.data, rope_batch, eps)
+    made = Source(
+        x.ctypes.data, heads, strides[0], strides[1], strides[2], features, begin, begin + tokens, *rope
+    )
+    return made, kept
+
+
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray) -> None:
     """out[b, h] = softmax(scale q k^T) v for fp32 q, k, v [B, heads, tokens, head_dim] (any strides;
-    each row's features contiguous, or copied so), the products' inputs and the probabilities in bf16,
-    the sums in fp32 (`native_attention.c`); out fp32 [B, heads, q_tokens, head_dim], each row
-    contiguous. The operands are rounded and laid out as AMX takes them, the heads split over the
-    cores, then the heads' blocks of query rows."""
+    each row's features contiguous, or copied so): `attend_sources` of them."""
+    attend_sources([source(q)], [source(k)], [source(v)], k.shape[2], scale, out)
+
+
+def attend_sources(q: list, k: list, v: list, keys: int, scale: float, out: np.ndarray) -> None:
+    """out[b, h] = softmax(scale q k^T) v, q, k and v given as `source`s of their rows (k and v: `keys`
+    rows), the products' inputs and the probabilities in bf16, the sums in fp32
+    (`native_attention.c`); out fp32 [B, heads, q_tokens, head_dim], each row contiguous. The
+    operands are rounded and laid out as AMX takes them (normed and rotated where their source
+    says), the heads split over the cores, then the heads' blocks of query rows."""
     assert scale > 0  # the kernel's largest score is the largest scaled score
-    batch, heads, queries, dim = q.shape
-    keys = k.shape[2]
+    assert out.dtype == np.float32 and out.strides[3] == 4
+    batch, heads, queries, dim = out.shape
     padded = [-(-n // ATTENTION_BLOCK) * ATTENTION_BLOCK for n in (queries, keys, dim)]
     kernels = library()
     q_in, k_in, v_in = (
-        _packed(pack, x, rows, padded[2])
-        for pack, x, rows in (
+        _packed(pack, sources, batch * heads, rows, padded[2])
+        for pack, sources, rows in (
             (kernels.pack_rows, q, padded[0]),
             (kernels.pack_feature_pairs, k, padded[1]),
             (kernels.pack_row_pairs, v, padded[1]),
         )
     )
-    assert out.dtype == np.float32 and out.shape == q.shape and out.strides[3] == 4
     strides = [stride // 4 for stride in out.strides[:3]]
 
     def blocks(first: int, last: int) -> None:
@@ -190,17 +228,10 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.nd
     in_parallel(blocks, batch * heads * padded[0] // ATTENTION_BLOCK)
 
 
-def _packed(pack, x: np.ndarray, rows: int, dim: int) -> np.ndarray:
-    """x [B, heads, tokens, head_dim] (fp32) through one of the attention's packing kernels, each
-    head padded to rows x dim: [B, heads, rows, dim] bf16 bits, in the kernel's layout."""
-    if x.dtype != np.float32 or x.strides[3] != 4:
-        x = np.ascontiguousarray(x, np.float32)
-    batch, heads, tokens, features = x.shape
-    out = np.empty((batch, heads, rows, dim), np.uint16)
-    strides = [stride // 4 for stride in x.strides[:3]]
-
-    def each(first: int, last: int) -> None:
-        pack(x.ctypes.data, heads, *strides, tokens, features, rows, dim, out.ctypes.data, first, last)
-
-    in_parallel(each, batch * heads)
+def _packed(pack, sources: list, heads: int, rows: int, dim: int) -> np.ndarray:
+    """An operand from its `source`s through one of the attention's packing kernels, each of the
+    `heads` padded to rows x dim: [heads, rows, dim] bf16 bits, in the kernel's layout."""
+    made = (Source * len(sources))(*(made for made, _ in sources))
+    out = np.empty((heads, rows, dim), np.uint16)
+    in_parallel(lambda first, last: pack(made, len(sources), rows, dim, out.ctypes.data, first, last), heads)
     return out

@@ -9,16 +9,18 @@
  * compiler was not targeting AMX-BF16 (and AVX512-BF16), attention_available() says 0 and nothing
  * else is built.
  *
- * Operands, bf16 bits, each head's rows, keys and head_dim padded with zeros to multiples of 32:
- * q [heads][rows][dim] row-major; k as AMX takes the right operand of q k^T, pairs of a key's
- * features side by side: [heads][dim / 2][keys][2]; v likewise for p v, pairs of keys side by
- * side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i at out + b * out_batch +
+ * Operands, bf16 bits, each head's rows, keys and head_dim padded with zeros to multiples of 32
+ * (made by pack_rows, pack_feature_pairs and pack_row_pairs from fp32 rows, q and k normed and
+ * rotated on the way for FLUX): q [heads][rows][dim] row-major; k as AMX takes the right operand
+ * of q k^T, pairs of a key's features side by side: [heads][dim / 2][keys][2]; v likewise for p v,
+ * pairs of keys side by side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i at out + b * out_batch +
  * i * out_head, its rows out_row apart; only the first `valid_rows` x `valid_dim` are written, and
  * only the first `valid_keys` keys are attended to. [first, last) counts blocks of 32 rows over
  * all heads in order: the share of one core. scale > 0. */
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -144,50 +146,92 @@ static void round_row(const float *x, int64_t valid, int64_t n, uint16_t *out) {
     }
 }
 
-/* The operands of attend_bf16 from fp32 x, head h = b * per_batch + i at x + b * x_batch + i *
- * x_head, its rows x_row apart, `valid_rows` x `valid_dim` of them, padded with zeros to `rows` x
- * `dim` (multiples of 32), heads [first, last): as they are (q), with each row's pairs of features
- * side by side (k), or with each pair of rows' values side by side (v). */
-#define EACH_HEAD(...)                                                                                \
-    for (int64_t h = first; h < last; h++) {                                                           \
-        const float *head = x + h / per_batch * x_batch + h % per_batch * x_head;                      \
-        uint16_t *packed = out + h * rows * dim;                                                       \
-        __VA_ARGS__                                                                                    \
+/* Rows [begin, end) of each head's operand for attend_bf16: row r of head h = b * per_batch + i
+ * from x + b * batch + i * head + (r - begin) * row (fp32, `features` of them, zeros after). Where
+ * `scale` is given, RMS-normed first (eps), times scale, and rotated as RoPE rotates them: the
+ * features' pairs (2j, 2j + 1) as complex numbers times cos + i sin, cos and sin [B][rows][features
+ * / 2] (batch `rope_batch` apart, 0 for one for all), as nn/cpu_rope_attention.py computes it. */
+struct source {
+    const float *x;
+    int64_t per_batch, batch, head, row, features, begin, end;
+    const float *scale, *cos, *sin;
+    int64_t rope_batch;
+    float eps;
+};
+
+/* out [dim] (bf16) = row r of head h of the source. */
+static void source_row(const struct source *s, int64_t h, int64_t r, int64_t dim, uint16_t *out) {
+    const int64_t b = h / s->per_batch;
+    const float *x = s->x + b * s->batch + h % s->per_batch * s->head + (r - s->begin) * s->row;
+    if (s->scale == NULL) {
+        round_row(x, s->features, dim, out);
+        return;
     }
-
-#define PACK(name, ...)                                                                               \
-    void name(const float *x, int64_t per_batch, int64_t x_batch, int64_t x_head, int64_t x_row,       \
-              int64_t valid_rows, int64_t valid_dim, int64_t rows, int64_t dim, uint16_t *out,         \
-              int64_t first, int64_t last) {                                                           \
-        uint16_t *row_pair = aligned_alloc(64, 2 * 16 * dim * sizeof(uint16_t));                       \
-        EACH_HEAD(__VA_ARGS__)                                                                         \
-        free(row_pair);                                                                                \
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t j = 0; j < s->features; j += 16) {
+        const __m512 values = _mm512_maskz_loadu_ps(valid_lanes(j, s->features), x + j);
+        squares = _mm512_add_ps(squares, _mm512_mul_ps(values, values));
     }
-
-PACK(pack_rows, {
-    for (int64_t r = 0; r < rows; r++)
-        round_row(head + r * x_row, r < valid_rows ? valid_dim : 0, dim, packed + r * dim);
-})
-
-PACK(pack_feature_pairs, {
-    uint32_t *pairs = (uint32_t *)packed, *block = (uint32_t *)row_pair; /* 16 rows' pairs */
-    for (int64_t r = 0; r < rows; r += 16) {
-        for (int64_t j = 0; j < 16; j++)
-            round_row(head + (r + j) * x_row, r + j < valid_rows ? valid_dim : 0, dim, row_pair + j * dim);
-        for (int64_t p = 0; p < dim / 2; p++)
-            for (int64_t j = 0; j < 16; j++)
-                pairs[p * rows + r + j] = block[j * dim / 2 + p];
+    const float mean_square = _mm512_reduce_add_ps(squares) / s->features + s->eps;
+    const __m512 inverse = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean_square))));
+    const float *cos = s->cos + b * s->rope_batch + r * (s->features / 2), *sin = s->sin + (cos - s->cos);
+    const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    for (int64_t j = 0; j < dim; j += 16) { /* 8 pairs (a, b) -> (a cos - b sin, b cos + a sin) */
+        const __mmask16 valid = valid_lanes(j, s->features);
+        const __mmask8 pairs = (__mmask8)_pext_u32(valid, 0x5555);
+        const __m512 c = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(pairs, cos + j / 2)));
+        const __m512 t = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(pairs, sin + j / 2)));
+        const __m512 signed_sin = _mm512_mask_sub_ps(t, 0x5555, _mm512_setzero_ps(), t);
+        __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, x + j), _mm512_maskz_loadu_ps(valid, s->scale + j));
+        y = _mm512_mul_ps(y, inverse);
+        const __m512 rotated = _mm512_add_ps(_mm512_mul_ps(y, c), _mm512_mul_ps(_mm512_permute_ps(y, 0xB1), signed_sin));
+        _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(rotated));
     }
-})
+}
 
-PACK(pack_row_pairs, {
-    for (int64_t r = 0; r < rows; r += 2) {
-        round_row(head + r * x_row, r < valid_rows ? valid_dim : 0, dim, row_pair);
-        round_row(head + (r + 1) * x_row, r + 1 < valid_rows ? valid_dim : 0, dim, row_pair + dim);
-        for (int64_t c = 0; c < dim; c++) {
-            packed[(r / 2 * dim + c) * 2] = row_pair[c];
-            packed[(r / 2 * dim + c) * 2 + 1] = row_pair[dim + c];
+/* out [dim] (bf16) = row r of head h from the source that has it, or zeros (padding). */
+static void operand_row(const struct source *sources, int64_t count, int64_t h, int64_t r, int64_t dim,
+                        uint16_t *out) {
+    for (int64_t i = 0; i < count; i++)
+        if (sources[i].begin <= r && r < sources[i].end) {
+            source_row(sources + i, h, r, dim, out);
+            return;
         }
+    memset(out, 0, dim * sizeof(uint16_t));
+}
+
+/* Heads [first, last) of an operand of attend_bf16 from `count` sources (rows no source has are
+ * zeros) into out [heads][rows][dim] (multiples of 32), laid out as attend_bf16 takes them: as they
+ * are (q), with each row's pairs of features side by side (k), or with each pair of rows' values
+ * side by side (v). */
+#define PACK(name, step, ...)                                                                          \
+    void name(const struct source *sources, int64_t count, int64_t rows, int64_t dim, uint16_t *out,      \
+              int64_t first, int64_t last) {                                                              \
+        uint16_t *block = aligned_alloc(64, step * dim * sizeof(uint16_t)); /* `step` rows */             \
+        for (int64_t h = first; h < last; h++) {                                                          \
+            uint16_t *packed = out + h * rows * dim;                                                      \
+            for (int64_t r = 0; r < rows; r += step) {                                                    \
+                for (int64_t j = 0; j < step; j++)                                                        \
+                    operand_row(sources, count, h, r + j, dim, block + j * dim);                          \
+                __VA_ARGS__                                                                               \
+            }                                                                                             \
+        }                                                                                                 \
+        free(block);                                                                                      \
+    }
+
+PACK(pack_rows, 1, memcpy(packed + r * dim, block, dim * sizeof(uint16_t));)
+
+PACK(pack_feature_pairs, 16, {
+    uint32_t *pairs = (uint32_t *)packed;
+    for (int64_t p = 0; p < dim / 2; p++)
+        for (int64_t j = 0; j < 16; j++)
+            pairs[p * rows + r + j] = ((const uint32_t *)block)[j * dim / 2 + p];
+})
+
+PACK(pack_row_pairs, 2, {
+    for (int64_t c = 0; c < dim; c++) {
+        packed[(r / 2 * dim + c) * 2] = block[c];
+        packed[(r / 2 * dim + c) * 2 + 1] = block[dim + c];
     }
 })
 
