@@ -1,9 +1,10 @@
-"""Small C kernels (`native_expansion.c`, `native_attention.c`) compiled for this CPU on first use, where a C compiler is
-installed (`$CC`, else `cc`), and kept in flux1's cache folder under a name made from everything the
-machine code depends on (the source, the compiler's version, the flags, the CPU model and its
-instruction sets: a home folder shared by different CPUs gets one build per CPU). Where there is no
-compiler, or the build fails (with a warning), they are simply not offered: the CPU plan measures
-only what is available (`cpu_expansion.expansion_paths`, `cpu_attention.native_pair`).
+"""Small C kernels (`native_expansion.c`, `native_attention.c`) compiled for this CPU on first use,
+where a C compiler is installed (`$CC`, else `cc`), and kept in flux1's cache folder under a name
+made from everything the machine code depends on (the sources, the compiler's version, the flags,
+the CPU model and its instruction sets: a home folder shared by different CPUs gets one build per
+CPU). Where there is no compiler, or the build fails (with a warning), they are simply not offered:
+the CPU plan measures only what is available (`cpu_expansion.expansion_paths`,
+`cpu_attention.native_pair`).
 
 One pass of compiled code over a quantized weight (codes to values and values to bf16 together,
 vectorized for this CPU) where NumPy needs several and oneDNN two (`cpu_expansion.py`); and, where
@@ -113,9 +114,8 @@ def _build(compiler_path: str, built: Path) -> None:
             timeout=300,
         )
         if result.returncode:
-            raise RuntimeError(
-                f"{compiler_path} failed on {' and '.join(source.name for source in SOURCES)}: {result.stderr.strip()[-500:]}"
-            )
+            names = " and ".join(source.name for source in SOURCES)
+            raise RuntimeError(f"{compiler_path} failed on {names}: {result.stderr.strip()[-500:]}")
         os.replace(partial, built)
     finally:
         if os.path.exists(partial):

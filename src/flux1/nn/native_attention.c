@@ -13,12 +13,12 @@
  * (made by pack_rows, pack_feature_pairs and pack_row_pairs from fp32 rows, q and k normed and
  * rotated on the way for FLUX): q [heads][rows][dim] row-major; k as AMX takes the right operand
  * of q k^T, pairs of a key's features side by side: [heads][dim / 2][keys][2]; v likewise for p v,
- * pairs of keys side by side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i at out + b * out_batch +
- * i * out_head, its rows out_row apart; only the first `valid_rows` x `valid_dim` are written, and
- * only the first `valid_keys` keys are attended to. [first, last) counts blocks of 32 rows over
+ * pairs of keys side by side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i
+ * at out + b * out_batch + i * out_head, its rows out_row apart; only the first `valid_rows` x
+ * `valid_dim` are written, and only the first `valid_keys` keys are attended to. [first, last) counts blocks of 32 rows over
  * all heads in order: the share of one core. scale > 0. */
-#include <stdint.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -119,7 +119,7 @@ static float exponentials(const float *scores, int64_t keys, int64_t valid, floa
     __m512 chunk = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < valid; j += 16)
         chunk = _mm512_max_ps(chunk, _mm512_mask_loadu_ps(chunk, valid_lanes(j, valid), scores + j));
-    const float m = fmaxf(*largest, _mm512_reduce_max_ps(chunk));
+    const float chunk_largest = _mm512_reduce_max_ps(chunk), m = chunk_largest > *largest ? chunk_largest : *largest;
     const float factor = scale * 1.44269504088896341f; /* e^(scale s) = 2^(scale log2(e) s) */
     const float before = _mm512_cvtss_f32(exp2_nonpositive(_mm512_set1_ps(factor * (*largest - m))));
     const __m512 shift = _mm512_set1_ps(factor * m), by = _mm512_set1_ps(factor);
