@@ -4,7 +4,7 @@ The plan chooses among the libraries flux1 loads (NumPy's BLAS, MKL, oneDNN from
 implementations run on torch, which bundles its own oneDNN. This prints, shape by shape, the GFLOP/s
 of each (the operands already in the product's dtype: the pure product, no rounding or bias), and one
 head of attention each way: flux1's (`attend_heads` through the plan's pair of GEMM paths, and where
-it runs, the native kernel: a head's average over all heads of a layer) and torch's
+they run, each native kernel: a head's average over all heads of a layer) and torch's
 `scaled_dot_product_attention`. torch runs in a child process (its
 own OpenMP runtime, as in compare.py), with as many threads as there are cores.
 
@@ -99,13 +99,15 @@ def flux1_rates(size: int, text_tokens: int, repeats: int) -> tuple[dict, list[s
     q, k, v = (rng.standard_normal((1, HEADS, tokens, HEAD_DIM), np.float32) for _ in range(3))
     out = np.empty_like(q)
     bf16 = any(p.dtype == "bf16" for p in available_paths().values())
-    for precision in ["fp32"] + ["bf16"] * bf16 + [NATIVE] * (NATIVE in cpu_plan.attention_pairs()):
-        gemm_pair = precision != NATIVE
+    for precision in (
+        ["fp32"] + ["bf16"] * bf16 + [name for name in NATIVE if name in cpu_plan.attention_pairs()]
+    ):
+        gemm_pair = precision not in NATIVE
         with cpu_plan.use(precision):
             pair = " + ".join(p.name for p in cpu_plan.active("attention", gemm_pair))
             attend = partial(attend_heads, q, k, v, HEAD_DIM**-0.5, None, out, gemm_pair)
             seconds = best_seconds(attend, repeats)
-        name = f"flux1 attention {precision} ({pair})" if gemm_pair else f"flux1 attention ({NATIVE})"
+        name = f"flux1 attention {precision} ({pair})" if gemm_pair else f"flux1 attention ({precision})"
         rates[f"{name}|attention head"] = 4.0 * HEADS * tokens * tokens * HEAD_DIM / seconds / 1e9
         names.append(name)
     return rates, names, sorted({path.library for path in available_paths().values()})

@@ -81,11 +81,10 @@ def test_cpu_attention_equals_mlx_kernel(with_mask, path, scores_values, monkeyp
     assert blocks == ([5, 5, 5, 2] * 6 if scores_values else [])
 
 
-NATIVE_PAIR = cpu_attention.native_pair()
-needs_native_attention = pytest.mark.skipif(NATIVE_PAIR is None, reason="no C compiler, or no AMX-BF16 here")
+NATIVE_PAIRS = cpu_attention.native_pairs()  # each native attention kernel that runs here
 
 
-@pytest.mark.parametrize("path", PATHS + ([cpu_attention.NATIVE] if NATIVE_PAIR else []))
+@pytest.mark.parametrize("path", PATHS + list(NATIVE_PAIRS))
 @pytest.mark.parametrize("lengths", [(13,), (5, 9)])
 @pytest.mark.parametrize(("head_dim", "axes"), [(8, (2, 2, 4)), (40, (8, 16, 16))])
 def test_cpu_rope_attention_equals_mlx_graph(lengths, path, head_dim, axes):
@@ -111,8 +110,9 @@ def test_cpu_rope_attention_equals_mlx_graph(lengths, path, head_dim, axes):
     with cpu_plan.use(path):
         got = joint_attention(streams, heads, rope)
     assert got.shape == expected.shape == (2, sum(lengths), heads * head_dim)
-    assert got.dtype == (mx.bfloat16 if path.endswith("bf16") else mx.float32)
-    assert relative_error(got.astype(mx.float32), expected) < (8e-3 if path.endswith("bf16") else 1e-5)
+    bf16 = "bf16" in path  # a bf16 GEMM path's name, or a native kernel's
+    assert got.dtype == (mx.bfloat16 if bf16 else mx.float32)
+    assert relative_error(got.astype(mx.float32), expected) < (8e-3 if bf16 else 1e-5)
 
 
 FUSED_PAIR = next((pair for name, pair in cpu_plan.attention_pairs().items() if EXP_FUSED in name), None)
@@ -127,7 +127,7 @@ def with_attention_pair(monkeypatch, pair) -> None:
         "active",
         lambda kind="linear", gemm_pair=False: (
             pair
-            if kind == "attention" and not (gemm_pair and pair == NATIVE_PAIR)
+            if kind == "attention" and not (gemm_pair and pair[0].name in cpu_attention.NATIVE)
             else active(kind, gemm_pair)
         ),
     )
@@ -164,7 +164,9 @@ def test_attention_with_exponentials_in_the_product_equals_the_reference(monkeyp
     assert fused == []
 
 
-@needs_native_attention
+@pytest.mark.parametrize(
+    "name", list(NATIVE_PAIRS) or [pytest.param("-", marks=pytest.mark.skip("no native attention here"))]
+)
 @pytest.mark.parametrize(
     ("shape", "keys", "magnitude"),
     [
@@ -174,8 +176,9 @@ def test_attention_with_exponentials_in_the_product_equals_the_reference(monkeyp
         ((1, 2, 300, 64), 2100, 4.0),
     ],
 )
-def test_native_attention_equals_the_reference(monkeypatch, shape, keys, magnitude):
-    """Whole heads in C (`native.attend`): q k^T and p v from bf16 in AMX tiles with fp32 sums, each
+def test_native_attention_equals_the_reference(monkeypatch, name, shape, keys, magnitude):
+    """Whole heads in C (`native.attend`), each kernel that runs here (AMX tiles, AVX512-BF16 vectors;
+    a compiler without AMX, or without AVX512-BF16, builds fewer): q k^T and p v from bf16 with fp32 sums, each
     row's exponentials rounded to bf16 and its output divided by their sum. Rows, keys and head_dim
     not multiples of 32 (padded with zeros), more keys than queries, peaked probabilities (q times
     8: most exponentials underflow), and keys in three chunks for groups of query blocks (2100 keys
@@ -188,7 +191,8 @@ def test_native_attention_equals_the_reference(monkeypatch, shape, keys, magnitu
     batch, heads, queries, dim = shape
     q = magnitude * mx.random.normal(shape, key=mx.random.key(0))
     k, v = (mx.random.normal((batch, heads, keys, dim), key=mx.random.key(i)) for i in (1, 2))
-    with_attention_pair(monkeypatch, NATIVE_PAIR)
+    cpu_plan.plan()  # measured (where it is not cached) before the kernel's calls are counted
+    with_attention_pair(monkeypatch, NATIVE_PAIRS[name])
     attend = native.attend
     calls = []
     monkeypatch.setattr(native, "attend", lambda *a: calls.append(a[0].shape) or attend(*a))
@@ -203,10 +207,13 @@ def test_native_attention_equals_the_reference(monkeypatch, shape, keys, magnitu
 
     projection = np.stack([np.array(k), np.array(v)], axis=3)  # [b, h, keys, 2, d]: k and v strided
     out = np.full((batch, queries, heads, dim), np.nan, np.float32)
-    attend(np.array(q), projection[:, :, :, 0], projection[:, :, :, 1], 0.3, out.transpose(0, 2, 1, 3))
+    kernel = cpu_attention.NATIVE[name]
+    attend(
+        np.array(q), projection[:, :, :, 0], projection[:, :, :, 1], 0.3, out.transpose(0, 2, 1, 3), kernel
+    )
     assert np.array_equal(out.transpose(0, 2, 1, 3), np.array(got))
 
-    with_attention_pair(monkeypatch, NATIVE_PAIR)
+    with_attention_pair(monkeypatch, NATIVE_PAIRS[name])
     mask = mx.random.normal((1, heads, queries, keys), key=mx.random.key(9))
     assert relative_error(attention(q, k, v, 0.3, mask), reference_attention(q, k, v, 0.3, mask, True)) < 1e-3
     assert calls == [shape]

@@ -188,6 +188,17 @@ def test_candidates_are_timed_in_turn_so_a_slow_spell_slows_them_alike(monkeypat
     assert best == {"a": pytest.approx(1.0), "b": pytest.approx(1.2)}
 
 
+def test_a_call_below_half_the_best_rate_is_not_timed_again(monkeypatch):
+    """Given the work of each call: b (a third of a's rate after the first round) is timed once, c
+    (two thirds of a's, the same work in 1.5 s) every round."""
+    clock = SlowSpellClock(spell_ends=0.0)
+    monkeypatch.setattr(cpu_plan, "time", clock)
+    calls = {"a": clock.call("a", 1.0), "b": clock.call("b", 3.0), "c": clock.call("c", 1.5)}
+    best = cpu_plan._interleaved(calls, rounds=3, warm_up=False, work=dict.fromkeys(calls, 1.0))
+    assert clock.order == ["a", "b", "c", "a", "c", "a", "c"]
+    assert best == {"a": 1.0, "b": 3.0, "c": 1.5}
+
+
 def test_no_round_starts_that_would_end_past_the_deadline(monkeypatch):
     clock = SlowSpellClock(spell_ends=0.0)
     monkeypatch.setattr(cpu_plan, "time", clock)
@@ -233,7 +244,7 @@ def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     convolution = {name: rates.get(name, min(rates.values()) / 2) for name in CONVOLUTION_PATHS}
     pairs = {
         name: min(rates[s.name.removesuffix(EXP_FUSED)], rates[v.name])
-        if name != NATIVE
+        if name not in NATIVE
         else min(rates.values()) / 2
         for name, (s, v) in cpu_plan.attention_pairs().items()
     }
@@ -333,24 +344,27 @@ def test_attention_with_exponentials_in_the_product_is_a_candidate_named_in_the_
         assert "; attention: q k^T and its exponentials bf16 through oneDNN" in cpu_plan.describe()
 
 
-@pytest.mark.skipif(NATIVE not in cpu_plan.attention_pairs(), reason="no C compiler, or no AMX-BF16 here")
-def test_native_attention_is_a_candidate_taken_without_a_mask_and_named_in_the_record(fresh_plan):
-    """Measured on a layer's heads; taken where fastest, and named; where a mask or the gradients
-    need a pair of GEMMs, the fastest of those."""
+@pytest.mark.parametrize("native", [name for name in NATIVE if name in cpu_plan.attention_pairs()])
+def test_native_attention_is_a_candidate_taken_without_a_mask_and_named_in_the_record(fresh_plan, native):
+    """Each native kernel that runs here: measured on a layer's heads; taken where fastest, and
+    named; where a mask or the gradients need a pair of GEMMs, the fastest of those."""
     pairs = cpu_plan.attention_pairs()
-    assert pairs[NATIVE][0].dtype == pairs[NATIVE][1].dtype == "bf16"
-    assert cpu_plan.plan().rates["attention"][NATIVE] > 0
-    second = next(name for name, (scores, _) in pairs.items() if scores.dtype == "bf16" and name != NATIVE)
+    assert pairs[native][0].dtype == pairs[native][1].dtype == "bf16"
+    assert cpu_plan.plan().rates["attention"][native] > 0
+    second = next(
+        name for name, (scores, _) in pairs.items() if scores.dtype == "bf16" and name not in NATIVE
+    )
     rates = {name: 100.0 if name.endswith("fp32") else 200.0 for name in PATHS}
-    cached_rates(fresh_plan, rates, {"attention": dict.fromkeys(pairs, 50.0) | {NATIVE: 500.0, second: 90.0}})
+    cached_rates(fresh_plan, rates, {"attention": dict.fromkeys(pairs, 50.0) | {native: 500.0, second: 90.0}})
     with cpu_plan.use("auto"):
-        assert cpu_plan.active("attention") == pairs[NATIVE]
+        assert cpu_plan.active("attention") == pairs[native]
         assert cpu_plan.active("attention", gemm_pair=True) == pairs[second]
-        assert "; attention: whole heads bf16 in AMX tiles through C compiled by" in cpu_plan.describe()
-    with cpu_plan.use(NATIVE):  # by name, as the tests take it; the GEMMs then in bf16
-        assert cpu_plan.active("attention") == pairs[NATIVE] and cpu_plan.active().dtype == "bf16"
+        how = "AMX tiles" if NATIVE[native] == "tiles" else "AVX512-BF16"
+        assert f"; attention: whole heads bf16 in {how} through C compiled by" in cpu_plan.describe()
+    with cpu_plan.use(native):  # by name, as the tests take it; the GEMMs then in bf16
+        assert cpu_plan.active("attention") == pairs[native] and cpu_plan.active().dtype == "bf16"
     with cpu_plan.use("fp32"):
-        assert cpu_plan.active("attention") != pairs[NATIVE]
+        assert cpu_plan.active("attention") != pairs[native]
 
 
 @pytest.mark.skipif(not BF16_PATHS, reason="no bf16 GEMM on this CPU")

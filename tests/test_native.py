@@ -18,7 +18,7 @@ from flux1.nn import cpu_attention, cpu_expansion, native
 def fresh_native(tmp_path, monkeypatch):
     """An empty cache folder and no kernels loaded yet; the process's own afterwards."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    caches = (native.compiler, native.library, native.attention_available, cpu_expansion.expansion_paths)
+    caches = (native.compiler, native.library, native.attention_kernels, cpu_expansion.expansion_paths)
     for cached in caches:
         cached.cache_clear()
     yield tmp_path / "flux1" / "native"
@@ -74,7 +74,7 @@ def test_without_a_compiler_no_native_kernel_is_offered(fresh_native, monkeypatc
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert native.compiler() is None and native.library() is None
     assert "native" not in {path.kernel for path in cpu_expansion.expansion_paths().values()}
-    assert not native.attention_available() and cpu_attention.native_pair() is None
+    assert native.attention_kernels() == () and cpu_attention.native_pairs() == {}
     assert not fresh_native.exists()
 
 

@@ -44,7 +44,7 @@ from flux1 import user_cache
 from flux1.metadata import write_json
 from flux1.nn import native
 from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
-from flux1.nn.cpu_attention import EXP_FUSED, NATIVE, attend_head, exp_fused, native_pair, score_bounds
+from flux1.nn.cpu_attention import EXP_FUSED, NATIVE, attend_head, exp_fused, native_pairs, score_bounds
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
 from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths, scratch_lock
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
@@ -57,7 +57,7 @@ FORMAT = 6
 SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
 # One head of attention at 512x512 (1280 tokens, 128 wide): q @ k^T, then probabilities @ v.
 HEAD = (1280, 128)
-# The native kernel takes a layer's heads at once, split over the cores: timed on FLUX's 24 (on a
+# The native kernels take a layer's heads at once, split over the cores: timed on FLUX's 24 (on a
 # few heads much of the time is starting the threads, which a layer's heads share).
 WHOLE_HEADS = 24
 # One 3x3 convolution of the VAE decoder's (256 -> 256 channels), on a 48x48 image.
@@ -88,7 +88,7 @@ class Plan:
 def attention_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
     """(q k^T's path, probabilities @ v's path) of one library, named "<scores> + <values>"; with
     oneDNN's bf16 matmul primitive also its pair with the exponentials in the product
-    (`cpu_attention.attend_head`); and NATIVE, whole heads in C, where it runs."""
+    (`cpu_attention.attend_head`); and NATIVE's, whole heads in C, where they run."""
     available = available_paths()
     paths = available.values()
     pairs = {f"{s.name} + {v.name}": (s, v) for s in paths for v in paths if s.library == v.library}
@@ -96,9 +96,7 @@ def attention_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
         matmul = available["onednn matmul bf16"]
         fused = exp_fused(matmul)
         pairs[f"{fused.name} + {matmul.name}"] = (fused, matmul)
-    if (whole_heads := native_pair()) is not None:
-        pairs[NATIVE] = whole_heads
-    return pairs
+    return pairs | native_pairs()
 
 
 def candidates(kind: str) -> dict:
@@ -197,9 +195,10 @@ def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int =
 
     calls, work = {}, dict.fromkeys(pairs, 4.0 * tokens * tokens * width)
     for name, (scores_path, values_path) in pairs.items():
-        if name == NATIVE:  # a layer's heads in one call, split over the cores: timed on WHOLE_HEADS
+        if name in NATIVE:  # a layer's heads in one call, split over the cores: timed on WHOLE_HEADS
             layer = [np.broadcast_to(x, (1, WHOLE_HEADS, tokens, width)) for x in (q, k, v)]
-            calls[name] = functools.partial(native.attend, *layer, 0.1, np.empty(layer[0].shape, np.float32))
+            heads_out = np.empty(layer[0].shape, np.float32)
+            calls[name] = functools.partial(native.attend, *layer, 0.1, heads_out, NATIVE[name])
             work[name] *= WHOLE_HEADS
             continue
         k_in = as_bf16(k) if scores_path.dtype == "bf16" else k
@@ -251,33 +250,39 @@ def measure_expansion(paths: dict[str, ExpansionPath], rounds: int = 3) -> dict[
 def _rates(calls: dict, work: float | dict[str, float], rounds: int) -> dict[str, float]:
     """work (FLOPs or values; or each call's) per second, in billions, over each call's best time."""
     each = work if isinstance(work, dict) else dict.fromkeys(calls, work)
-    return {
-        name: float(f"{each[name] / best / 1e9:.4g}") for name, best in _interleaved(calls, rounds).items()
-    }
+    fastest = _interleaved(calls, rounds, work=each)
+    return {name: float(f"{each[name] / best / 1e9:.4g}") for name, best in fastest.items()}
 
 
 def _interleaved(
-    calls: dict, rounds: int, deadline: float = math.inf, warm_up: bool = True
+    calls: dict, rounds: int, deadline: float = math.inf, warm_up: bool = True, work: dict | None = None
 ) -> dict[str, float]:
     """The fastest time of each call over `rounds`, every call once per round in turn: on a machine
     whose speed drifts (a shared VM: `benchmarks/profile_step.py` measured oneDNN's bf16 GEMM at 527
     to 872 GFLOP/s between the steps of one run on 2 Intel Xeon cores) a slow spell slows every
     candidate alike instead of the ones timed in it.
     A first untimed call each with `warm_up` (the libraries' start-up for the shapes); after the
-    first round, no round that would end past `deadline` at the last round's pace."""
+    first round, no round that would end past `deadline` at the last round's pace. Given each
+    call's `work`, a call below half the best rate after a round is not timed again (it cannot
+    win; as `measure` does between shapes)."""
     if warm_up:
         for call in calls.values():
             call()
-    best, pace = dict.fromkeys(calls, math.inf), 0.0
+    best, pace, contenders = dict.fromkeys(calls, math.inf), 0.0, dict(calls)
     for _ in range(rounds):
         started = time.perf_counter()
         if pace and started + pace > deadline:
             break
-        for name, call in calls.items():
+        for name, call in contenders.items():
             start = time.perf_counter()
             call()
             best[name] = min(best[name], time.perf_counter() - start)
         pace = time.perf_counter() - started
+        if work is not None:
+            rates = {name: work[name] / best[name] for name in contenders}
+            contenders = {
+                name: c for name, c in contenders.items() if rates[name] >= 0.5 * max(rates.values())
+            }
     return best
 
 
@@ -364,11 +369,11 @@ def set_precision(precision: str) -> None:
 def use(choice: str):
     """Inside the block the CPU kernels compute with `choice`: a precision (auto, fp32, bf16) or one
     path by name (e.g. "numpy fp32", "onednn bf16", "onednn convolution fp32", "onednn" for the
-    activations and the expansion, "native" for the expansion, "native bf16" for attention's whole
-    heads in C; a name of one kind's path sets its dtype for the other kinds)."""
+    activations and the expansion, "native" for the expansion, "native bf16, AMX tiles" or "native
+    bf16, AVX512-BF16" for attention's whole heads in C; a name of one kind's path sets its dtype for the other kinds)."""
     global _override
     kernels = tuple(sorted({path.kernel for path in expansion_paths().values()} - set(activation_paths())))
-    whole_heads = (NATIVE,) if NATIVE in attention_pairs() else ()
+    whole_heads = tuple(native_pairs())
     _check(
         choice, PRECISIONS + tuple(convolution_paths()) + tuple(activation_paths()) + kernels + whole_heads
     )
@@ -387,16 +392,16 @@ def _check(choice: str, allowed: tuple) -> None:
 def active(kind: str = "linear", gemm_pair: bool = False) -> GemmPath | ConvolutionPath:
     """The path the CPU kernels use now for `kind` of product (one of KINDS but expansion:
     `expansion()`); for attention with `gemm_pair`, a pair of GEMM paths (for a mask or the
-    gradients, which the native kernel does not take)."""
+    gradients, which the native kernels do not take)."""
     choice = _override or _precision
-    paths = {name: path for name, path in candidates(kind).items() if not (gemm_pair and name == NATIVE)}
+    paths = {name: path for name, path in candidates(kind).items() if not (gemm_pair and name in NATIVE)}
     if kind == "attention" and choice in available_paths():
         choice = f"{choice} + {choice}"
     if choice in paths:
         return paths[choice]
     if choice not in PRECISIONS:  # another kind's path; an expansion kernel's alone: fp32 GEMMs
         other = {**convolution_paths(), **activation_paths()}.get(choice)
-        choice = "bf16" if choice == NATIVE else "fp32" if other is None else other.dtype
+        choice = "bf16" if choice in NATIVE else "fp32" if other is None else other.dtype
     if kind == "activation":
         choice = "fp32"
     rates = plan().rates[kind]
@@ -449,8 +454,8 @@ def describe(quantized: bool = False) -> str:
     measured = f", {rate:.0f} GFLOP/s measured" if rate and current.measured != "-" else ""
     line = f"CPU GEMMs {dtype} through {_library_of(path)}{measured} on {cpu_model()}"
     heads = active("attention")
-    if heads[0].name == NATIVE:
-        line += f"; attention: whole heads bf16 in AMX tiles through {heads[0].library}"
+    if heads[0].name in NATIVE:
+        line += f"; attention: whole heads bf16 in {heads[0].name.split(', ')[1]} through {heads[0].library}"
     elif any(head != path for head in heads):
         exponentials = " and its exponentials" if heads[0].name.endswith(EXP_FUSED) else ""
         line += f"; attention: q k^T{exponentials} " + " and probabilities @ v ".join(

@@ -8,8 +8,8 @@ bounds the scores in memory). Its two products go through the pair of GEMM paths
 whole head (`cpu_plan.active("attention")`: one library, each product in fp32 or bf16; a 128-wide
 head is a narrow product, where a bf16 GEMM may not pay for rounding its inputs); a bf16 product's
 inputs are rounded to bf16 once. One more pair has no softmax pass: oneDNN's bf16 matmul writing
-the exponentials itself (`cpu_attention.attend_head`); and one computes whole heads in C with AMX
-tiles, where it runs (`native.attend`; without a mask).
+the exponentials itself (`cpu_attention.attend_head`); and the native kernels compute whole heads in
+C, in AMX tiles or AVX512-BF16 vectors, where they run (`native.attend`; without a mask).
 """
 
 import mlx.core as mx
@@ -72,8 +72,8 @@ def attend_heads(
     SCORES_VALUES scores (query rows x key tokens) at a time; through the plan's pair of GEMM paths
     where the native kernel would be taken if `gemm_pair`."""
     scores_path, values_path = cpu_plan.active("attention", gemm_pair=gemm_pair or mask is not None)
-    if scores_path.name == NATIVE:
-        native.attend(q, k, v, scale, out)
+    if scores_path.name in NATIVE:
+        native.attend(q, k, v, scale, out, NATIVE[scores_path.name])
         return
     bounds = score_bounds(q, k, scale) if mask is None and scores_path.name.endswith(EXP_FUSED) else None
     if scores_path.dtype == "bf16":

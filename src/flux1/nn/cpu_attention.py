@@ -7,8 +7,8 @@ NumPy's softmax, 40 with oneDNN's). With a bf16 path for the values, the probabi
 fp32) are rounded to bf16 (oneDNN's reorder, or NumPy a block of rows at a time). On 2 Intel Xeon
 cores with AMX the plan measured a head through MKL's bf16 GEMMs at 138 GFLOP/s with NumPy's softmax
 and rounding, 345 with oneDNN's (`benchmarks/profile_step.py` prints the plan's rates). Where the
-CPU has AMX tiles and a C compiler is installed, one more candidate computes whole heads without
-the libraries: `native.attend` (`native_pair`)."""
+CPU has AVX512-BF16 (or AMX tiles) and a C compiler is installed, more candidates compute whole heads
+without the libraries: `native.attend` in each of its kernels (`native_pairs`)."""
 
 import dataclasses
 import math
@@ -21,7 +21,10 @@ from flux1.nn.gemm import GemmPath, gemm
 from flux1.nn.numpy_cpu import CACHED_VALUES, in_parallel, round_to_bf16
 
 EXP_FUSED = ", exponentials in the product"
-NATIVE = "native bf16"
+NATIVE = {
+    "native bf16, AMX tiles": "tiles",
+    "native bf16, AVX512-BF16": "vectors",
+}  # -> native.attend's kernel
 # exp underflows below e^-87: a row whose largest exponential is below e^-60 may have lost
 # probabilities that count (within e^-25 of its largest), so its block is computed the usual way.
 _SMALLEST_LARGEST = math.exp(-60.0)
@@ -34,13 +37,15 @@ def exp_fused(path: GemmPath) -> GemmPath:
     return dataclasses.replace(path, name=path.name + EXP_FUSED)
 
 
-def native_pair() -> tuple[GemmPath, GemmPath] | None:
-    """`native.attend` as a candidate of the plan's attention (both products, bf16), where it runs
-    here; no GEMM of its own: a mask or the gradients take a pair of GEMM paths."""
-    if not native.attention_available():
-        return None
-    path = GemmPath(NATIVE, native.description(), "bf16")
-    return path, path
+def native_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
+    """`native.attend` as candidates of the plan's attention (both products, bf16), one per kernel
+    that runs here (NATIVE's names); no GEMM of their own: a mask or the gradients take a pair of
+    GEMM paths."""
+    kernels = native.attention_kernels()
+    paths = [
+        GemmPath(name, native.description(), "bf16") for name, kernel in NATIVE.items() if kernel in kernels
+    ]
+    return {path.name: (path, path) for path in paths}
 
 
 def attend_head(

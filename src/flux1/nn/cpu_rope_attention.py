@@ -30,8 +30,8 @@ def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.arra
     batch, tokens = streams[0][0].shape[0], sum(qkv.shape[1] for qkv, _, _ in streams)
     head_dim = streams[0][0].shape[2] // (3 * heads)
     out = np.empty((batch, tokens, heads, head_dim), np.float32)
-    if cpu_plan.active("attention")[0].name == NATIVE:
-        native_rope_attention(streams, heads, cos, sin, eps, out.transpose(0, 2, 1, 3))
+    if (kernel := NATIVE.get(cpu_plan.active("attention")[0].name)) is not None:
+        native_rope_attention(streams, heads, cos, sin, eps, out.transpose(0, 2, 1, 3), kernel)
     else:
         q, k, v = normed_rotated_heads(streams, heads, cos, sin, eps)
         attend_heads(q, k, v, head_dim**-0.5, None, out.transpose(0, 2, 1, 3))  # [b, h]: a head's columns
@@ -39,9 +39,9 @@ def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.arra
 
 
 def native_rope_attention(
-    streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float, out
+    streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float, out, kernel: str
 ) -> None:
-    """`rope_attention` through the native kernel, into out [B, heads, L, head_dim]: q and k normed
+    """`rope_attention` through a native kernel, into out [B, heads, L, head_dim]: q and k normed
     and rotated as the kernel rounds them to bf16 from the projections (`native.source`), v read
     from them as it is."""
     sources = {"q": [], "k": [], "v": []}
@@ -57,7 +57,7 @@ def native_rope_attention(
         sources["k"].append(native.source(parts[1], first, (as_float32(k_scale), *rope, eps)))
         sources["v"].append(native.source(parts[2], first))
         first += length
-    native.attend_sources(sources["q"], sources["k"], sources["v"], first, out.shape[-1] ** -0.5, out)
+    native.attend_sources(sources["q"], sources["k"], sources["v"], first, out.shape[-1] ** -0.5, out, kernel)
 
 
 def normed_rotated_heads(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float):

@@ -8,8 +8,9 @@ the CPU plan measures only what is available (`cpu_expansion.expansion_paths`,
 
 One pass of compiled code over a quantized weight (codes to values and values to bf16 together,
 vectorized for this CPU) where NumPy needs several and oneDNN two (`cpu_expansion.py`); and, where
-the CPU has AMX tiles, attention a block of query rows at a time, its probabilities never leaving
-the cache, where the libraries' GEMMs write and read them back between two products."""
+the CPU has AVX512-BF16 (or AMX tiles), attention a block of query rows at a time, its
+probabilities never leaving the cache, where the libraries' GEMMs write and read them back between
+two products."""
 
 import ctypes
 import functools
@@ -94,10 +95,12 @@ def library() -> ctypes.CDLL | None:
         getattr(kernels, f"expand_{bits}_{dtype}").argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
     for kind, dtype in itertools.product(BLOCKS.values(), ("fp32", "bf16")):
         getattr(kernels, f"expand_{kind}_{dtype}").argtypes = [_P, _I, _I, _P]
-    if kernels.attention_available():
+    if kernels.attention_kernels():
         for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
             getattr(kernels, name).argtypes = [ctypes.POINTER(Source), _I, _I, _I, _P, _I, _I]
-        kernels.attend_bf16.argtypes = [_P] * 3 + [_I] * 6 + [ctypes.c_float, _I, _P] + [_I] * 5
+        kernels.attend_bf16.argtypes = (
+            [_P] * 3 + [_I] * 6 + [ctypes.c_float, _I, _P] + [_I] * 5 + [ctypes.c_int]
+        )
     return kernels
 
 
@@ -154,11 +157,12 @@ def description() -> str:
 
 
 @functools.cache
-def attention_available() -> bool:
-    """Whether `attend` runs here: the kernels were built for a CPU with AMX-BF16 (and AVX512-BF16)
-    and Linux granted this process the tile registers."""
+def attention_kernels() -> tuple[str, ...]:
+    """How `attend` can compute its products here: "tiles" (AMX: the kernels were built for a CPU
+    with AMX-BF16 and Linux granted this process the tile registers), "vectors" (AVX512-BF16)."""
     kernels = library()
-    return kernels is not None and bool(kernels.attention_available())
+    found = kernels.attention_kernels() if kernels is not None else 0
+    return tuple(name for bit, name in ((2, "tiles"), (1, "vectors")) if found & bit)
 
 
 class Source(ctypes.Structure):
@@ -194,18 +198,20 @@ def source(x: np.ndarray, begin: int = 0, norm: tuple | None = None) -> tuple[So
     return made, kept
 
 
-def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray) -> None:
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray, kernel: str) -> None:
     """out[b, h] = softmax(scale q k^T) v for fp32 q, k, v [B, heads, tokens, head_dim] (any strides;
     each row's features contiguous, or copied so): `attend_sources` of them."""
-    attend_sources([source(q)], [source(k)], [source(v)], k.shape[2], scale, out)
+    attend_sources([source(q)], [source(k)], [source(v)], k.shape[2], scale, out, kernel)
 
 
-def attend_sources(q: list, k: list, v: list, keys: int, scale: float, out: np.ndarray) -> None:
+def attend_sources(q: list, k: list, v: list, keys: int, scale: float, out: np.ndarray, kernel: str) -> None:
     """out[b, h] = softmax(scale q k^T) v, q, k and v given as `source`s of their rows (k and v: `keys`
-    rows), the products' inputs and the probabilities in bf16, the sums in fp32
-    (`native_attention.c`); out fp32 [B, heads, q_tokens, head_dim], each row contiguous. The
-    operands are rounded and laid out as AMX takes them (normed and rotated where their source
-    says), the heads split over the cores, then the heads' blocks of query rows."""
+    rows), the products' inputs and the probabilities in bf16, the sums in fp32, in `kernel` (one
+    of `attention_kernels`; `native_attention.c`); out fp32 [B, heads, q_tokens, head_dim], each
+    row contiguous. The operands are rounded and laid out as the products take them (normed and
+    rotated where their source says), the heads split over the cores, then the heads' blocks of
+    query rows."""
+    assert kernel in attention_kernels()
     assert scale > 0  # the kernel's largest score is the largest scaled score
     assert out.dtype == np.float32 and out.strides[3] == 4
     batch, heads, queries, dim = out.shape
@@ -223,7 +229,7 @@ def attend_sources(q: list, k: list, v: list, keys: int, scale: float, out: np.n
 
     def blocks(first: int, last: int) -> None:
         kernels.attend_bf16(q_in.ctypes.data, k_in.ctypes.data, v_in.ctypes.data, *padded, queries, keys, dim,
-                            scale, heads, out.ctypes.data, *strides, first, last)  # fmt: skip
+                            scale, heads, out.ctypes.data, *strides, first, last, kernel == "tiles")  # fmt: skip
 
     in_parallel(blocks, batch * heads * padded[0] // ATTENTION_BLOCK)
 

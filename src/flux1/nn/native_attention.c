@@ -1,13 +1,14 @@
-/* Attention, softmax(scale q k^T) v, with AMX tiles, as flash attention computes it: for a group
- * of up to 8 blocks of 32 query rows, the keys a chunk of 1024 at a time (the chunk's k and v stay
- * in the cache while every block of the group uses them); per block, the chunk's scores q k^T (bf16
- * products, fp32 sums) into a buffer in the cache, each row's exponentials exp(scale s - scale m)
- * rounded to bf16 (ties to even) and summed as rounded, m the row's largest score so far, then
- * their product with v added to the block's output, which (with the sums) is first scaled by
- * exp(scale (m_before - m)) where m grew. Each output row is finally divided by its sum: the
- * probabilities are never written to memory. Compiled for this CPU by nn/native.py; where the
- * compiler was not targeting AMX-BF16 (and AVX512-BF16), attention_available() says 0 and nothing
- * else is built.
+/* Attention, softmax(scale q k^T) v, its products from bf16 with fp32 sums in AMX tiles or in
+ * AVX512-BF16 vectors, as flash attention computes it: for a group of up to 8 blocks of 32 query
+ * rows, the keys a chunk of 1024 at a time (the chunk's k and v stay in the cache while every
+ * block of the group uses them); per block, the chunk's scores q k^T into a buffer in the cache,
+ * each row's exponentials exp(scale s - scale m) rounded to bf16 (ties to even) and summed as
+ * rounded, m the row's largest score so far, then their product with v added to the block's
+ * output, which (with the sums) is first scaled by exp(scale (m_before - m)) where m grew. Each
+ * output row is finally divided by its sum: the probabilities are never written to memory.
+ * Compiled for this CPU by nn/native.py: attention_kernels() says which products run here (the
+ * tiles where the compiler targets AMX-BF16 and Linux grants them to the process); without
+ * AVX512-BF16 nothing else is built.
  *
  * Operands, bf16 bits, each head's rows, keys and head_dim padded with zeros to multiples of 32
  * (made by pack_rows, pack_feature_pairs and pack_row_pairs from fp32 rows, q and k normed and
@@ -15,26 +16,59 @@
  * of q k^T, pairs of a key's features side by side: [heads][dim / 2][keys][2]; v likewise for p v,
  * pairs of keys side by side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i
  * at out + b * out_batch + i * out_head, its rows out_row apart; only the first `valid_rows` x
- * `valid_dim` are written, and only the first `valid_keys` keys are attended to. [first, last) counts blocks of 32 rows over
- * all heads in order: the share of one core. scale > 0. */
+ * `valid_dim` are written, and only the first `valid_keys` keys are attended to. [first, last)
+ * counts blocks of 32 rows over all heads in order: the share of one core. scale > 0; `tiles`:
+ * the products in AMX tiles, else in vectors. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__BMI2__)
 #include <immintrin.h>
+
+#define BLOCK 32  /* query rows, and the side of a product's block */
+#define GROUP 8   /* query blocks sharing each chunk of keys */
+#define CHUNK 1024 /* keys at a time */
+#define ROW (CHUNK + 32) /* a block's rows of scores and probabilities apart: not a power of 2 */
+#define VECTORS 1 /* attention_kernels(): the products in AVX512-BF16 vectors */
+#define TILES 2   /* and in AMX tiles */
+
+/* out [32 x 32] (fp32, rows out_stride bytes apart) = a [32 x depth] @ b, plus out if `accumulate`;
+ * a's rows a_stride bytes apart, b given as pairs of rows [depth / 2][32][2], its rows b_stride
+ * bytes apart. By AVX512-BF16's dot products of pairs: 8 rows x 32 columns at a time, each pair
+ * of a row broadcast against the 32 columns' pairs. */
+static inline void product_vectors(const uint16_t *a, int64_t a_stride, const uint16_t *b, int64_t b_stride,
+                                   int64_t depth, float *out, int64_t out_stride, int accumulate) {
+    for (int64_t r = 0; r < BLOCK; r += 8) {
+        __m512 sums[8][2];
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < 2; j++)
+                sums[i][j] = accumulate ? _mm512_loadu_ps((const char *)out + (r + i) * out_stride + 64 * j)
+                                        : _mm512_setzero_ps();
+        for (int64_t p = 0; p < depth / 2; p++) {
+            const char *pairs = (const char *)b + p * b_stride;
+            const __m512bh low = (__m512bh)_mm512_loadu_si512(pairs), high = (__m512bh)_mm512_loadu_si512(pairs + 64);
+            for (int i = 0; i < 8; i++) {
+                const __m512bh pair = (__m512bh)_mm512_set1_epi32(*(const int32_t *)((const char *)a + (r + i) * a_stride + p * 4));
+                sums[i][0] = _mm512_dpbf16_ps(sums[i][0], pair, low);
+                sums[i][1] = _mm512_dpbf16_ps(sums[i][1], pair, high);
+            }
+        }
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < 2; j++)
+                _mm512_storeu_ps((char *)out + (r + i) * out_stride + 64 * j, sums[i][j]);
+    }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define BLOCK 32  /* query rows, and the side of a product's block */
-#define GROUP 8   /* query blocks sharing each chunk of keys */
-#define CHUNK 1024 /* keys at a time */
-#define ROW (CHUNK + 32) /* a block's rows of scores and probabilities apart: not a power of 2 */
 
-int attention_available(void) {
+static int tiles_granted(void) {
     /* Linux hands out the tile registers' state only on request, once per process. */
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
@@ -57,10 +91,8 @@ static void configure_tiles(void) {
     _tile_loadconfig(&config);
 }
 
-/* out [32 x 32] (fp32, rows out_stride bytes apart) = a [32 x depth] @ b, plus out if `accumulate`;
- * a's rows a_stride bytes apart, b given as pairs of rows [depth / 2][32][2], its rows b_stride
- * bytes apart. */
-static inline void product_block(const uint16_t *a, int64_t a_stride, const uint16_t *b, int64_t b_stride,
+/* product_vectors' block by AMX's tiles. */
+static inline void product_tiles(const uint16_t *a, int64_t a_stride, const uint16_t *b, int64_t b_stride,
                                  int64_t depth, float *out, int64_t out_stride, int accumulate) {
     if (accumulate) {
         _tile_loadd(0, out, out_stride);
@@ -88,6 +120,22 @@ static inline void product_block(const uint16_t *a, int64_t a_stride, const uint
     _tile_stored(1, out + 16, out_stride);
     _tile_stored(2, (char *)out + 16 * out_stride, out_stride);
     _tile_stored(3, (char *)out + 16 * out_stride + 64, out_stride);
+}
+#else
+static int tiles_granted(void) { return 0; }
+#endif
+
+int attention_kernels(void) { return VECTORS | (tiles_granted() ? TILES : 0); }
+
+static inline void product_block(int tiles, const uint16_t *a, int64_t a_stride, const uint16_t *b,
+                                 int64_t b_stride, int64_t depth, float *out, int64_t out_stride, int accumulate) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles) {
+        product_tiles(a, a_stride, b, b_stride, depth, out, out_stride, accumulate);
+        return;
+    }
+#endif
+    product_vectors(a, a_stride, b, b_stride, depth, out, out_stride, accumulate);
 }
 
 /* 2^x for x <= 0 (clamped at -150, where it is 0 in fp32 anyway): x = n + f, |f| <= 1/2, 2^f =
@@ -237,13 +285,17 @@ PACK(pack_row_pairs, 2, {
 
 void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t rows, int64_t keys, int64_t dim,
                  int64_t valid_rows, int64_t valid_keys, int64_t valid_dim, float scale, int64_t per_batch,
-                 float *out, int64_t out_batch, int64_t out_head, int64_t out_row, int64_t first, int64_t last) {
+                 float *out, int64_t out_batch, int64_t out_head, int64_t out_row, int64_t first, int64_t last,
+                 int tiles) {
     float *scores = aligned_alloc(64, BLOCK * ROW * sizeof(float));
     uint16_t *probabilities = aligned_alloc(64, BLOCK * ROW * sizeof(uint16_t));
     float *values = aligned_alloc(64, GROUP * BLOCK * dim * sizeof(float));
     float largest[GROUP * BLOCK], sums[GROUP * BLOCK];
     const int64_t blocks = rows / BLOCK;
-    configure_tiles();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles)
+        configure_tiles();
+#endif
     for (int64_t at = first; at < last;) {
         const int64_t head = at / blocks, row = at % blocks * BLOCK;
         int64_t count = last - at < GROUP ? last - at : GROUP; /* blocks of this head in the group */
@@ -260,7 +312,7 @@ void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_
                 const uint16_t *q_block = q + (head * rows + row + b * BLOCK) * dim;
                 float *values_block = values + b * BLOCK * dim;
                 for (int64_t j = 0; j < width; j += BLOCK)
-                    product_block(q_block, dim * 2, k_head + (key + j) * 2, keys * 4, dim, scores + j, ROW * 4, 0);
+                    product_block(tiles, q_block, dim * 2, k_head + (key + j) * 2, keys * 4, dim, scores + j, ROW * 4, 0);
                 for (int64_t r = 0; r < BLOCK; r++) {
                     const int64_t at_row = b * BLOCK + r;
                     const float before = exponentials(scores + r * ROW, width, valid, scale, largest + at_row,
@@ -270,7 +322,7 @@ void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_
                             values_block[r * dim + c] *= before;
                 }
                 for (int64_t column = 0; column < dim; column += BLOCK)
-                    product_block(probabilities, ROW * 2, v_head + key * dim + column * 2, dim * 4, width,
+                    product_block(tiles, probabilities, ROW * 2, v_head + key * dim + column * 2, dim * 4, width,
                                   values_block + column, dim * 4, key > 0);
             }
         }
@@ -280,12 +332,15 @@ void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_
                 o[r * out_row + c] = values[r * dim + c] / sums[r];
         at += count;
     }
-    _tile_release();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles)
+        _tile_release();
+#endif
     free(scores);
     free(probabilities);
     free(values);
 }
 
 #else
-int attention_available(void) { return 0; }
+int attention_kernels(void) { return 0; }
 #endif
