@@ -219,6 +219,21 @@ def test_native_attention_equals_the_reference(monkeypatch, name, shape, keys, m
     assert calls == [shape]
 
 
+@pytest.mark.skipif(not NATIVE_PAIRS, reason="no native attention here")
+def test_heads_wider_than_the_plan_measured_take_a_gemm_pair(monkeypatch):
+    """The native kernels were measured on FLUX's 128-wide heads: a wider one (the VAE's is 512)
+    goes through the plan's GEMM pair."""
+    cpu_plan.plan()
+    with_attention_pair(monkeypatch, next(iter(NATIVE_PAIRS.values())))
+    calls = []
+    attend = native.attend
+    monkeypatch.setattr(native, "attend", lambda *a: calls.append(a[0].shape) or attend(*a))
+    q, k, v = (mx.random.normal((1, 1, 40, 160), key=mx.random.key(i)) for i in range(3))
+    got = attention(q, k, v, 0.1)
+    assert calls == []
+    assert relative_error(got, mx.fast.scaled_dot_product_attention(q, k, v, scale=0.1)) < 8e-3
+
+
 @needs_fused
 def test_a_block_whose_exponentials_underflow_is_computed_the_usual_way(monkeypatch):
     """One query far longer than the others raises its block's bound some 300 above their scores,

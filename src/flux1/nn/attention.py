@@ -70,8 +70,11 @@ def attend_heads(
     """out[b, h] = softmax(scale q k^T + mask) v for each head of fp32 NumPy q, k, v [B, heads, tokens,
     head_dim] (each head's rows may be strided, as may out's: its rows contiguous), a block of at most
     SCORES_VALUES scores (query rows x key tokens) at a time; through the plan's pair of GEMM paths
-    where the native kernel would be taken if `gemm_pair`."""
-    scores_path, values_path = cpu_plan.active("attention", gemm_pair=gemm_pair or mask is not None)
+    where the native kernel would be taken if `gemm_pair`, and for heads wider than the plan measured
+    the native kernels on (the VAE's one 512-wide head: there the chunks of k and v and the group's
+    outputs outgrow the cache the kernel was sized for)."""
+    wide = q.shape[-1] > cpu_plan.HEAD[1]
+    scores_path, values_path = cpu_plan.active("attention", gemm_pair=gemm_pair or mask is not None or wide)
     if scores_path.name in NATIVE:
         native.attend(q, k, v, scale, out, NATIVE[scores_path.name])
         return
