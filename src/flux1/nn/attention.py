@@ -64,20 +64,28 @@ def _cpu_attention(q, k, v, scale: float, mask) -> mx.array:
     return mx.array(out)
 
 
+def native_kernel(head_dim: int) -> str | None:
+    """`native.attend`'s kernel where the plan takes one for unmasked heads this wide, else None.
+    Heads wider than the plan measured the native kernels on take a pair of GEMM paths (the VAE's
+    one 512-wide head: there the chunks of k and v and the group's outputs outgrow the cache the
+    kernels were sized for)."""
+    if head_dim > cpu_plan.HEAD[1]:
+        return None
+    return NATIVE.get(cpu_plan.active("attention")[0].name)
+
+
 def attend_heads(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask, out: np.ndarray, gemm_pair: bool = False
 ) -> None:
     """out[b, h] = softmax(scale q k^T + mask) v for each head of fp32 NumPy q, k, v [B, heads, tokens,
     head_dim] (each head's rows may be strided, as may out's: its rows contiguous), a block of at most
-    SCORES_VALUES scores (query rows x key tokens) at a time; through the plan's pair of GEMM paths
-    where the native kernel would be taken if `gemm_pair`, and for heads wider than the plan measured
-    the native kernels on (the VAE's one 512-wide head: there the chunks of k and v and the group's
-    outputs outgrow the cache the kernel was sized for)."""
-    wide = q.shape[-1] > cpu_plan.HEAD[1]
-    scores_path, values_path = cpu_plan.active("attention", gemm_pair=gemm_pair or mask is not None or wide)
-    if scores_path.name in NATIVE:
-        native.attend(q, k, v, scale, out, NATIVE[scores_path.name])
+    SCORES_VALUES scores (query rows x key tokens) at a time; through the plan's native kernel
+    (`native_kernel`) unless `gemm_pair` asks for its pair of GEMM paths."""
+    kernel = None if gemm_pair or mask is not None else native_kernel(q.shape[-1])
+    if kernel is not None:
+        native.attend(q, k, v, scale, out, kernel)
         return
+    scores_path, values_path = cpu_plan.active("attention", gemm_pair=True)
     bounds = score_bounds(q, k, scale) if mask is None and scores_path.name.endswith(EXP_FUSED) else None
     if scores_path.dtype == "bf16":
         q, k = as_bf16(q), as_bf16(k)

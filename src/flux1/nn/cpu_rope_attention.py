@@ -14,10 +14,8 @@ import itertools
 import mlx.core as mx
 import numpy as np
 
-from flux1 import cpu_plan
 from flux1.nn import native
-from flux1.nn.attention import attend_heads
-from flux1.nn.cpu_attention import NATIVE
+from flux1.nn.attention import attend_heads, native_kernel
 from flux1.nn.cpu_linear import gemm_input
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
 
@@ -30,7 +28,7 @@ def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.arra
     batch, tokens = streams[0][0].shape[0], sum(qkv.shape[1] for qkv, _, _ in streams)
     head_dim = streams[0][0].shape[2] // (3 * heads)
     out = np.empty((batch, tokens, heads, head_dim), np.float32)
-    if (kernel := NATIVE.get(cpu_plan.active("attention")[0].name)) is not None:
+    if (kernel := native_kernel(head_dim)) is not None:
         native_rope_attention(streams, heads, cos, sin, eps, out.transpose(0, 2, 1, 3), kernel)
     else:
         q, k, v = normed_rotated_heads(streams, heads, cos, sin, eps)
