@@ -3,15 +3,19 @@ file is damaged, and simply not offered (the plan measures without them) where t
 or the build fails. The expansion's values are tested with every expansion kernel's, the attention's
 with the other attention paths (`test_cpu_kernels.py`)."""
 
+import ctypes
+import itertools
 import os
 import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from flux1.gguf.blocks import LAYOUTS, cpu_form
+from flux1.gguf.blocks import LAYOUTS, block_size, cpu_form
 from flux1.nn import cpu_attention, cpu_expansion, native
+from flux1.nn.gemm import cpu_flags
 
 
 @pytest.fixture
@@ -93,3 +97,55 @@ def test_a_failed_build_warns_and_leaves_nothing(fresh_native, tmp_path, monkeyp
 def test_every_gguf_type_has_a_block_kernel():
     """The native expansion decodes every GGUF type's blocks itself (as the CPU kernels hold them)."""
     assert set(native.BLOCKS) == {cpu_form(qtype) for qtype in LAYOUTS}
+
+
+@needs_compiler
+@pytest.mark.skipif("avx512bw" not in cpu_flags(), reason="no AVX-512 here: the kernels are the plain C")
+def test_the_avx512_expansion_writes_the_bits_of_the_plain_c(tmp_path):
+    """MLX's 4- and 8-bit codes and Q4_K's nibbles are expanded with AVX-512 where the CPU has it (4-bit
+    codes looked up in their group's 16 values); CPUs without it run the plain C of the same file,
+    built here with AVX-512 turned off. Both write the same bits for every kernel, with scales and
+    offsets that are zero, subnormal, huge, infinite or NaN among ordinary ones (a NaN for a NaN:
+    which of two NaNs a sum keeps, and so its sign, is the compiler's choice)."""
+    portable = tmp_path / "portable.so"
+    source = native.SOURCES[0]
+    command = [native.compiler()[0], *native.FLAGS, "-mno-avx512f", "-o", str(portable), str(source)]
+    subprocess.run(command, check=True, capture_output=True)
+    builds = [native.library(), ctypes.CDLL(str(portable))]
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, 1e-40, -3e-39, 3e38, np.inf, -np.inf, np.nan], np.float32)
+    rows, cols = 12, 384
+    for bits, group, dtype in itertools.product(native.BITS, (32, 64, 128), (np.float32, np.uint16)):
+        codes = rng.integers(0, 256, (rows, cols * bits // 8), dtype=np.uint8)
+        scales, offsets = (rng.standard_normal((rows, cols // group)).astype(np.float32) for _ in range(2))
+        scales.flat[: len(special)], offsets.flat[-len(special) :] = special, special
+        outs = [np.empty((rows, cols), dtype) for _ in builds]
+        for build, out in zip(builds, outs, strict=True):
+            kernel = getattr(build, f"expand_{bits}_{'bf16' if dtype == np.uint16 else 'fp32'}")
+            kernel.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 2, ctypes.c_int64,
+                               ctypes.c_void_p]  # fmt: skip
+            kernel(codes.ctypes.data, rows, cols, codes.shape[1], scales.ctypes.data, offsets.ctypes.data, group,
+                   out.ctypes.data)  # fmt: skip
+        assert same_bits(*outs), (bits, group, dtype)
+    for qtype, dtype in itertools.product(native.BLOCKS, (np.float32, np.uint16)):
+        values, nbytes = block_size(qtype)
+        blocks = rng.integers(0, 256, (40, nbytes), dtype=np.uint8)  # f16 scales of every kind among them
+        outs = [np.empty(40 * values, dtype) for _ in builds]
+        for build, out in zip(builds, outs, strict=True):
+            kernel = getattr(
+                build, f"expand_{native.BLOCKS[qtype]}_{'bf16' if dtype == np.uint16 else 'fp32'}"
+            )
+            kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            kernel(blocks.ctypes.data, len(blocks), nbytes, out.ctypes.data)
+        assert same_bits(*outs), (qtype, dtype)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same bits, or NaN in both (fp32, or bf16 bits as uint16)."""
+    wide = [
+        np.left_shift(x, 16, dtype=np.uint32).view(np.float32) if x.dtype == np.uint16 else x for x in (a, b)
+    ]
+    nan = np.isnan(wide[0])
+    return np.array_equal(nan, np.isnan(wide[1])) and np.array_equal(
+        a[~nan].view(np.uint8), b[~nan].view(np.uint8)
+    )

@@ -20,6 +20,102 @@ static inline uint16_t to_bf16(float x) {
 
 static inline float to_fp32(float x) { return x; }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* 16 codes as 16 floats times scale plus offset (a product and a sum, each rounded, as the scalar
+ * code computes them: -ffp-contract=off keeps the compiler from fusing them). */
+static inline __m512 affine16(__m512i codes, __m512 scale, __m512 offset) {
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), scale), offset);
+}
+
+/* to_bf16 of 16 floats, the bf16 in the upper half of each 32-bit lane (the lower half garbage). */
+static inline __m512i rounded16(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+}
+#endif
+
+#ifdef __AVX512BW__
+/* The 16 values a group's 4-bit codes stand for (code * scale + offset for codes 0-15), and for 16
+ * bytes of two codes each the codes in order as 32 16-bit lanes (byte j's low code in lane 2j, its
+ * high one in lane 2j + 1): the group's values are looked up in the table, not computed a code at a
+ * time. */
+static inline __m512 code_values(float scale, float offset) {
+    const __m512i codes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return affine16(codes, _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+}
+
+static inline __m512i nibble_lanes(const uint8_t *c) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
+    const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+    return _mm512_or_si512(low, _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF0)), 12));
+}
+#endif
+
+/* The values of `count` bytes of two 4-bit codes each (the low one first): o[2j], o[2j + 1] =
+ * code * scale + offset of byte j's low and high code. */
+static inline void to_fp32_pairs(const uint8_t *c, int64_t count, float scale, float offset, float *o) {
+    int64_t j = 0;
+#ifdef __AVX512BW__
+    const __m512 table = code_values(scale, offset);
+    for (; j + 16 <= count; j += 16) {
+        const __m512i lanes = nibble_lanes(c + j);
+        const __m512i first = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(lanes));
+        const __m512i second = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lanes, 1));
+        _mm512_storeu_ps(o + 2 * j, _mm512_permutexvar_ps(first, table));
+        _mm512_storeu_ps(o + 2 * j + 16, _mm512_permutexvar_ps(second, table));
+    }
+#endif
+    for (; j < count; j++) {
+        o[2 * j] = (float)(c[j] & 15) * scale + offset;
+        o[2 * j + 1] = (float)(c[j] >> 4) * scale + offset;
+    }
+}
+
+static inline void to_bf16_pairs(const uint8_t *c, int64_t count, float scale, float offset, uint16_t *o) {
+    int64_t j = 0;
+#ifdef __AVX512BW__
+    const __m512i rounded = _mm512_srli_epi32(rounded16(code_values(scale, offset)), 16);
+    const __m512i table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));
+    for (; j + 16 <= count; j += 16)
+        _mm512_storeu_si512(o + 2 * j, _mm512_permutexvar_epi16(nibble_lanes(c + j), table));
+#endif
+    for (; j < count; j++) {
+        o[2 * j] = to_bf16((float)(c[j] & 15) * scale + offset);
+        o[2 * j + 1] = to_bf16((float)(c[j] >> 4) * scale + offset);
+    }
+}
+
+/* o[j] = code j * scale + offset for `count` 8-bit codes. */
+static inline void to_fp32_bytes(const uint8_t *c, int64_t count, float scale, float offset, float *o) {
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 scales = _mm512_set1_ps(scale), offsets = _mm512_set1_ps(offset);
+    for (; j + 16 <= count; j += 16) {
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
+        _mm512_storeu_ps(o + j, affine16(codes, scales, offsets));
+    }
+#endif
+    for (; j < count; j++)
+        o[j] = (float)c[j] * scale + offset;
+}
+
+static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, float offset, uint16_t *o) {
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 scales = _mm512_set1_ps(scale), offsets = _mm512_set1_ps(offset);
+    for (; j + 16 <= count; j += 16) {
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
+        const __m512i values = _mm512_srli_epi32(rounded16(affine16(codes, scales, offsets)), 16);
+        _mm256_storeu_si256((__m256i *)(o + j), _mm512_cvtepi32_epi16(values));
+    }
+#endif
+    for (; j < count; j++)
+        o[j] = to_bf16((float)c[j] * scale + offset);
+}
+
 #define EXPAND(name, type, convert, bits)                                                           \
     void name(const uint8_t *codes, int64_t units, int64_t unit_values, int64_t unit_stride,        \
               const float *scales, const float *offsets, int64_t group, type *out) {                \
@@ -31,13 +127,9 @@ static inline float to_fp32(float x) { return x; }
                 const uint8_t *c = codes + u * unit_stride + g * group * bits / 8;                   \
                 type *o = out + at * group;                                                          \
                 if (bits == 8) {                                                                     \
-                    for (int64_t j = 0; j < group; j++)                                              \
-                        o[j] = convert((float)c[j] * scale + offset);                                \
+                    convert##_bytes(c, group, scale, offset, o);                                     \
                 } else if (bits == 4) {                                                              \
-                    for (int64_t j = 0; j < group / 2; j++) {                                        \
-                        o[2 * j] = convert((float)(c[j] & 15) * scale + offset);                     \
-                        o[2 * j + 1] = convert((float)(c[j] >> 4) * scale + offset);                 \
-                    }                                                                                \
+                    convert##_pairs(c, group / 2, scale, offset, o);                                 \
                 } else { /* unpacked to bytes first, then converted as in the 8-bit case */          \
                     uint8_t unpacked[group];                                                         \
                     for (int64_t j = 0; j < group; j += 8) {                                         \
@@ -46,8 +138,7 @@ static inline float to_fp32(float x) { return x; }
                         for (int k = 0; k < 8; k++)                                                  \
                             unpacked[j + k] = (word >> (k * bits)) & ((1u << bits) - 1);             \
                     }                                                                                \
-                    for (int64_t j = 0; j < group; j++)                                              \
-                        o[j] = convert((float)unpacked[j] * scale + offset);                         \
+                    convert##_bytes(unpacked, group, scale, offset, o);                              \
                 }                                                                                    \
             }                                                                                        \
         }                                                                                            \
@@ -110,10 +201,7 @@ static inline void scale_min_k4(const uint8_t *q, int s, int *scale, int *min) {
                 scale_min_k4(q, s, &scale_bits, &min_bits);                                          \
                 const float scale = (float)scale_bits * d, offset = -((float)min_bits * dmin);       \
                 type *o = out + b * 256 + s * 32;                                                    \
-                for (int j = 0; j < 16; j++) {                                                       \
-                    o[2 * j] = convert((float)(c[s * 16 + j] & 15) * scale + offset);                \
-                    o[2 * j + 1] = convert((float)(c[s * 16 + j] >> 4) * scale + offset);            \
-                }                                                                                    \
+                convert##_pairs(c + s * 16, 16, scale, offset, o);                                   \
             }                                                                                        \
         }                                                                                            \
     }
