@@ -24,7 +24,7 @@ from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
-from flux1.nn import cpu_attention, native, onednn
+from flux1.nn import cpu_attention, cpu_linear, native, onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -708,6 +708,48 @@ def test_a_modulated_input_handed_over_in_bf16_is_the_rounded_layer_norm(path):
         assert np.array_equal(np.array(got.view(mx.uint16)), as_bf16(fp32))
     else:
         assert got.dtype == mx.float32 and np.array_equal(np.array(got), fp32)
+
+
+def _few_rows_layer(weight) -> tuple[Linear, np.ndarray]:
+    """A 512 -> 45 layer with a bias, quantized as `weight` (MLX's bits, fp32 scales: the values
+    exact in fp32; or a GGUF type, random blocks), and its weight's values in float64."""
+    layer = Linear(512, 45)
+    layer.bias = mx.random.normal((45,), key=mx.random.key(4))
+    if not isinstance(weight, gguf.GGMLQuantizationType):
+        layer.weight = mx.random.normal((45, 512), key=mx.random.key(3))
+        layer.quantize(weight, 64)
+        return layer, np.array(layer.dense_weight(mx.float32), np.float64)
+    blocks = random_blocks(weight, 45 * 512 // block_size(weight)[0]).reshape(45, -1)
+    layer.set_gguf(mx.array(blocks), weight)
+    return layer, gguf.quants.dequantize(blocks, weight).astype(np.float64)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no native kernels here")
+@pytest.mark.parametrize("weight", [3, 4, 8, *FILE_TYPES], ids=lambda w: getattr(w, "name", f"q{w}"))
+@pytest.mark.parametrize("rows", [1, cpu_linear.FEW_ROWS])
+def test_a_product_of_a_few_rows_comes_from_the_codes(monkeypatch, weight, rows):
+    """A modulation's product (at most FEW_ROWS rows) with a quantized weight is computed from its
+    codes, no weight expanded, in fp32 whatever the plan's GEMM: within the fp32 summation bound of
+    the float64 product of the weight's values (gamma_n sum |x w|: 16 running sums of cols / 16
+    products each, the tail, the 16 sums and the bias, which the sum starts from); x in parts gives the same bits, and so do
+    the first columns of a GELU split. One row more takes the GEMM of the expanded weight."""
+    layer, dense = _few_rows_layer(weight)
+    x = mx.random.normal((rows, 512), key=mx.random.key(5))
+    expected = np.array(x, np.float64) @ dense.T + np.array(layer.bias, np.float64)
+    terms = 512 // 16 + 18
+    magnitude = np.abs(np.array(x, np.float64)) @ np.abs(dense).T + np.abs(np.array(layer.bias, np.float64))
+    monkeypatch.setattr(cpu_linear, "expanded_weight", lambda *a: pytest.fail("the weight was expanded"))
+    got = np.array(layer(x))
+    assert np.all(np.abs(got - expected) <= terms * 2.0**-24 / (1 - terms * 2.0**-24) * magnitude)
+    assert np.array_equal(np.array(layer([x[:, :100], x[:, 100:]])), got)
+    head, tail = layer.split_gelu_tanh(x, 20)
+    assert np.array_equal(np.array(head), got[:, :20])
+    assert relative_error(tail, _gelu64(expected[:, 20:])) < 1e-5
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(cpu_linear, "expanded_weight", lambda *a: calls.append(a) or expanded_weight(*a))
+    layer(mx.random.normal((cpu_linear.FEW_ROWS + 1, 512), key=mx.random.key(6)))
+    assert len(calls) == 1
 
 
 def test_numpy_fp32_linear_is_the_old_computation_bit_for_bit():

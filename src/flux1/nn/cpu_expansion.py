@@ -208,6 +208,24 @@ def _expand_native(layer, out: np.ndarray) -> None:
     _blocks_of_rows(write, rows, cols * out.itemsize)
 
 
+def product_from_codes(
+    layer, x: np.ndarray, first: int, last: int, out: np.ndarray, accumulate: bool
+) -> None:
+    """out [rows, last - first] (+= with `accumulate`) x [rows, cols] (fp32) @ W[first:last]^T for a
+    quantized `layer`, straight from its codes by the native kernels (`native.affine_products`,
+    `native.block_products`): no row of W leaves the cache expanded."""
+    layer.to_cpu_form()
+    raw = as_numpy(layer.weight)[first:last]
+    if layer.gguf_type is not None:
+        blocks = raw.reshape(last - first, -1, block_size(layer.gguf_type)[1])
+        native.block_products(layer.gguf_type, blocks, x, out, accumulate)
+        return
+    scales, biases = (np.ascontiguousarray(as_float32(a)[first:last]) for a in (layer.scales, layer.biases))
+    native.affine_products(
+        raw.view(np.uint8), layer.bits, scales, biases, layer.group_size, x, out, accumulate
+    )
+
+
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:
     global _scratch
     size = rows * cols * np.dtype(dtype).itemsize

@@ -16,10 +16,16 @@ import mlx.core as mx
 import numpy as np
 
 from flux1 import cpu_plan
+from flux1.nn import native
 from flux1.nn.cpu_activations import add_bias_gelu_tanh
-from flux1.nn.cpu_expansion import expanded_weight, scratch_lock
+from flux1.nn.cpu_expansion import expanded_weight, product_from_codes, scratch_lock
 from flux1.nn.gemm import gemm, operand
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, as_float32, as_numpy, float32_values, in_parallel
+
+# Products of at most this many rows (a modulation's: a row per image) with a quantized weight are
+# computed from its codes: a multiply-add or a few per weight value, where expanding the weight for
+# a GEMM writes and reads back two or four bytes of each.
+FEW_ROWS = 4
 
 
 def linear(
@@ -54,18 +60,19 @@ def _product(
     inputs = [as_numpy(part if part.dtype == mx.bfloat16 else part.astype(mx.float32)) for part in parts]
     leading = inputs[0].shape[:-1]
     flats = [part.reshape(-1, part.shape[-1]) for part in inputs]
-    operands = [operand(flat, path) for flat in flats]  # rounded once, not once per output part
-    columns = np.cumsum([0] + [flat.shape[1] for flat in flats])
-    rows = [0, layer.output_dims] if not gelu_from else [0, gelu_from, layer.output_dims]
-    outputs = []
-    with scratch_lock:
-        weight = expanded_weight(layer, path.dtype, cpu_plan.expansion().kernel)
-        for first, last in itertools.pairwise(rows):
-            gelu = gelu_from is not None and last == layer.output_dims
-            y, biased = _output(layer, len(flats[0]), first, last, gelu)
-            for i, (a, (start, stop)) in enumerate(zip(operands, itertools.pairwise(columns), strict=True)):
-                gemm(path, a, weight[first:last, start:stop].T, out=y, accumulate=i > 0 or biased is not None)
-            outputs.append((y, first, last, biased))
+    bounds = [0, layer.output_dims] if not gelu_from else [0, gelu_from, layer.output_dims]
+    outputs = []  # each part of the output: (where it is written, its columns, the MLX array it views)
+    for first, last in itertools.pairwise(bounds):
+        y, biased = _output(
+            layer, len(flats[0]), first, last, gelu_from is not None and last == layer.output_dims
+        )
+        outputs.append((y, first, last, biased))
+    if len(flats[0]) <= FEW_ROWS and layer.is_quantized and native.library() is not None:
+        x = np.concatenate([float32_values(flat) for flat in flats], axis=1)
+        for y, first, last, biased in outputs:
+            product_from_codes(layer, x, first, last, y, accumulate=biased is not None)
+    else:
+        _gemms(flats, layer, path, outputs)
     bias = as_float32(layer.bias) if "bias" in layer else None
     terms = []
     if adapters:
@@ -90,6 +97,17 @@ def _product(
         y = y.reshape(*leading, y.shape[1])
         results.append(gemm_input(y) if gelu and gelu_into_gemm else mx.array(y))
     return results
+
+
+def _gemms(flats: list[np.ndarray], layer, path, outputs: list) -> None:
+    """`_product`'s outputs through the plan's GEMM, the weight expanded for it."""
+    operands = [operand(flat, path) for flat in flats]  # rounded once, not once per output part
+    columns = np.cumsum([0] + [flat.shape[1] for flat in flats])
+    with scratch_lock:
+        weight = expanded_weight(layer, path.dtype, cpu_plan.expansion().kernel)
+        for y, first, last, biased in outputs:
+            for i, (a, (start, stop)) in enumerate(zip(operands, itertools.pairwise(columns), strict=True)):
+                gemm(path, a, weight[first:last, start:stop].T, out=y, accumulate=i > 0 or biased is not None)
 
 
 def _output(layer, rows: int, first: int, last: int, gelu: bool) -> tuple[np.ndarray, mx.array | None]:

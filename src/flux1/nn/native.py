@@ -95,6 +95,9 @@ def library() -> ctypes.CDLL | None:
         getattr(kernels, f"expand_{bits}_{dtype}").argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
     for kind, dtype in itertools.product(BLOCKS.values(), ("fp32", "bf16")):
         getattr(kernels, f"expand_{kind}_{dtype}").argtypes = [_P, _I, _I, _P]
+    product = [_P, _I, _I, _P, _I, ctypes.c_int, _I, _I]  # x, rows, cols, y, y_stride, accumulate, rows of w
+    kernels.affine_products.argtypes = [_P, _P, _I, _P, _P, _I, *product]
+    kernels.block_products.argtypes = [_P, _P, _I, _I, _I, *product]
     if kernels.attention_kernels():
         for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
             getattr(kernels, name).argtypes = [ctypes.POINTER(Source), _I, _I, _I, _P, _I, _I]
@@ -149,6 +152,43 @@ def expand_blocks(qtype, blocks: np.ndarray, out: np.ndarray) -> None:
     assert out.flags.c_contiguous and out.size == values * len(blocks)
     function = getattr(library(), f"expand_{BLOCKS[qtype]}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
     function(blocks.ctypes.data, len(blocks), blocks.strides[0], out.ctypes.data)
+
+
+def affine_products(
+    codes: np.ndarray, bits: int, scales, offsets, group: int, x, out, accumulate: bool
+) -> None:
+    """out [rows, n] (+= with `accumulate`) x [rows, cols] @ W^T, W [n, cols] given as MLX's codes [n,
+    bytes] (`expand`'s units) with fp32 scales and offsets [n, cols / group]: each row of W expanded
+    to fp32 where the cache holds it, never the whole of W (`native_expansion.c`'s products); fp32
+    sums, the rows of W split over the cores."""
+    assert codes.dtype == np.uint8 and codes.strides[1] == 1 and bits in BITS
+    assert (
+        scales.flags.c_contiguous
+        and offsets.flags.c_contiguous
+        and scales.dtype == offsets.dtype == np.float32
+    )
+    expand = ctypes.cast(getattr(library(), f"expand_{bits}_fp32"), _P).value
+    _products(x, out, accumulate, library().affine_products, expand, codes.ctypes.data, codes.strides[0],
+              scales.ctypes.data, offsets.ctypes.data, group)  # fmt: skip
+
+
+def block_products(qtype, blocks: np.ndarray, x, out, accumulate: bool) -> None:
+    """`affine_products` for W given as GGUF blocks [n, blocks a row, block bytes] of a type in BLOCKS."""
+    assert blocks.dtype == np.uint8 and blocks.strides[2] == 1 and blocks.shape[2] == block_size(qtype)[1]
+    expand = ctypes.cast(getattr(library(), f"expand_{BLOCKS[qtype]}_fp32"), _P).value
+    _products(x, out, accumulate, library().block_products, expand, blocks.ctypes.data, blocks.strides[0],
+              blocks.shape[1], blocks.strides[1])  # fmt: skip
+
+
+def _products(x: np.ndarray, out: np.ndarray, accumulate: bool, kernel, *weight) -> None:
+    assert x.dtype == out.dtype == np.float32 and x.flags.c_contiguous and out.strides[1] == 4
+    rows, cols = x.shape
+    step = out.strides[0] // 4
+
+    def part(first: int, last: int) -> None:
+        kernel(*weight, x.ctypes.data, rows, cols, out.ctypes.data, step, accumulate, first, last)
+
+    in_parallel(part, out.shape[1])
 
 
 def description() -> str:

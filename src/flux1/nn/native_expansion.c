@@ -364,3 +364,54 @@ EXPAND_Q2_K(expand_q2_k_bf16, uint16_t, to_bf16)
 
 EXPAND_Q3_K(expand_q3_k_fp32, float, to_fp32)
 EXPAND_Q3_K(expand_q3_k_bf16, uint16_t, to_bf16)
+
+/* Products of a few rows x [rows, cols] (fp32) with a quantized weight straight from its codes: y[r *
+ * y_stride + n] (+)= x[r] . w[n] for weight rows first <= n < last, each expanded to fp32 by its
+ * format's kernel into a buffer the cache holds, then multiplied by every row of x. Expanding the
+ * whole weight first writes it out and reads it back: for a product of a row or a few, moving
+ * those bytes is most of the work. */
+static void dots(const float *w, const float *x, int64_t rows, int64_t cols, float *y, int64_t y_stride,
+                 int accumulate) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * cols;
+        float sums[16] = {0}, total = accumulate ? y[r * y_stride] : 0.0f;
+        int64_t j = 0;
+        for (; j + 16 <= cols; j += 16)
+            for (int l = 0; l < 16; l++)
+                sums[l] += row[j + l] * w[j + l];
+        for (; j < cols; j++)
+            total += row[j] * w[j];
+        for (int l = 0; l < 16; l++)
+            total += sums[l];
+        y[r * y_stride] = total;
+    }
+}
+
+typedef void (*affine_kernel)(const uint8_t *, int64_t, int64_t, int64_t, const float *, const float *,
+                              int64_t, float *);
+typedef void (*block_kernel)(const uint8_t *, int64_t, int64_t, float *);
+
+/* MLX's codes (rows of code_stride bytes; scales and offsets [weight rows, cols / group]) through
+ * `expand`, one of expand_<bits>_fp32. */
+void affine_products(affine_kernel expand, const uint8_t *codes, int64_t code_stride, const float *scales,
+                     const float *offsets, int64_t group, const float *x, int64_t rows, int64_t cols,
+                     float *y, int64_t y_stride, int accumulate, int64_t first, int64_t last) {
+    float w[cols];
+    for (int64_t n = first; n < last; n++) {
+        const int64_t at = n * (cols / group);
+        expand(codes + n * code_stride, 1, cols, code_stride, scales + at, offsets + at, group, w);
+        dots(w, x, rows, cols, y + n, y_stride, accumulate);
+    }
+}
+
+/* GGUF blocks (weight rows of row_stride bytes, `blocks` blocks of block_stride bytes each) through
+ * `expand`, one of expand_<type>_fp32. */
+void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stride, int64_t blocks,
+                    int64_t block_stride, const float *x, int64_t rows, int64_t cols, float *y,
+                    int64_t y_stride, int accumulate, int64_t first, int64_t last) {
+    float w[cols];
+    for (int64_t n = first; n < last; n++) {
+        expand(weight + n * row_stride, blocks, block_stride, w);
+        dots(w, x, rows, cols, y + n, y_stride, accumulate);
+    }
+}
