@@ -102,8 +102,8 @@ def test_every_gguf_type_has_a_block_kernel():
 @needs_compiler
 @pytest.mark.skipif("avx512bw" not in cpu_flags(), reason="no AVX-512 here: the kernels are the plain C")
 def test_the_avx512_expansion_writes_the_bits_of_the_plain_c(tmp_path):
-    """MLX's 4- and 8-bit codes and Q4_K's nibbles are expanded with AVX-512 where the CPU has it (4-bit
-    codes looked up in their group's 16 values); CPUs without it run the plain C of the same file,
+    """MLX's 4-bit codes and Q4_K's are expanded with AVX-512 where the CPU has it (looked up in
+    their group's 16 values); CPUs without it run the plain C of the same file,
     built here with AVX-512 turned off. Both write the same bits for every kernel, with scales and
     offsets that are zero, subnormal, huge, infinite or NaN among ordinary ones (a NaN for a NaN:
     which of two NaNs a sum keeps, and so its sign, is the compiler's choice)."""
