@@ -24,7 +24,7 @@ from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
-from flux1.nn import cpu_attention, cpu_linear, native, onednn
+from flux1.nn import cpu_attention, cpu_expansion, cpu_linear, native, onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -726,13 +726,14 @@ def _few_rows_layer(weight) -> tuple[Linear, np.ndarray]:
 
 @pytest.mark.skipif(native.library() is None, reason="no native kernels here")
 @pytest.mark.parametrize("weight", [3, 4, 8, *FILE_TYPES], ids=lambda w: getattr(w, "name", f"q{w}"))
-@pytest.mark.parametrize("rows", [1, cpu_linear.FEW_ROWS])
+@pytest.mark.parametrize("rows", [1, cpu_expansion.FEW_ROWS])
 def test_a_product_of_a_few_rows_comes_from_the_codes(monkeypatch, weight, rows):
     """A modulation's product (at most FEW_ROWS rows) with a quantized weight is computed from its
     codes, no weight expanded, in fp32 whatever the plan's GEMM: within the fp32 summation bound of
     the float64 product of the weight's values (gamma_n sum |x w|: 16 running sums of cols / 16
     products each, the tail, the 16 sums and the bias, which the sum starts from); x in parts gives the same bits, and so do
-    the first columns of a GELU split. One row more takes the GEMM of the expanded weight."""
+    the first columns of a GELU split. One row more takes the GEMM of the expanded weight. The record
+    of a quantized model says so."""
     layer, dense = _few_rows_layer(weight)
     x = mx.random.normal((rows, 512), key=mx.random.key(5))
     expected = np.array(x, np.float64) @ dense.T + np.array(layer.bias, np.float64)
@@ -744,11 +745,15 @@ def test_a_product_of_a_few_rows_comes_from_the_codes(monkeypatch, weight, rows)
     assert np.array_equal(np.array(layer([x[:, :100], x[:, 100:]])), got)
     head, tail = layer.split_gelu_tanh(x, 20)
     assert np.array_equal(np.array(head), got[:, :20])
+    line = (
+        f"; products of up to {cpu_expansion.FEW_ROWS} rows (the modulations) fp32 from the codes through C"
+    )
+    assert line in cpu_plan.describe(quantized=True) and line not in cpu_plan.describe()
     assert relative_error(tail, _gelu64(expected[:, 20:])) < 1e-5
     monkeypatch.undo()
     calls = []
     monkeypatch.setattr(cpu_linear, "expanded_weight", lambda *a: calls.append(a) or expanded_weight(*a))
-    layer(mx.random.normal((cpu_linear.FEW_ROWS + 1, 512), key=mx.random.key(6)))
+    layer(mx.random.normal((cpu_expansion.FEW_ROWS + 1, 512), key=mx.random.key(6)))
     assert len(calls) == 1
 
 

@@ -46,7 +46,7 @@ from flux1.nn import native
 from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
 from flux1.nn.cpu_attention import EXP_FUSED, NATIVE, attend_head, exp_fused, native_pairs, score_bounds
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
-from flux1.nn.cpu_expansion import ExpansionPath, expanded_weight, expansion_paths, scratch_lock
+from flux1.nn.cpu_expansion import FEW_ROWS, ExpansionPath, expanded_weight, expansion_paths, scratch_lock
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
@@ -471,4 +471,6 @@ def describe(quantized: bool = False) -> str:
     expanding = expansion()
     if quantized and expanding.library != path.library:
         line += f"; quantized weights expanded through {expanding.library}"
+    if quantized and native.library() is not None:
+        line += f"; products of up to {FEW_ROWS} rows (the modulations) fp32 from the codes through {native.description()}"
     return line

@@ -38,6 +38,10 @@ from flux1.gguf.expand import expand_rows
 from flux1.nn import native, onednn
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
 
+# Products of at most this many rows (a modulation's: a row per image) with a quantized weight are
+# computed from its codes (`product_from_codes`): a multiply-add or a few per weight value, where
+# expanding the weight for a GEMM writes and reads back two or four bytes of each.
+FEW_ROWS = 4
 _MANTISSA_BITS = {"bf16": 7, "fp32": 23}
 _TARGETS = {"bf16": np.uint16, "fp32": np.float32}
 _scratch = np.empty(0, np.uint8)

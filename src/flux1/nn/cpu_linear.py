@@ -18,14 +18,9 @@ import numpy as np
 from flux1 import cpu_plan
 from flux1.nn import native
 from flux1.nn.cpu_activations import add_bias_gelu_tanh
-from flux1.nn.cpu_expansion import expanded_weight, product_from_codes, scratch_lock
+from flux1.nn.cpu_expansion import FEW_ROWS, expanded_weight, product_from_codes, scratch_lock
 from flux1.nn.gemm import gemm, operand
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, as_float32, as_numpy, float32_values, in_parallel
-
-# Products of at most this many rows (a modulation's: a row per image) with a quantized weight are
-# computed from its codes: a multiply-add or a few per weight value, where expanding the weight for
-# a GEMM writes and reads back two or four bytes of each.
-FEW_ROWS = 4
 
 
 def linear(
