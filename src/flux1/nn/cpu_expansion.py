@@ -36,7 +36,7 @@ import numpy as np
 from flux1.gguf.blocks import LAYOUTS, block_size, decode, nibbles
 from flux1.gguf.expand import expand_rows
 from flux1.nn import native, onednn
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel, round_to_bf16
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, float32_values, in_parallel, round_to_bf16
 
 # Products of at most this many rows (a modulation's: a row per image) with a quantized weight are
 # computed from its codes (`product_from_codes`): a multiply-add or a few per weight value, where
@@ -224,7 +224,9 @@ def product_from_codes(
         blocks = raw.reshape(last - first, -1, block_size(layer.gguf_type)[1])
         native.block_products(layer.gguf_type, blocks, x, out, accumulate)
         return
-    scales, biases = (np.ascontiguousarray(as_float32(a)[first:last]) for a in (layer.scales, layer.biases))
+    scales, biases = (
+        float32_values(as_numpy(a)[first:last]) for a in (layer.scales, layer.biases)
+    )  # these rows only
     native.affine_products(
         raw.view(np.uint8), layer.bits, scales, biases, layer.group_size, x, out, accumulate
     )
