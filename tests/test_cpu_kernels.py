@@ -486,9 +486,15 @@ EXPANSION_KERNELS = sorted({path.kernel for path in expansion_paths().values()})
 
 
 def _expansions(layer, kernel: str) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's weight expanded by `kernel` to fp32 and to bf16 (as float32), copies."""
-    fp32 = expanded_weight(layer, "fp32", kernel).copy()
-    return fp32, bf16_widened(expanded_weight(layer, "bf16", kernel))
+    """The layer's weight expanded by `kernel` to fp32 and to bf16 (as float32), copies. Each is
+    written to the scratch buffer from a cache line's start (where the native kernels write whole
+    lines past the cache)."""
+    fp32 = expanded_weight(layer, "fp32", kernel)
+    assert fp32.ctypes.data % 64 == 0
+    fp32 = fp32.copy()
+    bf16 = expanded_weight(layer, "bf16", kernel)
+    assert bf16.ctypes.data % 64 == 0
+    return fp32, bf16_widened(bf16)
 
 
 def bf16_widened(bits: np.ndarray) -> np.ndarray:

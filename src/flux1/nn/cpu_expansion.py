@@ -23,7 +23,9 @@ row) are expanded one of three ways, the plan taking the fastest on this machine
 - "native": one pass of C compiled for this CPU (`nn/native.py`, where a C compiler is installed)
   from the codes to the target dtype, NumPy's arithmetic (the same bits for MLX's codes), and for
   every GGUF type straight from its blocks, their scales decoded in the same pass (gguf-py's
-  values, bit for bit).
+  values, bit for bit). Where its stores are AVX-512's (4-bit codes, MLX's and Q4_K's), a whole
+  weight is written past the cache into the cache-line-aligned scratch buffer: no line is read
+  before it is written, none of the cache's is evicted.
 """
 
 import threading
@@ -233,11 +235,14 @@ def product_from_codes(
 
 
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:
+    """[rows, cols] of the scratch buffer, 64-byte aligned (a cache line: the native kernels write
+    whole lines past the cache)."""
     global _scratch
     size = rows * cols * np.dtype(dtype).itemsize
-    if _scratch.size < size:
-        _scratch = np.empty(size, np.uint8)
-    return _scratch[:size].view(dtype).reshape(rows, cols)
+    if _scratch.size < size + 64:
+        _scratch = np.empty(size + 64, np.uint8)
+    start = -_scratch.ctypes.data % 64
+    return _scratch[start : start + size].view(dtype).reshape(rows, cols)
 
 
 def _blocks_of_rows(work, rows: int, row_bytes: int) -> None:

@@ -92,9 +92,9 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"flux1: no native kernels ({error}); NumPy's and oneDNN's are used", stacklevel=2)
         return None
     for bits, dtype in itertools.product(BITS, ("fp32", "bf16")):
-        getattr(kernels, f"expand_{bits}_{dtype}").argtypes = [_P, _I, _I, _I, _P, _P, _I, _P]
+        getattr(kernels, f"expand_{bits}_{dtype}").argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int]
     for kind, dtype in itertools.product(BLOCKS.values(), ("fp32", "bf16")):
-        getattr(kernels, f"expand_{kind}_{dtype}").argtypes = [_P, _I, _I, _P]
+        getattr(kernels, f"expand_{kind}_{dtype}").argtypes = [_P, _I, _I, _P, ctypes.c_int]
     product = [_P, _I, _I, _P, _I, ctypes.c_int, _I, _I]  # x, rows, cols, y, y_stride, accumulate, rows of w
     kernels.affine_products.argtypes = [_P, _P, _I, _P, _P, _I, *product]
     kernels.block_products.argtypes = [_P, _P, _I, _I, _I, *product]
@@ -132,7 +132,8 @@ def expand(codes: np.ndarray, bits: int, scales: np.ndarray, offsets: np.ndarray
     """out (fp32, or bf16 bits as uint16; C-contiguous) = code * scale + offset per group of `group`
     values, the codes given as units [units, bytes] (rows of uint8, each row's bytes contiguous,
     rows may be strided) of `bits`-bit codes packed as MLX packs them; scales and offsets
-    C-contiguous fp32, one per group of out's values in order."""
+    C-contiguous fp32, one per group of out's values in order. out is a whole weight's rows, written
+    past the cache where out is 64-byte aligned (`native_expansion.c`'s `stream`)."""
     units, unit_bytes = codes.shape
     assert codes.dtype == np.uint8 and codes.strides[1] == 1 and out.flags.c_contiguous and bits in BITS
     assert scales.flags.c_contiguous and offsets.flags.c_contiguous and scales.dtype == np.float32
@@ -140,18 +141,18 @@ def expand(codes: np.ndarray, bits: int, scales: np.ndarray, offsets: np.ndarray
     assert out.size == units * values and scales.size == offsets.size == out.size // group
     function = getattr(library(), f"expand_{bits}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
     function(codes.ctypes.data, units, values, codes.strides[0], scales.ctypes.data, offsets.ctypes.data, group,
-             out.ctypes.data)  # fmt: skip
+             out.ctypes.data, True)  # fmt: skip
 
 
 def expand_blocks(qtype, blocks: np.ndarray, out: np.ndarray) -> None:
     """out (fp32, or bf16 bits as uint16; C-contiguous) = the values of GGUF blocks [count, block
     bytes] of a type in BLOCKS (each block's bytes contiguous), their scales decoded in the same
-    pass."""
+    pass; written past the cache as `expand` writes."""
     values, nbytes = block_size(qtype)
     assert blocks.dtype == np.uint8 and blocks.shape[1] == nbytes and blocks.strides[1] == 1
     assert out.flags.c_contiguous and out.size == values * len(blocks)
     function = getattr(library(), f"expand_{BLOCKS[qtype]}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
-    function(blocks.ctypes.data, len(blocks), blocks.strides[0], out.ctypes.data)
+    function(blocks.ctypes.data, len(blocks), blocks.strides[0], out.ctypes.data, True)
 
 
 def affine_products(

@@ -7,7 +7,11 @@
  * unit_stride (a row of MLX's packed codes), packed as MLX packs them: a little-endian bit stream,
  * 8 codes in `bits` bytes (two 4-bit codes a byte, the low one first); scales and offsets hold one
  * value per group of `group` values of the units laid end to end, and so does out (C-contiguous).
- * expand_<type>_<dtype>: GGUF blocks of that type straight to values, their scales decoded too. */
+ * expand_<type>_<dtype>: GGUF blocks of that type straight to values, their scales decoded too.
+ * With `stream`, out is written past the cache where the kernel writes with AVX-512 (MLX's 4-bit
+ * codes, Q4_K): a whole weight, which the cache cannot hold, is then written without each line
+ * being read first and without evicting what the cache holds; the products' buffers of a row are
+ * written with stream 0, to be read at once. */
 #include <stdint.h>
 #include <string.h>
 
@@ -45,11 +49,28 @@ static inline __m512i nibble_lanes(const uint8_t *c) {
     const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
     return _mm512_or_si512(low, _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF0)), 12));
 }
+
+static inline void store(void *o, __m512i v, int stream) {
+    if (stream && ((uintptr_t)o & 63) == 0)
+        _mm512_stream_si512(o, v);
+    else
+        _mm512_storeu_si512(o, v);
+}
 #endif
+
+/* After a kernel's streamed stores: they reach memory before the kernel returns. */
+static inline void streamed(int stream) {
+#ifdef __AVX512BW__
+    if (stream)
+        _mm_sfence();
+#endif
+    (void)stream;
+}
 
 /* The values of `count` bytes of two 4-bit codes each (the low one first): o[2j], o[2j + 1] =
  * code * scale + offset of byte j's low and high code. */
-static inline void to_fp32_pairs(const uint8_t *c, int64_t count, float scale, float offset, float *o) {
+static inline void to_fp32_pairs(const uint8_t *c, int64_t count, float scale, float offset, float *o,
+                                 int stream) {
     int64_t j = 0;
 #ifdef __AVX512BW__
     const __m512 table = code_values(scale, offset);
@@ -57,8 +78,8 @@ static inline void to_fp32_pairs(const uint8_t *c, int64_t count, float scale, f
         const __m512i lanes = nibble_lanes(c + j);
         const __m512i first = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(lanes));
         const __m512i second = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(lanes, 1));
-        _mm512_storeu_ps(o + 2 * j, _mm512_permutexvar_ps(first, table));
-        _mm512_storeu_ps(o + 2 * j + 16, _mm512_permutexvar_ps(second, table));
+        store(o + 2 * j, _mm512_castps_si512(_mm512_permutexvar_ps(first, table)), stream);
+        store(o + 2 * j + 16, _mm512_castps_si512(_mm512_permutexvar_ps(second, table)), stream);
     }
 #endif
     for (; j < count; j++) {
@@ -67,13 +88,14 @@ static inline void to_fp32_pairs(const uint8_t *c, int64_t count, float scale, f
     }
 }
 
-static inline void to_bf16_pairs(const uint8_t *c, int64_t count, float scale, float offset, uint16_t *o) {
+static inline void to_bf16_pairs(const uint8_t *c, int64_t count, float scale, float offset, uint16_t *o,
+                                 int stream) {
     int64_t j = 0;
 #ifdef __AVX512BW__
     const __m512i rounded = _mm512_srli_epi32(rounded16(code_values(scale, offset)), 16);
     const __m512i table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));
     for (; j + 16 <= count; j += 16)
-        _mm512_storeu_si512(o + 2 * j, _mm512_permutexvar_epi16(nibble_lanes(c + j), table));
+        store(o + 2 * j, _mm512_permutexvar_epi16(nibble_lanes(c + j), table), stream);
 #endif
     for (; j < count; j++) {
         o[2 * j] = to_bf16((float)(c[j] & 15) * scale + offset);
@@ -93,9 +115,10 @@ static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, f
         o[j] = to_bf16((float)c[j] * scale + offset);
 }
 
-#define EXPAND(name, type, convert, bits)                                                           \
-    void name(const uint8_t *codes, int64_t units, int64_t unit_values, int64_t unit_stride,        \
-              const float *scales, const float *offsets, int64_t group, type *out) {                \
+#define EXPAND(name, type, convert, bits)                                                            \
+    void name(const uint8_t *codes, int64_t units, int64_t unit_values, int64_t unit_stride,         \
+              const float *scales, const float *offsets, int64_t group, type *out,                   \
+              int stream) {                                                                          \
         const int64_t groups = unit_values / group;                                                  \
         for (int64_t u = 0; u < units; u++) {                                                        \
             for (int64_t g = 0; g < groups; g++) {                                                   \
@@ -106,7 +129,7 @@ static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, f
                 if (bits == 8) {                                                                     \
                     convert##_bytes(c, group, scale, offset, o);                                     \
                 } else if (bits == 4) {                                                              \
-                    convert##_pairs(c, group / 2, scale, offset, o);                                 \
+                    convert##_pairs(c, group / 2, scale, offset, o, stream);                         \
                 } else { /* unpacked to bytes first, then converted as in the 8-bit case */          \
                     uint8_t unpacked[group];                                                         \
                     for (int64_t j = 0; j < group; j += 8) {                                         \
@@ -119,6 +142,7 @@ static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, f
                 }                                                                                    \
             }                                                                                        \
         }                                                                                            \
+        streamed(stream);                                                                            \
     }
 
 EXPAND(expand_3_fp32, float, to_fp32, 3)
@@ -168,7 +192,7 @@ static inline void scale_min_k4(const uint8_t *q, int s, int *scale, int *min) {
  * 12 bytes of 6-bit sub-block scales and mins, 128 bytes of MLX-ordered nibbles) straight to values:
  * each sub-block of 32 is code * (d * scale) + -(dmin * min), as gguf/blocks.py's _k_affine. */
 #define EXPAND_Q4_K(name, type, convert)                                                             \
-    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out, int stream) {         \
         for (int64_t b = 0; b < count; b++) {                                                        \
             const uint8_t *block = blocks + b * stride, *q = block + 4, *c = block + 16;             \
             float d, dmin;                                                                           \
@@ -178,9 +202,10 @@ static inline void scale_min_k4(const uint8_t *q, int s, int *scale, int *min) {
                 scale_min_k4(q, s, &scale_bits, &min_bits);                                          \
                 const float scale = (float)scale_bits * d, offset = -((float)min_bits * dmin);       \
                 type *o = out + b * 256 + s * 32;                                                    \
-                convert##_pairs(c + s * 16, 16, scale, offset, o);                                   \
+                convert##_pairs(c + s * 16, 16, scale, offset, o, stream);                           \
             }                                                                                        \
         }                                                                                            \
+        streamed(stream);                                                                            \
     }
 
 EXPAND_Q4_K(expand_q4_k_fp32, float, to_fp32)
@@ -190,14 +215,14 @@ EXPAND_Q4_K(expand_q4_k_bf16, uint16_t, to_bf16)
  * of fifth bits, then 16 bytes of nibbles (value j low, value j + 16 high), or Q8_0's 32 int8.
  * Each value is code * d + offset as gguf/blocks.py decodes it: the code unsigned (Q8_0's q + 128)
  * and the offset m, or -d times the middle code (8, 16, 128). */
-#define EXPAND_LEGACY(name, type, convert, code_bits, with_min)                                     \
-    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+#define EXPAND_LEGACY(name, type, convert, code_bits, with_min)                                      \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out, int stream) {         \
         for (int64_t b = 0; b < count; b++) {                                                        \
             const uint8_t *block = blocks + b * stride;                                              \
             uint16_t halves[2];                                                                      \
             memcpy(halves, block, sizeof halves);                                                    \
             const float d = from_f16(halves[0]);                                                     \
-            const float offset = with_min ? from_f16(halves[1]) : -(float)(1 << (code_bits - 1)) * d; \
+            const float offset = with_min ? from_f16(halves[1]) : -(float)(1 << (code_bits - 1)) * d;\
             const uint8_t *q = block + (with_min ? 4 : 2) + (code_bits == 5 ? 4 : 0);                \
             type *o = out + b * 32;                                                                  \
             if (code_bits == 8) {                                                                    \
@@ -232,7 +257,7 @@ EXPAND_LEGACY(expand_q8_0_bf16, uint16_t, to_bf16, 8, 0)
  * of fifth bits, 128 of nibbles): each run of 64 values is 32 low nibbles then 32 high ones, their
  * fifth bits bits 2r and 2r + 1 of the 32 bytes; value = code * (d * scale) - dmin * min. */
 #define EXPAND_Q5_K(name, type, convert)                                                             \
-    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out, int stream) {         \
         for (int64_t b = 0; b < count; b++) {                                                        \
             const uint8_t *block = blocks + b * stride, *q = block + 4, *qh = block + 16;            \
             float d, dmin;                                                                           \
@@ -257,7 +282,7 @@ EXPAND_LEGACY(expand_q8_0_bf16, uint16_t, to_bf16, 8, 0)
 /* GGUF Q6_K blocks as in the file (210 bytes: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16
  * int8 scales, the f16 d): value = (code - 32) * (d * scale), as gguf-py computes it. */
 #define EXPAND_Q6_K(name, type, convert)                                                             \
-    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out, int stream) {         \
         for (int64_t b = 0; b < count; b++) {                                                        \
             const uint8_t *block = blocks + b * stride;                                              \
             const int8_t *scales = (const int8_t *)(block + 192);                                    \
@@ -292,7 +317,7 @@ EXPAND_Q6_K(expand_q6_k_bf16, uint16_t, to_bf16)
  * codes, the f16 d and dmin): each half of 128 values is 4 runs of 32 (codes at bits 2j of its 32
  * bytes), each run two sub-blocks of 16; value = code * (d * scale) - dmin * min. */
 #define EXPAND_Q2_K(name, type, convert)                                                             \
-    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out, int stream) {         \
         for (int64_t b = 0; b < count; b++) {                                                        \
             const uint8_t *block = blocks + b * stride;                                              \
             float d, dmin;                                                                           \
@@ -317,7 +342,7 @@ EXPAND_Q2_K(expand_q2_k_bf16, uint16_t, to_bf16)
  * 128 / 32), less 4 where its high bit (bit v / 32 of byte v % 32) is clear; value = code * (d *
  * (scale - 32)), as gguf-py computes it. */
 #define EXPAND_Q3_K(name, type, convert)                                                             \
-    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out) {                     \
+    void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out, int stream) {         \
         for (int64_t b = 0; b < count; b++) {                                                        \
             const uint8_t *block = blocks + b * stride, *high = block, *low = block + 32;            \
             const uint8_t *scales = block + 96;                                                      \
@@ -327,8 +352,8 @@ EXPAND_Q2_K(expand_q2_k_bf16, uint16_t, to_bf16)
             for (int sub = 0; sub < 16; sub++) {                                                     \
                 const int scale_low = sub < 8 ? scales[sub] & 15 : scales[sub - 8] >> 4;             \
                 const int scale_high = (scales[8 + sub % 4] >> (2 * (sub / 4))) & 3;                 \
-                const float scale = d * (float)((scale_low | (scale_high << 4)) - 32);              \
-                const int v0 = 16 * sub, shift = 2 * (v0 % 128 / 32), bit = v0 / 32;                \
+                const float scale = d * (float)((scale_low | (scale_high << 4)) - 32);               \
+                const int v0 = 16 * sub, shift = 2 * (v0 % 128 / 32), bit = v0 / 32;                 \
                 const uint8_t *q = low + 32 * (v0 / 128) + v0 % 32, *h = high + v0 % 32;             \
                 type *o = out + b * 256 + v0;                                                        \
                 for (int l = 0; l < 16; l++) {                                                       \
@@ -365,8 +390,8 @@ static void dots(const float *w, const float *x, int64_t rows, int64_t cols, flo
 }
 
 typedef void (*affine_kernel)(const uint8_t *, int64_t, int64_t, int64_t, const float *, const float *,
-                              int64_t, float *);
-typedef void (*block_kernel)(const uint8_t *, int64_t, int64_t, float *);
+                              int64_t, float *, int);
+typedef void (*block_kernel)(const uint8_t *, int64_t, int64_t, float *, int);
 
 /* MLX's codes (rows of code_stride bytes; scales and offsets [weight rows, cols / group]) through
  * `expand`, one of expand_<bits>_fp32. */
@@ -376,7 +401,7 @@ void affine_products(affine_kernel expand, const uint8_t *codes, int64_t code_st
     float w[cols];
     for (int64_t n = first; n < last; n++) {
         const int64_t at = n * (cols / group);
-        expand(codes + n * code_stride, 1, cols, code_stride, scales + at, offsets + at, group, w);
+        expand(codes + n * code_stride, 1, cols, code_stride, scales + at, offsets + at, group, w, 0);
         dots(w, x, rows, cols, y + n, y_stride, accumulate);
     }
 }
@@ -388,7 +413,7 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
                     int64_t y_stride, int accumulate, int64_t first, int64_t last) {
     float w[cols];
     for (int64_t n = first; n < last; n++) {
-        expand(weight + n * row_stride, blocks, block_stride, w);
+        expand(weight + n * row_stride, blocks, block_stride, w, 0);
         dots(w, x, rows, cols, y + n, y_stride, accumulate);
     }
 }
