@@ -8,10 +8,10 @@
  * 8 codes in `bits` bytes (two 4-bit codes a byte, the low one first); scales and offsets hold one
  * value per group of `group` values of the units laid end to end, and so does out (C-contiguous).
  * expand_<type>_<dtype>: GGUF blocks of that type straight to values, their scales decoded too.
- * With `stream`, out is written past the cache where the kernel writes with AVX-512 (MLX's 4-bit
- * codes, Q4_K): a whole weight, which the cache cannot hold, is then written without each line
- * being read first and without evicting what the cache holds; the products' buffers of a row are
- * written with stream 0, to be read at once. */
+ * With `stream`, out is written past the cache where the kernel writes with AVX-512 (MLX's codes
+ * of every width, Q4_K's) and out's lines start: a whole weight, which the cache cannot hold, is
+ * then written without each line being read first and without evicting what the cache holds; the
+ * products' buffers of a row are written with stream 0, to be read at once. */
 #include <stdint.h>
 #include <string.h>
 
@@ -37,17 +37,24 @@ static inline __m512 code_values(float scale, float offset) {
     return _mm512_add_ps(product, _mm512_set1_ps(offset));
 }
 
-/* to_bf16 of 16 floats, the bf16 in the upper half of each 32-bit lane (the lower half garbage). */
-static inline __m512i rounded16(__m512 x) {
+/* to_bf16 of 16 floats. */
+static inline __m256i bf16_halves(__m512 x) {
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
 static inline __m512i nibble_lanes(const uint8_t *c) {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
     const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
     return _mm512_or_si512(low, _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF0)), 12));
+}
+
+/* code * scale + offset of 16 8-bit codes. */
+static inline __m512 byte_values(const uint8_t *c, __m512 scale, __m512 offset) {
+    const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c)));
+    return _mm512_add_ps(_mm512_mul_ps(codes, scale), offset);
 }
 
 static inline void store(void *o, __m512i v, int stream) {
@@ -92,8 +99,7 @@ static inline void to_bf16_pairs(const uint8_t *c, int64_t count, float scale, f
                                  int stream) {
     int64_t j = 0;
 #ifdef __AVX512BW__
-    const __m512i rounded = _mm512_srli_epi32(rounded16(code_values(scale, offset)), 16);
-    const __m512i table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));
+    const __m512i table = _mm512_castsi256_si512(bf16_halves(code_values(scale, offset)));
     for (; j + 16 <= count; j += 16)
         store(o + 2 * j, _mm512_permutexvar_epi16(nibble_lanes(c + j), table), stream);
 #endif
@@ -103,15 +109,30 @@ static inline void to_bf16_pairs(const uint8_t *c, int64_t count, float scale, f
     }
 }
 
-/* o[j] = code j * scale + offset for `count` 8-bit codes (the compiler's vectorization of these
- * loops measured as fast as AVX-512 written out). */
-static inline void to_fp32_bytes(const uint8_t *c, int64_t count, float scale, float offset, float *o) {
-    for (int64_t j = 0; j < count; j++)
+/* o[j] = code j * scale + offset for `count` 8-bit codes. */
+static inline void to_fp32_bytes(const uint8_t *c, int64_t count, float scale, float offset, float *o,
+                                 int stream) {
+    int64_t j = 0;
+#ifdef __AVX512BW__
+    const __m512 s = _mm512_set1_ps(scale), b = _mm512_set1_ps(offset);
+    for (; j + 16 <= count; j += 16)
+        store(o + j, _mm512_castps_si512(byte_values(c + j, s, b)), stream);
+#endif
+    for (; j < count; j++)
         o[j] = (float)c[j] * scale + offset;
 }
 
-static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, float offset, uint16_t *o) {
-    for (int64_t j = 0; j < count; j++)
+static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, float offset, uint16_t *o,
+                                 int stream) {
+    int64_t j = 0;
+#ifdef __AVX512BW__
+    const __m512 s = _mm512_set1_ps(scale), b = _mm512_set1_ps(offset);
+    for (; j + 32 <= count; j += 32) {
+        const __m256i low = bf16_halves(byte_values(c + j, s, b)), high = bf16_halves(byte_values(c + j + 16, s, b));
+        store(o + j, _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1), stream);
+    }
+#endif
+    for (; j < count; j++)
         o[j] = to_bf16((float)c[j] * scale + offset);
 }
 
@@ -127,7 +148,7 @@ static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, f
                 const uint8_t *c = codes + u * unit_stride + g * group * bits / 8;                   \
                 type *o = out + at * group;                                                          \
                 if (bits == 8) {                                                                     \
-                    convert##_bytes(c, group, scale, offset, o);                                     \
+                    convert##_bytes(c, group, scale, offset, o, stream);                                     \
                 } else if (bits == 4) {                                                              \
                     convert##_pairs(c, group / 2, scale, offset, o, stream);                         \
                 } else { /* unpacked to bytes first, then converted as in the 8-bit case */          \
@@ -138,7 +159,7 @@ static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, f
                         for (int k = 0; k < 8; k++)                                                  \
                             unpacked[j + k] = (word >> (k * bits)) & ((1u << bits) - 1);             \
                     }                                                                                \
-                    convert##_bytes(unpacked, group, scale, offset, o);                              \
+                    convert##_bytes(unpacked, group, scale, offset, o, stream);                              \
                 }                                                                                    \
             }                                                                                        \
         }                                                                                            \
