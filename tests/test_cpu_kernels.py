@@ -763,6 +763,50 @@ def test_a_product_of_a_few_rows_comes_from_the_codes(monkeypatch, weight, rows)
     assert len(calls) == 1
 
 
+@pytest.mark.skipif(cpu_expansion.TILES not in cpu_expansion.quantized_paths(), reason="no AMX tiles here")
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [cpu_expansion.FEW_ROWS + 1, 37, 64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_4bit_layers_multiply_from_their_codes_in_amx_tiles(monkeypatch, group, rows, with_bias):
+    """With bf16 GEMMs, a layer of MLX's 4-bit codes is multiplied from its codes in AMX tiles, its
+    weight never expanded: within the fp32 summation bound of the float64 product of x and W rounded
+    to bf16 (the weight's bf16 values as expanded for a GEMM), gamma_n sum |x w| + |bias| with n =
+    cols + 1 (one running sum of the products, the bias it starts from), for more columns than the
+    kernel takes at once (3072: the sums kept in y between them) and rows past the last whole 32. x
+    in parts and the head of a GELU split give the same bits. A layer whose output is no multiple of
+    32 wide is expanded for the GEMM. The record of a quantized model says so."""
+    cols, outputs = 3200, 96
+    layer = Linear(cols, outputs, bias=with_bias)
+    layer.weight = mx.random.normal((outputs, cols), key=mx.random.key(1)) * 0.05
+    if with_bias:
+        layer.bias = mx.random.normal((outputs,), key=mx.random.key(2))
+    layer.quantize(4, group)
+    with cpu_expansion.scratch_lock:
+        weight = bf16_widened(expanded_weight(layer, "bf16", "native")).astype(np.float64)
+    x = mx.random.normal((rows, cols), key=mx.random.key(3))
+    rounded = bf16_widened(as_bf16(np.array(x))).astype(np.float64)
+    bias = np.array(layer.bias, np.float64) if with_bias else np.zeros(outputs)
+    expected = rounded @ weight.T + bias
+    terms = cols + 1
+    bound = terms * 2.0**-24 / (1 - terms * 2.0**-24) * (np.abs(rounded) @ np.abs(weight).T + np.abs(bias))
+    with cpu_plan.use(cpu_expansion.TILES):
+        monkeypatch.setattr(cpu_linear, "expanded_weight", lambda *a: pytest.fail("the weight was expanded"))
+        got = np.array(layer(x))
+        assert np.all(np.abs(got - expected) <= bound)
+        assert np.array_equal(np.array(layer([x[:, :1024], x[:, 1024:]])), got)
+        head, _ = layer.split_gelu_tanh(x, 64)
+        assert np.array_equal(np.array(head), got[:, :64])
+        line = "; 4-bit weights multiplied from their codes in AMX tiles through C compiled by "
+        assert line in cpu_plan.describe(quantized=True)
+        monkeypatch.undo()
+        calls = []
+        monkeypatch.setattr(cpu_linear, "expanded_weight", lambda *a: calls.append(a) or expanded_weight(*a))
+        narrower = Linear(cols, 80)
+        narrower.quantize(4, group)
+        narrower(x)
+        assert len(calls) == 1
+
+
 def test_numpy_fp32_linear_is_the_old_computation_bit_for_bit():
     layer = Linear(160, 72)
     layer.weight = mx.random.normal((72, 160), key=mx.random.key(6)).astype(mx.bfloat16)

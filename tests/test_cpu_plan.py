@@ -19,7 +19,7 @@ from flux1.nn import onednn
 from flux1.nn.cpu_activations import activation_paths
 from flux1.nn.cpu_attention import EXP_FUSED, NATIVE
 from flux1.nn.cpu_convolution import convolution_paths
-from flux1.nn.cpu_expansion import expansion_paths
+from flux1.nn.cpu_expansion import EXPANDED, TILES, expansion_paths, quantized_paths
 from flux1.nn.gemm import available_paths, gemm
 from flux1.nn.numpy_cpu import as_bf16, as_float32
 
@@ -77,7 +77,7 @@ def fresh_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_plan, "_plan", [])
     monkeypatch.setattr(cpu_plan, "SHAPES", ((96, 160, 128), (64, 96, 80)))
     monkeypatch.setattr(cpu_plan, "CONVOLUTION", (12, 16, 3))
-    monkeypatch.setattr(cpu_plan, "EXPANSION", (48, 128))
+    monkeypatch.setattr(cpu_plan, "EXPANSION", (64, 128))  # multiples of 32: AMX tiles take it
     return tmp_path / "flux1" / "cpu_plan.json"
 
 
@@ -239,7 +239,7 @@ def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     """A plan for this machine with the given linear rates, as if it had measured them; the other
     kinds' rates follow unless `others` gives them (oneDNN's convolution and the native attention: half
     the slowest; a pair of attention paths: its slower one's; activations and expansions: oneDNN
-    twice NumPy)."""
+    twice NumPy; 4-bit layers: expanded twice as fast as from their codes in AMX tiles)."""
     others = others or {}
     convolution = {name: rates.get(name, min(rates.values()) / 2) for name in CONVOLUTION_PATHS}
     pairs = {
@@ -250,18 +250,20 @@ def cached_rates(file, rates: dict, others: dict | None = None) -> None:
     }
     activation = {name: 1.0 + (name == "onednn") for name in activation_paths()}
     expansion = {name: 1.0 + (path.kernel == "onednn") for name, path in expansion_paths().items()}
+    quantized = {name: 2.0 if name == EXPANDED else 1.0 for name in quantized_paths()}
     defaults = {
         "attention": pairs,
         "convolution": convolution,
         "activation": activation,
         "expansion": expansion,
+        "quantized": quantized,
     }
     all_rates = {"linear": rates} | {kind: others.get(kind, defaults[kind]) for kind in cpu_plan.KINDS[1:]}
     cpu_plan.write(file, cpu_plan.Plan(cpu_plan.machine_key(), all_rates, "then", 0.0))
     cpu_plan._plan.clear()
 
 
-@pytest.mark.parametrize("kind", ["attention", "convolution", "activation", "expansion"])
+@pytest.mark.parametrize("kind", ["attention", "convolution", "activation", "expansion", "quantized"])
 def test_a_plan_without_a_kind_of_product_is_measured_again(fresh_plan, kind):
     cpu_plan.plan()
     data = json.loads(fresh_plan.read_text())
@@ -482,3 +484,23 @@ def test_quantized_weights_expand_to_the_gemms_dtype_by_the_kernel_measured_fast
     for kernel in sorted(kernels):  # by name: fp32 GEMMs, the named kernel
         with cpu_plan.use(kernel):
             assert cpu_plan.expansion() == expansion_paths()[f"{kernel} to fp32"]
+
+
+@pytest.mark.skipif(TILES not in quantized_paths(), reason="no AMX tiles here")
+@pytest.mark.parametrize("tiles_speedup", [2.0, 0.5])
+def test_4bit_layers_multiply_in_amx_tiles_only_with_bf16_gemms_where_measured_faster(
+    fresh_plan, tiles_speedup
+):
+    rates = {name: 100.0 + i for i, name in enumerate(PATHS)}
+    cached_rates(fresh_plan, rates, {"quantized": {EXPANDED: 100.0, TILES: 100.0 * tiles_speedup}})
+    line = "; 4-bit weights multiplied from their codes in AMX tiles through C compiled by "
+    with cpu_plan.use("bf16"):
+        assert cpu_plan.quantized_product().name == (TILES if tiles_speedup > 1 else EXPANDED)
+        assert (line in cpu_plan.describe(quantized=True)) == (tiles_speedup > 1)
+        assert line not in cpu_plan.describe()  # a dense model's record does not mention it
+    with cpu_plan.use("fp32"):  # the tiles multiply in bf16: never under fp32 GEMMs
+        assert cpu_plan.quantized_product().name == EXPANDED
+        assert line not in cpu_plan.describe(quantized=True)
+    for name in (TILES, EXPANDED):  # named: that way, with bf16 GEMMs
+        with cpu_plan.use(name):
+            assert cpu_plan.quantized_product().name == name and cpu_plan.active().dtype == "bf16"

@@ -87,7 +87,7 @@ def test_a_failed_build_warns_and_leaves_nothing(fresh_native, tmp_path, monkeyp
     assert native.compiler()[1] == "fake-cc 1.0"
     with pytest.warns(
         UserWarning,
-        match=r"no native kernels \(.*fake-cc failed on native_expansion.c and native_attention.c: no",
+        match=r"no native kernels \(.*fake-cc failed on native_expansion.c, native_attention.c and native_tiles.c: no",
     ):
         assert native.library() is None
     assert os.listdir(fresh_native) == []

@@ -16,7 +16,8 @@ pools made a head 30% slower than OpenBLAS for both on 2 Zen 1 cores. So are the
 convolutions, whose candidates are oneDNN's convolution primitive and unfolded windows through each
 GEMM (`nn/cpu_convolution.py`), the activations (GELU), computed by NumPy or by oneDNN
 (`nn/cpu_activations.py`), and the expansion of quantized weights to each GEMM dtype, by NumPy, by
-oneDNN or by C compiled for this CPU (`nn/cpu_expansion.py`).
+oneDNN or by C compiled for this CPU (`nn/cpu_expansion.py`), and where AMX tiles run, how layers of
+MLX's 4-bit codes multiply with bf16 GEMMs: expanded for the GEMM, or from their codes in the tiles.
 
 The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
 (inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here, for
@@ -46,12 +47,23 @@ from flux1.nn import native
 from flux1.nn.cpu_activations import ActivationPath, activation_paths, gelu_tanh
 from flux1.nn.cpu_attention import EXP_FUSED, NATIVE, attend_head, exp_fused, native_pairs, score_bounds
 from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolve
-from flux1.nn.cpu_expansion import FEW_ROWS, ExpansionPath, expanded_weight, expansion_paths, scratch_lock
+from flux1.nn.cpu_expansion import (
+    EXPANDED,
+    FEW_ROWS,
+    TILES,
+    ExpansionPath,
+    QuantizedPath,
+    expanded_weight,
+    expansion_paths,
+    quantized_paths,
+    scratch_lock,
+    tile_product,
+)
 from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
-FORMAT = 6
+FORMAT = 7
 # Rows x in @ in x out of a FLUX step at 512x512 (1024 image + 256 text tokens): attention and
 # modulation 3072 -> 3072, the MLP's 3072 -> 12288 and 12288 -> 3072.
 SHAPES = ((1280, 3072, 3072), (1280, 3072, 12288), (1280, 12288, 3072))
@@ -66,8 +78,8 @@ CONVOLUTION = (48, 256, 3)
 ACTIVATION = (256, 12288)
 # A 4-bit weight (group 64) of attention's size, expanded for the GEMM.
 EXPANSION = (3072, 3072)
-KINDS = ("linear", "attention", "convolution", "activation", "expansion")
-MEASURE_SECONDS = 6.0  # for the linear layers' GEMMs: a slow machine measures fewer shapes, never longer
+KINDS = ("linear", "attention", "convolution", "activation", "expansion", "quantized")
+MEASURE_SECONDS = 5.0  # for the linear layers' GEMMs (the other kinds take about 4 s more): a slow machine measures fewer shapes, never longer
 ROUNDS = 3  # each GEMM shape timed best of 3, the paths in turn
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
 
@@ -106,6 +118,8 @@ def candidates(kind: str) -> dict:
         return activation_paths()
     if kind == "expansion":
         return expansion_paths()
+    if kind == "quantized":
+        return quantized_paths()
     return convolution_paths() if kind == "convolution" else available_paths()
 
 
@@ -247,6 +261,37 @@ def measure_expansion(paths: dict[str, ExpansionPath], rounds: int = 3) -> dict[
         return _rates(calls, rows * cols, rounds)
 
 
+def measure_quantized(paths: dict[str, QuantizedPath], rates: dict, rounds: int = 3) -> dict[str, float]:
+    """GFLOP/s of each way a 4-bit weight of EXPANSION's shape multiplies SHAPES[0]'s rows with bf16
+    GEMMs (the fastest bf16 GEMM and expansion to bf16 in `rates`), best of `rounds`; a lone way is
+    not timed."""
+    from flux1.nn.linear import Linear  # here: it imports the CPU kernels, which import the plan
+
+    if len(paths) == 1:
+        return dict.fromkeys(paths, 1.0)
+    (rows, *_), (outputs, inputs) = SHAPES[0], EXPANSION
+    layer = Linear(inputs, outputs, bias=False)
+    layer.weight = mx.random.normal((outputs, inputs), key=mx.random.key(0)).astype(mx.bfloat16)
+    layer.quantize(4, 64)
+    gemms, expansions = available_paths(), expansion_paths()
+    path = gemms[max((n for n in rates["linear"] if gemms[n].dtype == "bf16"), key=rates["linear"].get)]
+    kernel = expansions[
+        max((n for n in rates["expansion"] if n.endswith("bf16")), key=rates["expansion"].get)
+    ]
+    x = as_bf16(np.random.default_rng(0).random((rows, inputs), np.float32))
+    out = np.empty((rows, outputs), np.float32)
+
+    def expanded():
+        with scratch_lock:
+            gemm(path, x, expanded_weight(layer, "bf16", kernel.kernel).T, out)
+
+    def tiles():
+        tile_product(layer, native.pack_tile_rows([x]), rows, 0, outputs, out, accumulate=False)
+
+    calls = {EXPANDED: expanded, TILES: tiles}
+    return _rates(calls, 2.0 * rows * inputs * outputs, rounds)
+
+
 def _rates(calls: dict, work: float | dict[str, float], rounds: int) -> dict[str, float]:
     """work (FLOPs or values; or each call's) per second, in billions, over each call's best time."""
     each = work if isinstance(work, dict) else dict.fromkeys(calls, work)
@@ -337,7 +382,14 @@ def plan() -> Plan:
         paths = available_paths()
         key, file = machine_key(), cache_file()
         kernels = {path.kernel for path in expansion_paths().values()}
-        if len(paths) == len(convolution_paths()) == len(activation_paths()) == len(kernels) == 1:
+        if (
+            len(paths)
+            == len(convolution_paths())
+            == len(activation_paths())
+            == len(kernels)
+            == 1
+            == len(quantized_paths())
+        ):
             # nothing to choose
             found = Plan(key, {kind: {name: 1.0 for name in candidates(kind)} for kind in KINDS}, "-", 0.0)
         else:
@@ -348,6 +400,7 @@ def plan() -> Plan:
             rates["convolution"] = measure_convolution(convolution_paths())
             rates["activation"] = measure_activation(activation_paths())
             rates["expansion"] = measure_expansion(expansion_paths())
+            rates["quantized"] = measure_quantized(quantized_paths(), rates)
             measured = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             found = Plan(key, rates, measured, time.perf_counter() - start)
             try:
@@ -370,12 +423,20 @@ def use(choice: str):
     """Inside the block the CPU kernels compute with `choice`: a precision (auto, fp32, bf16) or one
     path by name (e.g. "numpy fp32", "onednn bf16", "onednn convolution fp32", "onednn" for the
     activations and the expansion, "native" for the expansion, "native bf16, AMX tiles" or "native
-    bf16, AVX512-BF16" for attention's whole heads in C; a name of one kind's path sets its dtype for the other kinds)."""
+    bf16, AVX512-BF16" for attention's whole heads in C, `cpu_expansion.TILES` or EXPANDED for how
+    4-bit layers multiply with bf16 GEMMs; a name of one kind's path sets its dtype for the other kinds)."""
     global _override
     kernels = tuple(sorted({path.kernel for path in expansion_paths().values()} - set(activation_paths())))
     whole_heads = tuple(native_pairs())
+    quantized = tuple(quantized_paths()) if len(quantized_paths()) > 1 else ()
     _check(
-        choice, PRECISIONS + tuple(convolution_paths()) + tuple(activation_paths()) + kernels + whole_heads
+        choice,
+        PRECISIONS
+        + tuple(convolution_paths())
+        + tuple(activation_paths())
+        + kernels
+        + whole_heads
+        + quantized,
     )
     previous, _override = _override, choice
     try:
@@ -401,7 +462,8 @@ def active(kind: str = "linear", gemm_pair: bool = False) -> GemmPath | Convolut
         return paths[choice]
     if choice not in PRECISIONS:  # another kind's path; an expansion kernel's alone: fp32 GEMMs
         other = {**convolution_paths(), **activation_paths()}.get(choice)
-        choice = "bf16" if choice in NATIVE else "fp32" if other is None else other.dtype
+        bf16 = choice in NATIVE or choice in quantized_paths()
+        choice = "bf16" if bf16 else "fp32" if other is None else other.dtype
     if kind == "activation":
         choice = "fp32"
     rates = plan().rates[kind]
@@ -426,6 +488,17 @@ def expansion() -> ExpansionPath:
     paths = {name: path for name, path in expansion_paths().items() if path.dtype == dtype}
     named = [name for name, path in paths.items() if path.kernel == choice]
     return paths[named[0] if named else max(paths, key=plan().rates["expansion"].__getitem__)]
+
+
+def quantized_product() -> QuantizedPath:
+    """How layers of MLX's 4-bit codes multiply: expanded for the GEMM in use, or with bf16 GEMMs
+    from their codes in AMX tiles where that measured faster here (or is named in `use`)."""
+    paths, choice = quantized_paths(), _override or _precision
+    if choice in paths:
+        return paths[choice]
+    if active().dtype != "bf16":
+        return paths[EXPANDED]
+    return paths[max(paths, key=plan().rates["quantized"].__getitem__)]
 
 
 def require_bf16() -> None:
@@ -471,6 +544,8 @@ def describe(quantized: bool = False) -> str:
     expanding = expansion()
     if quantized and expanding.library != path.library:
         line += f"; quantized weights expanded through {expanding.library}"
+    if quantized and quantized_product().name == TILES:
+        line += f"; 4-bit weights multiplied from their codes in AMX tiles through {native.description()}"
     if quantized and native.library() is not None:
         line += f"; products of up to {FEW_ROWS} rows (the modulations) fp32 from the codes through {native.description()}"
     return line

@@ -221,17 +221,58 @@ def product_from_codes(
     quantized `layer`, straight from its codes by the native kernels (`native.affine_products`,
     `native.block_products`): no row of W leaves the cache expanded."""
     layer.to_cpu_form()
-    raw = as_numpy(layer.weight)[first:last]
     if layer.gguf_type is not None:
+        raw = as_numpy(layer.weight)[first:last]
         blocks = raw.reshape(last - first, -1, block_size(layer.gguf_type)[1])
         native.block_products(layer.gguf_type, blocks, x, out, accumulate)
         return
-    scales, biases = (
-        float32_values(as_numpy(a)[first:last]) for a in (layer.scales, layer.biases)
-    )  # these rows only
-    native.affine_products(
-        raw.view(np.uint8), layer.bits, scales, biases, layer.group_size, x, out, accumulate
-    )
+    native.affine_products(*_affine_rows(layer, first, last), layer.group_size, x, out, accumulate)
+
+
+def _affine_rows(layer, first: int, last: int) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """(codes, bits, fp32 scales, fp32 offsets) of rows first..last of an MLX-quantized layer (only
+    these rows' scales converted)."""
+    scales, biases = (float32_values(as_numpy(a)[first:last]) for a in (layer.scales, layer.biases))
+    return as_numpy(layer.weight)[first:last].view(np.uint8), layer.bits, scales, biases
+
+
+@dataclass(frozen=True)
+class QuantizedPath:
+    name: str  # EXPANDED or TILES
+    library: str
+
+
+EXPANDED = "expanded for the GEMM"
+TILES = "4-bit codes in AMX tiles"
+
+
+@cache
+def quantized_paths() -> dict[str, QuantizedPath]:
+    """How a layer of MLX's 4-bit codes can be multiplied here: its weight expanded for the GEMM
+    (`expanded_weight`), and where AMX tiles run (`native.tiles`) from its codes in them
+    (`tile_product`)."""
+    paths = [QuantizedPath(EXPANDED, "flux1")]
+    if native.library() is not None and native.tiles():
+        paths.append(QuantizedPath(TILES, native.description()))
+    return {path.name: path for path in paths}
+
+
+def fits_tiles(layer, widths: list[int], bounds: list[int]) -> bool:
+    """Whether `tile_product` takes this layer, x given in parts of `widths` columns and the output
+    in parts between `bounds`: MLX's 4-bit codes, all of them multiples of 32."""
+    sizes = [layer.group_size or 0, *widths, *bounds]
+    return layer.bits == 4 and layer.gguf_type is None and all(size % 32 == 0 for size in sizes)
+
+
+def tile_product(
+    layer, packed: np.ndarray, rows: int, first: int, last: int, out: np.ndarray, accumulate: bool
+):
+    """out [rows, last - first] (+= with `accumulate`) x @ W[first:last]^T for a layer `fits_tiles`
+    takes, x packed by `native.pack_tile_rows`, from W's codes in AMX tiles (`native.tile_products`):
+    bf16 products, fp32 sums, no row of W leaving the cache expanded."""
+    layer.to_cpu_form()
+    codes, _, scales, biases = _affine_rows(layer, first, last)
+    native.tile_products(codes, scales, biases, layer.group_size, packed, rows, out, accumulate)
 
 
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Small C kernels (`native_expansion.c`, `native_attention.c`) compiled for this CPU on first use,
+"""Small C kernels (`native_expansion.c`, `native_attention.c`, `native_tiles.c`) compiled for this
+CPU on first use,
 where a C compiler is installed (`$CC`, else `cc`), and kept in flux1's cache folder under a name
 made from everything the machine code depends on (the sources, the compiler's version, the flags,
 the CPU model and its instruction sets: a home folder shared by different CPUs gets one build per
@@ -31,7 +32,9 @@ from flux1.gguf.blocks import Q4_K_PAIRED, block_size
 from flux1.nn.gemm import cpu_flags
 from flux1.nn.numpy_cpu import in_parallel
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("native_expansion.c", "native_attention.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("native_expansion.c", "native_attention.c", "native_tiles.c")
+)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 BITS = (3, 4, 5, 6, 8)  # the code widths `expand` takes
 # Every GGUF type, as flux1 holds its blocks (gguf/blocks.py's cpu_form): `expand_blocks`'s kernel
@@ -98,6 +101,9 @@ def library() -> ctypes.CDLL | None:
     product = [_P, _I, _I, _P, _I, ctypes.c_int, _I, _I]  # x, rows, cols, y, y_stride, accumulate, rows of w
     kernels.affine_products.argtypes = [_P, _P, _I, _P, _P, _I, *product]
     kernels.block_products.argtypes = [_P, _P, _I, _I, _I, *product]
+    if kernels.tile_kernels():
+        kernels.tile_products.argtypes = [_P, _I, _P, _P, _I, _P, _I, _I, _P, _I, ctypes.c_int, _I, _I]
+        kernels.pack_tile_rows.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I]
     if kernels.attention_kernels():
         for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
             getattr(kernels, name).argtypes = [ctypes.POINTER(Source), _I, _I, _I, _P, _I, _I]
@@ -120,7 +126,8 @@ def _build(compiler_path: str, built: Path) -> None:
             timeout=300,
         )
         if result.returncode:
-            names = " and ".join(source.name for source in SOURCES)
+            *others, last = (source.name for source in SOURCES)
+            names = f"{', '.join(others)} and {last}"
             raise RuntimeError(f"{compiler_path} failed on {names}: {result.stderr.strip()[-500:]}")
         os.replace(partial, built)
     finally:
@@ -190,6 +197,66 @@ def _products(x: np.ndarray, out: np.ndarray, accumulate: bool, kernel, *weight)
         kernel(*weight, x.ctypes.data, rows, cols, out.ctypes.data, step, accumulate, first, last)
 
     in_parallel(part, out.shape[1])
+
+
+@functools.cache
+def tiles() -> bool:
+    """Whether `tile_products` runs here: the kernels were built for a CPU with AMX-BF16 and Linux
+    granted this process the tile registers."""
+    kernels = library()
+    return kernels is not None and bool(kernels.tile_kernels())
+
+
+TILE_ROWS = 32  # tile_products' rows of W and of x at a time: W's rows are split over the cores by them
+
+
+def pack_tile_rows(parts: list[np.ndarray]) -> np.ndarray:
+    """x [rows, cols] given as its parts along cols (bf16 bits as uint16, each part's rows
+    contiguous, its width a multiple of 32), laid out as `tile_products` takes it: panels of 16
+    rows (rows padded with zeros to a multiple of 32), each 32 columns of a panel a tile of 16 x 32."""
+    rows, width = len(parts[0]), sum(part.shape[1] for part in parts)
+    padded = -(-rows // TILE_ROWS) * TILE_ROWS
+    out = np.empty(padded * width, np.uint16)
+    start = 0
+    for part in parts:
+        assert part.dtype == np.uint16 and part.strides[1] == 2 and part.shape[1] % 32 == 0
+        call = functools.partial(
+            library().pack_tile_rows,
+            part.ctypes.data,
+            part.strides[0] // 2,
+            rows,
+            part.shape[1],
+            start,
+            width,
+        )
+        in_parallel(lambda first, last, call=call: call(out.ctypes.data, first, last), padded // 16)
+        start += part.shape[1]
+    return out
+
+
+def tile_products(
+    codes: np.ndarray, scales, offsets, group: int, packed: np.ndarray, rows: int, out, accumulate: bool
+) -> None:
+    """out [rows, n] (+= with `accumulate`) x @ W^T, x as `pack_tile_rows` packed it, W [n, cols] given
+    as MLX's 4-bit codes [n, cols / 2] with fp32 scales and offsets [n, cols / group] (n, cols and
+    group multiples of 32) in AMX tiles (`native_expansion.c`'s tile_products): bf16 products, fp32
+    sums; the rows of W split over the cores 32 at a time."""
+    n, cols = len(codes), codes.shape[1] * 2
+    assert codes.dtype == np.uint8 and codes.strides[1] == 1 and n % TILE_ROWS == cols % 32 == group % 32 == 0
+    assert (
+        scales.flags.c_contiguous
+        and offsets.flags.c_contiguous
+        and scales.dtype == offsets.dtype == np.float32
+    )
+    assert out.dtype == np.float32 and out.strides[1] == 4 and out.shape == (rows, n)
+    assert packed.size == -(-rows // TILE_ROWS) * TILE_ROWS * cols
+
+    def part(first: int, last: int) -> None:
+        library().tile_products(codes.ctypes.data, codes.strides[0], scales.ctypes.data, offsets.ctypes.data, group,
+                                packed.ctypes.data, rows, cols, out.ctypes.data, out.strides[0] // 4, accumulate,
+                                first * TILE_ROWS, last * TILE_ROWS)  # fmt: skip
+
+    in_parallel(part, n // TILE_ROWS)
 
 
 def description() -> str:

@@ -62,34 +62,7 @@ static inline void product_vectors(const uint16_t *a, int64_t a_stride, const ui
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-static int tiles_granted(void) {
-    /* Linux hands out the tile registers' state only on request, once per process. */
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-struct tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-};
-
-/* Eight tiles of 16 rows x 64 bytes: 0-3 a 32 x 32 block of fp32 sums, 4-5 the left operand's two
- * 16-row halves, 6-7 the right operand's two 16-column halves. */
-static void configure_tiles(void) {
-    struct tile_config config = {0};
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        config.bytes_per_row[t] = 64;
-        config.rows[t] = 16;
-    }
-    _tile_loadconfig(&config);
-}
+void configure_tiles(void); /* native_tiles.c */
 
 /* product_vectors' block by AMX's tiles. */
 static inline void product_tiles(const uint16_t *a, int64_t a_stride, const uint16_t *b, int64_t b_stride,
@@ -121,9 +94,9 @@ static inline void product_tiles(const uint16_t *a, int64_t a_stride, const uint
     _tile_stored(2, (char *)out + 16 * out_stride, out_stride);
     _tile_stored(3, (char *)out + 16 * out_stride + 64, out_stride);
 }
-#else
-static int tiles_granted(void) { return 0; }
 #endif
+
+int tiles_granted(void); /* native_tiles.c */
 
 int attention_kernels(void) { return VECTORS | (tiles_granted() ? TILES : 0); }
 

@@ -438,3 +438,155 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
         dots(w, x, rows, cols, y + n, y_stride, accumulate);
     }
 }
+
+/* Products with MLX's 4-bit codes in AMX tiles: y [M, n] (+= with `accumulate`) = x @ W^T for W's
+ * rows first <= n < last (multiples of 32), W given as in affine_products with `group` a multiple of
+ * 32, x [M, K] packed by pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such
+ * slice of x (kept in the cache while it is used) W a block of TILE_ROWS rows at a time: expanded
+ * to bf16 by expand_4_bf16's arithmetic straight into the layout AMX takes for its right operand
+ * (tile_block), then multiplied with every 32 rows of x, the sums fp32 in the tiles, kept in y
+ * between slices of K. W never leaves the cache expanded, and the products and sums are those of a
+ * GEMM of AMX tiles over the expanded weight: bf16 products summed in fp32, 32 of K at a time in
+ * order. tile_kernels() says whether this runs here (AMX-BF16, and Linux granted the tiles). */
+#define TILE_ROWS 64
+#define TILE_DEPTH 3072
+int tiles_granted(void);  /* native_tiles.c */
+void configure_tiles(void);
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
+int tile_kernels(void) { return tiles_granted(); }
+
+/* r[i] = lane i of every r[j] (a 16 x 16 transpose of 32-bit lanes): pairs, then quadruples, then
+ * 128-bit quarters, then halves interleaved. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 8; i++) {
+        const int a = i / 4 * 8 + i % 4;
+        t[a] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0x88);
+        t[a + 4] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0xDD);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    }
+}
+
+/* W's rows n..n + 15, columns k0..k0 + depth, as AMX's right operand: a 1 KB tile per 32 columns, its
+ * row p the 16 rows' values 2p and 2p + 1 of those 32, side by side. */
+static void tile_block(const uint8_t *codes, int64_t code_stride, const float *scales, const float *offsets,
+                       int64_t groups, int64_t group, int64_t n, int64_t k0, int64_t depth, uint32_t *out) {
+    __m512i tables[16], r[16];
+    for (int64_t d = 0; d < depth; d += 32) {
+        const int64_t k = k0 + d;
+        if (d == 0 || k % group == 0)
+            for (int i = 0; i < 16; i++) {
+                const int64_t at = (n + i) * groups + k / group;
+                tables[i] = _mm512_castsi256_si512(bf16_halves(code_values(scales[at], offsets[at])));
+            }
+        for (int i = 0; i < 16; i++)
+            r[i] = _mm512_permutexvar_epi16(nibble_lanes(codes + (n + i) * code_stride + k / 2), tables[i]);
+        transpose16(r);
+        for (int p = 0; p < 16; p++)
+            _mm512_store_si512(out + d / 32 * 256 + p * 16, r[p]);
+    }
+}
+
+/* sums [32 x 32] (fp32, rows stride floats apart; added to where `load`) = 32 rows of x, from its
+ * tiles a (the next 16 rows `panel` values on), times W's 32 rows' tiles b, over steps x 32 columns. */
+static inline void tile_product(const uint16_t *a, int64_t panel, const uint32_t *b, int64_t steps, float *sums,
+                                int64_t stride, int load) {
+    if (load) {
+        _tile_loadd(0, sums, stride * 4);
+        _tile_loadd(1, sums + 16, stride * 4);
+        _tile_loadd(2, sums + 16 * stride, stride * 4);
+        _tile_loadd(3, sums + 16 * stride + 16, stride * 4);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t d = 0; d < steps; d++) {
+        _tile_loadd(4, a + d * 512, 64);
+        _tile_loadd(5, a + panel + d * 512, 64);
+        _tile_loadd(6, b + d * 256, 64);
+        _tile_loadd(7, b + (steps + d) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, sums, stride * 4);
+    _tile_stored(1, sums + 16, stride * 4);
+    _tile_stored(2, sums + 16 * stride, stride * 4);
+    _tile_stored(3, sums + 16 * stride + 16, stride * 4);
+}
+
+void tile_products(const uint8_t *codes, int64_t code_stride, const float *scales, const float *offsets,
+                   int64_t group, const uint16_t *x, int64_t rows, int64_t cols, float *y, int64_t y_stride,
+                   int accumulate, int64_t first, int64_t last) {
+    uint32_t *block = aligned_alloc(64, TILE_ROWS * TILE_DEPTH * sizeof(uint16_t));
+    float tail[32 * 32]; /* the last rows' sums, where fewer than 32 are left */
+    const int64_t groups = cols / group;
+    configure_tiles();
+    for (int64_t k0 = 0; k0 < cols; k0 += TILE_DEPTH) {
+        const int64_t depth = cols - k0 < TILE_DEPTH ? cols - k0 : TILE_DEPTH, steps = depth / 32;
+        const int load = accumulate || k0 > 0;
+        for (int64_t n0 = first; n0 < last; n0 += TILE_ROWS) {
+            const int64_t count = last - n0 < TILE_ROWS ? last - n0 : TILE_ROWS;
+            for (int64_t s = 0; s < count; s += 16)
+                tile_block(codes, code_stride, scales, offsets, groups, group, n0 + s, k0, depth, block + s * depth / 2);
+            for (int64_t m = 0; m < rows; m += 32) {
+                const uint16_t *a = x + m * cols + k0 * 16; /* x's panels: 16 rows x cols each */
+                const int64_t valid = rows - m < 32 ? rows - m : 32;
+                for (int64_t s = 0; s < count; s += 32) {
+                    float *sums = y + m * y_stride + n0 + s;
+                    if (valid == 32) {
+                        tile_product(a, 16 * cols, block + s * depth / 2, steps, sums, y_stride, load);
+                        continue;
+                    }
+                    for (int64_t r = 0; r < 32; r++)
+                        for (int64_t j = 0; j < 32; j++)
+                            tail[r * 32 + j] = load && r < valid ? sums[r * y_stride + j] : 0.0f;
+                    tile_product(a, 16 * cols, block + s * depth / 2, steps, tail, 32, 1);
+                    for (int64_t r = 0; r < valid; r++)
+                        memcpy(sums + r * y_stride, tail + r * 32, 32 * sizeof(float));
+                }
+            }
+        }
+    }
+    _tile_release();
+    free(block);
+}
+
+/* Panels [first, last) of x [rows, cols] (bf16, its rows x_stride apart) into out, x's part of the
+ * packed rows tile_products takes, x being columns k0..k0 + cols of them (all `width` wide): 16 rows
+ * a panel, each 32 columns of a panel a 1 KB tile (its 16 rows of 64 bytes in turn); rows past
+ * `rows` zeros. */
+void pack_tile_rows(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t cols, int64_t k0, int64_t width,
+                    uint16_t *out, int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; p++)
+        for (int64_t d = 0; d < cols; d += 32) {
+            uint16_t *tile = out + p * 16 * width + (k0 + d) * 16;
+            for (int64_t r = 0; r < 16; r++) {
+                const int64_t row = p * 16 + r;
+                if (row < rows)
+                    memcpy(tile + r * 32, x + row * x_stride + d, 64);
+                else
+                    memset(tile + r * 32, 0, 64);
+            }
+        }
+}
+#else
+int tile_kernels(void) { return 0; }
+#endif
