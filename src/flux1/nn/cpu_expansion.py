@@ -35,7 +35,7 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
-from flux1.gguf.blocks import LAYOUTS, Q4_K_PAIRED, block_size, cpu_form, decode, nibbles
+from flux1.gguf.blocks import LAYOUTS, block_size, decode, nibbles
 from flux1.gguf.expand import expand_rows
 from flux1.nn import native, onednn
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, float32_values, in_parallel, round_to_bf16
@@ -248,7 +248,7 @@ TILES = "4-bit codes in AMX tiles"
 
 @cache
 def quantized_paths() -> dict[str, QuantizedPath]:
-    """How a layer of 4-bit codes (MLX's, GGUF Q4_K's) can be multiplied here: its weight expanded for the GEMM
+    """How a layer of MLX's 4-bit codes can be multiplied here: its weight expanded for the GEMM
     (`expanded_weight`), and where AMX tiles run (`native.tiles`) from its codes in them
     (`tile_product`)."""
     paths = [QuantizedPath(EXPANDED, "flux1")]
@@ -259,11 +259,9 @@ def quantized_paths() -> dict[str, QuantizedPath]:
 
 def fits_tiles(layer, widths: list[int], bounds: list[int]) -> bool:
     """Whether `tile_product` takes this layer, x given in parts of `widths` columns and the output
-    in parts between `bounds`: MLX's 4-bit codes or GGUF Q4_K blocks, all of them multiples of 32."""
-    if layer.gguf_type is not None:
-        return cpu_form(layer.gguf_type) == Q4_K_PAIRED and all(size % 32 == 0 for size in [*widths, *bounds])
+    in parts between `bounds`: MLX's 4-bit codes, all of them multiples of 32."""
     sizes = [layer.group_size or 0, *widths, *bounds]
-    return layer.bits == 4 and all(size % 32 == 0 for size in sizes)
+    return layer.bits == 4 and layer.gguf_type is None and all(size % 32 == 0 for size in sizes)
 
 
 def tile_product(
@@ -273,11 +271,8 @@ def tile_product(
     takes, x packed by `native.pack_tile_rows`, from W's codes in AMX tiles (`native.tile_products`):
     bf16 products, fp32 sums, no row of W leaving the cache expanded."""
     layer.to_cpu_form()
-    if layer.gguf_type is not None:
-        native.tile_products(as_numpy(layer.weight)[first:last].view(np.uint8), packed, rows, out, accumulate)
-        return
     codes, _, scales, biases = _affine_rows(layer, first, last)
-    native.tile_products(codes, packed, rows, out, accumulate, (scales, biases, layer.group_size))
+    native.tile_products(codes, scales, biases, layer.group_size, packed, rows, out, accumulate)
 
 
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:

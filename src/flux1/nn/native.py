@@ -102,17 +102,7 @@ def library() -> ctypes.CDLL | None:
     kernels.affine_products.argtypes = [_P, _P, _I, _P, _P, _I, *product]
     kernels.block_products.argtypes = [_P, _P, _I, _I, _I, *product]
     if kernels.tile_kernels():
-        kernels.tile_products.argtypes = [
-            ctypes.POINTER(TileWeight),
-            _P,
-            _I,
-            _I,
-            _P,
-            _I,
-            ctypes.c_int,
-            _I,
-            _I,
-        ]
+        kernels.tile_products.argtypes = [_P, _I, _P, _P, _I, _P, _I, _I, _P, _I, ctypes.c_int, _I, _I]
         kernels.pack_tile_rows.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I]
     if kernels.attention_kernels():
         for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
@@ -244,39 +234,27 @@ def pack_tile_rows(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-class TileWeight(ctypes.Structure):
-    """`native_expansion.c`'s struct tile_weight: a weight of 4-bit codes for `tile_products`."""
-
-    _fields_ = [("data", _P), ("stride", _I), ("scales", _P), ("offsets", _P), ("groups", _I), ("group", _I)]
-
-
 def tile_products(
-    weight: np.ndarray, packed: np.ndarray, rows: int, out, accumulate: bool, affine: tuple | None = None
+    codes: np.ndarray, scales, offsets, group: int, packed: np.ndarray, rows: int, out, accumulate: bool
 ) -> None:
-    """out [rows, n] (+= with `accumulate`) x @ W^T in AMX tiles (`native_expansion.c`'s
-    tile_products: bf16 products, fp32 sums), x as `pack_tile_rows` packed it, W's n rows given as
-    MLX's 4-bit codes [n, cols / 2] with affine = (fp32 scales, fp32 offsets [n, cols / group],
-    group), or without it as Q4_K_PAIRED blocks [n, cols / 256 * 144] (n, cols and group multiples
-    of 32); the rows of W split over the cores 32 at a time."""
-    n = out.shape[1]
-    cols = packed.size // (-(-rows // TILE_ROWS) * TILE_ROWS)
-    assert weight.dtype == np.uint8 and weight.strides[1] == 1 and len(weight) == n and n % TILE_ROWS == 0
-    assert out.dtype == np.float32 and out.strides[1] == 4 and len(out) == rows and cols % 32 == 0
-    if affine is None:
-        assert weight.shape[1] == cols // 256 * block_size(Q4_K_PAIRED)[1]
-        made = TileWeight(weight.ctypes.data, weight.strides[0], None, None, 0, 32)
-    else:
-        scales, offsets, group = affine
-        assert weight.shape[1] * 2 == cols and group % 32 == 0
-        assert scales.shape == offsets.shape == (n, cols // group)
-        assert scales.flags.c_contiguous and offsets.flags.c_contiguous
-        assert scales.dtype == offsets.dtype == np.float32
-        made = TileWeight(weight.ctypes.data, weight.strides[0], scales.ctypes.data, offsets.ctypes.data,
-                          cols // group, group)  # fmt: skip
+    """out [rows, n] (+= with `accumulate`) x @ W^T, x as `pack_tile_rows` packed it, W [n, cols] given
+    as MLX's 4-bit codes [n, cols / 2] with fp32 scales and offsets [n, cols / group] (n, cols and
+    group multiples of 32) in AMX tiles (`native_expansion.c`'s tile_products): bf16 products, fp32
+    sums; the rows of W split over the cores 32 at a time."""
+    n, cols = len(codes), codes.shape[1] * 2
+    assert codes.dtype == np.uint8 and codes.strides[1] == 1 and n % TILE_ROWS == cols % 32 == group % 32 == 0
+    assert (
+        scales.flags.c_contiguous
+        and offsets.flags.c_contiguous
+        and scales.dtype == offsets.dtype == np.float32
+    )
+    assert out.dtype == np.float32 and out.strides[1] == 4 and out.shape == (rows, n)
+    assert packed.size == -(-rows // TILE_ROWS) * TILE_ROWS * cols
 
     def part(first: int, last: int) -> None:
-        library().tile_products(made, packed.ctypes.data, rows, cols, out.ctypes.data, out.strides[0] // 4,
-                                accumulate, first * TILE_ROWS, last * TILE_ROWS)  # fmt: skip
+        library().tile_products(codes.ctypes.data, codes.strides[0], scales.ctypes.data, offsets.ctypes.data, group,
+                                packed.ctypes.data, rows, cols, out.ctypes.data, out.strides[0] // 4, accumulate,
+                                first * TILE_ROWS, last * TILE_ROWS)  # fmt: skip
 
     in_parallel(part, n // TILE_ROWS)
 

@@ -439,11 +439,11 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
     }
 }
 
-/* Products with 4-bit codes in AMX tiles: y [M, n] (+= with `accumulate`) = x @ W^T for W's rows
- * first <= n < last (multiples of 32), W a struct tile_weight, x [M, K] packed by pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such
+/* Products with MLX's 4-bit codes in AMX tiles: y [M, n] (+= with `accumulate`) = x @ W^T for W's
+ * rows first <= n < last (multiples of 32), W given as in affine_products with `group` a multiple of
+ * 32, x [M, K] packed by pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such
  * slice of x (kept in the cache while it is used) W a block of TILE_ROWS rows at a time: expanded
- * to bf16 by expand_4_bf16's (expand_q4_k_bf16's) arithmetic straight into the layout AMX takes for
- * its right operand
+ * to bf16 by expand_4_bf16's arithmetic straight into the layout AMX takes for its right operand
  * (tile_block), then multiplied with every 32 rows of x, the sums fp32 in the tiles, kept in y
  * between slices of K. W never leaves the cache expanded, and the products and sums are those of a
  * GEMM of AMX tiles over the expanded weight: bf16 products summed in fp32, 32 of K at a time in
@@ -481,49 +481,20 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* A weight of 4-bit codes for tile_products: MLX's (rows of `stride` bytes of codes, fp32 scales
- * and offsets [rows, K / group]), or Q4_K_PAIRED blocks (rows of `stride` bytes, K / 256 blocks
- * each; scales and offsets NULL, group 32: each sub-block's, as expand_q4_k_bf16 computes them). */
-struct tile_weight {
-    const uint8_t *data;
-    int64_t stride;
-    const float *scales, *offsets;
-    int64_t groups, group;
-};
-
-/* The 16 bytes of row n's codes for columns k..k + 31 (k a multiple of 32), and with `table` the 16
- * bf16 values their group's codes stand for. */
-static inline const uint8_t *tile_codes(const struct tile_weight *w, int64_t n, int64_t k, __m512i *table) {
-    const uint8_t *row = w->data + n * w->stride;
-    if (w->scales == NULL) {
-        const uint8_t *block = row + k / 256 * 144;
-        const int s = k % 256 / 32;
-        if (table) {
-            float d, dmin;
-            int scale, min;
-            scale_and_min(block, &d, &dmin);
-            scale_min_k4(block + 4, s, &scale, &min);
-            *table = _mm512_castsi256_si512(bf16_halves(code_values((float)scale * d, -((float)min * dmin))));
-        }
-        return block + 16 + s * 16;
-    }
-    if (table) {
-        const int64_t at = n * w->groups + k / w->group;
-        *table = _mm512_castsi256_si512(bf16_halves(code_values(w->scales[at], w->offsets[at])));
-    }
-    return row + k / 2;
-}
-
 /* W's rows n..n + 15, columns k0..k0 + depth, as AMX's right operand: a 1 KB tile per 32 columns, its
  * row p the 16 rows' values 2p and 2p + 1 of those 32, side by side. */
-static void tile_block(const struct tile_weight *w, int64_t n, int64_t k0, int64_t depth, uint32_t *out) {
+static void tile_block(const uint8_t *codes, int64_t code_stride, const float *scales, const float *offsets,
+                       int64_t groups, int64_t group, int64_t n, int64_t k0, int64_t depth, uint32_t *out) {
     __m512i tables[16], r[16];
     for (int64_t d = 0; d < depth; d += 32) {
-        const int64_t k = k0 + d, new_group = d == 0 || k % w->group == 0;
-        for (int i = 0; i < 16; i++) {
-            const uint8_t *codes = tile_codes(w, n + i, k, new_group ? tables + i : NULL);
-            r[i] = _mm512_permutexvar_epi16(nibble_lanes(codes), tables[i]);
-        }
+        const int64_t k = k0 + d;
+        if (d == 0 || k % group == 0)
+            for (int i = 0; i < 16; i++) {
+                const int64_t at = (n + i) * groups + k / group;
+                tables[i] = _mm512_castsi256_si512(bf16_halves(code_values(scales[at], offsets[at])));
+            }
+        for (int i = 0; i < 16; i++)
+            r[i] = _mm512_permutexvar_epi16(nibble_lanes(codes + (n + i) * code_stride + k / 2), tables[i]);
         transpose16(r);
         for (int p = 0; p < 16; p++)
             _mm512_store_si512(out + d / 32 * 256 + p * 16, r[p]);
@@ -561,10 +532,12 @@ static inline void tile_product(const uint16_t *a, int64_t panel, const uint32_t
     _tile_stored(3, sums + 16 * stride + 16, stride * 4);
 }
 
-void tile_products(const struct tile_weight *w, const uint16_t *x, int64_t rows, int64_t cols, float *y,
-                   int64_t y_stride, int accumulate, int64_t first, int64_t last) {
+void tile_products(const uint8_t *codes, int64_t code_stride, const float *scales, const float *offsets,
+                   int64_t group, const uint16_t *x, int64_t rows, int64_t cols, float *y, int64_t y_stride,
+                   int accumulate, int64_t first, int64_t last) {
     uint32_t *block = aligned_alloc(64, TILE_ROWS * TILE_DEPTH * sizeof(uint16_t));
     float tail[32 * 32]; /* the last rows' sums, where fewer than 32 are left */
+    const int64_t groups = cols / group;
     configure_tiles();
     for (int64_t k0 = 0; k0 < cols; k0 += TILE_DEPTH) {
         const int64_t depth = cols - k0 < TILE_DEPTH ? cols - k0 : TILE_DEPTH, steps = depth / 32;
@@ -572,7 +545,7 @@ void tile_products(const struct tile_weight *w, const uint16_t *x, int64_t rows,
         for (int64_t n0 = first; n0 < last; n0 += TILE_ROWS) {
             const int64_t count = last - n0 < TILE_ROWS ? last - n0 : TILE_ROWS;
             for (int64_t s = 0; s < count; s += 16)
-                tile_block(w, n0 + s, k0, depth, block + s * depth / 2);
+                tile_block(codes, code_stride, scales, offsets, groups, group, n0 + s, k0, depth, block + s * depth / 2);
             for (int64_t m = 0; m < rows; m += 32) {
                 const uint16_t *a = x + m * cols + k0 * 16; /* x's panels: 16 rows x cols each */
                 const int64_t valid = rows - m < 32 ? rows - m : 32;
