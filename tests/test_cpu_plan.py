@@ -15,11 +15,12 @@ import pytest
 from tests.conftest import relative_error
 
 from flux1 import backend, cpu_plan
-from flux1.nn import onednn
+from flux1.nn import native, onednn
 from flux1.nn.cpu_activations import activation_paths
 from flux1.nn.cpu_attention import EXP_FUSED, NATIVE
 from flux1.nn.cpu_convolution import convolution_paths
 from flux1.nn.cpu_expansion import EXPANDED, TILES, expansion_paths, quantized_paths
+from flux1.nn.gemm import TILES as GEMM_TILES
 from flux1.nn.gemm import available_paths, gemm
 from flux1.nn.numpy_cpu import as_bf16, as_float32
 
@@ -48,11 +49,12 @@ def test_bf16_rounding_is_mlx_round_to_nearest_even(monkeypatch):
 
 
 @pytest.mark.parametrize("name", PATHS)
-@pytest.mark.parametrize("m, k, n", [(37, 129, 53), (1, 300, 7), (65, 3, 1)])
+@pytest.mark.parametrize("m, k, n", [(37, 129, 53), (1, 300, 7), (65, 3, 1), (37, 3200, 64)])
 def test_gemm_path_equals_float64_product(name, m, k, n):
     """Row-major and transposed operands, a row slice of a wider matrix (leading dimension > width),
     alpha, and a second product added to the first; the output written into a slice of a wider
-    buffer."""
+    buffer. The last shape is one flux1's own GEMM in AMX tiles takes (the second product, with the
+    weight's rows as Linear holds them, past one slice of its K), the others go to a library's."""
     path = available_paths()[name]
     rng = np.random.default_rng(m)
     a = rng.standard_normal((m, k + 5), np.float32)[:, :k]
@@ -487,16 +489,19 @@ def test_quantized_weights_expand_to_the_gemms_dtype_by_the_kernel_measured_fast
 
 
 @pytest.mark.skipif(TILES not in quantized_paths(), reason="no AMX tiles here")
-@pytest.mark.parametrize("tiles_speedup", [2.0, 0.5])
-def test_4bit_layers_multiply_in_amx_tiles_only_with_bf16_gemms_where_measured_faster(
+@pytest.mark.parametrize("tiles_speedup", [2.0, 0.95, 0.5])
+def test_4bit_layers_multiply_in_amx_tiles_with_bf16_gemms_unless_expanding_is_clearly_faster(
     fresh_plan, tiles_speedup
 ):
+    """Expanding needs the scratch buffer (a layer's weight in bf16): taken only where it measured
+    more than EXPANDED_MARGIN (1.1) times as fast."""
     rates = {name: 100.0 + i for i, name in enumerate(PATHS)}
     cached_rates(fresh_plan, rates, {"quantized": {EXPANDED: 100.0, TILES: 100.0 * tiles_speedup}})
     line = "; 4-bit weights multiplied from their codes in AMX tiles through C compiled by "
+    tiles = tiles_speedup * cpu_plan.EXPANDED_MARGIN >= 1
     with cpu_plan.use("bf16"):
-        assert cpu_plan.quantized_product().name == (TILES if tiles_speedup > 1 else EXPANDED)
-        assert (line in cpu_plan.describe(quantized=True)) == (tiles_speedup > 1)
+        assert cpu_plan.quantized_product().name == (TILES if tiles else EXPANDED)
+        assert (line in cpu_plan.describe(quantized=True)) == tiles
         assert line not in cpu_plan.describe()  # a dense model's record does not mention it
     with cpu_plan.use("fp32"):  # the tiles multiply in bf16: never under fp32 GEMMs
         assert cpu_plan.quantized_product().name == EXPANDED
@@ -504,3 +509,29 @@ def test_4bit_layers_multiply_in_amx_tiles_only_with_bf16_gemms_where_measured_f
     for name in (TILES, EXPANDED):  # named: that way, with bf16 GEMMs
         with cpu_plan.use(name):
             assert cpu_plan.quantized_product().name == name and cpu_plan.active().dtype == "bf16"
+
+
+@pytest.mark.skipif(GEMM_TILES not in PATHS, reason="no AMX tiles here")
+@pytest.mark.parametrize("m", [37, 64])
+def test_the_own_tile_gemm_takes_the_products_of_linear_layers(monkeypatch, m):
+    """flux1's own GEMM in AMX tiles computes a @ W^T with W's bf16 rows in memory as `Linear` holds
+    them (here rows and columns of a wider weight, K past one 3072-wide slice), x a column slice of
+    a wider matrix, added to a slice of a wider output: within gamma_n (sum |a w| + |out|), n = k +
+    1, of the float64 product of the bf16 operands; a product it does not take (W's columns
+    contiguous) goes to a library's bf16 GEMM."""
+    path = available_paths()[GEMM_TILES]
+    rng = np.random.default_rng(m)
+    k, n = 3200, 64
+    a = as_bf16(rng.standard_normal((m, k + 32), np.float32))[:, 32:]
+    w = as_bf16(rng.standard_normal((n + 32, k + 64), np.float32))[16 : 16 + n, 64:]
+    wide = rng.standard_normal((m, n + 3)).astype(np.float32)
+    start = wide[:, :n].astype(np.float64)
+    calls, tile_products = [], native.tile_products
+    monkeypatch.setattr(native, "tile_products", lambda *args: calls.append(args) or tile_products(*args))
+    gemm(path, a, w.T, out=wide[:, :n], accumulate=True)
+    x64, w64 = (widened(np.ascontiguousarray(bits)).astype(np.float64) for bits in (a, w))
+    terms = k + 1
+    bound = terms * 2.0**-24 / (1 - terms * 2.0**-24) * (np.abs(x64) @ np.abs(w64).T + np.abs(start))
+    assert len(calls) == 1 and np.all(np.abs(wide[:, :n] - (start + x64 @ w64.T)) <= bound)
+    gemm(path, a, np.ascontiguousarray(w.T), out=wide[:, :n])
+    assert len(calls) == 1 and relative_error(wide[:, :n], x64 @ w64.T) < 1e-6

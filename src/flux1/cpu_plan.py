@@ -82,6 +82,7 @@ KINDS = ("linear", "attention", "convolution", "activation", "expansion", "quant
 MEASURE_SECONDS = 5.0  # for the linear layers' GEMMs (the other kinds take about 4 s more): a slow machine measures fewer shapes, never longer
 ROUNDS = 3  # each GEMM shape timed best of 3, the paths in turn
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
+EXPANDED_MARGIN = 1.1  # 4-bit weights expanded need the scratch buffer: only if clearly faster than tiles
 
 _precision = "fp32"
 _override: str | None = None
@@ -286,7 +287,8 @@ def measure_quantized(paths: dict[str, QuantizedPath], rates: dict, rounds: int 
             gemm(path, x, expanded_weight(layer, "bf16", kernel.kernel).T, out)
 
     def tiles():
-        tile_product(layer, native.pack_tile_rows([x]), rows, 0, outputs, out, accumulate=False)
+        packed = native.pack_tile_rows([(x.ctypes.data, inputs, inputs)], rows)
+        tile_product(layer, packed, rows, 0, outputs, out, accumulate=False)
 
     calls = {EXPANDED: expanded, TILES: tiles}
     return _rates(calls, 2.0 * rows * inputs * outputs, rounds)
@@ -492,13 +494,15 @@ def expansion() -> ExpansionPath:
 
 def quantized_product() -> QuantizedPath:
     """How layers of MLX's 4-bit codes multiply: expanded for the GEMM in use, or with bf16 GEMMs
-    from their codes in AMX tiles where that measured faster here (or is named in `use`)."""
+    from their codes in AMX tiles unless expanding measured clearly faster here (EXPANDED_MARGIN; or
+    one is named in `use`)."""
     paths, choice = quantized_paths(), _override or _precision
     if choice in paths:
         return paths[choice]
-    if active().dtype != "bf16":
+    if active().dtype != "bf16" or len(paths) == 1:
         return paths[EXPANDED]
-    return paths[max(paths, key=plan().rates["quantized"].__getitem__)]
+    rates = plan().rates["quantized"]
+    return paths[EXPANDED if rates[EXPANDED] > EXPANDED_MARGIN * rates[TILES] else TILES]
 
 
 def require_bf16() -> None:

@@ -272,7 +272,9 @@ def tile_product(
     bf16 products, fp32 sums, no row of W leaving the cache expanded."""
     layer.to_cpu_form()
     codes, _, scales, biases = _affine_rows(layer, first, last)
-    native.tile_products(codes, scales, biases, layer.group_size, packed, rows, out, accumulate)
+    weight = native.code_tiles(codes, scales, biases, layer.group_size)
+    assert out.strides[1] == 4 and out.shape == (rows, last - first)
+    native.tile_products(weight, last - first, packed, rows, out.ctypes.data, out.strides[0] // 4, accumulate)
 
 
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:

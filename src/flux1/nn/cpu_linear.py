@@ -81,7 +81,10 @@ def _product(
         and fits_tiles(layer, [flat.shape[1] for flat in flats], bounds)
         and cpu_plan.quantized_product().name == TILES
     ):
-        packed = native.pack_tile_rows([operand(flat, path) for flat in flats])
+        parts = [operand(flat, path) for flat in flats]
+        packed = native.pack_tile_rows(
+            [(p.ctypes.data, p.strides[0] // 2, p.shape[1]) for p in parts], len(parts[0])
+        )
         for y, first, last, biased in outputs:
             tile_product(layer, packed, len(flats[0]), first, last, y, accumulate=biased is not None)
     else:

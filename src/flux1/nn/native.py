@@ -102,7 +102,17 @@ def library() -> ctypes.CDLL | None:
     kernels.affine_products.argtypes = [_P, _P, _I, _P, _P, _I, *product]
     kernels.block_products.argtypes = [_P, _P, _I, _I, _I, *product]
     if kernels.tile_kernels():
-        kernels.tile_products.argtypes = [_P, _I, _P, _P, _I, _P, _I, _I, _P, _I, ctypes.c_int, _I, _I]
+        kernels.tile_products.argtypes = [
+            ctypes.POINTER(TileWeight),
+            _P,
+            _I,
+            _I,
+            _P,
+            _I,
+            ctypes.c_int,
+            _I,
+            _I,
+        ]
         kernels.pack_tile_rows.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I]
     if kernels.attention_kernels():
         for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
@@ -210,50 +220,61 @@ def tiles() -> bool:
 TILE_ROWS = 32  # tile_products' rows of W and of x at a time: W's rows are split over the cores by them
 
 
-def pack_tile_rows(parts: list[np.ndarray]) -> np.ndarray:
-    """x [rows, cols] given as its parts along cols (bf16 bits as uint16, each part's rows
-    contiguous, its width a multiple of 32), laid out as `tile_products` takes it: panels of 16
-    rows (rows padded with zeros to a multiple of 32), each 32 columns of a panel a tile of 16 x 32."""
-    rows, width = len(parts[0]), sum(part.shape[1] for part in parts)
-    padded = -(-rows // TILE_ROWS) * TILE_ROWS
-    out = np.empty(padded * width, np.uint16)
-    start = 0
-    for part in parts:
-        assert part.dtype == np.uint16 and part.strides[1] == 2 and part.shape[1] % 32 == 0
-        call = functools.partial(
-            library().pack_tile_rows,
-            part.ctypes.data,
-            part.strides[0] // 2,
-            rows,
-            part.shape[1],
-            start,
-            width,
-        )
-        in_parallel(lambda first, last, call=call: call(out.ctypes.data, first, last), padded // 16)
-        start += part.shape[1]
-    return out
+class TileWeight(ctypes.Structure):
+    """`native_expansion.c`'s struct tile_weight: W for `tile_products`, bf16 rows or 4-bit codes."""
+
+    _fields_ = [("data", _P), ("stride", _I), ("scales", _P), ("offsets", _P), ("groups", _I), ("group", _I)]
 
 
-def tile_products(
-    codes: np.ndarray, scales, offsets, group: int, packed: np.ndarray, rows: int, out, accumulate: bool
-) -> None:
-    """out [rows, n] (+= with `accumulate`) x @ W^T, x as `pack_tile_rows` packed it, W [n, cols] given
-    as MLX's 4-bit codes [n, cols / 2] with fp32 scales and offsets [n, cols / group] (n, cols and
-    group multiples of 32) in AMX tiles (`native_expansion.c`'s tile_products): bf16 products, fp32
-    sums; the rows of W split over the cores 32 at a time."""
-    n, cols = len(codes), codes.shape[1] * 2
-    assert codes.dtype == np.uint8 and codes.strides[1] == 1 and n % TILE_ROWS == cols % 32 == group % 32 == 0
+def bf16_tiles(rows: int, row_stride: int) -> TileWeight:
+    """W as bf16 values: its rows at address `rows`, `row_stride` values apart."""
+    return TileWeight(rows, 2 * row_stride, None, None, 0, 0)
+
+
+def code_tiles(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, group: int) -> TileWeight:
+    """W as MLX's 4-bit codes [n, cols / 2] with fp32 scales and offsets [n, cols / group] (group a
+    multiple of 32); the arrays must outlive its use."""
+    assert codes.dtype == np.uint8 and codes.strides[1] == 1 and group % 32 == 0
+    assert scales.shape == offsets.shape == (len(codes), codes.shape[1] * 2 // group)
     assert (
         scales.flags.c_contiguous
         and offsets.flags.c_contiguous
         and scales.dtype == offsets.dtype == np.float32
     )
-    assert out.dtype == np.float32 and out.strides[1] == 4 and out.shape == (rows, n)
-    assert packed.size == -(-rows // TILE_ROWS) * TILE_ROWS * cols
+    return TileWeight(codes.ctypes.data, codes.strides[0], scales.ctypes.data, offsets.ctypes.data,
+                      scales.shape[1], group)  # fmt: skip
+
+
+def pack_tile_rows(parts: list[tuple[int, int, int]], rows: int) -> np.ndarray:
+    """x [rows, cols] given as its parts along cols, each (the address of its bf16 bits, its rows'
+    stride in values, its width: a multiple of 32), laid out as `tile_products` takes it: panels of
+    16 rows (rows padded with zeros to a multiple of TILE_ROWS), each 32 columns of a panel a tile
+    of 16 x 32."""
+    width = sum(cols for _, _, cols in parts)
+    padded = -(-rows // TILE_ROWS) * TILE_ROWS
+    out = np.empty(padded * width, np.uint16)
+    start = 0
+    for address, stride, cols in parts:
+        assert cols % 32 == 0
+        call = functools.partial(
+            library().pack_tile_rows, address, stride, rows, cols, start, width, out.ctypes.data
+        )
+        in_parallel(call, padded // 16)
+        start += cols
+    return out
+
+
+def tile_products(weight: TileWeight, n: int, packed: np.ndarray, rows: int, out: int, out_stride: int,
+                  accumulate: bool) -> None:  # fmt: skip
+    """out [rows, n] at address `out`, rows `out_stride` floats apart (+= with `accumulate`) = x @ W^T
+    in AMX tiles (`native_expansion.c`'s tile_products: bf16 products, fp32 sums), x as
+    `pack_tile_rows` packed it, W's n rows (a multiple of 32) `weight`; the rows of W split over the
+    cores 32 at a time."""
+    cols = packed.size // (-(-rows // TILE_ROWS) * TILE_ROWS)
+    assert n % TILE_ROWS == 0 and cols % 32 == 0 and packed.dtype == np.uint16
 
     def part(first: int, last: int) -> None:
-        library().tile_products(codes.ctypes.data, codes.strides[0], scales.ctypes.data, offsets.ctypes.data, group,
-                                packed.ctypes.data, rows, cols, out.ctypes.data, out.strides[0] // 4, accumulate,
+        library().tile_products(weight, packed.ctypes.data, rows, cols, out, out_stride, accumulate,
                                 first * TILE_ROWS, last * TILE_ROWS)  # fmt: skip
 
     in_parallel(part, n // TILE_ROWS)

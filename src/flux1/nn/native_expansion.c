@@ -439,15 +439,14 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
     }
 }
 
-/* Products with MLX's 4-bit codes in AMX tiles: y [M, n] (+= with `accumulate`) = x @ W^T for W's
- * rows first <= n < last (multiples of 32), W given as in affine_products with `group` a multiple of
- * 32, x [M, K] packed by pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such
- * slice of x (kept in the cache while it is used) W a block of TILE_ROWS rows at a time: expanded
- * to bf16 by expand_4_bf16's arithmetic straight into the layout AMX takes for its right operand
- * (tile_block), then multiplied with every 32 rows of x, the sums fp32 in the tiles, kept in y
- * between slices of K. W never leaves the cache expanded, and the products and sums are those of a
- * GEMM of AMX tiles over the expanded weight: bf16 products summed in fp32, 32 of K at a time in
- * order. tile_kernels() says whether this runs here (AMX-BF16, and Linux granted the tiles). */
+/* A GEMM in AMX tiles: y [M, n] (+= with `accumulate`) = x @ W^T for W's rows first <= n < last
+ * (multiples of 32), W a struct tile_weight (bf16 rows, or MLX's 4-bit codes), x [M, K] packed by
+ * pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such slice of x (kept in the
+ * cache while it is used) W a block of TILE_ROWS rows at a time: laid out as AMX takes its right
+ * operand (tile_block; codes expanded to bf16 on the way by expand_4_bf16's arithmetic), then
+ * multiplied with every 32 rows of x, the sums fp32 in the tiles, kept in y between slices of K: bf16
+ * products summed in fp32, 32 of K at a time in order. Codes never leave the cache expanded.
+ * tile_kernels() says whether this runs here (AMX-BF16, and Linux granted the tiles). */
 #define TILE_ROWS 64
 #define TILE_DEPTH 3072
 int tiles_granted(void);  /* native_tiles.c */
@@ -481,20 +480,33 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
+/* A weight for tile_products: rows of `stride` bytes at data, bf16 values (scales NULL) or MLX's
+ * 4-bit codes with fp32 scales and offsets [rows, groups], each for `group` values of a row. */
+struct tile_weight {
+    const uint8_t *data;
+    int64_t stride;
+    const float *scales, *offsets;
+    int64_t groups, group;
+};
+
 /* W's rows n..n + 15, columns k0..k0 + depth, as AMX's right operand: a 1 KB tile per 32 columns, its
  * row p the 16 rows' values 2p and 2p + 1 of those 32, side by side. */
-static void tile_block(const uint8_t *codes, int64_t code_stride, const float *scales, const float *offsets,
-                       int64_t groups, int64_t group, int64_t n, int64_t k0, int64_t depth, uint32_t *out) {
+static void tile_block(const struct tile_weight *w, int64_t n, int64_t k0, int64_t depth, uint32_t *out) {
     __m512i tables[16], r[16];
     for (int64_t d = 0; d < depth; d += 32) {
         const int64_t k = k0 + d;
-        if (d == 0 || k % group == 0)
-            for (int i = 0; i < 16; i++) {
-                const int64_t at = (n + i) * groups + k / group;
-                tables[i] = _mm512_castsi256_si512(bf16_halves(code_values(scales[at], offsets[at])));
-            }
-        for (int i = 0; i < 16; i++)
-            r[i] = _mm512_permutexvar_epi16(nibble_lanes(codes + (n + i) * code_stride + k / 2), tables[i]);
+        if (w->scales == NULL) {
+            for (int i = 0; i < 16; i++)
+                r[i] = _mm512_loadu_si512(w->data + (n + i) * w->stride + k * 2);
+        } else {
+            if (d == 0 || k % w->group == 0)
+                for (int i = 0; i < 16; i++) {
+                    const int64_t at = (n + i) * w->groups + k / w->group;
+                    tables[i] = _mm512_castsi256_si512(bf16_halves(code_values(w->scales[at], w->offsets[at])));
+                }
+            for (int i = 0; i < 16; i++)
+                r[i] = _mm512_permutexvar_epi16(nibble_lanes(w->data + (n + i) * w->stride + k / 2), tables[i]);
+        }
         transpose16(r);
         for (int p = 0; p < 16; p++)
             _mm512_store_si512(out + d / 32 * 256 + p * 16, r[p]);
@@ -532,12 +544,10 @@ static inline void tile_product(const uint16_t *a, int64_t panel, const uint32_t
     _tile_stored(3, sums + 16 * stride + 16, stride * 4);
 }
 
-void tile_products(const uint8_t *codes, int64_t code_stride, const float *scales, const float *offsets,
-                   int64_t group, const uint16_t *x, int64_t rows, int64_t cols, float *y, int64_t y_stride,
-                   int accumulate, int64_t first, int64_t last) {
+void tile_products(const struct tile_weight *w, const uint16_t *x, int64_t rows, int64_t cols, float *y,
+                   int64_t y_stride, int accumulate, int64_t first, int64_t last) {
     uint32_t *block = aligned_alloc(64, TILE_ROWS * TILE_DEPTH * sizeof(uint16_t));
     float tail[32 * 32]; /* the last rows' sums, where fewer than 32 are left */
-    const int64_t groups = cols / group;
     configure_tiles();
     for (int64_t k0 = 0; k0 < cols; k0 += TILE_DEPTH) {
         const int64_t depth = cols - k0 < TILE_DEPTH ? cols - k0 : TILE_DEPTH, steps = depth / 32;
@@ -545,7 +555,7 @@ void tile_products(const uint8_t *codes, int64_t code_stride, const float *scale
         for (int64_t n0 = first; n0 < last; n0 += TILE_ROWS) {
             const int64_t count = last - n0 < TILE_ROWS ? last - n0 : TILE_ROWS;
             for (int64_t s = 0; s < count; s += 16)
-                tile_block(codes, code_stride, scales, offsets, groups, group, n0 + s, k0, depth, block + s * depth / 2);
+                tile_block(w, n0 + s, k0, depth, block + s * depth / 2);
             for (int64_t m = 0; m < rows; m += 32) {
                 const uint16_t *a = x + m * cols + k0 * 16; /* x's panels: 16 rows x cols each */
                 const int64_t valid = rows - m < 32 ? rows - m : 32;
