@@ -74,7 +74,7 @@ def test_quantized_memory_prints_every_row(tmp_path):
     )
     table = out[out.index("FLUX.1-schnell, tiny preset") :].splitlines()
     assert re.match(
-        r"step floor: [\d.]+ TFLOP \(4 image \+ 256 text tokens\) at the \w+ (fp32|bf16) GEMM's", table[2]
+        r"step floor: [\d.]+ TFLOP \(4 image \+ 256 text tokens\) at the (\w+ )+(fp32|bf16) GEMM's", table[2]
     )
     assert "s/step  GFLOP/s  / floor" in table[3]
     for line in table[4:]:  # the GEMM's rate around the run, and the step over its floor
