@@ -764,23 +764,35 @@ def test_a_product_of_a_few_rows_comes_from_the_codes(monkeypatch, weight, rows)
 
 
 @pytest.mark.skipif(cpu_expansion.TILES not in cpu_expansion.quantized_paths(), reason="no AMX tiles here")
-@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize(
+    "group", [32, 64, 128, gguf.GGMLQuantizationType.Q4_K], ids=lambda g: f"group {getattr(g, 'name', g)}"
+)
 @pytest.mark.parametrize("rows", [cpu_expansion.FEW_ROWS + 1, 37, 64])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_4bit_layers_multiply_from_their_codes_in_amx_tiles(monkeypatch, group, rows, with_bias):
-    """With bf16 GEMMs, a layer of MLX's 4-bit codes is multiplied from its codes in AMX tiles, its
-    weight never expanded: within the fp32 summation bound of the float64 product of x and W rounded
-    to bf16 (the weight's bf16 values as expanded for a GEMM), gamma_n sum |x w| + |bias| with n =
-    cols + 1 (one running sum of the products, the bias it starts from), for more columns than the
-    kernel takes at once (3072: the sums kept in y between them) and rows past the last whole 32. x
-    in parts and the head of a GELU split give the same bits. A layer whose output is no multiple of
-    32 wide is expanded for the GEMM. The record of a quantized model says so."""
-    cols, outputs = 3200, 96
-    layer = Linear(cols, outputs, bias=with_bias)
-    layer.weight = mx.random.normal((outputs, cols), key=mx.random.key(1)) * 0.05
-    if with_bias:
-        layer.bias = mx.random.normal((outputs,), key=mx.random.key(2))
-    layer.quantize(4, group)
+    """With bf16 GEMMs, a layer of 4-bit codes (MLX's in groups of 32, 64 or 128; GGUF Q4_K) is
+    multiplied from its codes in AMX tiles, its weight never expanded: within the fp32 summation
+    bound of the float64 product of x and W rounded to bf16 (the weight's bf16 values as expanded for
+    a GEMM), gamma_n sum |x w| + |bias| with n = cols + 1 (one running sum of the products, the bias
+    it starts from), for more columns than the kernel takes at once (3072: the sums kept in y
+    between them) and rows past the last whole 32. x in parts and the head of a GELU split give the
+    same bits. A layer whose output is no multiple of 32 wide is expanded for the GEMM. The record
+    of a quantized model says so."""
+    cols, outputs = 13 * 256, 96
+
+    def quantized(outputs: int) -> Linear:
+        layer = Linear(cols, outputs, bias=with_bias)
+        layer.weight = mx.random.normal((outputs, cols), key=mx.random.key(1)) * 0.05
+        if with_bias:
+            layer.bias = mx.random.normal((outputs,), key=mx.random.key(2))
+        if not isinstance(group, gguf.GGMLQuantizationType):
+            assert layer.quantize(4, group)
+        else:
+            blocks = random_blocks(group, outputs * cols // block_size(group)[0]).reshape(outputs, -1)
+            layer.set_gguf(mx.array(blocks), group)
+        return layer
+
+    layer = quantized(outputs)
     with cpu_expansion.scratch_lock:
         weight = bf16_widened(expanded_weight(layer, "bf16", "native")).astype(np.float64)
     x = mx.random.normal((rows, cols), key=mx.random.key(3))
@@ -801,9 +813,7 @@ def test_4bit_layers_multiply_from_their_codes_in_amx_tiles(monkeypatch, group, 
         monkeypatch.undo()
         calls = []
         monkeypatch.setattr(cpu_linear, "expanded_weight", lambda *a: calls.append(a) or expanded_weight(*a))
-        narrower = Linear(cols, 80)
-        narrower.quantize(4, group)
-        narrower(x)
+        quantized(80)(x)
         assert len(calls) == 1
 
 

@@ -17,7 +17,7 @@ convolutions, whose candidates are oneDNN's convolution primitive and unfolded w
 GEMM (`nn/cpu_convolution.py`), the activations (GELU), computed by NumPy or by oneDNN
 (`nn/cpu_activations.py`), and the expansion of quantized weights to each GEMM dtype, by NumPy, by
 oneDNN or by C compiled for this CPU (`nn/cpu_expansion.py`), and where AMX tiles run, how layers of
-MLX's 4-bit codes multiply with bf16 GEMMs: expanded for the GEMM, or from their codes in the tiles.
+4-bit codes (MLX's, GGUF Q4_K's) multiply with bf16 GEMMs: expanded for the GEMM, or from their codes in the tiles.
 
 The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
 (inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here, for
@@ -493,7 +493,7 @@ def expansion() -> ExpansionPath:
 
 
 def quantized_product() -> QuantizedPath:
-    """How layers of MLX's 4-bit codes multiply: expanded for the GEMM in use, or with bf16 GEMMs
+    """How layers of 4-bit codes (MLX's, Q4_K's) multiply: expanded for the GEMM in use, or with bf16 GEMMs
     from their codes in AMX tiles unless expanding measured clearly faster here (EXPANDED_MARGIN; or
     one is named in `use`)."""
     paths, choice = quantized_paths(), _override or _precision

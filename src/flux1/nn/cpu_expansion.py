@@ -35,7 +35,7 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
-from flux1.gguf.blocks import LAYOUTS, block_size, decode, nibbles
+from flux1.gguf.blocks import LAYOUTS, Q4_K_PAIRED, block_size, cpu_form, decode, nibbles
 from flux1.gguf.expand import expand_rows
 from flux1.nn import native, onednn
 from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, float32_values, in_parallel, round_to_bf16
@@ -248,7 +248,7 @@ TILES = "4-bit codes in AMX tiles"
 
 @cache
 def quantized_paths() -> dict[str, QuantizedPath]:
-    """How a layer of MLX's 4-bit codes can be multiplied here: its weight expanded for the GEMM
+    """How a layer of 4-bit codes (MLX's, GGUF Q4_K's) can be multiplied here: its weight expanded for the GEMM
     (`expanded_weight`), and where AMX tiles run (`native.tiles`) from its codes in them
     (`tile_product`)."""
     paths = [QuantizedPath(EXPANDED, "flux1")]
@@ -259,9 +259,10 @@ def quantized_paths() -> dict[str, QuantizedPath]:
 
 def fits_tiles(layer, widths: list[int], bounds: list[int]) -> bool:
     """Whether `tile_product` takes this layer, x given in parts of `widths` columns and the output
-    in parts between `bounds`: MLX's 4-bit codes, all of them multiples of 32."""
-    sizes = [layer.group_size or 0, *widths, *bounds]
-    return layer.bits == 4 and layer.gguf_type is None and all(size % 32 == 0 for size in sizes)
+    in parts between `bounds`: MLX's 4-bit codes or GGUF Q4_K blocks, all of them multiples of 32."""
+    if layer.gguf_type is not None:
+        return cpu_form(layer.gguf_type) == Q4_K_PAIRED and all(size % 32 == 0 for size in [*widths, *bounds])
+    return layer.bits == 4 and all(size % 32 == 0 for size in [layer.group_size, *widths, *bounds])
 
 
 def tile_product(
@@ -271,10 +272,15 @@ def tile_product(
     takes, x packed by `native.pack_tile_rows`, from W's codes in AMX tiles (`native.tile_products`):
     bf16 products, fp32 sums, no row of W leaving the cache expanded."""
     layer.to_cpu_form()
-    codes, _, scales, biases = _affine_rows(layer, first, last)
-    weight = native.code_tiles(codes, scales, biases, layer.group_size)
+    if layer.gguf_type is not None:
+        blocks = as_numpy(layer.weight)[first:last].view(np.uint8)
+        weight, _ = kept = native.q4_k_tiles(blocks.reshape(last - first, -1, block_size(layer.gguf_type)[1]))
+    else:
+        codes, _, scales, biases = kept = _affine_rows(layer, first, last)
+        weight = native.code_tiles(codes, scales, biases, layer.group_size)
     assert out.strides[1] == 4 and out.shape == (rows, last - first)
     native.tile_products(weight, last - first, packed, rows, out.ctypes.data, out.strides[0] // 4, accumulate)
+    del kept  # what `weight` points into, kept until here
 
 
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:

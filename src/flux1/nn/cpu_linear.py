@@ -1,7 +1,7 @@
 """The CPU path of `Linear`: the weight expanded on all cores to the dtype of the plan's GEMM
 (`cpu_plan.active()`: fp32, or bf16 where bf16 GEMMs are faster; `nn/cpu_expansion.py`), then one
 GEMM. Quantized weights skip the expansion where the kernels can multiply their codes: products of
-a few rows (`product_from_codes`), and with bf16 GEMMs MLX's 4-bit codes in AMX tiles where the plan
+a few rows (`product_from_codes`), and with bf16 GEMMs 4-bit codes (MLX's, Q4_K's) in AMX tiles where the plan
 measured that faster (`tile_product`).
 
 Why NumPy (measured on 2 Zen 4 cores, 1280 x 3072 @ 3072 x 21504, benchmarks/profile_step.py):

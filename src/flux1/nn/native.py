@@ -101,6 +101,7 @@ def library() -> ctypes.CDLL | None:
     product = [_P, _I, _I, _P, _I, ctypes.c_int, _I, _I]  # x, rows, cols, y, y_stride, accumulate, rows of w
     kernels.affine_products.argtypes = [_P, _P, _I, _P, _P, _I, *product]
     kernels.block_products.argtypes = [_P, _P, _I, _I, _I, *product]
+    kernels.q4_k_affine.argtypes = [_P, _I, _I, _P, _P]
     if kernels.tile_kernels():
         kernels.tile_products.argtypes = [
             ctypes.POINTER(TileWeight),
@@ -223,12 +224,14 @@ TILE_ROWS = 32  # tile_products' rows of W and of x at a time: W's rows are spli
 class TileWeight(ctypes.Structure):
     """`native_expansion.c`'s struct tile_weight: W for `tile_products`, bf16 rows or 4-bit codes."""
 
-    _fields_ = [("data", _P), ("stride", _I), ("scales", _P), ("offsets", _P), ("groups", _I), ("group", _I)]
+    _fields_ = [
+        ("data", _P), ("stride", _I), ("scales", _P), ("offsets", _P), ("groups", _I), ("group", _I), ("q4_k", _I),
+    ]  # fmt: skip
 
 
 def bf16_tiles(rows: int, row_stride: int) -> TileWeight:
     """W as bf16 values: its rows at address `rows`, `row_stride` values apart."""
-    return TileWeight(rows, 2 * row_stride, None, None, 0, 0)
+    return TileWeight(rows, 2 * row_stride, None, None, 0, 0, 0)
 
 
 def code_tiles(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, group: int) -> TileWeight:
@@ -242,7 +245,24 @@ def code_tiles(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, group
         and scales.dtype == offsets.dtype == np.float32
     )
     return TileWeight(codes.ctypes.data, codes.strides[0], scales.ctypes.data, offsets.ctypes.data,
-                      scales.shape[1], group)  # fmt: skip
+                      scales.shape[1], group, 0)  # fmt: skip
+
+
+def q4_k_tiles(blocks: np.ndarray) -> tuple[TileWeight, tuple]:
+    """(W as Q4_K_PAIRED blocks [n, blocks a row, 144], the scales and offsets of their sub-blocks,
+    decoded here on all cores, which must outlive its use)."""
+    n, count, nbytes = blocks.shape
+    assert blocks.dtype == np.uint8 and blocks.flags.c_contiguous and nbytes == block_size(Q4_K_PAIRED)[1]
+    scales, offsets = (np.empty((n, count * 8), np.float32) for _ in range(2))
+
+    def decode(first: int, last: int) -> None:
+        library().q4_k_affine(blocks[first].ctypes.data, (last - first) * count, nbytes, scales[first].ctypes.data,
+                              offsets[first].ctypes.data)  # fmt: skip
+
+    in_parallel(decode, n)
+    made = TileWeight(blocks.ctypes.data, blocks.strides[0], scales.ctypes.data, offsets.ctypes.data,
+                      count * 8, 32, 1)  # fmt: skip
+    return made, (scales, offsets)
 
 
 def pack_tile_rows(parts: list[tuple[int, int, int]], rows: int) -> np.ndarray:

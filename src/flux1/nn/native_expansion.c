@@ -210,21 +210,31 @@ static inline void scale_min_k4(const uint8_t *q, int s, int *scale, int *min) {
 }
 
 /* GGUF Q4_K blocks as flux1 holds them (gguf/blocks.py's Q4_K_PAIRED: 144 bytes, the f16 d and dmin,
- * 12 bytes of 6-bit sub-block scales and mins, 128 bytes of MLX-ordered nibbles) straight to values:
- * each sub-block of 32 is code * (d * scale) + -(dmin * min), as gguf/blocks.py's _k_affine. */
+ * 12 bytes of 6-bit sub-block scales and mins, 128 bytes of MLX-ordered nibbles): each sub-block of
+ * 32 values is code * (d * scale) + -(dmin * min), as gguf/blocks.py's _k_affine. q4_k_affine writes
+ * the scale and offset of each sub-block of `count` blocks (`stride` bytes apart), 8 a block. */
+void q4_k_affine(const uint8_t *blocks, int64_t count, int64_t stride, float *scales, float *offsets) {
+    for (int64_t b = 0; b < count; b++) {
+        const uint8_t *block = blocks + b * stride;
+        float d, dmin;
+        scale_and_min(block, &d, &dmin);
+        for (int s = 0; s < 8; s++) {
+            int scale_bits, min_bits;
+            scale_min_k4(block + 4, s, &scale_bits, &min_bits);
+            scales[b * 8 + s] = (float)scale_bits * d;
+            offsets[b * 8 + s] = -((float)min_bits * dmin);
+        }
+    }
+}
+
 #define EXPAND_Q4_K(name, type, convert)                                                             \
     void name(const uint8_t *blocks, int64_t count, int64_t stride, type *out, int stream) {         \
         for (int64_t b = 0; b < count; b++) {                                                        \
-            const uint8_t *block = blocks + b * stride, *q = block + 4, *c = block + 16;             \
-            float d, dmin;                                                                           \
-            scale_and_min(block, &d, &dmin);                                                         \
-            for (int s = 0; s < 8; s++) {                                                            \
-                int scale_bits, min_bits;                                                            \
-                scale_min_k4(q, s, &scale_bits, &min_bits);                                          \
-                const float scale = (float)scale_bits * d, offset = -((float)min_bits * dmin);       \
-                type *o = out + b * 256 + s * 32;                                                    \
-                convert##_pairs(c + s * 16, 16, scale, offset, o, stream);                           \
-            }                                                                                        \
+            float scales[8], offsets[8];                                                             \
+            q4_k_affine(blocks + b * stride, 1, stride, scales, offsets);                            \
+            for (int s = 0; s < 8; s++)                                                              \
+                convert##_pairs(blocks + b * stride + 16 + s * 16, 16, scales[s], offsets[s],        \
+                                out + b * 256 + s * 32, stream);                                     \
         }                                                                                            \
         streamed(stream);                                                                            \
     }
@@ -440,7 +450,7 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
 }
 
 /* A GEMM in AMX tiles: y [M, n] (+= with `accumulate`) = x @ W^T for W's rows first <= n < last
- * (multiples of 32), W a struct tile_weight (bf16 rows, or MLX's 4-bit codes), x [M, K] packed by
+ * (multiples of 32), W a struct tile_weight (bf16 rows, or MLX's or Q4_K's 4-bit codes), x [M, K] packed by
  * pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such slice of x (kept in the
  * cache while it is used) W a block of TILE_ROWS rows at a time: laid out as AMX takes its right
  * operand (tile_block; codes expanded to bf16 on the way by expand_4_bf16's arithmetic), then
@@ -480,14 +490,21 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* A weight for tile_products: rows of `stride` bytes at data, bf16 values (scales NULL) or MLX's
- * 4-bit codes with fp32 scales and offsets [rows, groups], each for `group` values of a row. */
+/* A weight for tile_products: rows of `stride` bytes at data, bf16 values (scales NULL) or 4-bit
+ * codes with fp32 scales and offsets [rows, groups], each for `group` values of a row: MLX's packed
+ * codes, or with `q4_k` Q4_K_PAIRED blocks (their scales decoded by q4_k_affine, group 32). */
 struct tile_weight {
     const uint8_t *data;
     int64_t stride;
     const float *scales, *offsets;
-    int64_t groups, group;
+    int64_t groups, group, q4_k;
 };
+
+/* The 16 bytes of row n's 4-bit codes for columns k..k + 31 (k a multiple of 32). */
+static inline const uint8_t *tile_codes(const struct tile_weight *w, int64_t n, int64_t k) {
+    const uint8_t *row = w->data + n * w->stride;
+    return w->q4_k ? row + k / 256 * 144 + 16 + k % 256 / 32 * 16 : row + k / 2;
+}
 
 /* W's rows n..n + 15, columns k0..k0 + depth, as AMX's right operand: a 1 KB tile per 32 columns, its
  * row p the 16 rows' values 2p and 2p + 1 of those 32, side by side. */
@@ -505,7 +522,7 @@ static void tile_block(const struct tile_weight *w, int64_t n, int64_t k0, int64
                     tables[i] = _mm512_castsi256_si512(bf16_halves(code_values(w->scales[at], w->offsets[at])));
                 }
             for (int i = 0; i < 16; i++)
-                r[i] = _mm512_permutexvar_epi16(nibble_lanes(w->data + (n + i) * w->stride + k / 2), tables[i]);
+                r[i] = _mm512_permutexvar_epi16(nibble_lanes(tile_codes(w, n + i, k)), tables[i]);
         }
         transpose16(r);
         for (int p = 0; p < 16; p++)
