@@ -274,13 +274,12 @@ def tile_product(
     layer.to_cpu_form()
     if layer.gguf_type is not None:
         blocks = as_numpy(layer.weight)[first:last].view(np.uint8)
-        weight, _ = kept = native.q4_k_tiles(blocks.reshape(last - first, -1, block_size(layer.gguf_type)[1]))
+        weight = native.q4_k_tiles(blocks.reshape(last - first, -1, block_size(layer.gguf_type)[1]))
     else:
-        codes, _, scales, biases = kept = _affine_rows(layer, first, last)
+        codes, _, scales, biases = _affine_rows(layer, first, last)
         weight = native.code_tiles(codes, scales, biases, layer.group_size)
     assert out.strides[1] == 4 and out.shape == (rows, last - first)
     native.tile_products(weight, last - first, packed, rows, out.ctypes.data, out.strides[0] // 4, accumulate)
-    del kept  # what `weight` points into, kept until here
 
 
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:

@@ -222,7 +222,8 @@ TILE_ROWS = 32  # tile_products' rows of W and of x at a time: W's rows are spli
 
 
 class TileWeight(ctypes.Structure):
-    """`native_expansion.c`'s struct tile_weight: W for `tile_products`, bf16 rows or 4-bit codes."""
+    """`native_expansion.c`'s struct tile_weight: W for `tile_products`, bf16 rows or 4-bit codes;
+    `arrays` keeps the NumPy arrays it points into alive as long as it is."""
 
     _fields_ = [
         ("data", _P), ("stride", _I), ("scales", _P), ("offsets", _P), ("groups", _I), ("group", _I), ("q4_k", _I),
@@ -236,7 +237,7 @@ def bf16_tiles(rows: int, row_stride: int) -> TileWeight:
 
 def code_tiles(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, group: int) -> TileWeight:
     """W as MLX's 4-bit codes [n, cols / 2] with fp32 scales and offsets [n, cols / group] (group a
-    multiple of 32); the arrays must outlive its use."""
+    multiple of 32)."""
     assert codes.dtype == np.uint8 and codes.strides[1] == 1 and group % 32 == 0
     assert scales.shape == offsets.shape == (len(codes), codes.shape[1] * 2 // group)
     assert (
@@ -244,13 +245,15 @@ def code_tiles(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, group
         and offsets.flags.c_contiguous
         and scales.dtype == offsets.dtype == np.float32
     )
-    return TileWeight(codes.ctypes.data, codes.strides[0], scales.ctypes.data, offsets.ctypes.data,
+    made = TileWeight(codes.ctypes.data, codes.strides[0], scales.ctypes.data, offsets.ctypes.data,
                       scales.shape[1], group, 0)  # fmt: skip
+    made.arrays = (codes, scales, offsets)
+    return made
 
 
-def q4_k_tiles(blocks: np.ndarray) -> tuple[TileWeight, tuple]:
-    """(W as Q4_K_PAIRED blocks [n, blocks a row, 144], the scales and offsets of their sub-blocks,
-    decoded here on all cores, which must outlive its use)."""
+def q4_k_tiles(blocks: np.ndarray) -> TileWeight:
+    """W as Q4_K_PAIRED blocks [n, blocks a row, 144], the scales and offsets of their sub-blocks
+    decoded here on all cores."""
     n, count, nbytes = blocks.shape
     assert blocks.dtype == np.uint8 and blocks.flags.c_contiguous and nbytes == block_size(Q4_K_PAIRED)[1]
     scales, offsets = (np.empty((n, count * 8), np.float32) for _ in range(2))
@@ -262,7 +265,8 @@ def q4_k_tiles(blocks: np.ndarray) -> tuple[TileWeight, tuple]:
     in_parallel(decode, n)
     made = TileWeight(blocks.ctypes.data, blocks.strides[0], scales.ctypes.data, offsets.ctypes.data,
                       count * 8, 32, 1)  # fmt: skip
-    return made, (scales, offsets)
+    made.arrays = (blocks, scales, offsets)
+    return made
 
 
 def pack_tile_rows(parts: list[tuple[int, int, int]], rows: int) -> np.ndarray:

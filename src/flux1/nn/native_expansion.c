@@ -45,6 +45,11 @@ static inline __m256i bf16_halves(__m512 x) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
+/* code_values rounded to bf16: the table 4-bit codes are looked up in. */
+static inline __m512i bf16_table(float scale, float offset) {
+    return _mm512_castsi256_si512(bf16_halves(code_values(scale, offset)));
+}
+
 static inline __m512i nibble_lanes(const uint8_t *c) {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
     const __m512i low = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
@@ -99,7 +104,7 @@ static inline void to_bf16_pairs(const uint8_t *c, int64_t count, float scale, f
                                  int stream) {
     int64_t j = 0;
 #ifdef __AVX512BW__
-    const __m512i table = _mm512_castsi256_si512(bf16_halves(code_values(scale, offset)));
+    const __m512i table = bf16_table(scale, offset);
     for (; j + 16 <= count; j += 16)
         store(o + 2 * j, _mm512_permutexvar_epi16(nibble_lanes(c + j), table), stream);
 #endif
@@ -519,7 +524,7 @@ static void tile_block(const struct tile_weight *w, int64_t n, int64_t k0, int64
             if (d == 0 || k % w->group == 0)
                 for (int i = 0; i < 16; i++) {
                     const int64_t at = (n + i) * w->groups + k / w->group;
-                    tables[i] = _mm512_castsi256_si512(bf16_halves(code_values(w->scales[at], w->offsets[at])));
+                    tables[i] = bf16_table(w->scales[at], w->offsets[at]);
                 }
             for (int i = 0; i < 16; i++)
                 r[i] = _mm512_permutexvar_epi16(nibble_lanes(tile_codes(w, n + i, k)), tables[i]);
