@@ -36,7 +36,7 @@ from flux1.nn.gemm import available_paths
 from flux1.nn.group_norm import group_norm
 from flux1.nn.layer_norm import layer_norm
 from flux1.nn.linear import Linear, LowRankAdapter
-from flux1.nn.numpy_cpu import as_bf16
+from flux1.nn.numpy_cpu import as_bf16, as_numpy
 
 PATHS = list(available_paths())
 CONVOLUTION_PATHS = list(convolution_paths())
@@ -625,6 +625,40 @@ def test_cpu_linear_of_parts_equals_the_linear_of_their_concatenation(path, stor
         assert relative_error(got, bf16_rounded(x) @ bf16_rounded(weight).T + bias) < 1e-6
     else:
         assert relative_error(got, np.array(x, np.float64) @ weight.T + bias) < 1e-6
+
+
+ROUTES = PATHS + [p for p in [cpu_expansion.TILES] if p in cpu_expansion.quantized_paths()]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("stored", ["bfloat16", "q4"])
+@pytest.mark.parametrize("rows", [cpu_expansion.FEW_ROWS - 1, 37])
+@pytest.mark.parametrize("layout", ["broadcast", "transposed"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_linear_takes_inputs_in_any_memory_layout(route, stored, rows, layout, dtype):
+    """An input that is a broadcast row (every step's pooled text vector is: the modulations of
+    several steps) or a transposed view gives the bits of its contiguous copy on every route (a few
+    rows from the codes, 4-bit codes in AMX tiles, each GEMM path), except that a library's fp32 GEMM
+    may take a strided operand in another summation order: there within 1e-6 (fp32 sums of 512)."""
+    layer = Linear(512, 64)
+    layer.weight = mx.random.normal((64, 512), key=mx.random.key(3)).astype(mx.bfloat16)
+    layer.bias = mx.random.normal((64,), key=mx.random.key(4))
+    if stored == "q4":
+        layer.quantize(4, 64)
+    if layout == "broadcast":
+        x = mx.broadcast_to(mx.random.normal((1, 512), getattr(mx, dtype), key=mx.random.key(5)), (rows, 512))
+    else:
+        x = mx.random.normal((512, rows), getattr(mx, dtype), key=mx.random.key(5)).T
+    strided = as_numpy(x)
+    assert not strided.flags.c_contiguous
+    contiguous = mx.array(np.ascontiguousarray(strided))
+    with cpu_plan.use(route):
+        got = np.array(layer(x))
+        expected = np.array(layer(contiguous.view(x.dtype)))
+    if route.endswith("fp32") and stored == "bfloat16":
+        assert relative_error(got, expected) < 1e-6
+    else:
+        assert np.array_equal(got, expected)
 
 
 def _gelu64(y: np.ndarray) -> np.ndarray:

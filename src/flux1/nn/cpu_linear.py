@@ -73,7 +73,8 @@ def _product(
         )
         outputs.append((y, first, last, biased))
     if len(flats[0]) <= FEW_ROWS and layer.is_quantized and native.library() is not None:
-        x = np.concatenate([float32_values(flat) for flat in flats], axis=1)
+        # Contiguous whatever the input's layout (a broadcast row: every step's pooled text vector).
+        x = np.ascontiguousarray(np.concatenate([float32_values(flat) for flat in flats], axis=1))
         for y, first, last, biased in outputs:
             product_from_codes(layer, x, first, last, y, accumulate=biased is not None)
     elif (
@@ -82,6 +83,7 @@ def _product(
         and cpu_plan.quantized_product().name == TILES
     ):
         parts = [operand(flat, path) for flat in flats]
+        parts = [part if part.strides[1] == 2 else np.ascontiguousarray(part) for part in parts]
         packed = native.pack_tile_rows(
             [(p.ctypes.data, p.strides[0] // 2, p.shape[1]) for p in parts], len(parts[0])
         )
