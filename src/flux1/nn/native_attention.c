@@ -13,7 +13,8 @@
  * Operands, bf16 bits, each head's rows, keys and head_dim padded with zeros to multiples of 32
  * (made by pack_rows, pack_feature_pairs and pack_row_pairs from fp32 rows, q and k normed and
  * rotated on the way for FLUX): q [heads][rows][dim] row-major; k as AMX takes the right operand
- * of q k^T, pairs of a key's features side by side: [heads][dim / 2][keys][2]; v likewise for p v,
+ * of q k^T, pairs of a key's features side by side, 32 keys at a time: [heads][keys / 32][dim /
+ * 2][32][2] (a block's tiles in one piece: loaded faster than rows a whole head's keys apart); v likewise for p v,
  * pairs of keys side by side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i
  * at out + b * out_batch + i * out_head, its rows out_row apart; only the first `valid_rows` x
  * `valid_dim` are written, and only the first `valid_keys` keys are attended to. [first, last)
@@ -243,10 +244,10 @@ static void operand_row(const struct source *sources, int64_t count, int64_t h, 
 PACK(pack_rows, 1, memcpy(packed + r * dim, block, dim * sizeof(uint16_t));)
 
 PACK(pack_feature_pairs, 16, {
-    uint32_t *pairs = (uint32_t *)packed;
+    uint32_t *pairs = (uint32_t *)packed + r / 32 * (dim / 2 * 32) + r % 32;
     for (int64_t p = 0; p < dim / 2; p++)
         for (int64_t j = 0; j < 16; j++)
-            pairs[p * rows + r + j] = ((const uint32_t *)block)[j * dim / 2 + p];
+            pairs[p * 32 + j] = ((const uint32_t *)block)[j * dim / 2 + p];
 })
 
 PACK(pack_row_pairs, 2, {
@@ -285,7 +286,7 @@ void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_
                 const uint16_t *q_block = q + (head * rows + row + b * BLOCK) * dim;
                 float *values_block = values + b * BLOCK * dim;
                 for (int64_t j = 0; j < width; j += BLOCK)
-                    product_block(tiles, q_block, dim * 2, k_head + (key + j) * 2, keys * 4, dim, scores + j, ROW * 4, 0);
+                    product_block(tiles, q_block, dim * 2, k_head + (key + j) * dim, 128, dim, scores + j, ROW * 4, 0);
                 for (int64_t r = 0; r < BLOCK; r++) {
                     const int64_t at_row = b * BLOCK + r;
                     const float before = exponentials(scores + r * ROW, width, valid, scale, largest + at_row,
