@@ -14,8 +14,9 @@
  * (made by pack_rows, pack_feature_pairs and pack_row_pairs from fp32 rows, q and k normed and
  * rotated on the way for FLUX): q [heads][rows][dim] row-major; k as AMX takes the right operand
  * of q k^T, pairs of a key's features side by side, 32 keys at a time: [heads][keys / 32][dim /
- * 2][32][2] (a block's tiles in one piece: loaded faster than rows a whole head's keys apart); v likewise for p v,
- * pairs of keys side by side: [heads][keys / 2][dim][2]. out (fp32): head h = b * per_batch + i
+ * 2][32][2]; v likewise for p v, pairs of keys side by side, 32 features at a time: [heads][dim /
+ * 32][keys / 2][32][2] (a block's tiles in one piece: loaded faster than rows apart by a whole
+ * head's keys or features). out (fp32): head h = b * per_batch + i
  * at out + b * out_batch + i * out_head, its rows out_row apart; only the first `valid_rows` x
  * `valid_dim` are written, and only the first `valid_keys` keys are attended to. [first, last)
  * counts blocks of 32 rows over all heads in order: the share of one core. scale > 0; `tiles`:
@@ -252,8 +253,9 @@ PACK(pack_feature_pairs, 16, {
 
 PACK(pack_row_pairs, 2, {
     for (int64_t c = 0; c < dim; c++) {
-        packed[(r / 2 * dim + c) * 2] = block[c];
-        packed[(r / 2 * dim + c) * 2 + 1] = block[dim + c];
+        uint16_t *pair = packed + c / 32 * rows * 32 + r / 2 * 64 + c % 32 * 2;
+        pair[0] = block[c];
+        pair[1] = block[dim + c];
     }
 })
 
@@ -296,7 +298,7 @@ void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_
                             values_block[r * dim + c] *= before;
                 }
                 for (int64_t column = 0; column < dim; column += BLOCK)
-                    product_block(tiles, probabilities, ROW * 2, v_head + key * dim + column * 2, dim * 4, width,
+                    product_block(tiles, probabilities, ROW * 2, v_head + column * keys + key * 32, 128, width,
                                   values_block + column, dim * 4, key > 0);
             }
         }
