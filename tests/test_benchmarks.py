@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flux1.nn import native
 from flux1.nn.gemm import available_paths
 from flux1.sheet import LINE_HEIGHT
 
@@ -210,3 +211,39 @@ def test_gemm_rates_prints_every_path_and_torch():
         else:  # every GEMM path and torch in both dtypes
             assert len(filled) == len(available_paths()) + 2
         assert all(float(c) > 0 for c in filled), (what, cells)
+
+
+@pytest.mark.skipif(not native.tiles(), reason="no AMX tiles here")
+def test_native_kernels_times_another_trees_build_against_this_one(tmp_path):
+    """The other tree: this one's C files with the tile kernel's weight blocks of 64 rows, compiled
+    and timed case for case beside this build; a folder without them is refused by name."""
+    nn = tmp_path / "src" / "flux1" / "nn"
+    nn.mkdir(parents=True)
+    for source in native.SOURCES:
+        text = source.read_text()
+        if source.name == "native_expansion.c":
+            assert "#define TILE_ROWS 128\n" in text
+            text = text.replace("#define TILE_ROWS 128\n", "#define TILE_ROWS 64\n")
+        (nn / source.name).write_text(text)
+    out = _run(
+        "native_kernels.py", "--before", str(tmp_path / "src"), "--calls", "1", "--size", "64", "--text-tokens", "16"
+    )  # fmt: skip
+    lines = out.strip().splitlines()
+    assert "16 image + 16 text tokens" in lines[0] and "CPU: " in lines[0]
+    assert lines[1].split() == ["case", "GFLOP", "before", "after", "after/before"]
+    rows = [line.rsplit(maxsplit=4) for line in lines[2:]]
+    layers = ["single linear1", "single linear2", "double qkv, image", "double mlp up, text"]
+    names = [f"{layer}, {weight}" for layer in layers for weight in ("bf16", "4-bit")]
+    assert [row[0] for row in rows] == [*names, "attention"]
+    assert all(float(value) > 0 for row in rows for value in row[1:])
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "native_kernels.py"), "--before", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    missing = ", ".join(str(tmp_path / "flux1" / "nn" / source.name) for source in native.SOURCES)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == f"--before {tmp_path}: expected the src folder of a flux1 tree; missing {missing}"
+    )

@@ -84,16 +84,21 @@ def library() -> ctypes.CDLL | None:
     )
     try:
         if not built.is_file():
-            _build(found[0], built)
+            build(found[0], built)
         try:
             kernels = ctypes.CDLL(str(built))
         except OSError as damaged:
             warnings.warn(f"flux1: rebuilding the native kernels {built} ({damaged})", stacklevel=2)
-            _build(found[0], built)
+            build(found[0], built)
             kernels = ctypes.CDLL(str(built))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"flux1: no native kernels ({error}); NumPy's and oneDNN's are used", stacklevel=2)
         return None
+    return declared(kernels)
+
+
+def declared(kernels: ctypes.CDLL) -> ctypes.CDLL:
+    """`kernels` (a build of SOURCES) with its functions' argument types set, as ctypes needs them."""
     for bits, dtype in itertools.product(BITS, ("fp32", "bf16")):
         getattr(kernels, f"expand_{bits}_{dtype}").argtypes = [_P, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int]
     for kind, dtype in itertools.product(BLOCKS.values(), ("fp32", "bf16")):
@@ -124,20 +129,21 @@ def library() -> ctypes.CDLL | None:
     return kernels
 
 
-def _build(compiler_path: str, built: Path) -> None:
-    """Compiles SOURCES into `built`, written whole: a new name first, then renamed."""
+def build(compiler_path: str, built: Path, sources: tuple[Path, ...] = SOURCES) -> None:
+    """Compiles `sources` (the three files of SOURCES, or another tree's) into `built`, written whole: a
+    new name first, then renamed."""
     built.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(suffix=".so", dir=built.parent)
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler_path, *FLAGS, "-o", partial, *map(str, SOURCES)],
+            [compiler_path, *FLAGS, "-o", partial, *map(str, sources)],
             capture_output=True,
             text=True,
             timeout=300,
         )
         if result.returncode:
-            *others, last = (source.name for source in SOURCES)
+            *others, last = (source.name for source in sources)
             names = f"{', '.join(others)} and {last}"
             raise RuntimeError(f"{compiler_path} failed on {names}: {result.stderr.strip()[-500:]}")
         os.replace(partial, built)
