@@ -101,7 +101,7 @@ def calling(kernels: ctypes.CDLL):
 
 def revision(source: Path) -> str:
     found = subprocess.run(
-        ["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(source), "describe", "--always", "--dirty"], capture_output=True, text=True
     )
     return found.stdout.strip() or str(source)
 
