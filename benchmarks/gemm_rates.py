@@ -23,28 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import cpu_model  # noqa: E402  (no flux1: the torch child imports this module too)
-
-WIDTH, HIDDEN, HEADS, HEAD_DIM = 3072, 12288, 24, 128
-
-
-def shapes(size: int, text_tokens: int) -> list[tuple[str, int, int, int]]:
-    """(what, rows, in, out) of a FLUX step's linear layers at `size` x `size`."""
-    image = (size // 16) ** 2
-    layers = [
-        ("qkv", WIDTH, 3 * WIDTH),
-        ("proj", WIDTH, WIDTH),
-        ("mlp up", WIDTH, HIDDEN),
-        ("mlp down", HIDDEN, WIDTH),
-    ]
-    rows = [(f"double {name}, image", image, k, n) for name, k, n in layers]
-    rows += [(f"double {name}, text", text_tokens, k, n) for name, k, n in layers]
-    joint = image + text_tokens
-    rows += [
-        ("single linear1", joint, WIDTH, 3 * WIDTH + HIDDEN),
-        ("single linear2", joint, WIDTH + HIDDEN, WIDTH),
-    ]
-    return rows
+from measure import HEAD_DIM, HEADS, cpu_model, linear_shapes  # noqa: E402  (no flux1: the torch child imports this module too)
 
 
 def best_seconds(call, repeats: int) -> float:
@@ -63,7 +42,7 @@ def torch_rates(size: int, text_tokens: int, repeats: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     rates = {}
     for dtype, name in ((torch.bfloat16, "torch bf16"), (torch.float32, "torch fp32")):
-        for what, m, k, n in shapes(size, text_tokens):
+        for what, m, k, n in linear_shapes((size // 16) ** 2, text_tokens):
             x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
             with torch.no_grad():
                 seconds = best_seconds(partial(torch.nn.functional.linear, x, w), repeats)
@@ -88,7 +67,7 @@ def flux1_rates(size: int, text_tokens: int, repeats: int) -> tuple[dict, list[s
 
     rng = np.random.default_rng(0)
     rates, names = {}, list(available_paths())
-    for what, m, k, n in shapes(size, text_tokens):
+    for what, m, k, n in linear_shapes((size // 16) ** 2, text_tokens):
         x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)
         out = np.empty((m, n), np.float32)
         for name, path in available_paths().items():
@@ -149,7 +128,7 @@ def main() -> None:
     if torch["library"]:
         print(f"torch: {torch['library']}")
     print(f"{args.size}x{args.size}, {args.text_tokens} text tokens; GFLOP/s, best of {args.repeats}")
-    rows = [what for what, *_ in shapes(args.size, args.text_tokens)] + ["attention head"]
+    rows = [what for what, *_ in linear_shapes((args.size // 16) ** 2, args.text_tokens)] + ["attention head"]
     print("| shape | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for what in rows:

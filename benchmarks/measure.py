@@ -10,6 +10,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+WIDTH, HIDDEN, HEADS, HEAD_DIM = 3072, 12288, 24, 128  # FLUX.1's transformer
+
+
+def linear_shapes(image_tokens: int, text_tokens: int) -> list[tuple[str, int, int, int]]:
+    """(what, rows, in, out) of a FLUX step's linear layers."""
+    layers = [
+        ("qkv", WIDTH, 3 * WIDTH),
+        ("proj", WIDTH, WIDTH),
+        ("mlp up", WIDTH, HIDDEN),
+        ("mlp down", HIDDEN, WIDTH),
+    ]
+    rows = [(f"double {name}, image", image_tokens, k, n) for name, k, n in layers]
+    rows += [(f"double {name}, text", text_tokens, k, n) for name, k, n in layers]
+    joint = image_tokens + text_tokens
+    rows += [
+        ("single linear1", joint, WIDTH, 3 * WIDTH + HIDDEN),
+        ("single linear2", joint, WIDTH + HIDDEN, WIDTH),
+    ]
+    return rows
+
 
 @dataclass
 class Measured:

@@ -30,28 +30,19 @@ from flux1.nn.linear import Linear
 from flux1.nn.numpy_cpu import as_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import cpu_model  # noqa: E402
+from measure import HEAD_DIM, HEADS, cpu_model, linear_shapes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-WIDTH, HIDDEN, HEADS, HEAD_DIM = 3072, 12288, 24, 128
-
-
-def shapes(image_tokens: int, text_tokens: int) -> dict[str, tuple[int, int, int]]:
-    """(rows, inputs, outputs) of FLUX's linear layers by name."""
-    tokens = image_tokens + text_tokens
-    return {
-        "single linear1": (tokens, WIDTH, 3 * WIDTH + HIDDEN),
-        "single linear2": (tokens, WIDTH + HIDDEN, WIDTH),
-        "double qkv, image": (image_tokens, WIDTH, 3 * WIDTH),
-        "double mlp up, text": (text_tokens, WIDTH, HIDDEN),
-    }
+LAYERS = ("single linear1", "single linear2", "double qkv, image", "double mlp up, text")
 
 
 def cases(image_tokens: int, text_tokens: int) -> dict[str, tuple[float, object]]:
     """{name: (its floating-point work, a call of it through native's wrappers)}."""
     rng = np.random.default_rng(0)
     made = {}
-    for name, (rows, inputs, outputs) in shapes(image_tokens, text_tokens).items():
+    layers = {name: shape for name, *shape in linear_shapes(image_tokens, text_tokens)}
+    for name in LAYERS:
+        rows, inputs, outputs = layers[name]
         x = as_bf16(rng.standard_normal((rows, inputs), np.float32))
         weight = as_bf16(rng.standard_normal((outputs, inputs), np.float32) * inputs**-0.5)
         y = np.empty((rows, outputs), np.float32)

@@ -288,7 +288,7 @@ void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_
                 const uint16_t *q_block = q + (head * rows + row + b * BLOCK) * dim;
                 float *values_block = values + b * BLOCK * dim;
                 for (int64_t j = 0; j < width; j += BLOCK)
-                    product_block(tiles, q_block, dim * 2, k_head + (key + j) * dim, 128, dim, scores + j, ROW * 4, 0);
+                    product_block(tiles, q_block, dim * 2, k_head + (key + j) * dim, BLOCK * 4, dim, scores + j, ROW * 4, 0);
                 for (int64_t r = 0; r < BLOCK; r++) {
                     const int64_t at_row = b * BLOCK + r;
                     const float before = exponentials(scores + r * ROW, width, valid, scale, largest + at_row,
@@ -298,7 +298,7 @@ void attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_
                             values_block[r * dim + c] *= before;
                 }
                 for (int64_t column = 0; column < dim; column += BLOCK)
-                    product_block(tiles, probabilities, ROW * 2, v_head + column * keys + key * 32, 128, width,
+                    product_block(tiles, probabilities, ROW * 2, v_head + column * keys + key * BLOCK, BLOCK * 4, width,
                                   values_block + column, dim * 4, key > 0);
             }
         }

@@ -460,10 +460,10 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
  * cache while it is used) W a block of TILE_ROWS rows at a time: laid out as AMX takes its right
  * operand (tile_block; codes expanded to bf16 on the way by expand_4_bf16's arithmetic), then
  * multiplied with every 32 rows of x, the sums fp32 in the tiles, kept in y between slices of K: bf16
- * products summed in fp32, 32 of K at a time in order. Codes never leave the cache expanded.
- * tile_kernels() says whether this runs here (AMX-BF16, and Linux granted the tiles). */
-/* 128 rows: x, too big for L2, is read once per block, half as often as with 64; the block (768 KB at
- * full depth) stays in L2 beside the 32 rows of x at hand. */
+ * products summed in fp32, 32 of K at a time in order. Codes never leave the cache expanded. 128 rows
+ * a block: x, too big for L2, is read once per block (half as often as with 64), and the block (768
+ * KB at full depth) stays in L2 beside the 32 rows of x at hand. tile_kernels() says whether this
+ * runs here (AMX-BF16, and Linux granted the tiles). */
 #define TILE_ROWS 128
 #define TILE_DEPTH 3072
 int tiles_granted(void);  /* native_tiles.c */
