@@ -32,7 +32,7 @@ from flux1.gguf.blocks import DENSE, SUPPORTED
 from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.transformer import load_transformer
 from flux1.models import flux_blocks
-from flux1.nn import cpu_linear, cpu_rope_attention
+from flux1.nn import cpu_flux_blocks, cpu_linear, cpu_rope_attention
 from flux1.nn.linear import Linear
 from flux1.quantize import BITS, quantize_linears
 
@@ -79,6 +79,10 @@ def linear_flops(layer: Linear, x: mx.array | list[mx.array], *_) -> float:
     return 2.0 * first.size // first.shape[-1] * layer.input_dims * layer.output_dims
 
 
+def numpy_linear_flops(x: list, layer: Linear, *_) -> float:
+    return linear_flops(layer, x)
+
+
 def attention_flops(q: mx.array, k: mx.array, *_) -> float:
     batch, heads, length, head_dim = q.shape
     return 4.0 * batch * heads * length * k.shape[2] * head_dim
@@ -91,16 +95,21 @@ def rope_attention_flops(streams: list[tuple], heads: int, *_) -> float:
 
 LINEAR, EXPANSION = "linear layers (+ bias, MLP GELU)", "  of which weight expansion"
 ATTENTION = "attention (q k^T, softmax, @ v)"
+MODULATION = "layer norm + modulation"
 
 
 def instrument() -> None:
     # An MLP's GELU is computed with its first layer (`Linear.gelu_tanh`, `Linear.split_gelu_tanh`).
     for method in ("__call__", "gelu_tanh", "split_gelu_tanh"):
         setattr(Linear, method, timed(LINEAR, getattr(Linear, method), linear_flops))
+    cpu_linear.numpy_linear = timed(LINEAR, cpu_linear.numpy_linear, numpy_linear_flops)
     cpu_linear.expanded_weight = timed(EXPANSION, cpu_linear.expanded_weight)
     flux_blocks.attention = timed(ATTENTION, flux_blocks.attention, attention_flops)
     flux_blocks.apply_rope = timed("RoPE", flux_blocks.apply_rope)
-    flux_blocks.modulate = timed("layer norm + modulation", flux_blocks.modulate)
+    flux_blocks.modulate = timed(MODULATION, flux_blocks.modulate)
+    # The blocks on the CPU kernels (nn/cpu_flux_blocks.py) call these between NumPy arrays.
+    cpu_flux_blocks.modulated = timed(MODULATION, cpu_flux_blocks.modulated)
+    cpu_flux_blocks.gated_sum = timed("gated residual sums", cpu_flux_blocks.gated_sum)
     flux_blocks.split_heads = timed("q/k RMS norm + head split", flux_blocks.split_heads)
     # The CPU kernels' path of the same (nn/cpu_rope_attention.py): q/k norms, RoPE and head split in one.
     heads = timed("q/k RMS norm + RoPE + head split", cpu_rope_attention.normed_rotated_heads)

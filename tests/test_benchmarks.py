@@ -129,6 +129,7 @@ def test_profile_step_prints_every_part(tmp_path, compact):
         "of which weight expansion",
         *attention,
         "layer norm + modulation",
+        "gated residual sums",  # the blocks on the CPU kernels: in NumPy
         "everything else",
         "profiled step",
         "unprofiled step (median)",

@@ -21,10 +21,10 @@ from tests.test_gguf import FILE_TYPES, random_blocks
 from flux1 import backend, cpu_plan
 from flux1.gguf.blocks import LAYOUTS, block_size, cpu_form, decode
 from flux1.models.embeddings import rope_frequencies
-from flux1.models.flux_blocks import QKNorm, joint_attention, modulate
+from flux1.models.flux_blocks import DoubleStreamBlock, QKNorm, SingleStreamBlock, joint_attention, modulate
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
-from flux1.nn import cpu_attention, cpu_expansion, cpu_linear, native, onednn
+from flux1.nn import cpu_attention, cpu_expansion, cpu_flux_blocks, cpu_linear, native, onednn
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -400,6 +400,50 @@ def test_resnet_block_on_numpy_arrays_equals_its_layers_through_mlx(channels, pa
         got = block(x)
     assert got.shape == (2, 9, 11, channels[1])
     assert np.array_equal(np.array(got), np.array(expected))
+
+
+@pytest.mark.skipif(not backend.numpy_kernels(), reason="the CPU kernels are not in use")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [None, 4], ids=["dense", "4-bit"])
+@pytest.mark.parametrize("double", [True, False], ids=["double", "single"])
+def test_flux_blocks_on_numpy_arrays_equal_their_layers_through_mlx(double, bits, path, monkeypatch):
+    """FLUX's blocks on the CPU kernels (`nn/cpu_flux_blocks.py`: NumPy arrays between the kernels,
+    the gated residual sums in NumPy) compute bit for bit what their layers compute through
+    `Linear`, `modulate` and `joint_attention` with MLX arrays between them (the same kernels; MLX's
+    residual sums round as NumPy's): a batch of 2, each sample its own modulations; 4-bit weights
+    multiplied from their codes where the plan takes that (widths multiples of 32 for the tiles)."""
+    dim, heads, lengths = 64, 2, (5, 9)
+    block = DoubleStreamBlock(dim, heads, 4.0) if double else SingleStreamBlock(dim, heads, 4.0)
+    shapes = {name: value.shape for name, value in tree_flatten(block.parameters())}
+    block.update(
+        tree_unflatten(
+            [
+                (name, 0.2 * mx.random.normal(shape, key=mx.random.key(i)))
+                for i, (name, shape) in enumerate(shapes.items())
+            ]
+        )
+    )
+    if bits:
+        for _, layer in block.named_modules():
+            if isinstance(layer, Linear):
+                layer.quantize(bits, 32)
+    count = 6 if double else 3
+    modulations = [mx.random.normal((2, 1, dim), key=mx.random.key(50 + i)) for i in range(2 * count)]
+    modulations = (modulations[:count], modulations[count:]) if double else modulations[:count]
+    ids = mx.random.randint(0, 64, (2, sum(lengths), 3), key=mx.random.key(40))
+    rope = rope_frequencies(ids, (8, 12, 12), 10000.0)
+    streams = [
+        mx.random.normal((2, length, dim), key=mx.random.key(60 + i)) for i, length in enumerate(lengths)
+    ]
+    inputs = [streams[1], streams[0]] if double else [mx.concatenate(streams, axis=1)]
+    with cpu_plan.use(path):
+        got = block(*inputs, modulations, rope)
+        monkeypatch.setattr(cpu_flux_blocks, "takes", lambda *layers: False)
+        expected = block(*inputs, modulations, rope)
+    got, expected = (list(out) if double else [out] for out in (got, expected))
+    for a, b, x in zip(got, expected, inputs, strict=True):
+        assert a.shape == b.shape == x.shape and a.dtype == b.dtype == mx.float32
+        assert np.array_equal(np.array(a), np.array(b))
 
 
 @pytest.mark.skipif(not backend.numpy_kernels(), reason="the CPU kernels are not in use")

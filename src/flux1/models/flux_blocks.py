@@ -5,7 +5,7 @@ import mlx.nn as nn
 
 from flux1 import backend
 from flux1.models.embeddings import apply_rope
-from flux1.nn import cpu_rope_attention
+from flux1.nn import cpu_flux_blocks, cpu_rope_attention
 from flux1.nn.activations import gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.layer_norm import layer_norm
@@ -129,6 +129,10 @@ class DoubleStreamBlock(nn.Module):
         return self.img_mod(vec), self.txt_mod(vec)
 
     def __call__(self, img, txt, modulations, rope):
+        streams = [(self.img_attn, self.img_mlp), (self.txt_attn, self.txt_mlp)]
+        layers = [layer for attn, (up, _, down) in streams for layer in (attn.qkv, attn.proj, up, down)]
+        if backend.numpy_kernels() and cpu_flux_blocks.takes(*layers):
+            return cpu_flux_blocks.double_block(self, img, txt, modulations, rope, _EPS)
         img_mod, txt_mod = modulations
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
@@ -162,6 +166,8 @@ class SingleStreamBlock(nn.Module):
         return self.modulation(vec)
 
     def __call__(self, x, modulations, rope):
+        if backend.numpy_kernels() and cpu_flux_blocks.takes(self.linear1, self.linear2):
+            return cpu_flux_blocks.single_block(self, x, modulations, rope, _EPS)
         shift, scale, gate = modulations
         qkv, mlp = self.linear1.split_gelu_tanh(modulate(x, shift, scale), 3 * self.dim, into_gemm=True)
         attn = joint_attention([(qkv, self.norm)], self.num_heads, rope)

@@ -266,11 +266,19 @@ def fits_tiles(layer, widths: list[int], bounds: list[int]) -> bool:
 
 
 def tile_product(
-    layer, packed: np.ndarray, rows: int, first: int, last: int, out: np.ndarray, accumulate: bool
+    layer,
+    packed: np.ndarray,
+    rows: int,
+    first: int,
+    last: int,
+    out: np.ndarray,
+    accumulate: bool,
+    bias: np.ndarray | None = None,
 ):
-    """out [rows, last - first] (+= with `accumulate`) x @ W[first:last]^T for a layer `fits_tiles`
-    takes, x packed by `native.pack_tile_rows`, from W's codes in AMX tiles (`native.tile_products`):
-    bf16 products, fp32 sums, no row of W leaving the cache expanded."""
+    """out [rows, last - first] (+= with `accumulate`, else + `bias`, W's biases first..last, where
+    given) x @ W[first:last]^T for a layer `fits_tiles` takes, x packed by `native.pack_tile_rows`,
+    from W's codes in AMX tiles (`native.tile_products`): bf16 products, fp32 sums, no row of W
+    leaving the cache expanded."""
     layer.to_cpu_form()
     if layer.gguf_type is not None:
         blocks = as_numpy(layer.weight)[first:last].view(np.uint8)
@@ -279,7 +287,9 @@ def tile_product(
         codes, _, scales, biases = _affine_rows(layer, first, last)
         weight = native.code_tiles(codes, scales, biases, layer.group_size)
     assert out.strides[1] == 4 and out.shape == (rows, last - first)
-    native.tile_products(weight, last - first, packed, rows, out.ctypes.data, out.strides[0] // 4, accumulate)
+    native.tile_products(
+        weight, last - first, packed, rows, out.ctypes.data, out.strides[0] // 4, accumulate, bias
+    )
 
 
 def _scratch_matrix(rows: int, cols: int, dtype) -> np.ndarray:

@@ -13,6 +13,7 @@ use a BLAS at all.
 
 import itertools
 from functools import partial
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -30,7 +31,15 @@ from flux1.nn.cpu_expansion import (
     tile_product,
 )
 from flux1.nn.gemm import gemm, operand
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_bf16, as_float32, as_numpy, float32_values, in_parallel
+from flux1.nn.numpy_cpu import (
+    CACHED_VALUES,
+    as_bf16,
+    as_float32,
+    as_mlx,
+    as_numpy,
+    float32_values,
+    in_parallel,
+)
 
 
 def linear(
@@ -47,59 +56,77 @@ def linear(
     With `gelu_into_gemm` (the GELU'd part feeds only linear layers) and bf16 GEMMs, that part comes
     rounded to bf16: the bits the next GEMM rounds it to, half the bytes to copy into MLX and no
     rounding pass in the next layer. Parts given in bf16 are taken as they are."""
-    return _product(x if isinstance(x, list) else [x], layer, layer.adapters, gelu_from, gelu_into_gemm)
+    inputs = [_as_input(part) for part in (x if isinstance(x, list) else [x])]
+    return _product(inputs, layer, layer.adapters, gelu_from, gelu_into_gemm, into_mlx=True)
+
+
+def numpy_linear(
+    x: list[np.ndarray], layer, gelu_from: int | None = None, gelu_into_gemm: bool = False
+) -> list[np.ndarray]:
+    """`linear` between NumPy arrays (fp32, or bf16 bits as uint16), for kernels that take NumPy
+    arrays next (`nn/cpu_flux_blocks.py`): each output part fp32, or bf16 bits where `linear` gives
+    bf16, and no MLX array made."""
+    return _product(x, layer, layer.adapters, gelu_from, gelu_into_gemm, into_mlx=False)
 
 
 def frozen_product(x: mx.array, layer) -> mx.array:
     """x @ W^T + bias as `linear` computes it, for MLX's autograd: W and the bias are frozen, and the
     gradient for x, dy @ W, goes through the same GEMM. The adapters, which train, are the caller's."""
-    product = mx.custom_function(lambda x: _product([x], layer, (), None)[0])
+    product = mx.custom_function(lambda x: _product([_as_input(x)], layer, (), None, False, into_mlx=True)[0])
     product.vjp(lambda x, dy, y: _input_gradient(dy, layer).astype(x.dtype))
     return product(x)
 
 
+def _as_input(x: mx.array) -> np.ndarray:
+    return as_numpy(x if x.dtype == mx.bfloat16 else x.astype(mx.float32))
+
+
 def _product(
-    parts: list[mx.array], layer, adapters, gelu_from: int | None, gelu_into_gemm: bool = False
-) -> list[mx.array]:
+    inputs: list[np.ndarray], layer, adapters, gelu_from: int | None, gelu_into_gemm: bool, into_mlx: bool
+) -> list:
     path = cpu_plan.active()
-    inputs = [as_numpy(part if part.dtype == mx.bfloat16 else part.astype(mx.float32)) for part in parts]
     leading = inputs[0].shape[:-1]
     flats = [part.reshape(-1, part.shape[-1]) for part in inputs]
+    rows = len(flats[0])
     bounds = [0, layer.output_dims] if not gelu_from else [0, gelu_from, layer.output_dims]
-    outputs = []  # each part of the output: (where it is written, its columns, the MLX array it views)
-    for first, last in itertools.pairwise(bounds):
-        y, biased = _output(
-            layer, len(flats[0]), first, last, gelu_from is not None and last == layer.output_dims
-        )
-        outputs.append((y, first, last, biased))
-    if len(flats[0]) <= FEW_ROWS and layer.is_quantized and native.library() is not None:
-        # Contiguous whatever the input's layout (a broadcast row: every step's pooled text vector).
-        x = np.ascontiguousarray(np.concatenate([float32_values(flat) for flat in flats], axis=1))
-        for y, first, last, biased in outputs:
-            product_from_codes(layer, x, first, last, y, accumulate=biased is not None)
-    elif (
-        path.dtype == "bf16"
+    from_codes = rows <= FEW_ROWS and layer.is_quantized and native.library() is not None
+    in_tiles = (
+        not from_codes
+        and path.dtype == "bf16"
         and fits_tiles(layer, [flat.shape[1] for flat in flats], bounds)
         and cpu_plan.quantized_product().name == TILES
-    ):
+    )
+    bias = np.ascontiguousarray(as_float32(layer.bias)) if "bias" in layer else None
+    outputs = []
+    for first, last in itertools.pairwise(bounds):
+        gelu = gelu_from is not None and last == layer.output_dims
+        part_bias = None if bias is None else bias[first:last]
+        # The sums start from the bias: in the tiles, or in the output (unless the GELU's pass adds it).
+        start = None if in_tiles or gelu else part_bias
+        y, buffer = _output(rows, last - first, start, into_mlx and not gelu)
+        outputs.append(_Part(y, first, last, part_bias, start is not None, buffer))
+    if from_codes:
+        # Contiguous whatever the input's layout (a broadcast row: every step's pooled text vector).
+        x = np.ascontiguousarray(np.concatenate([float32_values(flat) for flat in flats], axis=1))
+        for part in outputs:
+            product_from_codes(layer, x, part.first, part.last, part.y, accumulate=part.holds_bias)
+    elif in_tiles:
         parts = [operand(flat, path) for flat in flats]
         parts = [part if part.strides[1] == 2 else np.ascontiguousarray(part) for part in parts]
-        packed = native.pack_tile_rows(
-            [(p.ctypes.data, p.strides[0] // 2, p.shape[1]) for p in parts], len(parts[0])
-        )
-        for y, first, last, biased in outputs:
-            tile_product(layer, packed, len(flats[0]), first, last, y, accumulate=biased is not None)
+        packed = native.pack_tile_rows([(p.ctypes.data, p.strides[0] // 2, p.shape[1]) for p in parts], rows)
+        for part in outputs:
+            tile_product(layer, packed, rows, part.first, part.last, part.y, accumulate=False, bias=part.bias)
     else:
         _gemms(flats, layer, path, outputs)
-    bias = as_float32(layer.bias) if "bias" in layer else None
     terms = []
     if adapters:
         fp32 = [float32_values(flat) for flat in flats]
         whole = fp32[0] if len(fp32) == 1 else np.concatenate(fp32, axis=1)
         terms = [_adapter_term(whole, adapter) for adapter in adapters]
     results = []
-    for y, first, last, biased in outputs:
-        part_bias = None if bias is None or biased is not None else bias[first:last]
+    for y, first, last, part_bias, holds_bias, buffer in outputs:
+        if in_tiles or holds_bias:
+            part_bias = None  # in the sums already
         part_terms = [term[:, first:last] for term in terms]
         gelu = gelu_from is not None and last == layer.output_dims
         if gelu and not part_terms:
@@ -109,12 +136,26 @@ def _product(
                 in_parallel(partial(_add_to_rows, y, part_bias, part_terms), y.shape[0])
             if gelu:
                 add_bias_gelu_tanh(cpu_plan.active("activation"), y, None)
-        if biased is not None:
-            results.append(biased.reshape(*leading, y.shape[1]))
+        if buffer is not None:
+            results.append(buffer.reshape(*leading, y.shape[1]))
             continue
+        if gelu and gelu_into_gemm:
+            y = gemm_operand(y)
         y = y.reshape(*leading, y.shape[1])
-        results.append(gemm_input(y) if gelu and gelu_into_gemm else mx.array(y))
+        results.append(as_mlx(y) if into_mlx else y)
     return results
+
+
+class _Part(NamedTuple):
+    """A part of `_product`'s output: where it is written, its columns, their biases, whether the
+    output holds them already, the MLX array it views (or None)."""
+
+    y: np.ndarray
+    first: int
+    last: int
+    bias: np.ndarray | None
+    holds_bias: bool
+    buffer: mx.array | None
 
 
 def _gemms(flats: list[np.ndarray], layer, path, outputs: list) -> None:
@@ -123,29 +164,40 @@ def _gemms(flats: list[np.ndarray], layer, path, outputs: list) -> None:
     columns = np.cumsum([0] + [flat.shape[1] for flat in flats])
     with scratch_lock:
         weight = expanded_weight(layer, path.dtype, cpu_plan.expansion().kernel)
-        for y, first, last, biased in outputs:
+        for part in outputs:
             for i, (a, (start, stop)) in enumerate(zip(operands, itertools.pairwise(columns), strict=True)):
-                gemm(path, a, weight[first:last, start:stop].T, out=y, accumulate=i > 0 or biased is not None)
+                weight_part = weight[part.first : part.last, start:stop].T
+                gemm(path, a, weight_part, out=part.y, accumulate=i > 0 or part.holds_bias)
 
 
-def _output(layer, rows: int, first: int, last: int, gelu: bool) -> tuple[np.ndarray, mx.array | None]:
-    """(where the GEMMs write output columns first..last, the MLX array it views or None). A part with
-    a bias and no GELU goes into a new MLX array holding the bias in every row, which the GEMMs add
-    to: no pass that adds the bias, no copy into MLX (MLX cannot allocate without filling; the fill
-    is the bias). 2 Intel Xeon cores with AMX, `python benchmarks/profile_step.py --dtype bfloat16
-    --repeats 5`, alternated twice: the step 0.574, 0.579 s before, 0.558, 0.562 s after."""
-    if "bias" in layer and not gelu:
-        biased = mx.zeros((rows, last - first)) + layer.bias[first:last].astype(mx.float32)  # a new buffer
-        return as_numpy(biased), biased
-    return np.empty((rows, last - first), np.float32), None
+def _output(
+    rows: int, cols: int, bias: np.ndarray | None, into_mlx: bool
+) -> tuple[np.ndarray, mx.array | None]:
+    """(where the GEMMs write [rows, cols], the MLX array it views where `into_mlx`), each row holding
+    `bias` where given, for the GEMMs to add to: no pass that adds it after them. Into MLX, a new
+    MLX array the GEMMs write in place: no copy into MLX (MLX cannot allocate without filling; the
+    fill is the bias). 2 Intel Xeon cores with AMX, `python benchmarks/profile_step.py --dtype
+    bfloat16 --repeats 5`, alternated twice: the step 0.574, 0.579 s before, 0.558, 0.562 s after."""
+    if into_mlx:
+        buffer = mx.zeros((rows, cols))
+        if bias is not None:
+            buffer = buffer + mx.array(bias)  # a new buffer
+        return as_numpy(buffer), buffer
+    y = np.empty((rows, cols), np.float32)
+    if bias is not None:
+        in_parallel(lambda start, stop: np.copyto(y[start:stop], bias), rows)
+    return y, None
+
+
+def gemm_operand(y: np.ndarray) -> np.ndarray:
+    """fp32 y for linear layers only: with bf16 GEMMs rounded to bf16 bits, the bits their GEMM would
+    round it to (half the bytes to copy, no rounding pass in the next layer)."""
+    return as_bf16(y) if cpu_plan.active().dtype == "bf16" else y
 
 
 def gemm_input(y: np.ndarray) -> mx.array:
-    """fp32 y as an MLX array for linear layers only: with bf16 GEMMs rounded to bf16, the bits their
-    GEMM would round it to (half the bytes to copy, no rounding pass in the next layer)."""
-    if cpu_plan.active().dtype == "bf16":
-        return mx.array(as_bf16(y)).view(mx.bfloat16)
-    return mx.array(y)
+    """`gemm_operand(y)` as an MLX array."""
+    return as_mlx(gemm_operand(y))
 
 
 def _input_gradient(dy: mx.array, layer) -> mx.array:

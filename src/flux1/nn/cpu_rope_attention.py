@@ -16,8 +16,8 @@ import numpy as np
 
 from flux1.nn import native
 from flux1.nn.attention import attend_heads, native_kernel
-from flux1.nn.cpu_linear import gemm_input
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
+from flux1.nn.cpu_linear import gemm_operand
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_mlx, as_numpy, in_parallel
 
 
 def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float) -> mx.array:
@@ -25,6 +25,14 @@ def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.arra
     head_dim], q norm scale [head_dim], k norm scale [head_dim]) in token order; cos and sin [B, 1,
     L, head_dim / 2] for the L = sum L_i tokens. Returns [B, L, heads * head_dim] for FLUX's output
     projections: fp32, or with bf16 GEMMs rounded to bf16 as they take it."""
+    projections = [(as_numpy(qkv.astype(mx.float32)), q_scale, k_scale) for qkv, q_scale, k_scale in streams]
+    return as_mlx(numpy_rope_attention(projections, heads, cos, sin, eps))
+
+
+def numpy_rope_attention(
+    streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float
+) -> np.ndarray:
+    """`rope_attention` of fp32 NumPy projections, into NumPy (bf16 bits where it gives bf16)."""
     batch, tokens = streams[0][0].shape[0], sum(qkv.shape[1] for qkv, _, _ in streams)
     head_dim = streams[0][0].shape[2] // (3 * heads)
     out = np.empty((batch, tokens, heads, head_dim), np.float32)
@@ -33,20 +41,19 @@ def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.arra
     else:
         q, k, v = normed_rotated_heads(streams, heads, cos, sin, eps)
         attend_heads(q, k, v, head_dim**-0.5, None, out.transpose(0, 2, 1, 3))  # [b, h]: a head's columns
-    return gemm_input(out.reshape(batch, tokens, heads * head_dim))
+    return gemm_operand(out.reshape(batch, tokens, heads * head_dim))
 
 
 def native_rope_attention(
     streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float, out, kernel: str
 ) -> None:
-    """`rope_attention` through a native kernel, into out [B, heads, L, head_dim]: q and k normed
+    """`numpy_rope_attention` through a native kernel, into out [B, heads, L, head_dim]: q and k normed
     and rotated as the kernel rounds them to bf16 from the projections (`native.source`), v read
     from them as it is."""
     sources = {"q": [], "k": [], "v": []}
     rope = [np.ascontiguousarray(as_float32(a)[:, 0]) for a in (cos, sin)]  # [B, L, head_dim / 2]
     first = 0
-    for qkv, q_scale, k_scale in streams:
-        projection = as_numpy(qkv.astype(mx.float32))
+    for projection, q_scale, k_scale in streams:
         batch, length = projection.shape[:2]
         parts = projection.reshape(batch, length, 3, heads, -1).transpose(
             2, 0, 3, 1, 4
@@ -59,9 +66,9 @@ def native_rope_attention(
 
 
 def normed_rotated_heads(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float):
-    """q, k and v [B, heads, L, head_dim]: q and k RMS-normed and rotated, v a view of the projection
-    where there is one stream."""
-    projections = [as_numpy(qkv.astype(mx.float32)) for qkv, _, _ in streams]
+    """q, k and v [B, heads, L, head_dim] of streams as `numpy_rope_attention` takes them: q and k
+    RMS-normed and rotated, v a view of the projection where there is one stream."""
+    projections = [qkv for qkv, _, _ in streams]
     batch = projections[0].shape[0]
     parts = [p.reshape(batch, p.shape[1], 3, heads, -1) for p in projections]  # [B, L_i, qkv, heads, d]
     lengths = [p.shape[1] for p in projections]

@@ -11,7 +11,7 @@ import numpy as np
 
 from flux1 import backend, cpu_plan
 from flux1.nn import onednn
-from flux1.nn.numpy_cpu import as_float32
+from flux1.nn.numpy_cpu import as_float32, as_mlx
 
 
 def layer_norm(
@@ -24,38 +24,48 @@ def layer_norm(
     """LN(x) over the last axis, times `scale`, plus `shift`: each [features], [B, 1, features] for
     x [B, tokens, features], or None (1 and 0). `into_gemm`: the result feeds only linear layers, so
     with bf16 GEMMs oneDNN may write it rounded to bf16 as they take it."""
-    if backend.numpy_kernels() and cpu_plan.active("activation").name == "onednn":
-        y = _onednn_layer_norm(x, eps, scale, shift, into_gemm and cpu_plan.active().dtype == "bf16")
+    if backend.numpy_kernels():
+        y = numpy_layer_norm(
+            as_float32(x.astype(mx.float32)),
+            eps,
+            *(None if a is None else as_float32(a) for a in (scale, shift)),
+            into_gemm,
+        )
         if y is not None:
-            return y
+            return as_mlx(y) if y.dtype == np.uint16 else mx.array(y).astype(x.dtype)
     if scale is None or scale.ndim == 1:
         cast = [None if a is None else a.astype(x.dtype) for a in (scale, shift)]
         return mx.fast.layer_norm(x, *cast, eps)
     return scale * mx.fast.layer_norm(x, None, None, eps) + shift
 
 
-def _onednn_layer_norm(x: mx.array, eps: float, scale, shift, bf16: bool) -> mx.array | None:
-    """None where oneDNN has only its reference code for this shape (not what the plan measured);
-    with `bf16` the result in bf16 where oneDNN compiled that, else fp32."""
+def numpy_layer_norm(
+    x: np.ndarray, eps: float, scale: np.ndarray | None, shift: np.ndarray | None, into_gemm: bool
+) -> np.ndarray | None:
+    """`layer_norm` of fp32 NumPy arrays through oneDNN's primitive where the plan takes oneDNN's
+    activations: fp32, or with `into_gemm` and bf16 GEMMs bf16 bits where oneDNN compiled that.
+    None where it does not (the caller computes it otherwise), or where oneDNN has only its
+    reference code for this shape (not what the plan measured)."""
+    if cpu_plan.active("activation").name != "onednn":
+        return None
     features = x.shape[-1]
     samples = x.shape[0] if scale is not None and scale.ndim > 1 else 1
     rows = x.size // features // samples
     if rows == 0:
         return None
+    bf16 = into_gemm and cpu_plan.active().dtype == "bf16"
     primitive = onednn.layer_norm(rows, features, eps, "bf16") if bf16 else None
     if primitive is None or primitive.implementation.startswith("ref"):
         bf16, primitive = False, onednn.layer_norm(rows, features, eps)
     if primitive.implementation.startswith("ref"):
         return None
-    values = np.ascontiguousarray(as_float32(x.astype(mx.float32))).reshape(samples, rows, features)
+    values = np.ascontiguousarray(x).reshape(samples, rows, features)
     per_sample = [
-        np.broadcast_to(default if a is None else as_float32(a).reshape(-1, features), (samples, features))
+        np.broadcast_to(default if a is None else a.reshape(-1, features), (samples, features))
         for a, default in ((scale, np.ones(features, np.float32)), (shift, np.zeros(features, np.float32)))
     ]
     out = np.empty(values.shape, np.uint16 if bf16 else np.float32)
     for sample in range(samples):
         scale_row, shift_row = (np.ascontiguousarray(a[sample]) for a in per_sample)
         primitive(values[sample], scale_row, shift_row, out[sample])
-    if bf16:
-        return mx.array(out.reshape(x.shape)).view(mx.bfloat16)
-    return mx.array(out.reshape(x.shape)).astype(x.dtype)
+    return out.reshape(x.shape)

@@ -116,6 +116,7 @@ def declared(kernels: ctypes.CDLL) -> ctypes.CDLL:
             _P,
             _I,
             ctypes.c_int,
+            _P,
             _I,
             _I,
         ]
@@ -295,16 +296,19 @@ def pack_tile_rows(parts: list[tuple[int, int, int]], rows: int) -> np.ndarray:
 
 
 def tile_products(weight: TileWeight, n: int, packed: np.ndarray, rows: int, out: int, out_stride: int,
-                  accumulate: bool) -> None:  # fmt: skip
-    """out [rows, n] at address `out`, rows `out_stride` floats apart (+= with `accumulate`) = x @ W^T
+                  accumulate: bool, bias: np.ndarray | None = None) -> None:  # fmt: skip
+    """out [rows, n] at address `out`, rows `out_stride` floats apart (+= with `accumulate`, else +
+    `bias`, fp32 [n], where given: the sums start from it) = x @ W^T
     in AMX tiles (`native_expansion.c`'s tile_products: bf16 products, fp32 sums), x as
     `pack_tile_rows` packed it, W's n rows (a multiple of 32) `weight`; the rows of W split over the
     cores 32 at a time."""
     cols = packed.size // (-(-rows // TILE_ROWS) * TILE_ROWS)
     assert n % TILE_ROWS == 0 and cols % 32 == 0 and packed.dtype == np.uint16
+    assert bias is None or (bias.shape == (n,) and bias.dtype == np.float32 and bias.flags.c_contiguous)
+    address = None if bias is None else bias.ctypes.data
 
     def part(first: int, last: int) -> None:
-        library().tile_products(weight, packed.ctypes.data, rows, cols, out, out_stride, accumulate,
+        library().tile_products(weight, packed.ctypes.data, rows, cols, out, out_stride, accumulate, address,
                                 first * TILE_ROWS, last * TILE_ROWS)  # fmt: skip
 
     in_parallel(part, n // TILE_ROWS)

@@ -454,7 +454,8 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
     }
 }
 
-/* A GEMM in AMX tiles: y [M, n] (+= with `accumulate`) = x @ W^T for W's rows first <= n < last
+/* A GEMM in AMX tiles: y [M, n] (+= with `accumulate`, else + bias [n] where not NULL: the sums start
+ * from it) = x @ W^T for W's rows first <= n < last
  * (multiples of 32), W a struct tile_weight (bf16 rows, or MLX's or Q4_K's 4-bit codes), x [M, K] packed by
  * pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such slice of x (kept in the
  * cache while it is used) W a block of TILE_ROWS rows at a time: laid out as AMX takes its right
@@ -537,15 +538,21 @@ static void tile_block(const struct tile_weight *w, int64_t n, int64_t k0, int64
     }
 }
 
-/* sums [32 x 32] (fp32, rows stride floats apart; added to where `load`) = 32 rows of x, from its
- * tiles a (the next 16 rows `panel` values on), times W's 32 rows' tiles b, over steps x 32 columns. */
+/* sums [32 x 32] (fp32, rows stride floats apart) = 32 rows of x, from its tiles a (the next 16 rows
+ * `panel` values on), times W's 32 rows' tiles b, over steps x 32 columns; added to sums where
+ * `load`, else to `bias` (W's 32 rows' biases, each row of sums starting from them) or to zeros. */
 static inline void tile_product(const uint16_t *a, int64_t panel, const uint32_t *b, int64_t steps, float *sums,
-                                int64_t stride, int load) {
+                                int64_t stride, int load, const float *bias) {
     if (load) {
         _tile_loadd(0, sums, stride * 4);
         _tile_loadd(1, sums + 16, stride * 4);
         _tile_loadd(2, sums + 16 * stride, stride * 4);
         _tile_loadd(3, sums + 16 * stride + 16, stride * 4);
+    } else if (bias != NULL) { /* a stride of 0: the same 16 biases in every row */
+        _tile_loadd(0, bias, 0);
+        _tile_loadd(1, bias + 16, 0);
+        _tile_loadd(2, bias, 0);
+        _tile_loadd(3, bias + 16, 0);
     } else {
         _tile_zero(0);
         _tile_zero(1);
@@ -569,7 +576,7 @@ static inline void tile_product(const uint16_t *a, int64_t panel, const uint32_t
 }
 
 void tile_products(const struct tile_weight *w, const uint16_t *x, int64_t rows, int64_t cols, float *y,
-                   int64_t y_stride, int accumulate, int64_t first, int64_t last) {
+                   int64_t y_stride, int accumulate, const float *bias, int64_t first, int64_t last) {
     uint32_t *block = aligned_alloc(64, TILE_ROWS * TILE_DEPTH * sizeof(uint16_t));
     float tail[32 * 32]; /* the last rows' sums, where fewer than 32 are left */
     configure_tiles();
@@ -585,14 +592,15 @@ void tile_products(const struct tile_weight *w, const uint16_t *x, int64_t rows,
                 const int64_t valid = rows - m < 32 ? rows - m : 32;
                 for (int64_t s = 0; s < count; s += 32) {
                     float *sums = y + m * y_stride + n0 + s;
+                    const float *biases = bias == NULL ? NULL : bias + n0 + s;
                     if (valid == 32) {
-                        tile_product(a, 16 * cols, block + s * depth / 2, steps, sums, y_stride, load);
+                        tile_product(a, 16 * cols, block + s * depth / 2, steps, sums, y_stride, load, biases);
                         continue;
                     }
                     for (int64_t r = 0; r < 32; r++)
                         for (int64_t j = 0; j < 32; j++)
-                            tail[r * 32 + j] = load && r < valid ? sums[r * y_stride + j] : 0.0f;
-                    tile_product(a, 16 * cols, block + s * depth / 2, steps, tail, 32, 1);
+                            tail[r * 32 + j] = load && r < valid ? sums[r * y_stride + j] : biases ? biases[j] : 0.0f;
+                    tile_product(a, 16 * cols, block + s * depth / 2, steps, tail, 32, 1, NULL);
                     for (int64_t r = 0; r < valid; r++)
                         memcpy(sums + r * y_stride, tail + r * 32, 32 * sizeof(float));
                 }

@@ -54,6 +54,11 @@ def as_numpy(a: mx.array) -> np.ndarray:
     return np.asarray(a)
 
 
+def as_mlx(x: np.ndarray) -> mx.array:
+    """A copy of x in MLX; uint16 taken as bf16 bits (`as_numpy`'s inverse)."""
+    return mx.array(x).view(mx.bfloat16) if x.dtype == np.uint16 else mx.array(x)
+
+
 def as_float32(a: mx.array) -> np.ndarray:
     """`a` as fp32 NumPy (a view when it already is fp32)."""
     return float32_values(as_numpy(a))
