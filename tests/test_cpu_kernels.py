@@ -843,12 +843,27 @@ def test_a_product_of_a_few_rows_comes_from_the_codes(monkeypatch, weight, rows)
 
 @pytest.mark.skipif(cpu_expansion.TILES not in cpu_expansion.quantized_paths(), reason="no AMX tiles here")
 @pytest.mark.parametrize(
-    "group", [32, 64, 128, gguf.GGMLQuantizationType.Q4_K], ids=lambda g: f"group {getattr(g, 'name', g)}"
+    ("group", "dtype"),
+    [
+        (32, mx.float32),
+        (64, mx.float32),
+        (64, mx.bfloat16),
+        (128, mx.bfloat16),
+        (gguf.GGMLQuantizationType.Q4_K, None),
+    ],
+    ids=[
+        "group 32, fp32 scales",
+        "group 64, fp32 scales",
+        "group 64, bf16 scales",
+        "group 128, bf16 scales",
+        "Q4_K",
+    ],
 )
 @pytest.mark.parametrize("rows", [cpu_expansion.FEW_ROWS + 1, 37, 64])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_4bit_layers_multiply_from_their_codes_in_amx_tiles(monkeypatch, group, rows, with_bias):
-    """With bf16 GEMMs, a layer of 4-bit codes (MLX's in groups of 32, 64 or 128; GGUF Q4_K) is
+def test_4bit_layers_multiply_from_their_codes_in_amx_tiles(monkeypatch, group, dtype, rows, with_bias):
+    """With bf16 GEMMs, a layer of 4-bit codes (MLX's in groups of 32, 64 or 128, with fp32 or bf16
+    scales, the kernel reading either as stored; GGUF Q4_K) is
     multiplied from its codes in AMX tiles, its weight never expanded: within the fp32 summation
     bound of the float64 product of x and W rounded to bf16 (the weight's bf16 values as expanded for
     a GEMM), gamma_n sum |x w| + |bias| with n = cols + 1 (one running sum of the products, the bias
@@ -864,7 +879,8 @@ def test_4bit_layers_multiply_from_their_codes_in_amx_tiles(monkeypatch, group, 
         if with_bias:
             layer.bias = mx.random.normal((outputs,), key=mx.random.key(2))
         if not isinstance(group, gguf.GGMLQuantizationType):
-            assert layer.quantize(4, group)
+            layer.weight = layer.weight.astype(dtype)
+            assert layer.quantize(4, group) and layer.scales.dtype == dtype
         else:
             blocks = random_blocks(group, outputs * cols // block_size(group)[0]).reshape(outputs, -1)
             layer.set_gguf(mx.array(blocks), group)

@@ -284,7 +284,11 @@ def tile_product(
         blocks = as_numpy(layer.weight)[first:last].view(np.uint8)
         weight = native.q4_k_tiles(blocks.reshape(last - first, -1, block_size(layer.gguf_type)[1]))
     else:
-        codes, _, scales, biases = _affine_rows(layer, first, last)
+        codes = as_numpy(layer.weight)[first:last].view(np.uint8)
+        # bf16 scales as they are stored (the kernel widens them as it reads them), others to fp32
+        scales, biases = (np.ascontiguousarray(as_numpy(a)[first:last]) for a in (layer.scales, layer.biases))
+        if scales.dtype != np.uint16:
+            scales, biases = float32_values(scales), float32_values(biases)
         weight = native.code_tiles(codes, scales, biases, layer.group_size)
     assert out.strides[1] == 4 and out.shape == (rows, last - first)
     native.tile_products(

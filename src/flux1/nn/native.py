@@ -234,26 +234,24 @@ class TileWeight(ctypes.Structure):
 
     _fields_ = [
         ("data", _P), ("stride", _I), ("scales", _P), ("offsets", _P), ("groups", _I), ("group", _I), ("q4_k", _I),
+        ("bf16_scales", _I),
     ]  # fmt: skip
 
 
 def bf16_tiles(rows: int, row_stride: int) -> TileWeight:
     """W as bf16 values: its rows at address `rows`, `row_stride` values apart."""
-    return TileWeight(rows, 2 * row_stride, None, None, 0, 0, 0)
+    return TileWeight(rows, 2 * row_stride, None, None, 0, 0, 0, 0)
 
 
 def code_tiles(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, group: int) -> TileWeight:
-    """W as MLX's 4-bit codes [n, cols / 2] with fp32 scales and offsets [n, cols / group] (group a
-    multiple of 32)."""
+    """W as MLX's 4-bit codes [n, cols / 2] with scales and offsets [n, cols / group], fp32 or bf16
+    bits (uint16) (group a multiple of 32)."""
     assert codes.dtype == np.uint8 and codes.strides[1] == 1 and group % 32 == 0
     assert scales.shape == offsets.shape == (len(codes), codes.shape[1] * 2 // group)
-    assert (
-        scales.flags.c_contiguous
-        and offsets.flags.c_contiguous
-        and scales.dtype == offsets.dtype == np.float32
-    )
+    assert scales.flags.c_contiguous and offsets.flags.c_contiguous
+    assert scales.dtype == offsets.dtype and scales.dtype in (np.float32, np.uint16)
     made = TileWeight(codes.ctypes.data, codes.strides[0], scales.ctypes.data, offsets.ctypes.data,
-                      scales.shape[1], group, 0)  # fmt: skip
+                      scales.shape[1], group, 0, scales.dtype == np.uint16)  # fmt: skip
     made.arrays = (codes, scales, offsets)
     return made
 
@@ -271,7 +269,7 @@ def q4_k_tiles(blocks: np.ndarray) -> TileWeight:
 
     in_parallel(decode, n)
     made = TileWeight(blocks.ctypes.data, blocks.strides[0], scales.ctypes.data, offsets.ctypes.data,
-                      count * 8, 32, 1)  # fmt: skip
+                      count * 8, 32, 1, 0)  # fmt: skip
     made.arrays = (blocks, scales, offsets)
     return made
 

@@ -499,14 +499,25 @@ static inline void transpose16(__m512i r[16]) {
 }
 
 /* A weight for tile_products: rows of `stride` bytes at data, bf16 values (scales NULL) or 4-bit
- * codes with fp32 scales and offsets [rows, groups], each for `group` values of a row: MLX's packed
- * codes, or with `q4_k` Q4_K_PAIRED blocks (their scales decoded by q4_k_affine, group 32). */
+ * codes with scales and offsets [rows, groups] (fp32, or bf16 where `bf16_scales`: read as they are
+ * stored, not converted per call), each for `group` values of a row: MLX's packed codes, or with
+ * `q4_k` Q4_K_PAIRED blocks (their scales decoded by q4_k_affine, group 32). */
 struct tile_weight {
     const uint8_t *data;
     int64_t stride;
-    const float *scales, *offsets;
-    int64_t groups, group, q4_k;
+    const void *scales, *offsets;
+    int64_t groups, group, q4_k, bf16_scales;
 };
+
+/* Scale or offset `at` of a tile_weight's. */
+static inline float tile_scale(const struct tile_weight *w, const void *values, int64_t at) {
+    if (!w->bf16_scales)
+        return ((const float *)values)[at];
+    const uint32_t bits = (uint32_t)((const uint16_t *)values)[at] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
 
 /* The 16 bytes of row n's 4-bit codes for columns k..k + 31 (k a multiple of 32). */
 static inline const uint8_t *tile_codes(const struct tile_weight *w, int64_t n, int64_t k) {
@@ -527,7 +538,7 @@ static void tile_block(const struct tile_weight *w, int64_t n, int64_t k0, int64
             if (d == 0 || k % w->group == 0)
                 for (int i = 0; i < 16; i++) {
                     const int64_t at = (n + i) * w->groups + k / w->group;
-                    tables[i] = bf16_table(w->scales[at], w->offsets[at]);
+                    tables[i] = bf16_table(tile_scale(w, w->scales, at), tile_scale(w, w->offsets, at));
                 }
             for (int i = 0; i < 16; i++)
                 r[i] = _mm512_permutexvar_epi16(nibble_lanes(tile_codes(w, n + i, k)), tables[i]);
