@@ -46,7 +46,7 @@ def single_block(block, x: mx.array, modulations, rope, eps: float) -> mx.array:
     shift, scale, gate = (as_float32(m) for m in modulations)
     values = as_float32(x)
     qkv, mlp = cpu_linear.numpy_linear(
-        [modulated(values, shift, scale, eps)], block.linear1, gelu_from=3 * block.dim, gelu_into_gemm=True
+        [modulated(values, shift, scale, eps)], block.linear1, gelu_from=3 * block.dim
     )
     attn = cpu_rope_attention.numpy_rope_attention(
         [(qkv, *_norm_scales(block.norm))], block.num_heads, *rope, eps
@@ -57,7 +57,7 @@ def single_block(block, x: mx.array, modulations, rope, eps: float) -> mx.array:
 def _linear(layer: Linear, x: np.ndarray | list[np.ndarray], gelu: bool = False) -> np.ndarray:
     parts = x if isinstance(x, list) else [x]
     gelu_from = 0 if gelu else None
-    return cpu_linear.numpy_linear(parts, layer, gelu_from=gelu_from, gelu_into_gemm=gelu)[0]
+    return cpu_linear.numpy_linear(parts, layer, gelu_from=gelu_from)[0]
 
 
 def _feed_forward(layers: list, x: np.ndarray) -> np.ndarray:

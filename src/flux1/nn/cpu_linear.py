@@ -60,13 +60,11 @@ def linear(
     return _product(inputs, layer, layer.adapters, gelu_from, gelu_into_gemm, into_mlx=True)
 
 
-def numpy_linear(
-    x: list[np.ndarray], layer, gelu_from: int | None = None, gelu_into_gemm: bool = False
-) -> list[np.ndarray]:
+def numpy_linear(x: list[np.ndarray], layer, gelu_from: int | None = None) -> list[np.ndarray]:
     """`linear` between NumPy arrays (fp32, or bf16 bits as uint16), for kernels that take NumPy
-    arrays next (`nn/cpu_flux_blocks.py`): each output part fp32, or bf16 bits where `linear` gives
-    bf16, and no MLX array made."""
-    return _product(x, layer, layer.adapters, gelu_from, gelu_into_gemm, into_mlx=False)
+    arrays next (`nn/cpu_flux_blocks.py`): each output part fp32 (a GEMM that takes it in bf16
+    rounds it as it reads it), and no MLX array made."""
+    return _product(x, layer, layer.adapters, gelu_from, False, into_mlx=False)
 
 
 def frozen_product(x: mx.array, layer) -> mx.array:
@@ -111,9 +109,13 @@ def _product(
         for part in outputs:
             product_from_codes(layer, x, part.first, part.last, part.y, accumulate=part.holds_bias)
     elif in_tiles:
-        parts = [operand(flat, path) for flat in flats]
-        parts = [part if part.strides[1] == 2 else np.ascontiguousarray(part) for part in parts]
-        packed = native.pack_tile_rows([(p.ctypes.data, p.strides[0] // 2, p.shape[1]) for p in parts], rows)
+        # fp32 parts rounded to bf16 as they are packed: no pass of their own
+        parts = [flat if flat.dtype == np.uint16 else float32_values(flat) for flat in flats]
+        parts = [p if p.strides[1] == p.itemsize else np.ascontiguousarray(p) for p in parts]
+        packed = native.pack_tile_rows(
+            [(p.ctypes.data, p.strides[0] // p.itemsize, p.shape[1], p.dtype == np.float32) for p in parts],
+            rows,
+        )
         for part in outputs:
             tile_product(layer, packed, rows, part.first, part.last, part.y, accumulate=False, bias=part.bias)
     else:
@@ -139,10 +141,8 @@ def _product(
         if buffer is not None:
             results.append(buffer.reshape(*leading, y.shape[1]))
             continue
-        if gelu and gelu_into_gemm:
-            y = gemm_operand(y)
         y = y.reshape(*leading, y.shape[1])
-        results.append(as_mlx(y) if into_mlx else y)
+        results.append((gemm_input(y) if gelu and gelu_into_gemm else as_mlx(y)) if into_mlx else y)
     return results
 
 
@@ -189,15 +189,10 @@ def _output(
     return y, None
 
 
-def gemm_operand(y: np.ndarray) -> np.ndarray:
-    """fp32 y for linear layers only: with bf16 GEMMs rounded to bf16 bits, the bits their GEMM would
-    round it to (half the bytes to copy, no rounding pass in the next layer)."""
-    return as_bf16(y) if cpu_plan.active().dtype == "bf16" else y
-
-
 def gemm_input(y: np.ndarray) -> mx.array:
-    """`gemm_operand(y)` as an MLX array."""
-    return as_mlx(gemm_operand(y))
+    """fp32 y as an MLX array for linear layers only: with bf16 GEMMs rounded to bf16, the bits their
+    GEMM would round it to (half the bytes to copy, no rounding pass in the next layer)."""
+    return as_mlx(as_bf16(y) if cpu_plan.active().dtype == "bf16" else y)
 
 
 def _input_gradient(dy: mx.array, layer) -> mx.array:

@@ -16,8 +16,8 @@ import numpy as np
 
 from flux1.nn import native
 from flux1.nn.attention import attend_heads, native_kernel
-from flux1.nn.cpu_linear import gemm_operand
-from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_mlx, as_numpy, in_parallel
+from flux1.nn.cpu_linear import gemm_input
+from flux1.nn.numpy_cpu import CACHED_VALUES, as_float32, as_numpy, in_parallel
 
 
 def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float) -> mx.array:
@@ -26,13 +26,14 @@ def rope_attention(streams: list[tuple], heads: int, cos: mx.array, sin: mx.arra
     L, head_dim / 2] for the L = sum L_i tokens. Returns [B, L, heads * head_dim] for FLUX's output
     projections: fp32, or with bf16 GEMMs rounded to bf16 as they take it."""
     projections = [(as_numpy(qkv.astype(mx.float32)), q_scale, k_scale) for qkv, q_scale, k_scale in streams]
-    return as_mlx(numpy_rope_attention(projections, heads, cos, sin, eps))
+    return gemm_input(numpy_rope_attention(projections, heads, cos, sin, eps))
 
 
 def numpy_rope_attention(
     streams: list[tuple], heads: int, cos: mx.array, sin: mx.array, eps: float
 ) -> np.ndarray:
-    """`rope_attention` of fp32 NumPy projections, into NumPy (bf16 bits where it gives bf16)."""
+    """`rope_attention` of fp32 NumPy projections, into fp32 NumPy (a GEMM that takes it in bf16
+    rounds it as it reads it)."""
     batch, tokens = streams[0][0].shape[0], sum(qkv.shape[1] for qkv, _, _ in streams)
     head_dim = streams[0][0].shape[2] // (3 * heads)
     out = np.empty((batch, tokens, heads, head_dim), np.float32)
@@ -41,7 +42,7 @@ def numpy_rope_attention(
     else:
         q, k, v = normed_rotated_heads(streams, heads, cos, sin, eps)
         attend_heads(q, k, v, head_dim**-0.5, None, out.transpose(0, 2, 1, 3))  # [b, h]: a head's columns
-    return gemm_operand(out.reshape(batch, tokens, heads * head_dim))
+    return out.reshape(batch, tokens, heads * head_dim)
 
 
 def native_rope_attention(

@@ -94,7 +94,7 @@ def _tiles(native, other):
         if trans_a or not trans_b or alpha != 1.0 or n % 32 or k % 32:
             other(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
             return
-        packed = native.pack_tile_rows([(a, lda, k)], m)
+        packed = native.pack_tile_rows([(a, lda, k, False)], m)
         native.tile_products(native.bf16_tiles(b, ldb), n, packed, m, c, ldc, beta != 0.0)
 
     return call

@@ -120,7 +120,7 @@ def declared(kernels: ctypes.CDLL) -> ctypes.CDLL:
             _I,
             _I,
         ]
-        kernels.pack_tile_rows.argtypes = [_P, _I, _I, _I, _I, _I, _P, _I, _I]
+        kernels.pack_tile_rows.argtypes = [_P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _I, _I]
     if kernels.attention_kernels():
         for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
             getattr(kernels, name).argtypes = [ctypes.POINTER(Source), _I, _I, _I, _P, _I, _I]
@@ -274,19 +274,20 @@ def q4_k_tiles(blocks: np.ndarray) -> TileWeight:
     return made
 
 
-def pack_tile_rows(parts: list[tuple[int, int, int]], rows: int) -> np.ndarray:
-    """x [rows, cols] given as its parts along cols, each (the address of its bf16 bits, its rows'
-    stride in values, its width: a multiple of 32), laid out as `tile_products` takes it: panels of
-    16 rows (rows padded with zeros to a multiple of TILE_ROWS), each 32 columns of a panel a tile
-    of 16 x 32."""
-    width = sum(cols for _, _, cols in parts)
+def pack_tile_rows(parts: list[tuple[int, int, int, bool]], rows: int) -> np.ndarray:
+    """x [rows, cols] given as its parts along cols, each (the address of its values, its rows'
+    stride in values, its width: a multiple of 32, whether the values are fp32: rounded to the
+    nearest bf16 as they are packed, else bf16 bits), laid out as `tile_products` takes it: panels
+    of 16 rows (rows padded with zeros to a multiple of TILE_ROWS), each 32 columns of a panel a
+    tile of 16 x 32."""
+    width = sum(cols for _, _, cols, _ in parts)
     padded = -(-rows // TILE_ROWS) * TILE_ROWS
     out = np.empty(padded * width, np.uint16)
     start = 0
-    for address, stride, cols in parts:
+    for address, stride, cols, fp32 in parts:
         assert cols % 32 == 0
         call = functools.partial(
-            library().pack_tile_rows, address, stride, rows, cols, start, width, out.ctypes.data
+            library().pack_tile_rows, address, stride, fp32, rows, cols, start, width, out.ctypes.data
         )
         in_parallel(call, padded // 16)
         start += cols

@@ -470,7 +470,7 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
 int tiles_granted(void);  /* native_tiles.c */
 void configure_tiles(void);
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 int tile_kernels(void) { return tiles_granted(); }
 
 /* r[i] = lane i of every r[j] (a 16 x 16 transpose of 32-bit lanes): pairs, then quadruples, then
@@ -622,21 +622,27 @@ void tile_products(const struct tile_weight *w, const uint16_t *x, int64_t rows,
     free(block);
 }
 
-/* Panels [first, last) of x [rows, cols] (bf16, its rows x_stride apart) into out, x's part of the
- * packed rows tile_products takes, x being columns k0..k0 + cols of them (all `width` wide): 16 rows
- * a panel, each 32 columns of a panel a 1 KB tile (its 16 rows of 64 bytes in turn); rows past
- * `rows` zeros. */
-void pack_tile_rows(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t cols, int64_t k0, int64_t width,
-                    uint16_t *out, int64_t first, int64_t last) {
+/* Panels [first, last) of x [rows, cols] (bf16 bits, or with `fp32` fp32 values rounded to the
+ * nearest bf16 as they are packed, ties to even; its rows x_stride values apart) into out, x's part
+ * of the packed rows tile_products takes, x being columns k0..k0 + cols of them (all `width` wide):
+ * 16 rows a panel, each 32 columns of a panel a 1 KB tile (its 16 rows of 64 bytes in turn); rows
+ * past `rows` zeros. */
+void pack_tile_rows(const void *x, int64_t x_stride, int fp32, int64_t rows, int64_t cols, int64_t k0,
+                    int64_t width, uint16_t *out, int64_t first, int64_t last) {
     for (int64_t p = first; p < last; p++)
         for (int64_t d = 0; d < cols; d += 32) {
             uint16_t *tile = out + p * 16 * width + (k0 + d) * 16;
             for (int64_t r = 0; r < 16; r++) {
                 const int64_t row = p * 16 + r;
-                if (row < rows)
-                    memcpy(tile + r * 32, x + row * x_stride + d, 64);
-                else
+                if (row >= rows) {
                     memset(tile + r * 32, 0, 64);
+                } else if (fp32) {
+                    const float *values = (const float *)x + row * x_stride + d;
+                    const __m512bh rounded = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(values + 16), _mm512_loadu_ps(values));
+                    _mm512_storeu_si512(tile + r * 32, (__m512i)rounded);
+                } else {
+                    memcpy(tile + r * 32, (const uint16_t *)x + row * x_stride + d, 64);
+                }
             }
         }
 }
