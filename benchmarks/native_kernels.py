@@ -51,7 +51,7 @@ def cases(image_tokens: int, text_tokens: int) -> dict[str, tuple[float, object]
         layer.quantize(4, 64)
 
         def packed(x=x, rows=rows, inputs=inputs):
-            return native.pack_tile_rows([(x.ctypes.data, inputs, inputs)], rows)
+            return native.pack_tile_rows([(x.ctypes.data, inputs, inputs, False)], rows)
 
         def bf16(weight=weight, y=y, rows=rows, inputs=inputs, outputs=outputs, packed=packed):
             tiles = native.bf16_tiles(weight.ctypes.data, inputs)
