@@ -151,6 +151,15 @@ def gemm_rate() -> float:
     return 2.0 * 4096 * 3072 * 3072 / best
 
 
+def plan_rate() -> tuple[float, str]:
+    """(FLOP/s, when it was measured) of the GEMM the CPU kernels use now as the CPU plan measured it
+    on FLUX's linear shapes: the rate issue 15's floors are defined by."""
+    from flux1 import cpu_plan
+
+    plan = cpu_plan.plan()
+    return plan.rates["linear"][cpu_plan.active().name] * 1e9, plan.measured
+
+
 def transformer_flops(config: dict, image_tokens: int, text_tokens: int) -> float:
     """Floating-point work of one FLUX transformer call at batch 1, from its diffusers config: 2 * rows
     * in * out per linear layer (rows: the tokens it sees, 1 for the per-image embedders and

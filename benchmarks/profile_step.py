@@ -5,7 +5,9 @@ linear layer (an MLP's first with its GELU), attention, RoPE and adaptive norm t
 after, so the parts are separated; the sum is a little above an unprofiled step, which is also
 timed). The floor is the step's floating-point work (2 * tokens * in * out per linear layer,
 4 * heads * tokens^2 * head_dim per attention) divided by the rate of the GEMM the CPU plan uses at
-this precision (`cpu_plan.active()`), measured here on a 4096 x 3072 x 3072 product through it.
+this precision (`cpu_plan.active()`), measured here on a 4096 x 3072 x 3072 product through it
+(best of 3, right before each step), and at the rate the plan itself measured on FLUX's linear
+shapes when it was made (issue 15's "plan's own GEMM rate": one moment of this machine's speed).
 
 With `--quantize BITS` the transformer is quantized as `main.py -q BITS` does, with `--gguf TYPE`
 loaded from the fixture's transformer as a GGUF file of that type (written beside the fixture if
@@ -43,6 +45,7 @@ from measure import (  # noqa: E402
     fixture_parser,
     gemm_rate,
     gguf_fixture,
+    plan_rate,
     transformer_flops,
     transformer_inputs,
 )
@@ -192,6 +195,12 @@ def main() -> None:
     print(
         f"achieved fraction of the floor (the step's work at the {cpu_plan.active().name} GEMM's rate "
         f"measured just before each step): {each}; median {statistics.median(fractions):.0%}"
+    )
+    rate, measured = plan_rate()
+    at_plan = ", ".join(f"{work / rate / seconds:.0%}" for _, seconds in timed_steps)
+    print(
+        f"at the plan's own rate ({rate / 1e9:.1f} GFLOP/s, measured {measured}): floor {work / rate:.2f}s, "
+        f"the steps {at_plan}"
     )
 
 

@@ -9,7 +9,8 @@ fixture at -q 4. The files each run reads are read once right before it, so that
 from the page cache (on disk, the order of the runs decided which loads were cold). Each step is set
 against its floor: the step's floating-point work (`measure.transformer_flops`) at the rate of the
 GEMM the CPU plan uses (`--precision auto`, as main.py), measured here right before and after each run
-(their mean: a shared machine's speed drifts).
+(their mean: a shared machine's speed drifts), and at the rate the plan itself measured when it was
+made (`/ plan`).
 
     python benchmarks/quantized_memory.py [--cache DIR] [--steps 4] [--bits 4 8] [--runtime] [--gguf Q4_K]
 """
@@ -24,7 +25,7 @@ import flux1  # noqa: F401  (first: loads the BLAS before mlx)
 from flux1 import cpu_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import cpu_model, gemm_rate, gguf_fixture, run_measured, transformer_flops  # noqa: E402
+from measure import cpu_model, gemm_rate, gguf_fixture, plan_rate, run_measured, transformer_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_TOKENS = 256  # schnell's T5 sequence length, main.py's default
@@ -169,19 +170,21 @@ def main() -> None:
         "each run's files read once before it (loads from the page cache)"
     )
     print(f"CPU: {cpu_model()}; {cpu_plan.describe(quantized=True)}")
+    rate, measured = plan_rate()
     print(
         f"step floor: {flops / 1e12:.2f} TFLOP ({image_tokens} image + {TEXT_TOKENS} text tokens) at the "
-        f"{cpu_plan.active().name} GEMM's rate around each run"
+        f"{cpu_plan.active().name} GEMM's rate around each run (/ floor), and at the plan's own "
+        f"{rate / 1e9:.1f} GFLOP/s, measured {measured} (/ plan)"
     )
     print(
         f"{'run':<24}{'on disk GB':>11}{'peak RSS GB':>12}{'load s':>9}{'encode s':>10}{'s/step':>9}"
-        f"{'GFLOP/s':>9}{'/ floor':>9}{'decode s':>10}{'total s':>9}"
+        f"{'GFLOP/s':>9}{'/ floor':>9}{'/ plan':>8}{'decode s':>10}{'total s':>9}"
     )
     for name, disk, r in rows:
         print(
             f"{name:<24}{disk:>11.2f}{r['peak_gb']:>12.2f}{r['load']:>9.1f}{r['encode']:>10.1f}"
-            f"{r['step']:>9.1f}{r['rate'] / 1e9:>9.1f}{r['step'] * r['rate'] / flops:>9.2f}{r['decode']:>10.1f}"
-            f"{r['total_s']:>9.0f}"
+            f"{r['step']:>9.1f}{r['rate'] / 1e9:>9.1f}{r['step'] * r['rate'] / flops:>9.2f}"
+            f"{r['step'] * rate / flops:>8.2f}{r['decode']:>10.1f}{r['total_s']:>9.0f}"
         )
 
 

@@ -75,12 +75,14 @@ def test_quantized_memory_prints_every_row(tmp_path):
     )
     table = out[out.index("FLUX.1-schnell, tiny preset") :].splitlines()
     assert re.match(
-        r"step floor: [\d.]+ TFLOP \(4 image \+ 256 text tokens\) at the (\w+ )+(fp32|bf16) GEMM's", table[2]
+        r"step floor: [\d.]+ TFLOP \(4 image \+ 256 text tokens\) at the (\w+ )+(fp32|bf16) GEMM's rate around "
+        r"each run \(/ floor\), and at the plan's own [\d.]+ GFLOP/s, measured .* \(/ plan\)$",
+        table[2],
     )
-    assert "s/step  GFLOP/s  / floor" in table[3]
-    for line in table[4:]:  # the GEMM's rate around the run, and the step over its floor
-        rate, ratio = (float(value) for value in line[24:].split()[5:7])
-        assert rate > 0 and ratio > 0
+    assert "s/step  GFLOP/s  / floor  / plan" in table[3]
+    for line in table[4:]:  # the GEMM's rate around the run, the step over its floor and over the plan's
+        rate, ratio, plan_ratio = (float(value) for value in line[24:].split()[5:8])
+        assert rate > 0 and ratio > 0 and plan_ratio > 0
     assert [line[:24].strip() for line in table[4:]] == [
         "saved -q 4",
         "bf16 + -q 4 at load",
@@ -135,11 +137,14 @@ def test_profile_step_prints_every_part(tmp_path, compact):
         "unprofiled step (median)",
     }
     assert re.match(
-        r"achieved fraction of the floor .*: [\d.]+s at [\d.]+ GFLOP/s: \d+%; median \d+%$", table[-1]
+        r"achieved fraction of the floor .*: [\d.]+s at [\d.]+ GFLOP/s: \d+%; median \d+%$", table[-2]
+    )
+    assert re.match(
+        r"at the plan's own rate \([\d.]+ GFLOP/s, measured .*\): floor [\d.]+s, the steps \d+%$", table[-1]
     )
     # The FLOP formula that quantized_memory.py uses counts what the instrumented step counted.
     counted, formula = re.search(
-        r"step work ([\d.e+-]+) GFLOP \(measure.transformer_flops: ([\d.e+-]+)\)", table[-2]
+        r"step work ([\d.e+-]+) GFLOP \(measure.transformer_flops: ([\d.e+-]+)\)", table[-3]
     ).groups()
     assert float(counted) > 0 and counted == formula
 
