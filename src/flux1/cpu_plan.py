@@ -287,7 +287,7 @@ def measure_quantized(paths: dict[str, QuantizedPath], rates: dict, rounds: int 
             gemm(path, x, expanded_weight(layer, "bf16", kernel.kernel).T, out)
 
     def tiles():
-        packed = native.pack_tile_rows([(x.ctypes.data, inputs, inputs)], rows)
+        packed = native.pack_tile_rows([(x.ctypes.data, inputs, inputs, False)], rows)
         tile_product(layer, packed, rows, 0, outputs, out, accumulate=False)
 
     calls = {EXPANDED: expanded, TILES: tiles}
