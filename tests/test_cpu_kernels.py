@@ -25,6 +25,7 @@ from flux1.models.flux_blocks import DoubleStreamBlock, QKNorm, SingleStreamBloc
 from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
 from flux1.nn import cpu_attention, cpu_expansion, cpu_flux_blocks, cpu_linear, native, onednn
+from flux1.nn import gemm as gemm_module
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
@@ -404,14 +405,15 @@ def test_resnet_block_on_numpy_arrays_equals_its_layers_through_mlx(channels, pa
 
 @pytest.mark.skipif(not backend.numpy_kernels(), reason="the CPU kernels are not in use")
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("bits", [None, 4], ids=["dense", "4-bit"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "4-bit"])
 @pytest.mark.parametrize("double", [True, False], ids=["double", "single"])
-def test_flux_blocks_on_numpy_arrays_equal_their_layers_through_mlx(double, bits, path, monkeypatch):
+def test_flux_blocks_on_numpy_arrays_equal_their_layers_through_mlx(double, weights, path, monkeypatch):
     """FLUX's blocks on the CPU kernels (`nn/cpu_flux_blocks.py`: NumPy arrays between the kernels,
     the gated residual sums in NumPy) compute bit for bit what their layers compute through
     `Linear`, `modulate` and `joint_attention` with MLX arrays between them (the same kernels; MLX's
-    residual sums round as NumPy's): a batch of 2, each sample its own modulations; 4-bit weights
-    multiplied from their codes where the plan takes that (widths multiples of 32 for the tiles)."""
+    residual sums round as NumPy's): a batch of 2, each sample its own modulations; bf16 weights in
+    AMX tiles where that is the plan's GEMM and 4-bit ones multiplied from their codes where the plan
+    takes that (widths multiples of 32 for the tiles)."""
     dim, heads, lengths = 64, 2, (5, 9)
     block = DoubleStreamBlock(dim, heads, 4.0) if double else SingleStreamBlock(dim, heads, 4.0)
     shapes = {name: value.shape for name, value in tree_flatten(block.parameters())}
@@ -423,10 +425,11 @@ def test_flux_blocks_on_numpy_arrays_equal_their_layers_through_mlx(double, bits
             ]
         )
     )
-    if bits:
-        for _, layer in block.named_modules():
-            if isinstance(layer, Linear):
-                layer.quantize(bits, 32)
+    for _, layer in block.named_modules():
+        if isinstance(layer, Linear) and weights == "4-bit":
+            layer.quantize(4, 32)
+        elif isinstance(layer, Linear) and weights == "bf16":
+            layer.weight = layer.weight.astype(mx.bfloat16)
     count = 6 if double else 3
     modulations = [mx.random.normal((2, 1, dim), key=mx.random.key(50 + i)) for i in range(2 * count)]
     modulations = (modulations[:count], modulations[count:]) if double else modulations[:count]
@@ -839,6 +842,32 @@ def test_a_product_of_a_few_rows_comes_from_the_codes(monkeypatch, weight, rows)
     monkeypatch.setattr(cpu_linear, "expanded_weight", lambda *a: calls.append(a) or expanded_weight(*a))
     layer(mx.random.normal((cpu_expansion.FEW_ROWS + 1, 512), key=mx.random.key(6)))
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(gemm_module.TILES not in available_paths(), reason="no AMX tiles here")
+def test_bf16_layers_in_the_tiles_gemm_take_x_packed_once(monkeypatch):
+    """Where the plan's GEMM is flux1's own in AMX tiles, a layer of bf16 weights multiplies them in
+    the tiles as stored, x packed once for every part of the output (fp32 x rounded as it is packed)
+    and the sums started from the bias: the same bits as the GEMM called part by part on x rounded
+    first (a pass of its own) into an output holding the bias."""
+    cols, outputs = 13 * 256, 96
+    layer = Linear(cols, outputs)
+    layer.weight = (mx.random.normal((outputs, cols), key=mx.random.key(1)) * 0.05).astype(mx.bfloat16)
+    layer.bias = mx.random.normal((outputs,), key=mx.random.key(2))
+    x = mx.random.normal((37, cols), key=mx.random.key(3))
+    packings = []
+    pack = native.pack_tile_rows
+    monkeypatch.setattr(
+        native, "pack_tile_rows", lambda parts, rows: packings.append(parts) or pack(parts, rows)
+    )
+    with cpu_plan.use(gemm_module.TILES):
+        got = np.array(layer(x))
+        head, _ = layer.split_gelu_tanh(x, 64)
+        assert len(packings) == 2 and all(fp32 for _, _, _, fp32 in packings[0])  # once a call
+        monkeypatch.setattr(cpu_linear, "fits_tiles", lambda *a: False)
+        assert np.array_equal(np.array(layer(x)), got)
+        assert len(packings) == 3 and not packings[2][0][3]  # the GEMM's call: x rounded first
+    assert np.array_equal(np.array(head), got[:, :64])
 
 
 @pytest.mark.skipif(cpu_expansion.TILES not in cpu_expansion.quantized_paths(), reason="no AMX tiles here")

@@ -259,9 +259,12 @@ def quantized_paths() -> dict[str, QuantizedPath]:
 
 def fits_tiles(layer, widths: list[int], bounds: list[int]) -> bool:
     """Whether `tile_product` takes this layer, x given in parts of `widths` columns and the output
-    in parts between `bounds`: MLX's 4-bit codes or GGUF Q4_K blocks, all of them multiples of 32."""
+    in parts between `bounds`: MLX's 4-bit codes, GGUF Q4_K blocks or bf16 values, all of them
+    multiples of 32."""
     if layer.gguf_type is not None:
         return cpu_form(layer.gguf_type) == Q4_K_PAIRED and all(size % 32 == 0 for size in [*widths, *bounds])
+    if layer.bits is None:
+        return layer.weight.dtype == mx.bfloat16 and all(size % 32 == 0 for size in [*widths, *bounds])
     return layer.bits == 4 and all(size % 32 == 0 for size in [layer.group_size, *widths, *bounds])
 
 
@@ -277,10 +280,15 @@ def tile_product(
 ):
     """out [rows, last - first] (+= with `accumulate`, else + `bias`, W's biases first..last, where
     given) x @ W[first:last]^T for a layer `fits_tiles` takes, x packed by `native.pack_tile_rows`,
-    from W's codes in AMX tiles (`native.tile_products`): bf16 products, fp32 sums, no row of W
-    leaving the cache expanded."""
+    from W's codes (or bf16 values) in AMX tiles (`native.tile_products`): bf16 products, fp32
+    sums, no row of W leaving the cache expanded."""
     layer.to_cpu_form()
-    if layer.gguf_type is not None:
+    if layer.bits is None and layer.gguf_type is None:
+        values = as_numpy(layer.weight)[first:last]
+        values = values if values.strides[1] == 2 else np.ascontiguousarray(values)
+        weight = native.bf16_tiles(values.ctypes.data, values.strides[0] // 2)
+        weight.arrays = (values,)
+    elif layer.gguf_type is not None:
         blocks = as_numpy(layer.weight)[first:last].view(np.uint8)
         weight = native.q4_k_tiles(blocks.reshape(last - first, -1, block_size(layer.gguf_type)[1]))
     else:

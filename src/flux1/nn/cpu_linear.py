@@ -30,6 +30,7 @@ from flux1.nn.cpu_expansion import (
     scratch_lock,
     tile_product,
 )
+from flux1.nn.gemm import TILES as GEMM_TILES
 from flux1.nn.gemm import gemm, operand
 from flux1.nn.numpy_cpu import (
     CACHED_VALUES,
@@ -88,11 +89,13 @@ def _product(
     rows = len(flats[0])
     bounds = [0, layer.output_dims] if not gelu_from else [0, gelu_from, layer.output_dims]
     from_codes = rows <= FEW_ROWS and layer.is_quantized and native.library() is not None
+    # 4-bit codes in AMX tiles where the plan measured that faster, bf16 weights where its GEMM is the
+    # tiles: x packed once for every part of the output, fp32 parts rounded as they are packed.
     in_tiles = (
         not from_codes
         and path.dtype == "bf16"
         and fits_tiles(layer, [flat.shape[1] for flat in flats], bounds)
-        and cpu_plan.quantized_product().name == TILES
+        and (cpu_plan.quantized_product().name == TILES if layer.is_quantized else path.name == GEMM_TILES)
     )
     bias = np.ascontiguousarray(as_float32(layer.bias)) if "bias" in layer else None
     outputs = []
