@@ -3,8 +3,9 @@
 Through `Linear` and `layer_norm` each kernel's output is copied into a new MLX array (MLX cannot
 allocate without filling, and fills on one core), and each gated residual sum is two of MLX's passes
 on one core. Here a block reads its input in place, every kernel's output stays the NumPy array the
-kernel wrote (fp32, or bf16 bits where a GEMM takes it next), the residual sums are one pass on all
-cores into the output projection's array, and only the block's output is copied into MLX. The
+kernel wrote (fp32, rounded by the bf16 GEMM that takes it; the modulated inputs in bf16 bits from
+the layer norm), the residual sums are one pass on all cores into the output projection's array, and
+only the block's output is copied into MLX. The
 arithmetic is `flux_blocks.py`'s, kernel for kernel: the same outputs as through `Linear`.
 """
 
