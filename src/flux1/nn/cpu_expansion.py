@@ -229,10 +229,14 @@ def product_from_codes(
     native.affine_products(*_affine_rows(layer, first, last), layer.group_size, x, out, accumulate)
 
 
-def _affine_rows(layer, first: int, last: int) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
-    """(codes, bits, fp32 scales, fp32 offsets) of rows first..last of an MLX-quantized layer (only
-    these rows' scales converted)."""
-    scales, biases = (float32_values(as_numpy(a)[first:last]) for a in (layer.scales, layer.biases))
+def _affine_rows(
+    layer, first: int, last: int, bf16_kept: bool = False
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """(codes, bits, scales, offsets) of rows first..last of an MLX-quantized layer: the scales and
+    offsets fp32 (only these rows converted), or with `bf16_kept` bf16 ones as stored (uint16 bits)."""
+    scales, biases = (np.ascontiguousarray(as_numpy(a)[first:last]) for a in (layer.scales, layer.biases))
+    if not (bf16_kept and scales.dtype == np.uint16):
+        scales, biases = float32_values(scales), float32_values(biases)
     return as_numpy(layer.weight)[first:last].view(np.uint8), layer.bits, scales, biases
 
 
@@ -292,11 +296,8 @@ def tile_product(
         blocks = as_numpy(layer.weight)[first:last].view(np.uint8)
         weight = native.q4_k_tiles(blocks.reshape(last - first, -1, block_size(layer.gguf_type)[1]))
     else:
-        codes = as_numpy(layer.weight)[first:last].view(np.uint8)
-        # bf16 scales as they are stored (the kernel widens them as it reads them), others to fp32
-        scales, biases = (np.ascontiguousarray(as_numpy(a)[first:last]) for a in (layer.scales, layer.biases))
-        if scales.dtype != np.uint16:
-            scales, biases = float32_values(scales), float32_values(biases)
+        # bf16 scales as they are stored: the kernel widens them as it reads them
+        codes, _, scales, biases = _affine_rows(layer, first, last, bf16_kept=True)
         weight = native.code_tiles(codes, scales, biases, layer.group_size)
     assert out.strides[1] == 4 and out.shape == (rows, last - first)
     native.tile_products(

@@ -470,7 +470,7 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
 int tiles_granted(void);  /* native_tiles.c */
 void configure_tiles(void);
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
 int tile_kernels(void) { return tiles_granted(); }
 
 /* r[i] = lane i of every r[j] (a 16 x 16 transpose of 32-bit lanes): pairs, then quadruples, then
@@ -638,8 +638,8 @@ void pack_tile_rows(const void *x, int64_t x_stride, int fp32, int64_t rows, int
                     memset(tile + r * 32, 0, 64);
                 } else if (fp32) {
                     const float *values = (const float *)x + row * x_stride + d;
-                    const __m512bh rounded = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(values + 16), _mm512_loadu_ps(values));
-                    _mm512_storeu_si512(tile + r * 32, (__m512i)rounded);
+                    _mm256_storeu_si256((__m256i *)(tile + r * 32), bf16_halves(_mm512_loadu_ps(values)));
+                    _mm256_storeu_si256((__m256i *)(tile + r * 32 + 16), bf16_halves(_mm512_loadu_ps(values + 16)));
                 } else {
                     memcpy(tile + r * 32, (const uint16_t *)x + row * x_stride + d, 64);
                 }
