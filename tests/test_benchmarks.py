@@ -225,7 +225,7 @@ def test_native_kernels_times_another_trees_build_against_this_one(tmp_path):
     and timed case for case beside this build; a folder without them is refused by name."""
     nn = tmp_path / "src" / "flux1" / "nn"
     nn.mkdir(parents=True)
-    for source in native.SOURCES:
+    for source in (*native.SOURCES, native.HEADER):
         text = source.read_text()
         if source.name == "native_expansion.c":
             assert "#define TILE_ROWS 128\n" in text

@@ -1,5 +1,5 @@
-"""Small C kernels (`native_expansion.c`, `native_attention.c`, `native_tiles.c`) compiled for this
-CPU on first use,
+"""Small C kernels (`native_expansion.c`, `native_attention.c`, `native_tiles.c`, with
+`native_simd.h`) compiled for this CPU on first use,
 where a C compiler is installed (`$CC`, else `cc`), and kept in flux1's cache folder under a name
 made from everything the machine code depends on (the sources, the compiler's version, the flags,
 the CPU model and its instruction sets: a home folder shared by different CPUs gets one build per
@@ -35,6 +35,7 @@ from flux1.nn.numpy_cpu import in_parallel
 SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("native_expansion.c", "native_attention.c", "native_tiles.c")
 )
+HEADER = Path(__file__).with_name("native_simd.h")  # included by two of them
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 BITS = (3, 4, 5, 6, 8)  # the code widths `expand` takes
 # Every GGUF type, as flux1 holds its blocks (gguf/blocks.py's cpu_form): `expand_blocks`'s kernel
@@ -77,7 +78,7 @@ def library() -> ctypes.CDLL | None:
     found = compiler()
     if found is None:
         return None
-    sources = [source.read_bytes() for source in SOURCES]
+    sources = [source.read_bytes() for source in (*SOURCES, HEADER)]
     identity = repr((sources, found[1], FLAGS, cpu_model(), sorted(cpu_flags())))
     built = (
         user_cache.folder() / "native" / f"kernels-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
@@ -123,7 +124,7 @@ def declared(kernels: ctypes.CDLL) -> ctypes.CDLL:
         kernels.pack_tile_rows.argtypes = [_P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _I, _I]
     if kernels.attention_kernels():
         for name in ("pack_rows", "pack_feature_pairs", "pack_row_pairs"):
-            getattr(kernels, name).argtypes = [ctypes.POINTER(Source), _I, _I, _I, _P, _I, _I]
+            getattr(kernels, name).argtypes = [ctypes.POINTER(Source), _I, _I, _I, _I, _P, _I, _I]
         kernels.attend_bf16.argtypes = (
             [_P] * 3 + [_I] * 6 + [ctypes.c_float, _I, _P] + [_I] * 5 + [ctypes.c_int]
         )
@@ -401,5 +402,10 @@ def _packed(pack, sources: list, heads: int, rows: int, dim: int) -> np.ndarray:
     `heads` padded to rows x dim: [heads, rows, dim] bf16 bits, in the kernel's layout."""
     made = (Source * len(sources))(*(made for made, _ in sources))
     out = np.empty((heads, rows, dim), np.uint16)
-    in_parallel(lambda first, last: pack(made, len(sources), rows, dim, out.ctypes.data, first, last), heads)
+
+    def blocks(first: int, last: int) -> None:
+        block = ATTENTION_BLOCK
+        pack(made, len(sources), heads, rows, dim, out.ctypes.data, first * block, last * block)
+
+    in_parallel(blocks, rows // ATTENTION_BLOCK)
     return out

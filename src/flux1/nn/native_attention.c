@@ -26,8 +26,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__BMI2__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__BMI2__)
 #include <immintrin.h>
+
+#include "native_simd.h"
 
 #define BLOCK 32  /* query rows, and the side of a product's block */
 #define GROUP 8   /* query blocks sharing each chunk of keys */
@@ -223,39 +225,53 @@ static void operand_row(const struct source *sources, int64_t count, int64_t h, 
     memset(out, 0, dim * sizeof(uint16_t));
 }
 
-/* Heads [first, last) of an operand of attend_bf16 from `count` sources (rows no source has are
- * zeros) into out [heads][rows][dim] (multiples of 32), laid out as attend_bf16 takes them: as they
- * are (q), with each row's pairs of features side by side (k), or with each pair of rows' values
- * side by side (v). */
+/* Rows [first, last) (multiples of 32) of each of the `heads` of an operand of attend_bf16 from
+ * `count` sources (rows no source has are zeros) into out [heads][rows][dim] (multiples of 32), laid
+ * out as attend_bf16 takes them: as they are (q), with each row's pairs of features side by side
+ * (k), or with each pair of rows' values side by side (v). A token's heads lie side by side in the
+ * projections, so its rows are read for all heads in turn: rows a whole token apart, each on a page
+ * of its own, are read once, not once per head. */
 #define PACK(name, step, ...)                                                                          \
-    void name(const struct source *sources, int64_t count, int64_t rows, int64_t dim, uint16_t *out,      \
-              int64_t first, int64_t last) {                                                              \
+    void name(const struct source *sources, int64_t count, int64_t heads, int64_t rows, int64_t dim,     \
+              uint16_t *out, int64_t first, int64_t last) {                                               \
         uint16_t *block = aligned_alloc(64, step * dim * sizeof(uint16_t)); /* `step` rows */             \
-        for (int64_t h = first; h < last; h++) {                                                          \
-            uint16_t *packed = out + h * rows * dim;                                                      \
-            for (int64_t r = 0; r < rows; r += step) {                                                    \
+        for (int64_t r = first; r < last; r += step)                                                      \
+            for (int64_t h = 0; h < heads; h++) {                                                         \
+                uint16_t *packed = out + h * rows * dim;                                                  \
                 for (int64_t j = 0; j < step; j++)                                                        \
                     operand_row(sources, count, h, r + j, dim, block + j * dim);                          \
                 __VA_ARGS__                                                                               \
             }                                                                                             \
-        }                                                                                                 \
         free(block);                                                                                      \
     }
 
 PACK(pack_rows, 1, memcpy(packed + r * dim, block, dim * sizeof(uint16_t));)
 
-PACK(pack_feature_pairs, 16, {
+PACK(pack_feature_pairs, 16, { /* the 16 rows' pairs transposed, 16 pairs at a time */
     uint32_t *pairs = (uint32_t *)packed + r / 32 * (dim / 2 * 32) + r % 32;
-    for (int64_t p = 0; p < dim / 2; p++)
+    for (int64_t p = 0; p < dim / 2; p += 16) {
+        __m512i lanes[16];
         for (int64_t j = 0; j < 16; j++)
-            pairs[p * 32 + j] = ((const uint32_t *)block)[j * dim / 2 + p];
+            lanes[j] = _mm512_load_si512((const uint32_t *)block + j * dim / 2 + p);
+        transpose16(lanes);
+        for (int64_t j = 0; j < 16; j++)
+            _mm512_storeu_si512(pairs + (p + j) * 32, lanes[j]);
+    }
 })
 
-PACK(pack_row_pairs, 2, {
-    for (int64_t c = 0; c < dim; c++) {
-        uint16_t *pair = packed + c / 32 * rows * 32 + r / 2 * 64 + c % 32 * 2;
-        pair[0] = block[c];
-        pair[1] = block[dim + c];
+/* 16-bit lanes of two vectors (0-31 of one, 32-63 of the other) alternately: 0, 32, 1, 33, ... */
+static const uint16_t INTERLEAVED[64] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                         8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47,
+                                         16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                         24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+PACK(pack_row_pairs, 2, { /* 32 features of the two rows interleaved at a time: 16 in each half */
+    const __m512i low = _mm512_loadu_si512(INTERLEAVED), high = _mm512_loadu_si512(INTERLEAVED + 32);
+    for (int64_t c = 0; c < dim; c += 32) {
+        const __m512i first = _mm512_load_si512(block + c), second = _mm512_load_si512(block + dim + c);
+        uint16_t *pairs = packed + c / 32 * rows * 32 + r / 2 * 64;
+        _mm512_storeu_si512(pairs, _mm512_permutex2var_epi16(first, low, second));
+        _mm512_storeu_si512(pairs + 32, _mm512_permutex2var_epi16(first, high, second));
     }
 })
 

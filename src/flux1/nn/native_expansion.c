@@ -27,6 +27,8 @@ static inline float to_fp32(float x) { return x; }
 #ifdef __AVX512BW__
 #include <immintrin.h>
 
+#include "native_simd.h"
+
 /* The 16 values a group's 4-bit codes stand for (code * scale + offset for codes 0-15: a product
  * and a sum, each rounded, as the scalar code computes them), and for 16 bytes of two codes each
  * the codes in order as 32 16-bit lanes (byte j's low code in lane 2j, its high one in lane 2j +
@@ -472,31 +474,6 @@ void configure_tiles(void);
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
 int tile_kernels(void) { return tiles_granted(); }
-
-/* r[i] = lane i of every r[j] (a 16 x 16 transpose of 32-bit lanes): pairs, then quadruples, then
- * 128-bit quarters, then halves interleaved. */
-static inline void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 8; i++) {
-        const int a = i / 4 * 8 + i % 4;
-        t[a] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0x88);
-        t[a + 4] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0xDD);
-    }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
-    }
-}
 
 /* A weight for tile_products: rows of `stride` bytes at data, bf16 values (scales NULL) or 4-bit
  * codes with scales and offsets [rows, groups] (fp32, or bf16 where `bf16_scales`: read as they are
