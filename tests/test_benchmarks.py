@@ -3,6 +3,7 @@ is asserted: speed is the benchmarks' business, not the tests')."""
 
 import importlib.util
 import json
+import os
 import platform
 import re
 import subprocess
@@ -217,6 +218,33 @@ def test_gemm_rates_prints_every_path_and_torch():
         else:  # every GEMM path and torch in both dtypes
             assert len(filled) == len(available_paths()) + 2
         assert all(float(c) > 0 for c in filled), (what, cells)
+
+
+def test_core_share_times_each_core_alone_and_all_of_them():
+    """Each round: every core this process may use, alone, then all of them, the process pinned each
+    time (the summary's ranges are those of the rounds' rates)."""
+    cores = sorted(os.sched_getaffinity(0))
+    out = _run("core_share.py", "--rounds", "2")
+    lines = out.splitlines()
+    assert lines[0].startswith("CPU: ") and f"cores {cores}; GEMM: " in lines[0]
+    header, _, *rounds = [line.strip("|").split("|") for line in lines if line.startswith("|")]
+    assert [c.strip() for c in header] == [
+        "round",
+        *(f"core {c} alone" for c in cores),
+        "all cores",
+        "all / sum alone",
+    ]
+    assert [int(row[0]) for row in rounds] == [1, 2]
+    rates = [[float(c) for c in row[1:-1]] for row in rounds]
+    assert all(rate > 0 for row in rates for rate in row)
+    for row, cells in zip(rates, rounds, strict=True):
+        assert abs(float(cells[-1]) - row[-1] / sum(row[:-1])) < 0.01
+    summary = lines[-1 - len(cores) :]
+    for at, core in enumerate(cores):
+        alone = [row[at] for row in rates]
+        assert summary[at].startswith(f"core {core} alone: {min(alone):.0f}-{max(alone):.0f} (median ")
+    together = [row[-1] for row in rates]
+    assert summary[-1].startswith(f"all cores: {min(together):.0f}-{max(together):.0f} (median ")
 
 
 @pytest.mark.skipif(not native.tiles(), reason="no AMX tiles here")
