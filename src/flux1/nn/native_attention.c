@@ -115,20 +115,25 @@ static inline void product_block(int tiles, const uint16_t *a, int64_t a_stride,
     product_vectors(a, a_stride, b, b_stride, depth, out, out_stride, accumulate);
 }
 
-/* 2^x for x <= 0 (clamped at -150, where it is 0 in fp32 anyway): x = n + f, |f| <= 1/2, 2^f =
- * e^(f ln 2) by its Taylor polynomial of degree 5 (relative error below 2.5e-6, a thousandth of
- * bf16's rounding), times 2^n. */
+/* 2^x for x <= 0, clamped at -125 (below it 2^x is nothing beside the row's largest exponential, 1):
+ * x = n + f, |f| <= 1/2, n rounded to the nearest integer by adding and subtracting 1.5 * 2^23 (the
+ * sum's low bits are then n), 2^f = e^(f ln 2) by its Taylor polynomial of degree 5 (relative error
+ * below 2.5e-6, a thousandth of bf16's rounding), times 2^n by adding n to its exponent bits (n >=
+ * -125: a normal number). Integer additions and a shift, where the rounding and scaling instructions
+ * queue on one port with the others. */
 static inline __m512 exp2_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-125.0f));
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    const __m512 shifted = _mm512_add_ps(x, magic);
+    const __m512 f = _mm512_sub_ps(x, _mm512_sub_ps(shifted, magic));
     __m512 p = _mm512_set1_ps(1.3333558146428443e-3f); /* ln(2)^5 / 5! */
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_castps_si512(magic));
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(n, 23)));
 }
 
 static inline __mmask16 valid_lanes(int64_t at, int64_t valid) {
