@@ -372,7 +372,7 @@ def attend_sources(q: list, k: list, v: list, keys: int, scale: float, out: np.n
     rows), the products' inputs and the probabilities in bf16, the sums in fp32, in `kernel` (one
     of `attention_kernels`; `native_attention.c`); out fp32 [B, heads, q_tokens, head_dim], each
     row contiguous. The operands are rounded and laid out as the products take them (normed and
-    rotated where their source says), the heads split over the cores, then the heads' blocks of
+    rotated where their source says), their tokens split over the cores, then the heads' blocks of
     query rows."""
     assert kernel in attention_kernels()
     assert scale > 0  # the kernel's largest score is the largest scaled score
@@ -399,7 +399,8 @@ def attend_sources(q: list, k: list, v: list, keys: int, scale: float, out: np.n
 
 def _packed(pack, sources: list, heads: int, rows: int, dim: int) -> np.ndarray:
     """An operand from its `source`s through one of the attention's packing kernels, each of the
-    `heads` padded to rows x dim: [heads, rows, dim] bf16 bits, in the kernel's layout."""
+    `heads` padded to rows x dim: [heads, rows, dim] bf16 bits, in the kernel's layout; blocks of 32
+    rows (all heads) split over the cores."""
     made = (Source * len(sources))(*(made for made, _ in sources))
     out = np.empty((heads, rows, dim), np.uint16)
 
