@@ -221,6 +221,42 @@ def test_native_attention_equals_the_reference(monkeypatch, name, shape, keys, m
 
 
 @pytest.mark.skipif(not NATIVE_PAIRS, reason="no native attention here")
+def test_attention_operands_are_packed_in_the_products_layout():
+    """The packing kernels, exactly: q as rows, k with each row's feature pairs side by side 32 keys at a
+    time, v with each pair of rows' values side by side 32 features at a time, from two sources (a
+    text and an image stream, each [B, heads, tokens, features] strided as in the fused projections),
+    rounded to bf16 as `as_bf16` rounds, rows and features past the real ones zeros; the rows are
+    split over the cores by blocks of 32 (two here) and a token's heads packed in turn."""
+    rng = np.random.default_rng(0)
+    batch, heads, dim, lengths = 2, 3, 40, (7, 50)
+    streams = [rng.standard_normal((batch, length, 3, heads, dim), np.float32) for length in lengths]
+    rows, padded = 64, 64  # 57 tokens and 40 features, padded to multiples of 32
+    kernels = native.library()
+    for at, (pack, layout) in enumerate(
+        [
+            (kernels.pack_rows, lambda x: x),
+            (
+                kernels.pack_feature_pairs,
+                lambda x: x.reshape(-1, rows // 32, 32, padded // 2, 2).transpose(0, 1, 3, 2, 4),
+            ),
+            (
+                kernels.pack_row_pairs,
+                lambda x: x.reshape(-1, rows // 2, 2, padded // 32, 32).transpose(0, 3, 1, 4, 2),
+            ),
+        ]
+    ):
+        sources = [native.source(stream[:, :, at].transpose(0, 2, 1, 3), first)
+                   for stream, first in zip(streams, (0, lengths[0]), strict=True)]  # fmt: skip
+        got = native._packed(pack, sources, batch * heads, rows, padded)
+        joint = np.concatenate([stream[:, :, at] for stream in streams], axis=1)  # [B, tokens, heads, dim]
+        expected = np.zeros((batch * heads, rows, padded), np.uint16)
+        expected[:, : sum(lengths), :dim] = as_bf16(
+            joint.transpose(0, 2, 1, 3).reshape(batch * heads, -1, dim)
+        )
+        assert np.array_equal(got.reshape(-1), layout(expected).reshape(-1)), pack.__name__
+
+
+@pytest.mark.skipif(not NATIVE_PAIRS, reason="no native attention here")
 def test_heads_wider_than_the_plan_measured_take_a_gemm_pair(monkeypatch):
     """The native kernels were measured on FLUX's 128-wide heads: a wider one (the VAE's is 512)
     goes through the plan's GEMM pair."""
