@@ -22,9 +22,9 @@ from flux1 import backend, cpu_plan
 from flux1.gguf.blocks import LAYOUTS, block_size, cpu_form, decode
 from flux1.models.embeddings import rope_frequencies
 from flux1.models.flux_blocks import DoubleStreamBlock, QKNorm, SingleStreamBlock, joint_attention, modulate
-from flux1.models.vae import ResnetBlock, Upsample, _phase_kernel
+from flux1.models.vae import Decoder, ResnetBlock, Upsample, _phase_kernel
 from flux1.nn import attention as attention_module
-from flux1.nn import cpu_attention, cpu_expansion, cpu_flux_blocks, cpu_linear, native, onednn
+from flux1.nn import cpu_attention, cpu_expansion, cpu_flux_blocks, cpu_linear, cpu_vae, native, onednn
 from flux1.nn import gemm as gemm_module
 from flux1.nn.activations import gelu_tanh, nn_gelu_tanh
 from flux1.nn.attention import attention
@@ -437,6 +437,43 @@ def test_resnet_block_on_numpy_arrays_equals_its_layers_through_mlx(channels, pa
         got = block(x)
     assert got.shape == (2, 9, 11, channels[1])
     assert np.array_equal(np.array(got), np.array(expected))
+
+
+@pytest.mark.skipif(not backend.numpy_kernels(), reason="the CPU kernels are not in use")
+@pytest.mark.parametrize("path", CONVOLUTION_PATHS)
+def test_decoder_on_numpy_arrays_equals_its_blocks_through_mlx(path, monkeypatch):
+    """The VAE decoder's up blocks, last norm and convolution on NumPy arrays from block to block
+    (`cpu_vae.decoded`: images it made itself normalized in place where a shortcut convolution has
+    read them, the mid block's output, MLX's memory, never written) compute bit for bit what its
+    blocks compute with MLX arrays between them; the mid block's output is left as it was."""
+    config = {"block_out_channels": [16, 32], "norm_num_groups": 8, "layers_per_block": 1}
+    decoder = Decoder({**config, "latent_channels": 4, "out_channels": 3})
+    shapes = {name: value.shape for name, value in tree_flatten(decoder.parameters())}
+    decoder.update(
+        tree_unflatten(
+            [
+                (name, 0.3 * mx.random.normal(shape, key=mx.random.key(i)))
+                for i, (name, shape) in enumerate(shapes.items())
+            ]
+        )
+    )
+    z = mx.random.normal((2, 5, 6, 4), key=mx.random.key(30))
+    mids = []
+    decoded = cpu_vae.decoded
+    monkeypatch.setattr(
+        cpu_vae, "decoded", lambda x, *rest: mids.append((x, np.array(x))) or decoded(x, *rest), raising=True
+    )
+    monkeypatch.setattr("flux1.models.vae.decoded", cpu_vae.decoded)
+    with cpu_plan.use(path):
+        got = decoder(z)
+        x = decoder.mid_block(decoder.conv_in(z))
+        for block in decoder.up_blocks:
+            x = block(x)
+        expected = decoder.conv_out(decoder.conv_norm_out(x, silu=True))
+    assert got.shape == (2, 10, 12, 3)
+    assert np.array_equal(np.array(got), np.array(expected))
+    [(mid, before)] = mids
+    assert np.array_equal(np.array(mid), before)
 
 
 @pytest.mark.skipif(not backend.numpy_kernels(), reason="the CPU kernels are not in use")

@@ -6,7 +6,7 @@ import mlx.nn as nn
 from flux1 import backend
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
-from flux1.nn.cpu_vae import resnet_block, upsampled
+from flux1.nn.cpu_vae import decoded, resnet_block, upsampled
 from flux1.nn.group_norm import group_norm
 from flux1.nn.linear import Linear
 
@@ -103,11 +103,15 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
+    def phase_kernels(self) -> tuple[mx.array, mx.array]:
+        """(kernel [4 * out, 2, 2, in], bias [4 * out]): the four phases' 2x2 convolutions as one."""
+        kernels = [_phase_kernel(self.conv.weight, a, b) for a in (0, 1) for b in (0, 1)]
+        return mx.concatenate(kernels), mx.tile(self.conv.bias, 4)
+
     def __call__(self, x: mx.array) -> mx.array:
         batch, height, width, _ = x.shape
         out_channels = self.conv.weight.shape[0]
-        kernels = [_phase_kernel(self.conv.weight, a, b) for a in (0, 1) for b in (0, 1)]
-        kernel, bias = mx.concatenate(kernels), mx.tile(self.conv.bias, 4)
+        kernel, bias = self.phase_kernels()
         if backend.numpy_kernels():  # the same, interleaved in NumPy on all cores
             return upsampled(x, kernel, bias, out_channels)
         # y [batch, height + 1, width + 1, 4 * out]: phase (a, b) at rows a.., columns b.. of its block
@@ -203,6 +207,8 @@ class Decoder(nn.Module):
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
+        if backend.numpy_kernels():  # the same, its activations kept NumPy's from block to block
+            return decoded(x, self, _EPS)
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(self.conv_norm_out(x, silu=True))

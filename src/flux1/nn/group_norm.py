@@ -33,9 +33,16 @@ def group_norm(
 
 
 def normalized(
-    pixels: np.ndarray, groups: int, weight: np.ndarray, bias: np.ndarray, eps: float, silu: bool = False
+    pixels: np.ndarray,
+    groups: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    eps: float,
+    silu: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The CPU path's group norm (and SiLU) of fp32 pixels [B, pixels, channels], a new array."""
+    """The CPU path's group norm (and SiLU) of fp32 pixels [B, pixels, channels], into `out` (pixels
+    itself, where its values are no longer needed) or a new array."""
     batch, count, channels = pixels.shape
     per_group = channels // groups
 
@@ -62,7 +69,7 @@ def normalized(
     a = weight * np.repeat(1.0 / np.sqrt(var + eps), per_group, axis=-1)
     b = bias - np.repeat(mean, per_group, axis=-1) * a
     a, b = a.astype(np.float32)[:, None], b.astype(np.float32)[:, None]
-    out = np.empty_like(pixels)
+    out = np.empty_like(pixels) if out is None else out
     if silu and cpu_plan.active("activation").name == "onednn":
         primitive = onednn.scale_shift_silu(count, channels)
         # The plan measured GELU's primitive, not this one: where oneDNN has no compiled kernel for it
