@@ -150,6 +150,28 @@ def test_profile_step_prints_every_part(tmp_path, compact):
     assert float(counted) > 0 and counted == formula
 
 
+def test_profile_decode_times_every_part(tmp_path):
+    """The decode's parts, the blocks the decoder calls on NumPy arrays among them, each path named."""
+    out = _run(
+        "profile_decode.py", "--preset", "tiny", "--size", "32", "--cache", str(tmp_path),
+        "--paths", "auto", "numpy",
+    )  # fmt: skip
+    lines = out[out.index("CPU: ") :].splitlines()
+    assert lines[1] == "tiny VAE (float32 weights), decode to 32x32"
+    for line, path in zip(lines[2:], ["auto", "numpy"], strict=True):
+        head, parts = line.split(" s; ", 1)
+        assert re.match(rf"--paths {path} \(convolutions: .+; activations: .+\): decode [\d.]+$", head)
+        timed = dict(part.rsplit(" ", 1) for part in parts.split(", "))
+        assert set(timed) == {
+            "convolutions",
+            "GroupNorm (+ SiLU)",
+            "ResnetBlock blocks",
+            "AttentionBlock blocks",
+            "Upsample blocks",
+        }
+        assert all(float(seconds) >= 0 for seconds in timed.values())  # 2 decimals: a tiny part prints 0.00
+
+
 def test_lora_overhead_prints_every_row(tmp_path):
     out = _run(
         "lora_overhead.py", "--preset", "tiny", "--size", "32", "--repeats", "1", "--cache", str(tmp_path)
