@@ -526,7 +526,8 @@ def test_flux_blocks_on_numpy_arrays_equal_their_layers_through_mlx(double, weig
 @pytest.mark.parametrize("path", CONVOLUTION_PATHS)
 def test_upsampling_interleaved_in_numpy_equals_mlx_interleaving(path):
     """The VAE's upsampling block on the CPU kernels interleaves its four phases in NumPy
-    (`nn/cpu_vae.py`): bit for bit MLX's slicing and stacking of the same convolution's output."""
+    (`cpu_vae.numpy_upsampled`, as the decoder calls it): bit for bit MLX's slicing and stacking of
+    the same convolution's output."""
     block = Upsample(16)
     block.conv.weight = mx.random.normal((16, 3, 3, 16), key=mx.random.key(21))
     block.conv.bias = mx.random.normal((16,), key=mx.random.key(22))
@@ -534,7 +535,7 @@ def test_upsampling_interleaved_in_numpy_equals_mlx_interleaving(path):
     kernel = mx.concatenate([_phase_kernel(block.conv.weight, a, b) for a in (0, 1) for b in (0, 1)])
     with cpu_plan.use(path):
         y = conv2d(x, kernel, mx.tile(block.conv.bias, 4), padding=1)
-        got = block(x)
+        got = mx.array(cpu_vae.numpy_upsampled(np.array(x), *block.phase_kernels(), 16))
     rows = [
         mx.stack(
             [y[:, a : a + 5, b : b + 7, (2 * a + b) * 16 : (2 * a + b + 1) * 16] for b in (0, 1)], axis=3

@@ -6,7 +6,7 @@ import mlx.nn as nn
 from flux1 import backend
 from flux1.nn.attention import attention
 from flux1.nn.convolution import conv2d
-from flux1.nn.cpu_vae import decoded, resnet_block, upsampled
+from flux1.nn.cpu_vae import decoded, resnet_block
 from flux1.nn.group_norm import group_norm
 from flux1.nn.linear import Linear
 
@@ -97,7 +97,8 @@ class Upsample(nn.Module):
     i - 1, i, i for a = 0 and i, i, i + 1 for a = 1: a 2-tap kernel per axis (the taps that read the
     same input row summed). So each of the 4 phases (a, b) is a 2x2 convolution of the input; all
     four are one convolution with 4x the output channels. 16 taps at the input's resolution instead
-    of 9 at 4x its pixels: 2.25x fewer FLOPs (a quarter of the decoder's convolution work)."""
+    of 9 at 4x its pixels: 2.25x fewer FLOPs (a quarter of the decoder's convolution work). On the
+    CPU kernels the decoder computes it on NumPy arrays (`cpu_vae.numpy_upsampled`)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -112,8 +113,6 @@ class Upsample(nn.Module):
         batch, height, width, _ = x.shape
         out_channels = self.conv.weight.shape[0]
         kernel, bias = self.phase_kernels()
-        if backend.numpy_kernels():  # the same, interleaved in NumPy on all cores
-            return upsampled(x, kernel, bias, out_channels)
         # y [batch, height + 1, width + 1, 4 * out]: phase (a, b) at rows a.., columns b.. of its block
         y = conv2d(x, kernel, bias, padding=1)
         rows = []

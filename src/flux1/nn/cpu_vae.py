@@ -77,16 +77,11 @@ def _convolved(image: np.ndarray, kernel: mx.array, bias: mx.array, padding: int
     return convolve(path, image, as_float32(kernel), as_float32(bias), 1, padding)
 
 
-def upsampled(x: mx.array, kernel: mx.array, bias: mx.array, channels: int) -> mx.array:
-    """A `models.vae.Upsample`: the convolution of x [B, H, W, C] by its four phases' kernels at once
-    (kernel [4 * channels, 2, 2, C], phase (a, b) at output channels (2a + b) * channels..), each
-    phase's output at rows a.., columns b.. of its padded result, interleaved into [B, 2H, 2W,
-    channels] (output pixel (2i + a, 2j + b) from phase (a, b))."""
-    return mx.array(numpy_upsampled(as_float32(x.astype(mx.float32)), kernel, bias, channels))
-
-
 def numpy_upsampled(image: np.ndarray, kernel: mx.array, bias: mx.array, channels: int) -> np.ndarray:
-    """`upsampled` of an fp32 NumPy image, into a new one."""
+    """A `models.vae.Upsample` of an fp32 NumPy image [B, H, W, C], into a new one: the convolution by
+    its four phases' kernels at once (kernel [4 * channels, 2, 2, C], phase (a, b) at output channels
+    (2a + b) * channels..), each phase's output at rows a.., columns b.. of its padded result,
+    interleaved into [B, 2H, 2W, channels] (output pixel (2i + a, 2j + b) from phase (a, b))."""
     batch, height, width, _ = image.shape
     y = _convolved(image, kernel, bias, 1)
     del image  # where the caller holds it no more, freed before the interleaved copy is made
