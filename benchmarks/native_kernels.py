@@ -1,12 +1,13 @@
-"""flux1's native AMX kernels built from two source trees, timed call for call in turn in one process:
-the GEMM in tiles (bf16 weights, and MLX's 4-bit codes; x packed per call as linear layers pack it)
-on FLUX's linear shapes, and the attention of a layer's heads (with its packing). The other tree's C
+"""flux1's native kernels built from two source trees, timed call for call in turn in one process:
+the GEMM (bf16 weights, and MLX's 4-bit codes; x packed per call as linear layers pack it) on FLUX's
+linear shapes, and the attention of a layer's heads (with its packing), their products in AMX tiles
+(`--kernel tiles`, the default where they run) or in AVX512-BF16 vectors (`--kernel vectors`). The other tree's C
 files are compiled as this one's are and called through this tree's Python, so they must take the
 same arguments. Calls alternate A B, B A, ..., so that a shared machine's drift slows both builds
 alike; the table gives each build's median and the median of the pairs' ratios.
 
     git worktree add /tmp/before <rev>
-    python benchmarks/native_kernels.py --before /tmp/before/src [--calls 12] [--size 512]
+    python benchmarks/native_kernels.py --before /tmp/before/src [--calls 12] [--size 512] [--kernel vectors]
 """
 
 import argparse
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ("single linear1", "single linear2", "double qkv, image", "double mlp up, text")
 
 
-def cases(image_tokens: int, text_tokens: int) -> dict[str, tuple[float, object]]:
+def cases(image_tokens: int, text_tokens: int, kernel: str) -> dict[str, tuple[float, object]]:
     """{name: (its floating-point work, a call of it through native's wrappers)}."""
     rng = np.random.default_rng(0)
     made = {}
@@ -55,10 +56,10 @@ def cases(image_tokens: int, text_tokens: int) -> dict[str, tuple[float, object]
 
         def bf16(weight=weight, y=y, rows=rows, inputs=inputs, outputs=outputs, packed=packed):
             tiles = native.bf16_tiles(weight.ctypes.data, inputs)
-            native.tile_products(tiles, outputs, packed(), rows, y.ctypes.data, outputs, False)
+            native.tile_products(tiles, outputs, packed(), rows, y.ctypes.data, outputs, False, None, kernel)
 
         def codes(layer=layer, y=y, rows=rows, outputs=outputs, packed=packed):
-            cpu_expansion.tile_product(layer, packed(), rows, 0, outputs, y, False)
+            cpu_expansion.tile_product(layer, packed(), rows, 0, outputs, y, False, None, kernel)
 
         made[f"{name}, bf16"] = (2.0 * rows * inputs * outputs, bf16)
         made[f"{name}, 4-bit"] = (2.0 * rows * inputs * outputs, codes)
@@ -67,7 +68,7 @@ def cases(image_tokens: int, text_tokens: int) -> dict[str, tuple[float, object]
     out = np.empty_like(q)
     made["attention"] = (
         4.0 * HEADS * tokens**2 * HEAD_DIM,
-        lambda: native.attend(q, k, v, HEAD_DIM**-0.5, out, "tiles"),
+        lambda: native.attend(q, k, v, HEAD_DIM**-0.5, out, kernel),
     )
     return made
 
@@ -107,24 +108,29 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=12, help="timed calls of each case and build")
     parser.add_argument("--size", type=int, default=512, help="image side: (size / 16)^2 image tokens")
     parser.add_argument("--text-tokens", type=int, default=256)
+    parser.add_argument(
+        "--kernel", choices=("tiles", "vectors"), help="the products' (default: the tiles where they run)"
+    )
     args = parser.parse_args()
     sources = [args.before / "flux1" / "nn" / s.name for s in native.SOURCES]
     if missing := [str(s) for s in sources if not s.is_file()]:
         sys.exit(
             f"--before {args.before}: expected the src folder of a flux1 tree; missing {', '.join(missing)}"
         )
-    if not native.tiles():
-        sys.exit("no AMX tiles here: the native tile kernels do not run on this machine")
+    running = native.gemm_kernels()
+    kernel = args.kernel or (running[0] if running else "tiles")
+    if kernel not in running:
+        sys.exit(f"--kernel {kernel}: the native kernels do not run on this machine in {kernel}")
     image_tokens = (args.size // 16) ** 2
     with tempfile.TemporaryDirectory() as folder:
         builds = {"before": other_build(args.before, Path(folder)), "after": native.library()}
         print(
             f"\nnative kernels, before {revision(args.before)} / after {revision(ROOT)}; {image_tokens} image + "
-            f"{args.text_tokens} text tokens; GFLOP/s, median of {args.calls} calls each, the builds' calls "
+            f"{args.text_tokens} text tokens; products in {kernel}; GFLOP/s, median of {args.calls} calls each, the builds' calls "
             f"alternated; CPU: {cpu_model()}"
         )
         print(f"{'case':<28}{'GFLOP':>9}{'before':>9}{'after':>9}{'after/before':>14}")
-        for case, (work, call) in cases(image_tokens, args.text_tokens).items():
+        for case, (work, call) in cases(image_tokens, args.text_tokens, kernel).items():
             seconds = {side: [] for side in builds}
             for turn in range(args.calls + 1):  # the first pair warms up
                 for side in list(builds)[:: 1 if turn % 2 == 0 else -1]:

@@ -12,12 +12,14 @@ shapes when it was made (issue 15's "plan's own GEMM rate": one moment of this m
 With `--quantize BITS` the transformer is quantized as `main.py -q BITS` does, with `--gguf TYPE`
 loaded from the fixture's transformer as a GGUF file of that type (written beside the fixture if
 missing), and expanding the compact weights before each GEMM (part of the linear layers' time) is
-also timed on its own.
+also timed on its own. `--path` names one GEMM path of the plan (`cpu_plan.use`) for the whole
+step, e.g. flux1's own GEMM in AVX512-BF16 vectors where the plan takes another.
 
     python benchmarks/profile_step.py [--preset wide] [--dtype float32] [--size 512] [--repeats 3]
-        [--precision auto|fp32|bf16] [--quantize BITS | --gguf TYPE]
+        [--precision auto|fp32|bf16] [--path GEMM] [--quantize BITS | --gguf TYPE]
 """
 
+import contextlib
 import statistics
 import sys
 import time
@@ -35,6 +37,8 @@ from flux1.loaders.gguf import load_transformer_gguf
 from flux1.loaders.transformer import load_transformer
 from flux1.models import flux_blocks
 from flux1.nn import cpu_flux_blocks, cpu_linear, cpu_rope_attention
+from flux1.nn.cpu_expansion import quantized_paths
+from flux1.nn.gemm import available_paths
 from flux1.nn.linear import Linear
 from flux1.quantize import BITS, quantize_linears
 
@@ -129,12 +133,22 @@ def main() -> None:
     parser = fixture_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps timed (median)")
     parser.add_argument("--precision", default="auto", choices=cpu_plan.PRECISIONS)
+    parser.add_argument(
+        "--path",
+        choices=[*available_paths(), *quantized_paths()],
+        help="this GEMM path, or way of multiplying 4-bit layers (cpu_plan.use), in place of the plan's choice",
+    )
     compact = parser.add_mutually_exclusive_group()
     compact.add_argument("--quantize", type=int, choices=BITS, help="quantize as main.py -q does")
     types = [t.name for t in SUPPORTED if t not in DENSE]
     compact.add_argument("--gguf", choices=types, help="load as a GGUF file of this type")
     args = parser.parse_args()
     cpu_plan.set_precision(args.precision)
+    with cpu_plan.use(args.path) if args.path else contextlib.nullcontext():
+        profile(args)
+
+
+def profile(args) -> None:
     fixture = fixture_folder(args.cache, args.preset, args.dtype)
     if args.gguf:
         transformer = load_transformer_gguf(gguf_fixture(fixture, args.gguf))
@@ -171,7 +185,7 @@ def main() -> None:
     weights = f"{args.dtype} weights{compact}"
     print(
         f"\n{args.preset} preset ({weights}), {args.size}x{args.size}, {text_tokens} text tokens, "
-        f"--precision {args.precision}"
+        f"--precision {args.precision}" + (f", --path {args.path}" if args.path else "")
     )
     print(f"CPU: {cpu_model()}; {cpu_plan.describe(quantized=bool(args.quantize or args.gguf))}")
     print(f"{'part':<34}{'seconds':>9}{'share':>8}{'GFLOP':>9}{'GFLOP/s':>9}")

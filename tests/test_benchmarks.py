@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flux1.nn import native
+from flux1.nn import cpu_expansion, native
 from flux1.nn.gemm import available_paths
 from flux1.sheet import LINE_HEIGHT
 
@@ -114,14 +114,39 @@ def test_quantization_quality_prints_every_level(tmp_path):
     assert psnrs == sorted(psnrs, reverse=True)
 
 
-@pytest.mark.parametrize("compact", [("--quantize", "4", "-q 4"), ("--gguf", "Q4_K", "GGUF Q4_K")])
+VECTORS = cpu_expansion.VECTORS
+
+
+@pytest.mark.parametrize(
+    "compact",
+    [
+        ("--quantize", "4", "-q 4"),
+        ("--gguf", "Q4_K", "GGUF Q4_K"),
+        pytest.param(
+            ("--quantize", "4", "-q 4", "--path", VECTORS),
+            marks=pytest.mark.skipif(
+                VECTORS not in cpu_expansion.quantized_paths(), reason="no AVX512-BF16 here"
+            ),
+        ),
+    ],
+)
 def test_profile_step_prints_every_part(tmp_path, compact):
-    option, value, weights = compact
+    """Every part of a step, the floor at the plan's GEMM; with --path, through the path named."""
+    option, value, weights, *path = compact
     out = _run(
         "profile_step.py", "--preset", "tiny", "--size", "32", "--repeats", "1", "--cache", str(tmp_path),
-        option, value,
+        option, value, *path,
     )  # fmt: skip
-    table = out[out.index(f"tiny preset (float32 weights, {weights})") :].splitlines()
+    named = f", --path {path[1]}" if path else ""
+    table = out[
+        out.index(
+            f"tiny preset (float32 weights, {weights}), 32x32, 256 text tokens, --precision auto{named}\n"
+        ) :
+    ].splitlines()
+    if path:
+        assert (
+            "; 4-bit weights multiplied from their codes in AVX512-BF16 vectors through C compiled by " in out
+        )
     parts = {line[:34].strip() for line in table[3 : table.index("")]}
     # The native attention (where the plan takes it) normalizes and rotates q and k itself.
     native = "attention: whole heads" in out
@@ -269,10 +294,11 @@ def test_core_share_times_each_core_alone_and_all_of_them():
     assert summary[-1].startswith(f"all cores: {min(together):.0f}-{max(together):.0f} (median ")
 
 
-@pytest.mark.skipif(not native.tiles(), reason="no AMX tiles here")
-def test_native_kernels_times_another_trees_build_against_this_one(tmp_path):
+@pytest.mark.parametrize("kernel", native.gemm_kernels())
+def test_native_kernels_times_another_trees_build_against_this_one(tmp_path, kernel):
     """The other tree: this one's C files with the tile kernel's weight blocks of 64 rows, compiled
-    and timed case for case beside this build; a folder without them is refused by name."""
+    and timed case for case beside this build, the products in AMX tiles or AVX512-BF16 vectors;
+    a folder without them is refused by name."""
     nn = tmp_path / "src" / "flux1" / "nn"
     nn.mkdir(parents=True)
     for source in (*native.SOURCES, native.HEADER):
@@ -282,10 +308,11 @@ def test_native_kernels_times_another_trees_build_against_this_one(tmp_path):
             text = text.replace("#define TILE_ROWS 128\n", "#define TILE_ROWS 64\n")
         (nn / source.name).write_text(text)
     out = _run(
-        "native_kernels.py", "--before", str(tmp_path / "src"), "--calls", "1", "--size", "64", "--text-tokens", "16"
+        "native_kernels.py", "--before", str(tmp_path / "src"), "--calls", "1", "--size", "64", "--text-tokens", "16",
+        "--kernel", kernel,
     )  # fmt: skip
     lines = out.strip().splitlines()
-    assert "16 image + 16 text tokens" in lines[0] and "CPU: " in lines[0]
+    assert f"16 image + 16 text tokens; products in {kernel};" in lines[0] and "CPU: " in lines[0]
     assert lines[1].split() == ["case", "GFLOP", "before", "after", "after/before"]
     rows = [line.rsplit(maxsplit=4) for line in lines[2:]]
     layers = ["single linear1", "single linear2", "double qkv, image", "double mlp up, text"]

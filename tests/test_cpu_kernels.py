@@ -748,7 +748,8 @@ def test_cpu_linear_of_parts_equals_the_linear_of_their_concatenation(path, stor
         assert relative_error(got, np.array(x, np.float64) @ weight.T + bias) < 1e-6
 
 
-ROUTES = PATHS + [p for p in [cpu_expansion.TILES] if p in cpu_expansion.quantized_paths()]
+FROM_CODES = [p for p in cpu_expansion.quantized_paths() if p != cpu_expansion.EXPANDED]
+ROUTES = PATHS + FROM_CODES
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -918,12 +919,12 @@ def test_a_product_of_a_few_rows_comes_from_the_codes(monkeypatch, weight, rows)
     assert len(calls) == 1
 
 
-@pytest.mark.skipif(gemm_module.TILES not in available_paths(), reason="no AMX tiles here")
-def test_bf16_layers_in_the_tiles_gemm_take_x_packed_once(monkeypatch):
-    """Where the plan's GEMM is flux1's own in AMX tiles, a layer of bf16 weights multiplies them in
-    the tiles as stored, x packed once for every part of the output (fp32 x rounded as it is packed)
-    and the sums started from the bias: the same bits as the GEMM called part by part on x rounded
-    first (a pass of its own) into an output holding the bias."""
+@pytest.mark.parametrize("own", [name for name in gemm_module.NATIVE_KERNELS if name in available_paths()])
+def test_bf16_layers_in_the_own_gemm_take_x_packed_once(monkeypatch, own):
+    """Where the plan's GEMM is flux1's own (in AMX tiles or AVX512-BF16 vectors), a layer of bf16
+    weights multiplies them as stored, x packed once for every part of the output (fp32 x rounded as
+    it is packed) and the sums started from the bias: the same bits as the GEMM called part by part
+    on x rounded first (a pass of its own) into an output holding the bias."""
     cols, outputs = 13 * 256, 96
     layer = Linear(cols, outputs)
     layer.weight = (mx.random.normal((outputs, cols), key=mx.random.key(1)) * 0.05).astype(mx.bfloat16)
@@ -934,7 +935,7 @@ def test_bf16_layers_in_the_tiles_gemm_take_x_packed_once(monkeypatch):
     monkeypatch.setattr(
         native, "pack_tile_rows", lambda parts, rows: packings.append(parts) or pack(parts, rows)
     )
-    with cpu_plan.use(gemm_module.TILES):
+    with cpu_plan.use(own):
         got = np.array(layer(x))
         head, _ = layer.split_gelu_tanh(x, 64)
         assert len(packings) == 2 and all(fp32 for _, _, _, fp32 in packings[0])  # once a call
@@ -944,7 +945,7 @@ def test_bf16_layers_in_the_tiles_gemm_take_x_packed_once(monkeypatch):
     assert np.array_equal(np.array(head), got[:, :64])
 
 
-@pytest.mark.skipif(cpu_expansion.TILES not in cpu_expansion.quantized_paths(), reason="no AMX tiles here")
+@pytest.mark.parametrize("codes", FROM_CODES)
 @pytest.mark.parametrize(
     ("group", "dtype"),
     [
@@ -964,10 +965,10 @@ def test_bf16_layers_in_the_tiles_gemm_take_x_packed_once(monkeypatch):
 )
 @pytest.mark.parametrize("rows", [cpu_expansion.FEW_ROWS + 1, 37, 64])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_4bit_layers_multiply_from_their_codes_in_amx_tiles(monkeypatch, group, dtype, rows, with_bias):
+def test_4bit_layers_multiply_from_their_codes(monkeypatch, codes, group, dtype, rows, with_bias):
     """With bf16 GEMMs, a layer of 4-bit codes (MLX's in groups of 32, 64 or 128, with fp32 or bf16
     scales, the kernel reading either as stored; GGUF Q4_K) is
-    multiplied from its codes in AMX tiles, its weight never expanded: within the fp32 summation
+    multiplied from its codes in AMX tiles or AVX512-BF16 vectors, its weight never expanded: within the fp32 summation
     bound of the float64 product of x and W rounded to bf16 (the weight's bf16 values as expanded for
     a GEMM), gamma_n sum |x w| + |bias| with n = cols + 1 (one running sum of the products, the bias
     it starts from), for more columns than the kernel takes at once (3072: the sums kept in y
@@ -998,14 +999,14 @@ def test_4bit_layers_multiply_from_their_codes_in_amx_tiles(monkeypatch, group, 
     expected = rounded @ weight.T + bias
     terms = cols + 1
     bound = terms * 2.0**-24 / (1 - terms * 2.0**-24) * (np.abs(rounded) @ np.abs(weight).T + np.abs(bias))
-    with cpu_plan.use(cpu_expansion.TILES):
+    with cpu_plan.use(codes):
         monkeypatch.setattr(cpu_linear, "expanded_weight", lambda *a: pytest.fail("the weight was expanded"))
         got = np.array(layer(x))
         assert np.all(np.abs(got - expected) <= bound)
         assert np.array_equal(np.array(layer([x[:, :1024], x[:, 1024:]])), got)
         head, _ = layer.split_gelu_tanh(x, 64)
         assert np.array_equal(np.array(head), got[:, :64])
-        line = "; 4-bit weights multiplied from their codes in AMX tiles through C compiled by "
+        line = f"; 4-bit weights multiplied from their {codes.removeprefix('4-bit ')} through C compiled by "
         assert line in cpu_plan.describe(quantized=True)
         monkeypatch.undo()
         calls = []

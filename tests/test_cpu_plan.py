@@ -19,9 +19,8 @@ from flux1.nn import native, onednn
 from flux1.nn.cpu_activations import activation_paths
 from flux1.nn.cpu_attention import EXP_FUSED, NATIVE
 from flux1.nn.cpu_convolution import convolution_paths
-from flux1.nn.cpu_expansion import EXPANDED, TILES, expansion_paths, quantized_paths
-from flux1.nn.gemm import TILES as GEMM_TILES
-from flux1.nn.gemm import available_paths, gemm
+from flux1.nn.cpu_expansion import EXPANDED, TILES, VECTORS, expansion_paths, quantized_paths
+from flux1.nn.gemm import NATIVE_KERNELS, available_paths, gemm
 from flux1.nn.numpy_cpu import as_bf16, as_float32
 
 PATHS = list(available_paths())
@@ -488,38 +487,44 @@ def test_quantized_weights_expand_to_the_gemms_dtype_by_the_kernel_measured_fast
             assert cpu_plan.expansion() == expansion_paths()[f"{kernel} to fp32"]
 
 
-@pytest.mark.skipif(TILES not in quantized_paths(), reason="no AMX tiles here")
-@pytest.mark.parametrize("tiles_speedup", [2.0, 0.95, 0.5])
-def test_4bit_layers_multiply_in_amx_tiles_with_bf16_gemms_unless_expanding_is_clearly_faster(
-    fresh_plan, tiles_speedup
+FROM_CODES = [name for name in (TILES, VECTORS) if name in quantized_paths()]
+
+
+@pytest.mark.parametrize("codes", FROM_CODES)
+@pytest.mark.parametrize("codes_speedup", [2.0, 0.95, 0.5])
+def test_4bit_layers_multiply_from_their_codes_with_bf16_gemms_unless_expanding_is_clearly_faster(
+    fresh_plan, codes, codes_speedup
 ):
     """Expanding needs the scratch buffer (a layer's weight in bf16): taken only where it measured
-    more than EXPANDED_MARGIN (1.1) times as fast."""
+    more than EXPANDED_MARGIN (1.1) times as fast as the faster of the codes' kernels (AMX tiles,
+    AVX512-BF16 vectors; the other one here measured slower)."""
     rates = {name: 100.0 + i for i, name in enumerate(PATHS)}
-    cached_rates(fresh_plan, rates, {"quantized": {EXPANDED: 100.0, TILES: 100.0 * tiles_speedup}})
-    line = "; 4-bit weights multiplied from their codes in AMX tiles through C compiled by "
-    tiles = tiles_speedup * cpu_plan.EXPANDED_MARGIN >= 1
+    quantized = {EXPANDED: 100.0} | {name: 50.0 for name in FROM_CODES} | {codes: 100.0 * codes_speedup}
+    cached_rates(fresh_plan, rates, {"quantized": quantized})
+    where = {TILES: "AMX tiles", VECTORS: "AVX512-BF16 vectors"}[codes]
+    line = f"; 4-bit weights multiplied from their codes in {where} through C compiled by "
+    from_codes = codes_speedup * cpu_plan.EXPANDED_MARGIN >= 1
     with cpu_plan.use("bf16"):
-        assert cpu_plan.quantized_product().name == (TILES if tiles else EXPANDED)
-        assert (line in cpu_plan.describe(quantized=True)) == tiles
+        assert cpu_plan.quantized_product().name == (codes if from_codes else EXPANDED)
+        assert (line in cpu_plan.describe(quantized=True)) == from_codes
         assert line not in cpu_plan.describe()  # a dense model's record does not mention it
-    with cpu_plan.use("fp32"):  # the tiles multiply in bf16: never under fp32 GEMMs
+    with cpu_plan.use("fp32"):  # the codes multiply in bf16: never under fp32 GEMMs
         assert cpu_plan.quantized_product().name == EXPANDED
         assert line not in cpu_plan.describe(quantized=True)
-    for name in (TILES, EXPANDED):  # named: that way, with bf16 GEMMs
+    for name in (*FROM_CODES, EXPANDED):  # named: that way, with bf16 GEMMs
         with cpu_plan.use(name):
             assert cpu_plan.quantized_product().name == name and cpu_plan.active().dtype == "bf16"
 
 
-@pytest.mark.skipif(GEMM_TILES not in PATHS, reason="no AMX tiles here")
+@pytest.mark.parametrize("name", [name for name in NATIVE_KERNELS if name in PATHS])
 @pytest.mark.parametrize("m", [37, 64])
-def test_the_own_tile_gemm_takes_the_products_of_linear_layers(monkeypatch, m):
-    """flux1's own GEMM in AMX tiles computes a @ W^T with W's bf16 rows in memory as `Linear` holds
-    them (here rows and columns of a wider weight, K past one 3072-wide slice), x a column slice of
+def test_the_own_gemm_takes_the_products_of_linear_layers(monkeypatch, name, m):
+    """flux1's own GEMM in AMX tiles or AVX512-BF16 vectors computes a @ W^T with W's bf16 rows in
+    memory as `Linear` holds them (here rows and columns of a wider weight, K past one 3072-wide slice), x a column slice of
     a wider matrix, added to a slice of a wider output: within gamma_n (sum |a w| + |out|), n = k +
     1, of the float64 product of the bf16 operands; a product it does not take (W's columns
     contiguous) goes to a library's bf16 GEMM."""
-    path = available_paths()[GEMM_TILES]
+    path = available_paths()[name]
     rng = np.random.default_rng(m)
     k, n = 3200, 64
     a = as_bf16(rng.standard_normal((m, k + 32), np.float32))[:, 32:]
@@ -527,11 +532,15 @@ def test_the_own_tile_gemm_takes_the_products_of_linear_layers(monkeypatch, m):
     wide = rng.standard_normal((m, n + 3)).astype(np.float32)
     start = wide[:, :n].astype(np.float64)
     calls, tile_products = [], native.tile_products
-    monkeypatch.setattr(native, "tile_products", lambda *args: calls.append(args) or tile_products(*args))
+    monkeypatch.setattr(
+        native,
+        "tile_products",
+        lambda *args, kernel: calls.append(kernel) or tile_products(*args, kernel=kernel),
+    )
     gemm(path, a, w.T, out=wide[:, :n], accumulate=True)
     x64, w64 = (widened(np.ascontiguousarray(bits)).astype(np.float64) for bits in (a, w))
     terms = k + 1
     bound = terms * 2.0**-24 / (1 - terms * 2.0**-24) * (np.abs(x64) @ np.abs(w64).T + np.abs(start))
-    assert len(calls) == 1 and np.all(np.abs(wide[:, :n] - (start + x64 @ w64.T)) <= bound)
+    assert calls == [NATIVE_KERNELS[name]] and np.all(np.abs(wide[:, :n] - (start + x64 @ w64.T)) <= bound)
     gemm(path, a, np.ascontiguousarray(w.T), out=wide[:, :n])
     assert len(calls) == 1 and relative_error(wide[:, :n], x64 @ w64.T) < 1e-6

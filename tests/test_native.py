@@ -22,7 +22,14 @@ from flux1.nn.gemm import cpu_flags
 def fresh_native(tmp_path, monkeypatch):
     """An empty cache folder and no kernels loaded yet; the process's own afterwards."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    caches = (native.compiler, native.library, native.attention_kernels, cpu_expansion.expansion_paths)
+    caches = (
+        native.compiler,
+        native.library,
+        native.attention_kernels,
+        native.gemm_kernels,
+        cpu_expansion.expansion_paths,
+        cpu_expansion.quantized_paths,
+    )
     for cached in caches:
         cached.cache_clear()
     yield tmp_path / "flux1" / "native"
@@ -79,6 +86,7 @@ def test_without_a_compiler_no_native_kernel_is_offered(fresh_native, monkeypatc
     assert native.compiler() is None and native.library() is None
     assert "native" not in {path.kernel for path in cpu_expansion.expansion_paths().values()}
     assert native.attention_kernels() == () and cpu_attention.native_pairs() == {}
+    assert native.gemm_kernels() == () and list(cpu_expansion.quantized_paths()) == [cpu_expansion.EXPANDED]
     assert not fresh_native.exists()
 
 

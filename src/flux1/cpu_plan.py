@@ -16,8 +16,9 @@ pools made a head 30% slower than OpenBLAS for both on 2 Zen 1 cores. So are the
 convolutions, whose candidates are oneDNN's convolution primitive and unfolded windows through each
 GEMM (`nn/cpu_convolution.py`), the activations (GELU), computed by NumPy or by oneDNN
 (`nn/cpu_activations.py`), and the expansion of quantized weights to each GEMM dtype, by NumPy, by
-oneDNN or by C compiled for this CPU (`nn/cpu_expansion.py`), and where AMX tiles run, how layers of
-4-bit codes (MLX's, GGUF Q4_K's) multiply with bf16 GEMMs: expanded for the GEMM, or from their codes in the tiles.
+oneDNN or by C compiled for this CPU (`nn/cpu_expansion.py`), and where AMX tiles or AVX512-BF16 vectors
+run, how layers of 4-bit codes (MLX's, GGUF Q4_K's) multiply with bf16 GEMMs: expanded for the GEMM, or
+from their codes in the tiles or the vectors (flux1's own GEMM, `nn/native_expansion.c`).
 
 The precision decides among them: `fp32` takes the fastest fp32 GEMM, `bf16` the fastest bf16 one
 (inputs rounded to bf16, fp32 sums), `auto` bf16 only where it measured faster than fp32 here, for
@@ -50,7 +51,6 @@ from flux1.nn.cpu_convolution import ConvolutionPath, convolution_paths, convolv
 from flux1.nn.cpu_expansion import (
     EXPANDED,
     FEW_ROWS,
-    TILES,
     ExpansionPath,
     QuantizedPath,
     expanded_weight,
@@ -59,7 +59,7 @@ from flux1.nn.cpu_expansion import (
     scratch_lock,
     tile_product,
 )
-from flux1.nn.gemm import GemmPath, available_paths, cpu_flags, gemm
+from flux1.nn.gemm import NATIVE_KERNELS, GemmPath, available_paths, cpu_flags, gemm
 from flux1.nn.numpy_cpu import as_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -104,7 +104,13 @@ def attention_pairs() -> dict[str, tuple[GemmPath, GemmPath]]:
     (`cpu_attention.attend_head`); and NATIVE's, whole heads in C, where they run."""
     available = available_paths()
     paths = available.values()
-    pairs = {f"{s.name} + {v.name}": (s, v) for s in paths for v in paths if s.library == v.library}
+    # flux1's own GEMMs (one library, two kernels) each with itself
+    pairs = {
+        f"{s.name} + {v.name}": (s, v)
+        for s in paths
+        for v in paths
+        if s.library == v.library and (s == v or s.name not in NATIVE_KERNELS)
+    }
     if "onednn matmul bf16" in available:
         matmul = available["onednn matmul bf16"]
         fused = exp_fused(matmul)
@@ -286,12 +292,14 @@ def measure_quantized(paths: dict[str, QuantizedPath], rates: dict, rounds: int 
         with scratch_lock:
             gemm(path, x, expanded_weight(layer, "bf16", kernel.kernel).T, out)
 
-    def tiles():
+    def from_codes(kernel: str):
         packed = native.pack_tile_rows([(x.ctypes.data, inputs, inputs, False)], rows)
-        tile_product(layer, packed, rows, 0, outputs, out, accumulate=False)
+        tile_product(layer, packed, rows, 0, outputs, out, False, None, kernel)
 
-    calls = {EXPANDED: expanded, TILES: tiles}
-    return _rates(calls, 2.0 * rows * inputs * outputs, rounds)
+    calls = {
+        name: functools.partial(from_codes, p.kernel) for name, p in paths.items() if p.kernel is not None
+    }
+    return _rates({EXPANDED: expanded} | calls, 2.0 * rows * inputs * outputs, rounds)
 
 
 def _rates(calls: dict, work: float | dict[str, float], rounds: int) -> dict[str, float]:
@@ -425,8 +433,8 @@ def use(choice: str):
     """Inside the block the CPU kernels compute with `choice`: a precision (auto, fp32, bf16) or one
     path by name (e.g. "numpy fp32", "onednn bf16", "onednn convolution fp32", "onednn" for the
     activations and the expansion, "native" for the expansion, "native bf16, AMX tiles" or "native
-    bf16, AVX512-BF16" for attention's whole heads in C, `cpu_expansion.TILES` or EXPANDED for how
-    4-bit layers multiply with bf16 GEMMs; a name of one kind's path sets its dtype for the other kinds)."""
+    bf16, AVX512-BF16" for attention's whole heads in C, `cpu_expansion.TILES`, VECTORS or EXPANDED
+    for how 4-bit layers multiply with bf16 GEMMs; a name of one kind's path sets its dtype for the other kinds)."""
     global _override
     kernels = tuple(sorted({path.kernel for path in expansion_paths().values()} - set(activation_paths())))
     whole_heads = tuple(native_pairs())
@@ -494,15 +502,16 @@ def expansion() -> ExpansionPath:
 
 def quantized_product() -> QuantizedPath:
     """How layers of 4-bit codes (MLX's, Q4_K's) multiply: expanded for the GEMM in use, or with bf16 GEMMs
-    from their codes in AMX tiles unless expanding measured clearly faster here (EXPANDED_MARGIN; or
-    one is named in `use`)."""
+    from their codes in AMX tiles or AVX512-BF16 vectors (whichever measured faster) unless expanding
+    measured clearly faster here (EXPANDED_MARGIN; or one is named in `use`)."""
     paths, choice = quantized_paths(), _override or _precision
     if choice in paths:
         return paths[choice]
     if active().dtype != "bf16" or len(paths) == 1:
         return paths[EXPANDED]
     rates = plan().rates["quantized"]
-    return paths[EXPANDED if rates[EXPANDED] > EXPANDED_MARGIN * rates[TILES] else TILES]
+    codes = max((name for name in paths if name != EXPANDED), key=rates.__getitem__)
+    return paths[EXPANDED if rates[EXPANDED] > EXPANDED_MARGIN * rates[codes] else codes]
 
 
 def require_bf16() -> None:
@@ -548,8 +557,10 @@ def describe(quantized: bool = False) -> str:
     expanding = expansion()
     if quantized and expanding.library != path.library:
         line += f"; quantized weights expanded through {expanding.library}"
-    if quantized and quantized_product().name == TILES:
-        line += f"; 4-bit weights multiplied from their codes in AMX tiles through {native.description()}"
+    codes = quantized_product() if quantized else None
+    if codes is not None and codes.kernel is not None:
+        where = codes.name.removeprefix("4-bit codes in ")
+        line += f"; 4-bit weights multiplied from their codes in {where} through {codes.library}"
     if quantized and native.library() is not None:
         line += f"; products of up to {FEW_ROWS} rows (the modulations) fp32 from the codes through {native.description()}"
     return line

@@ -242,22 +242,24 @@ def _affine_rows(
 
 @dataclass(frozen=True)
 class QuantizedPath:
-    name: str  # EXPANDED or TILES
+    name: str  # EXPANDED, TILES or VECTORS
     library: str
+    kernel: str | None = None  # `native.tile_products`' kernel, "tiles" or "vectors"; None: expanded
 
 
 EXPANDED = "expanded for the GEMM"
-TILES = "4-bit codes in AMX tiles"
+TILES, VECTORS = "4-bit codes in AMX tiles", "4-bit codes in AVX512-BF16 vectors"
 
 
 @cache
 def quantized_paths() -> dict[str, QuantizedPath]:
     """How a layer of 4-bit codes (MLX's, GGUF Q4_K's) can be multiplied here: its weight expanded for the GEMM
-    (`expanded_weight`), and where AMX tiles run (`native.tiles`) from its codes in them
-    (`tile_product`)."""
+    (`expanded_weight`), and where AMX tiles or AVX512-BF16 vectors run (`native.gemm_kernels`) from
+    its codes in them (`tile_product`)."""
     paths = [QuantizedPath(EXPANDED, "flux1")]
-    if native.library() is not None and native.tiles():
-        paths.append(QuantizedPath(TILES, native.description()))
+    kernels = native.gemm_kernels() if native.library() is not None else ()
+    names = {"tiles": TILES, "vectors": VECTORS}
+    paths += [QuantizedPath(names[kernel], native.description(), kernel) for kernel in kernels]
     return {path.name: path for path in paths}
 
 
@@ -281,11 +283,12 @@ def tile_product(
     out: np.ndarray,
     accumulate: bool,
     bias: np.ndarray | None = None,
+    kernel: str = "tiles",
 ):
     """out [rows, last - first] (+= with `accumulate`, else + `bias`, W's biases first..last, where
     given) x @ W[first:last]^T for a layer `fits_tiles` takes, x packed by `native.pack_tile_rows`,
-    from W's codes (or bf16 values) in AMX tiles (`native.tile_products`): bf16 products, fp32
-    sums, no row of W leaving the cache expanded."""
+    from W's codes (or bf16 values) in AMX tiles or AVX512-BF16 vectors (`kernel`;
+    `native.tile_products`): bf16 products, fp32 sums, no row of W leaving the cache expanded."""
     layer.to_cpu_form()
     if layer.bits is None and layer.gguf_type is None:
         values = as_numpy(layer.weight)[first:last]
@@ -301,7 +304,7 @@ def tile_product(
         weight = native.code_tiles(codes, scales, biases, layer.group_size)
     assert out.strides[1] == 4 and out.shape == (rows, last - first)
     native.tile_products(
-        weight, last - first, packed, rows, out.ctypes.data, out.strides[0] // 4, accumulate, bias
+        weight, last - first, packed, rows, out.ctypes.data, out.strides[0] // 4, accumulate, bias, kernel
     )
 
 

@@ -23,15 +23,13 @@ from flux1.nn import native
 from flux1.nn.cpu_activations import add_bias_gelu_tanh
 from flux1.nn.cpu_expansion import (
     FEW_ROWS,
-    TILES,
     expanded_weight,
     fits_tiles,
     product_from_codes,
     scratch_lock,
     tile_product,
 )
-from flux1.nn.gemm import TILES as GEMM_TILES
-from flux1.nn.gemm import gemm, operand
+from flux1.nn.gemm import NATIVE_KERNELS, gemm, operand
 from flux1.nn.numpy_cpu import (
     CACHED_VALUES,
     as_bf16,
@@ -89,13 +87,15 @@ def _product(
     rows = len(flats[0])
     bounds = [0, layer.output_dims] if not gelu_from else [0, gelu_from, layer.output_dims]
     from_codes = rows <= FEW_ROWS and layer.is_quantized and native.library() is not None
-    # 4-bit codes in AMX tiles where the plan measured that faster, bf16 weights where its GEMM is the
-    # tiles: x packed once for every part of the output, fp32 parts rounded as they are packed.
-    in_tiles = (
+    # 4-bit codes in AMX tiles or AVX512-BF16 vectors where the plan measured that faster, bf16 weights
+    # where its GEMM is flux1's own: x packed once for every part of the output, fp32 parts rounded as
+    # they are packed.
+    kernel = cpu_plan.quantized_product().kernel if layer.is_quantized else NATIVE_KERNELS.get(path.name)
+    in_own_gemm = (
         not from_codes
         and path.dtype == "bf16"
+        and kernel is not None
         and fits_tiles(layer, [flat.shape[1] for flat in flats], bounds)
-        and (cpu_plan.quantized_product().name == TILES if layer.is_quantized else path.name == GEMM_TILES)
     )
     bias = np.ascontiguousarray(as_float32(layer.bias)) if "bias" in layer else None
     outputs = []
@@ -103,7 +103,7 @@ def _product(
         gelu = gelu_from is not None and last == layer.output_dims
         part_bias = None if bias is None else bias[first:last]
         # The sums start from the bias: in the tiles, or in the output (unless the GELU's pass adds it).
-        start = None if in_tiles or gelu else part_bias
+        start = None if in_own_gemm or gelu else part_bias
         y, buffer = _output(rows, last - first, start, into_mlx and not gelu)
         outputs.append(_Part(y, first, last, part_bias, start is not None, buffer))
     if from_codes:
@@ -111,7 +111,7 @@ def _product(
         x = np.ascontiguousarray(np.concatenate([float32_values(flat) for flat in flats], axis=1))
         for part in outputs:
             product_from_codes(layer, x, part.first, part.last, part.y, accumulate=part.holds_bias)
-    elif in_tiles:
+    elif in_own_gemm:
         # fp32 parts rounded to bf16 as they are packed: no pass of their own
         parts = [flat if flat.dtype == np.uint16 else float32_values(flat) for flat in flats]
         parts = [p if p.strides[1] == p.itemsize else np.ascontiguousarray(p) for p in parts]
@@ -120,7 +120,7 @@ def _product(
             rows,
         )
         for part in outputs:
-            tile_product(layer, packed, rows, part.first, part.last, part.y, accumulate=False, bias=part.bias)
+            tile_product(layer, packed, rows, part.first, part.last, part.y, False, part.bias, kernel)
     else:
         _gemms(flats, layer, path, outputs)
     terms = []
@@ -130,7 +130,7 @@ def _product(
         terms = [_adapter_term(whole, adapter) for adapter in adapters]
     results = []
     for y, first, last, part_bias, holds_bias, buffer in outputs:
-        if in_tiles or holds_bias:
+        if in_own_gemm or holds_bias:
             part_bias = None  # in the sums already
         part_terms = [term[:, first:last] for term in terms]
         gelu = gelu_from is not None and last == layer.output_dims

@@ -24,7 +24,7 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 @dataclass(frozen=True)
 class GemmPath:
-    name: str  # "numpy fp32", "mkl fp32", "onednn fp32", "onednn bf16", "mkl bf16", TILES, ...
+    name: str  # "numpy fp32", "mkl fp32", "onednn fp32", "onednn bf16", "mkl bf16", TILES, VECTORS, ...
     library: str  # with its version, for the plan's description and cache key
     dtype: str  # "fp32" or "bf16": what the inputs are rounded to; the sum is always fp32
     _call: object = None  # (trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc); None: NumPy
@@ -77,25 +77,29 @@ def available_paths() -> dict[str, GemmPath]:
     from flux1.nn import native  # here: it builds its kernels with this module's CPU flags
 
     library_gemms = [path for path in paths if path.dtype == "bf16" and path._call is not None]
-    if library_gemms and native.library() is not None and native.tiles():
-        paths.append(GemmPath(TILES, native.description(), "bf16", _tiles(native, library_gemms[0]._call)))
+    if library_gemms and native.library() is not None:
+        for name, kernel in NATIVE_KERNELS.items():
+            if kernel in native.gemm_kernels():
+                call = _native(native, kernel, library_gemms[0]._call)
+                paths.append(GemmPath(name, native.description(), "bf16", call))
     return {path.name: path for path in paths}
 
 
-TILES = "native tiles bf16"
+TILES, VECTORS = "native tiles bf16", "native vectors bf16"
+NATIVE_KERNELS = {TILES: "tiles", VECTORS: "vectors"}  # flux1's own GEMMs: `native.tile_products`' kernel
 
 
-def _tiles(native, other):
-    """flux1's own GEMM in AMX tiles (`native.tile_products`) for the products it takes: a @ W^T
-    (W's rows in memory as Linear holds them), alpha 1, N and K multiples of 32; `other`, a
-    library's bf16 GEMM, for the rest."""
+def _native(native, kernel: str, other):
+    """flux1's own GEMM in AMX tiles or AVX512-BF16 vectors (`native.tile_products`) for the products
+    it takes: a @ W^T (W's rows in memory as Linear holds them), alpha 1, N and K multiples of 32;
+    `other`, a library's bf16 GEMM, for the rest."""
 
     def call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         if trans_a or not trans_b or alpha != 1.0 or n % 32 or k % 32:
             other(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
             return
         packed = native.pack_tile_rows([(a, lda, k, False)], m)
-        native.tile_products(native.bf16_tiles(b, ldb), n, packed, m, c, ldc, beta != 0.0)
+        native.tile_products(native.bf16_tiles(b, ldb), n, packed, m, c, ldc, beta != 0.0, kernel=kernel)
 
     return call
 

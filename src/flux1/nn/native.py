@@ -120,6 +120,7 @@ def declared(kernels: ctypes.CDLL) -> ctypes.CDLL:
             _P,
             _I,
             _I,
+            ctypes.c_int,
         ]
         kernels.pack_tile_rows.argtypes = [_P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _I, _I]
     if kernels.attention_kernels():
@@ -219,11 +220,12 @@ def _products(x: np.ndarray, out: np.ndarray, accumulate: bool, kernel, *weight)
 
 
 @functools.cache
-def tiles() -> bool:
-    """Whether `tile_products` runs here: the kernels were built for a CPU with AMX-BF16 and Linux
-    granted this process the tile registers."""
+def gemm_kernels() -> tuple[str, ...]:
+    """How `tile_products` can compute its products here: "tiles" (AMX: the kernels were built for a
+    CPU with AMX-BF16 and Linux granted this process the tile registers), "vectors" (AVX512-BF16)."""
     kernels = library()
-    return kernels is not None and bool(kernels.tile_kernels())
+    found = kernels.tile_kernels() if kernels is not None else 0
+    return tuple(name for bit, name in ((2, "tiles"), (1, "vectors")) if found & bit)
 
 
 TILE_ROWS = 32  # tile_products' rows of W and of x at a time: W's rows are split over the cores by them
@@ -296,20 +298,20 @@ def pack_tile_rows(parts: list[tuple[int, int, int, bool]], rows: int) -> np.nda
 
 
 def tile_products(weight: TileWeight, n: int, packed: np.ndarray, rows: int, out: int, out_stride: int,
-                  accumulate: bool, bias: np.ndarray | None = None) -> None:  # fmt: skip
+                  accumulate: bool, bias: np.ndarray | None = None, kernel: str = "tiles") -> None:  # fmt: skip
     """out [rows, n] at address `out`, rows `out_stride` floats apart (+= with `accumulate`, else +
-    `bias`, fp32 [n], where given: the sums start from it) = x @ W^T
-    in AMX tiles (`native_expansion.c`'s tile_products: bf16 products, fp32 sums), x as
-    `pack_tile_rows` packed it, W's n rows (a multiple of 32) `weight`; the rows of W split over the
-    cores 32 at a time."""
+    `bias`, fp32 [n], where given: the sums start from it) = x @ W^T in AMX tiles or AVX512-BF16
+    vectors (`kernel`, one of `gemm_kernels`; `native_expansion.c`'s tile_products: bf16 products,
+    fp32 sums), x as `pack_tile_rows` packed it, W's n rows (a multiple of 32) `weight`; the rows of
+    W split over the cores 32 at a time."""
     cols = packed.size // (-(-rows // TILE_ROWS) * TILE_ROWS)
-    assert n % TILE_ROWS == 0 and cols % 32 == 0 and packed.dtype == np.uint16
+    assert n % TILE_ROWS == 0 and cols % 32 == 0 and packed.dtype == np.uint16 and kernel in gemm_kernels()
     assert bias is None or (bias.shape == (n,) and bias.dtype == np.float32 and bias.flags.c_contiguous)
     address = None if bias is None else bias.ctypes.data
 
     def part(first: int, last: int) -> None:
         library().tile_products(weight, packed.ctypes.data, rows, cols, out, out_stride, accumulate, address,
-                                first * TILE_ROWS, last * TILE_ROWS)  # fmt: skip
+                                first * TILE_ROWS, last * TILE_ROWS, kernel == "tiles")  # fmt: skip
 
     in_parallel(part, n // TILE_ROWS)
 

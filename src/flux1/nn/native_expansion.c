@@ -456,24 +456,27 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
     }
 }
 
-/* A GEMM in AMX tiles: y [M, n] (+= with `accumulate`, else + bias [n] where not NULL: the sums start
- * from it) = x @ W^T for W's rows first <= n < last
- * (multiples of 32), W a struct tile_weight (bf16 rows, or MLX's or Q4_K's 4-bit codes), x [M, K] packed by
- * pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such slice of x (kept in the
- * cache while it is used) W a block of TILE_ROWS rows at a time: laid out as AMX takes its right
- * operand (tile_block; codes expanded to bf16 on the way by expand_4_bf16's arithmetic), then
- * multiplied with every 32 rows of x, the sums fp32 in the tiles, kept in y between slices of K: bf16
- * products summed in fp32, 32 of K at a time in order. Codes never leave the cache expanded. 128 rows
- * a block: x, too big for L2, is read once per block (half as often as with 64), and the block (768
- * KB at full depth) stays in L2 beside the 32 rows of x at hand. tile_kernels() says whether this
- * runs here (AMX-BF16, and Linux granted the tiles). */
+/* A GEMM of bf16 products with fp32 sums, in AMX tiles or in AVX512-BF16 vectors: y [M, n] (+= with
+ * `accumulate`, else + bias [n] where not NULL: the sums start from it) = x @ W^T for W's rows first
+ * <= n < last (multiples of 32), W a struct tile_weight (bf16 rows, or MLX's or Q4_K's 4-bit codes),
+ * x [M, K] packed by pack_tile_rows. K is taken TILE_DEPTH columns at a time, and for each such slice
+ * of x (kept in the cache while it is used) W a block of TILE_ROWS rows at a time: laid out as AMX
+ * takes its right operand (tile_block; codes expanded to bf16 on the way by expand_4_bf16's
+ * arithmetic), then multiplied with every 32 rows of x, kept in y between slices of K: bf16 products
+ * summed in fp32, 32 of K at a time in order (by the tiles; the vectors sum pairs of K in order). Codes
+ * never leave the cache expanded. 128 rows a block: x, too big for L2, is read once per block (half
+ * as often as with 64), and the block (768 KB at full depth) stays in L2 beside the 32 rows of x at
+ * hand. tile_kernels() says which products run here: the vectors where the compiler targets
+ * AVX512-BF16, the tiles where it targets AMX-BF16 and Linux granted them. */
 #define TILE_ROWS 128
 #define TILE_DEPTH 3072
+#define VECTORS 1 /* tile_kernels(): the products in AVX512-BF16 vectors */
+#define TILES 2   /* and in AMX tiles */
 int tiles_granted(void);  /* native_tiles.c */
 void configure_tiles(void);
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
-int tile_kernels(void) { return tiles_granted(); }
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+int tile_kernels(void) { return VECTORS | (tiles_granted() ? TILES : 0); }
 
 /* A weight for tile_products: rows of `stride` bytes at data, bf16 values (scales NULL) or 4-bit
  * codes with scales and offsets [rows, groups] (fp32, or bf16 where `bf16_scales`: read as they are
@@ -528,8 +531,38 @@ static void tile_block(const struct tile_weight *w, int64_t n, int64_t k0, int64
 
 /* sums [32 x 32] (fp32, rows stride floats apart) = 32 rows of x, from its tiles a (the next 16 rows
  * `panel` values on), times W's 32 rows' tiles b, over steps x 32 columns; added to sums where
- * `load`, else to `bias` (W's 32 rows' biases, each row of sums starting from them) or to zeros. */
-static inline void tile_product(const uint16_t *a, int64_t panel, const uint32_t *b, int64_t steps, float *sums,
+ * `load`, else to `bias` (W's 32 rows' biases, each row of sums starting from them) or to zeros. In
+ * vectors: 8 rows x 32 columns at a time, each pair of a row's values broadcast against the pairs of
+ * W's 32 rows (a tile row of b each 16). */
+static inline void product_in_vectors(const uint16_t *a, int64_t panel, const uint32_t *b, int64_t steps,
+                                      float *sums, int64_t stride, int load, const float *bias) {
+    for (int64_t r0 = 0; r0 < 32; r0 += 8) {
+        const uint16_t *rows = a + r0 / 16 * panel + r0 % 16 * 32;
+        __m512 s[8][2];
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < 2; j++)
+                s[i][j] = load ? _mm512_loadu_ps(sums + (r0 + i) * stride + 16 * j)
+                          : bias != NULL ? _mm512_loadu_ps(bias + 16 * j)
+                                         : _mm512_setzero_ps();
+        for (int64_t d = 0; d < steps; d++)
+            for (int p = 0; p < 16; p++) {
+                const __m512bh low = (__m512bh)_mm512_load_si512(b + d * 256 + p * 16);
+                const __m512bh high = (__m512bh)_mm512_load_si512(b + (steps + d) * 256 + p * 16);
+                for (int i = 0; i < 8; i++) {
+                    const __m512bh pair = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(rows + d * 512 + i * 32 + 2 * p));
+                    s[i][0] = _mm512_dpbf16_ps(s[i][0], pair, low);
+                    s[i][1] = _mm512_dpbf16_ps(s[i][1], pair, high);
+                }
+            }
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < 2; j++)
+                _mm512_storeu_ps(sums + (r0 + i) * stride + 16 * j, s[i][j]);
+    }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* product_in_vectors' block by AMX's tiles. */
+static inline void product_in_tiles(const uint16_t *a, int64_t panel, const uint32_t *b, int64_t steps, float *sums,
                                 int64_t stride, int load, const float *bias) {
     if (load) {
         _tile_loadd(0, sums, stride * 4);
@@ -563,11 +596,27 @@ static inline void tile_product(const uint16_t *a, int64_t panel, const uint32_t
     _tile_stored(3, sums + 16 * stride + 16, stride * 4);
 }
 
+#endif
+
+static inline void tile_product(int tiles, const uint16_t *a, int64_t panel, const uint32_t *b, int64_t steps,
+                                float *sums, int64_t stride, int load, const float *bias) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles) {
+        product_in_tiles(a, panel, b, steps, sums, stride, load, bias);
+        return;
+    }
+#endif
+    product_in_vectors(a, panel, b, steps, sums, stride, load, bias);
+}
+
 void tile_products(const struct tile_weight *w, const uint16_t *x, int64_t rows, int64_t cols, float *y,
-                   int64_t y_stride, int accumulate, const float *bias, int64_t first, int64_t last) {
+                   int64_t y_stride, int accumulate, const float *bias, int64_t first, int64_t last, int tiles) {
     uint32_t *block = aligned_alloc(64, TILE_ROWS * TILE_DEPTH * sizeof(uint16_t));
     float tail[32 * 32]; /* the last rows' sums, where fewer than 32 are left */
-    configure_tiles();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles)
+        configure_tiles();
+#endif
     for (int64_t k0 = 0; k0 < cols; k0 += TILE_DEPTH) {
         const int64_t depth = cols - k0 < TILE_DEPTH ? cols - k0 : TILE_DEPTH, steps = depth / 32;
         const int load = accumulate || k0 > 0;
@@ -582,20 +631,23 @@ void tile_products(const struct tile_weight *w, const uint16_t *x, int64_t rows,
                     float *sums = y + m * y_stride + n0 + s;
                     const float *biases = bias == NULL ? NULL : bias + n0 + s;
                     if (valid == 32) {
-                        tile_product(a, 16 * cols, block + s * depth / 2, steps, sums, y_stride, load, biases);
+                        tile_product(tiles, a, 16 * cols, block + s * depth / 2, steps, sums, y_stride, load, biases);
                         continue;
                     }
                     for (int64_t r = 0; r < 32; r++)
                         for (int64_t j = 0; j < 32; j++)
                             tail[r * 32 + j] = load && r < valid ? sums[r * y_stride + j] : biases ? biases[j] : 0.0f;
-                    tile_product(a, 16 * cols, block + s * depth / 2, steps, tail, 32, 1, NULL);
+                    tile_product(tiles, a, 16 * cols, block + s * depth / 2, steps, tail, 32, 1, NULL);
                     for (int64_t r = 0; r < valid; r++)
                         memcpy(sums + r * y_stride, tail + r * 32, 32 * sizeof(float));
                 }
             }
         }
     }
-    _tile_release();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles)
+        _tile_release();
+#endif
     free(block);
 }
 
