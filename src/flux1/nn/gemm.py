@@ -1,7 +1,8 @@
 """The GEMMs the CPU plan chooses between: `out = alpha * a @ b` with fp32 output, either in fp32 or
 with bf16 inputs and fp32 accumulation, through NumPy's BLAS, the BLAS `_blas.py` loaded (MKL's
 cblas, called in place on NumPy's buffers: MLX's matmul would run the same kernel after copying
-both operands into MLX arrays), or oneDNN.
+both operands into MLX arrays), oneDNN, or flux1's own in AMX tiles or AVX512-BF16 vectors
+(`native.tile_products`).
 
 Which is fastest depends on the CPU (MKL picks slow kernels on AMD; oneDNN's bf16 kernels need
 AVX512-BF16 or AMX), so `cpu_plan.py` times them; this module only runs them. Operands are NumPy
