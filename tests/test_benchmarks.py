@@ -330,3 +330,25 @@ def test_native_kernels_times_another_trees_build_against_this_one(tmp_path, ker
         result.stderr.strip()
         == f"--before {tmp_path}: expected the src folder of a flux1 tree; missing {missing}"
     )
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() != "x86_64", reason="Linux on x86-64 only"
+)
+def test_without_amx_refuses_the_tiles_to_the_command_and_its_children():
+    """The command, and a process it starts, are refused the tiles' state (EPERM), so flux1's own
+    kernels offer no AMX (the vectors where the CPU has AVX512-BF16); other arch_prctl calls pass."""
+    child = (
+        "import ctypes; libc = ctypes.CDLL(None, use_errno=True); features = ctypes.c_ulong(); "
+        "print(libc.syscall(158, 0x1023, 18), ctypes.get_errno(), libc.syscall(158, 0x1021, ctypes.byref(features)) == 0)"
+    )
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    kernels = "from flux1.nn import native; print(native.gemm_kernels(), native.attention_kernels())"
+    out = _run("without_amx.py", sys.executable, "-c", f"{child}; {parent}; {kernels}")
+    refused, refused_in_child, found = out.strip().splitlines()
+    assert refused == refused_in_child == "-1 1 True"  # EPERM; ARCH_GET_XCOMP_SUPP still answered
+    assert "tiles" not in found
+    usage = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "without_amx.py")], capture_output=True, text=True
+    )
+    assert usage.returncode == 1 and usage.stderr.startswith("Runs a command as on a CPU whose AMX tiles")

@@ -7,6 +7,7 @@ fp32 NumPy: 4e-3 (each input rounded by up to 2^-9 relative, about 2^-9 * sqrt(2
 """
 
 import json
+import time
 import warnings
 
 import mlx.core as mx
@@ -234,6 +235,21 @@ def test_linear_gemms_measure_fewer_shapes_rather_than_run_long(monkeypatch):
     second = [name for name, rows, _ in shapes if rows == 16]
     assert sorted(first) == sorted(PATHS * (1 + cpu_plan.ROUNDS))
     assert set(second) <= set(PATHS) and len(second) == cpu_plan.ROUNDS * len(set(second)) > 0
+
+
+def test_the_other_kinds_stop_their_rounds_at_the_plans_deadline(monkeypatch):
+    """Past PLAN_SECONDS each path of another kind (here GELU's) is timed once after its start-up
+    call; before it, the fastest in every round (a path below half its rate drops out)."""
+    calls = []
+    gelu = cpu_plan.gelu_tanh
+    monkeypatch.setattr(cpu_plan, "gelu_tanh", lambda path, x: calls.append(path.name) or gelu(path, x))
+    paths = activation_paths()
+    past = cpu_plan.measure_activation(paths, deadline=time.perf_counter())
+    assert set(past) == set(paths) and min(past.values()) > 0
+    assert sorted(calls) == sorted(list(paths) * 2)
+    calls.clear()
+    cpu_plan.measure_activation(paths)
+    assert max(calls.count(name) for name in paths) == 1 + 3
 
 
 def cached_rates(file, rates: dict, others: dict | None = None) -> None:

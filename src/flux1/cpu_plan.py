@@ -79,7 +79,8 @@ ACTIVATION = (256, 12288)
 # A 4-bit weight (group 64) of attention's size, expanded for the GEMM.
 EXPANSION = (3072, 3072)
 KINDS = ("linear", "attention", "convolution", "activation", "expansion", "quantized")
-MEASURE_SECONDS = 5.0  # for the linear layers' GEMMs (the other kinds take about 4 s more): a slow machine measures fewer shapes, never longer
+MEASURE_SECONDS = 5.0  # for the linear layers' GEMMs: a slow machine measures fewer shapes, never longer
+PLAN_SECONDS = 9.0  # for all kinds: past it, each of the others is timed in its first round only
 ROUNDS = 3  # each GEMM shape timed best of 3, the paths in turn
 AUTO_BF16_MARGIN = 1.1  # bf16 rounds the inputs: taken by `auto` only if clearly faster
 EXPANDED_MARGIN = 1.1  # 4-bit weights expanded need the scratch buffer: only if clearly faster than tiles
@@ -199,7 +200,9 @@ def measure(paths: dict[str, GemmPath]) -> dict[str, float]:
     return {name: float(f"{rate:.4g}") for name, rate in rates.items()}
 
 
-def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int = 3) -> dict[str, float]:
+def measure_attention(
+    pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int = 3, deadline: float = math.inf
+) -> dict[str, float]:
     """GFLOP/s of one head's attention (its two products' work over the time of both and the
     softmax between them) through each pair of paths, as `nn/attention.py` runs it: k transposed,
     v not, a bf16 path's inputs rounded to bf16 (q and the probabilities each call, k and v once).
@@ -226,10 +229,12 @@ def measure_attention(pairs: dict[str, tuple[GemmPath, GemmPath]], rounds: int =
         v_in = as_bf16(v) if values_path.dtype == "bf16" else v
         weights = np.empty(scores.shape, np.uint16) if values_path.dtype == "bf16" else None
         calls[name] = functools.partial(head, scores_path, values_path, k_in, v_in, weights)
-    return _rates(calls, work, rounds)
+    return _rates(calls, work, rounds, deadline)
 
 
-def measure_convolution(paths: dict[str, ConvolutionPath], rounds: int = 3) -> dict[str, float]:
+def measure_convolution(
+    paths: dict[str, ConvolutionPath], rounds: int = 3, deadline: float = math.inf
+) -> dict[str, float]:
     """GFLOP/s of each path on one of the VAE decoder's convolutions (CONVOLUTION), best of
     `rounds` (`_interleaved`; its first call is oneDNN's choice of kernel)."""
     size, channels, kernel = CONVOLUTION
@@ -241,18 +246,25 @@ def measure_convolution(paths: dict[str, ConvolutionPath], rounds: int = 3) -> d
         name: functools.partial(convolve, path, image, weight, bias, padding=kernel // 2)
         for name, path in paths.items()
     }
-    return _rates(calls, 2.0 * size * size * kernel * kernel * channels * channels, rounds)
+    return _rates(calls, 2.0 * size * size * kernel * kernel * channels * channels, rounds, deadline)
 
 
-def measure_activation(paths: dict[str, ActivationPath], rounds: int = 3) -> dict[str, float]:
+def measure_activation(
+    paths: dict[str, ActivationPath], rounds: int = 3, deadline: float = math.inf
+) -> dict[str, float]:
     """G values/s of GELU through each path over ACTIVATION values, best of `rounds`."""
     x = np.random.default_rng(0).standard_normal(ACTIVATION, np.float32)
     return _rates(
-        {name: functools.partial(gelu_tanh, path, x) for name, path in paths.items()}, x.size, rounds
+        {name: functools.partial(gelu_tanh, path, x) for name, path in paths.items()},
+        x.size,
+        rounds,
+        deadline,
     )
 
 
-def measure_expansion(paths: dict[str, ExpansionPath], rounds: int = 3) -> dict[str, float]:
+def measure_expansion(
+    paths: dict[str, ExpansionPath], rounds: int = 3, deadline: float = math.inf
+) -> dict[str, float]:
     """G values/s of each path expanding a 4-bit weight of EXPANSION's shape, best of `rounds`."""
     from flux1.nn.linear import Linear  # here: it imports the CPU kernels, which import the plan
 
@@ -265,10 +277,12 @@ def measure_expansion(paths: dict[str, ExpansionPath], rounds: int = 3) -> dict[
         for name, path in paths.items()
     }
     with scratch_lock:  # expanded_weight's buffer
-        return _rates(calls, rows * cols, rounds)
+        return _rates(calls, rows * cols, rounds, deadline)
 
 
-def measure_quantized(paths: dict[str, QuantizedPath], rates: dict, rounds: int = 3) -> dict[str, float]:
+def measure_quantized(
+    paths: dict[str, QuantizedPath], rates: dict, rounds: int = 3, deadline: float = math.inf
+) -> dict[str, float]:
     """GFLOP/s of each way a 4-bit weight of EXPANSION's shape multiplies SHAPES[0]'s rows with bf16
     GEMMs (the fastest bf16 GEMM and expansion to bf16 in `rates`), best of `rounds`; a lone way is
     not timed."""
@@ -299,13 +313,16 @@ def measure_quantized(paths: dict[str, QuantizedPath], rates: dict, rounds: int 
     calls = {
         name: functools.partial(from_codes, p.kernel) for name, p in paths.items() if p.kernel is not None
     }
-    return _rates({EXPANDED: expanded} | calls, 2.0 * rows * inputs * outputs, rounds)
+    return _rates({EXPANDED: expanded} | calls, 2.0 * rows * inputs * outputs, rounds, deadline)
 
 
-def _rates(calls: dict, work: float | dict[str, float], rounds: int) -> dict[str, float]:
-    """work (FLOPs or values; or each call's) per second, in billions, over each call's best time."""
+def _rates(
+    calls: dict, work: float | dict[str, float], rounds: int, deadline: float = math.inf
+) -> dict[str, float]:
+    """work (FLOPs or values; or each call's) per second, in billions, over each call's best time
+    (`_interleaved`'s, its rounds ending by `deadline`)."""
     each = work if isinstance(work, dict) else dict.fromkeys(calls, work)
-    fastest = _interleaved(calls, rounds, work=each)
+    fastest = _interleaved(calls, rounds, deadline, work=each)
     return {name: float(f"{each[name] / best / 1e9:.4g}") for name, best in fastest.items()}
 
 
@@ -406,11 +423,15 @@ def plan() -> Plan:
             found = read(file, key)
         if found is None:
             start = time.perf_counter()
-            rates = {"linear": measure(paths), "attention": measure_attention(attention_pairs())}
-            rates["convolution"] = measure_convolution(convolution_paths())
-            rates["activation"] = measure_activation(activation_paths())
-            rates["expansion"] = measure_expansion(expansion_paths())
-            rates["quantized"] = measure_quantized(quantized_paths(), rates)
+            deadline = start + PLAN_SECONDS
+            rates = {
+                "linear": measure(paths),
+                "attention": measure_attention(attention_pairs(), deadline=deadline),
+            }
+            rates["convolution"] = measure_convolution(convolution_paths(), deadline=deadline)
+            rates["activation"] = measure_activation(activation_paths(), deadline=deadline)
+            rates["expansion"] = measure_expansion(expansion_paths(), deadline=deadline)
+            rates["quantized"] = measure_quantized(quantized_paths(), rates, deadline=deadline)
             measured = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             found = Plan(key, rates, measured, time.perf_counter() - start)
             try:
