@@ -1027,12 +1027,18 @@ def test_numpy_fp32_linear_is_the_old_computation_bit_for_bit():
         assert np.array_equal(np.array(layer(x)).reshape(-1, 72), expected)
 
 
-def test_cpu_linear_expands_bf16_exactly_and_multiplies():
-    layer = Linear(128, 40)
-    layer.weight = mx.random.normal((40, 128), key=mx.random.key(7)).astype(mx.bfloat16)
+@pytest.mark.parametrize("kernel", ["numpy", "native"])
+def test_cpu_linear_expands_bf16_exactly_and_multiplies(kernel):
+    """bf16 weights widened to fp32 exactly, by NumPy's shift or the native kernel (past the cache
+    into the scratch buffer), an odd number of columns among them."""
+    layer = Linear(131, 40)
+    layer.weight = mx.random.normal((40, 131), key=mx.random.key(7)).astype(mx.bfloat16)
     layer.bias = mx.random.normal((40,), key=mx.random.key(8)).astype(mx.bfloat16)
-    assert np.array_equal(expanded_weight(layer), np.array(layer.weight.astype(mx.float32)))
-    x = mx.random.normal((3, 5, 128), key=mx.random.key(9))
+    with cpu_expansion.scratch_lock:
+        assert np.array_equal(
+            expanded_weight(layer, "fp32", kernel), np.array(layer.weight.astype(mx.float32))
+        )
+    x = mx.random.normal((3, 5, 131), key=mx.random.key(9))
     expected = x @ layer.weight.astype(mx.float32).T + layer.bias.astype(mx.float32)
     assert relative_error(layer(x), expected) < 1e-6
 

@@ -115,7 +115,9 @@ def test_the_avx512_expansion_writes_the_bits_of_the_plain_c(tmp_path):
     built here with AVX-512 turned off. Both write the same bits for every kernel, with scales and
     offsets that are zero, subnormal, huge, infinite or NaN among ordinary ones (a NaN for a NaN:
     which of two NaNs a sum keeps, and so its sign, is the compiler's choice). The AVX-512 kernels
-    write the same bits past the cache (`stream`, into 64-byte aligned rows) as through it."""
+    write the same bits past the cache (`stream`, into 64-byte aligned rows) as through it. bf16 values
+    widen to exactly their bits shifted (signed zeros, infinities, NaNs, subnormals among them), 1006
+    of them: a tail past the last 16 too."""
     portable = tmp_path / "portable.so"
     source = native.SOURCES[0]
     command = [native.compiler()[0], *native.FLAGS, "-mno-avx512f", "-o", str(portable), str(source)]
@@ -147,6 +149,14 @@ def test_the_avx512_expansion_writes_the_bits_of_the_plain_c(tmp_path):
             kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
             kernel(blocks.ctypes.data, len(blocks), nbytes, out.ctypes.data, stream)
         assert same_bits(*outs[:2]) and same_bits(*outs[::2]), (qtype, dtype)
+    values = np.concatenate([rng.integers(0, 65536, 1000), [0, 0x8000, 0x7F80, 0xFF80, 0x7FC1, 1]]).astype(
+        np.uint16
+    )
+    outs = [aligned(values.shape, np.float32) for _ in range(3)]
+    for build, out, stream in zip([*builds, builds[0]], outs, (0, 0, 1), strict=True):
+        build.widen_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        build.widen_bf16(values.ctypes.data, len(values), out.ctypes.data, stream)
+    assert all(np.array_equal(out.view(np.uint32), values.astype(np.uint32) << 16) for out in outs)
 
 
 def aligned(shape: tuple, dtype) -> np.ndarray:

@@ -342,11 +342,14 @@ def expanded_weight(layer, dtype: str = "fp32", kernel: str = "numpy") -> np.nda
         return as_numpy(weight)
     rows, cols = layer.output_dims, layer.input_dims
     out = _scratch_matrix(rows, cols, _TARGETS[dtype])
-    if stored == "bf16":  # to fp32: exact, a shift
-        source = as_numpy(weight)
+    if stored == "bf16":  # to fp32: exact, a shift (by the native kernel written past the cache)
+        source = np.ascontiguousarray(as_numpy(weight))
 
         def fill(start, stop):
-            np.left_shift(source[start:stop], 16, out=out[start:stop].view(np.uint32), dtype=np.uint32)
+            if kernel == "native":
+                native.widen_bf16(source[start:stop], out[start:stop])
+            else:
+                np.left_shift(source[start:stop], 16, out=out[start:stop].view(np.uint32), dtype=np.uint32)
 
         in_parallel(fill, rows)
         return out

@@ -108,6 +108,7 @@ def declared(kernels: ctypes.CDLL) -> ctypes.CDLL:
     kernels.affine_products.argtypes = [_P, _P, _I, _P, _P, _I, *product]
     kernels.block_products.argtypes = [_P, _P, _I, _I, _I, *product]
     kernels.q4_k_affine.argtypes = [_P, _I, _I, _P, _P]
+    kernels.widen_bf16.argtypes = [_P, _I, _P, ctypes.c_int]
     if kernels.tile_kernels():
         kernels.tile_products.argtypes = [
             ctypes.POINTER(TileWeight),
@@ -169,6 +170,14 @@ def expand(codes: np.ndarray, bits: int, scales: np.ndarray, offsets: np.ndarray
     function = getattr(library(), f"expand_{bits}_{'bf16' if out.dtype == np.uint16 else 'fp32'}")
     function(codes.ctypes.data, units, values, codes.strides[0], scales.ctypes.data, offsets.ctypes.data, group,
              out.ctypes.data, True)  # fmt: skip
+
+
+def widen_bf16(values: np.ndarray, out: np.ndarray) -> None:
+    """out (fp32, C-contiguous) = bf16 values (uint16 bits, C-contiguous) exactly, written past the
+    cache as `expand` writes."""
+    assert values.dtype == np.uint16 and out.dtype == np.float32 and values.shape == out.shape
+    assert values.flags.c_contiguous and out.flags.c_contiguous
+    library().widen_bf16(values.ctypes.data, values.size, out.ctypes.data, True)
 
 
 def expand_blocks(qtype, blocks: np.ndarray, out: np.ndarray) -> None:

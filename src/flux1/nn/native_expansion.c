@@ -173,6 +173,23 @@ static inline void to_bf16_bytes(const uint8_t *c, int64_t count, float scale, f
         streamed(stream);                                                                            \
     }
 
+/* out [count] (fp32) = the bf16 values in [count] (bits), exactly: each shifted into the high half,
+ * written past the cache as the expansions write (a whole weight, widened for an fp32 GEMM). */
+void widen_bf16(const uint16_t *in, int64_t count, float *out, int stream) {
+    int64_t j = 0;
+#ifdef __AVX512BW__
+    for (; j + 16 <= count; j += 16) {
+        const __m512i values = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(in + j)));
+        store(out + j, _mm512_slli_epi32(values, 16), stream);
+    }
+#endif
+    for (; j < count; j++) {
+        const uint32_t bits = (uint32_t)in[j] << 16;
+        memcpy(out + j, &bits, sizeof bits);
+    }
+    streamed(stream);
+}
+
 EXPAND(expand_3_fp32, float, to_fp32, 3)
 EXPAND(expand_3_bf16, uint16_t, to_bf16, 3)
 EXPAND(expand_4_fp32, float, to_fp32, 4)
