@@ -1030,9 +1030,11 @@ def test_numpy_fp32_linear_is_the_old_computation_bit_for_bit():
 @pytest.mark.parametrize("kernel", ["numpy", "native"])
 def test_cpu_linear_expands_bf16_exactly_and_multiplies(kernel):
     """bf16 weights widened to fp32 exactly, by NumPy's shift or the native kernel (past the cache
-    into the scratch buffer), an odd number of columns among them."""
+    into the scratch buffer), an odd number of columns among them, the weight columns of a wider
+    one (as tensor parallel cuts it)."""
     layer = Linear(131, 40)
-    layer.weight = mx.random.normal((40, 131), key=mx.random.key(7)).astype(mx.bfloat16)
+    layer.weight = mx.random.normal((40, 140), key=mx.random.key(7)).astype(mx.bfloat16)[:, 3:134]
+    assert not as_numpy(layer.weight).flags.c_contiguous
     layer.bias = mx.random.normal((40,), key=mx.random.key(8)).astype(mx.bfloat16)
     with cpu_expansion.scratch_lock:
         assert np.array_equal(

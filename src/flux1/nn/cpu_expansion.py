@@ -343,11 +343,11 @@ def expanded_weight(layer, dtype: str = "fp32", kernel: str = "numpy") -> np.nda
     rows, cols = layer.output_dims, layer.input_dims
     out = _scratch_matrix(rows, cols, _TARGETS[dtype])
     if stored == "bf16":  # to fp32: exact, a shift (by the native kernel written past the cache)
-        source = np.ascontiguousarray(as_numpy(weight))
+        source = as_numpy(weight)
 
         def fill(start, stop):
-            if kernel == "native":
-                native.widen_bf16(source[start:stop], out[start:stop])
+            if kernel == "native":  # a weight cut by columns (tensor parallel): its rows copied whole
+                native.widen_bf16(np.ascontiguousarray(source[start:stop]), out[start:stop])
             else:
                 np.left_shift(source[start:stop], 16, out=out[start:stop].view(np.uint32), dtype=np.uint32)
 
