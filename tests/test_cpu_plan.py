@@ -56,6 +56,11 @@ def test_gemm_path_equals_float64_product(name, m, k, n):
     buffer. The last shape is one flux1's own GEMM in AMX tiles takes (the second product, with the
     weight's rows as Linear holds them, past one slice of its K), the others go to a library's."""
     path = available_paths()[name]
+    where = "AMX tiles" if NATIVE_KERNELS[name] == "tiles" else "AVX512-BF16 vectors"
+    with cpu_plan.use(name):  # the record names the kernel
+        assert cpu_plan.describe().startswith(
+            f"CPU GEMMs bf16 inputs, fp32 sums through flux1's GEMM in {where}, C "
+        )
     rng = np.random.default_rng(m)
     a = rng.standard_normal((m, k + 5), np.float32)[:, :k]
     w = rng.standard_normal((n, k), np.float32)
@@ -541,6 +546,11 @@ def test_the_own_gemm_takes_the_products_of_linear_layers(monkeypatch, name, m):
     1, of the float64 product of the bf16 operands; a product it does not take (W's columns
     contiguous) goes to a library's bf16 GEMM."""
     path = available_paths()[name]
+    where = "AMX tiles" if NATIVE_KERNELS[name] == "tiles" else "AVX512-BF16 vectors"
+    with cpu_plan.use(name):  # the record names the kernel
+        assert cpu_plan.describe().startswith(
+            f"CPU GEMMs bf16 inputs, fp32 sums through flux1's GEMM in {where}, C "
+        )
     rng = np.random.default_rng(m)
     k, n = 3200, 64
     a = as_bf16(rng.standard_normal((m, k + 32), np.float32))[:, 32:]

@@ -545,6 +545,9 @@ def require_bf16() -> None:
 
 
 def _library_of(path: GemmPath) -> str:
+    if path.name in NATIVE_KERNELS:  # which of flux1's own GEMMs
+        where = "AMX tiles" if NATIVE_KERNELS[path.name] == "tiles" else "AVX512-BF16 vectors"
+        return f"flux1's GEMM in {where}, {path.library}"
     return path.library + ("'s matmul primitive" if " matmul " in path.name else "")
 
 
