@@ -56,11 +56,6 @@ def test_gemm_path_equals_float64_product(name, m, k, n):
     buffer. The last shape is one flux1's own GEMM in AMX tiles takes (the second product, with the
     weight's rows as Linear holds them, past one slice of its K), the others go to a library's."""
     path = available_paths()[name]
-    where = "AMX tiles" if NATIVE_KERNELS[name] == "tiles" else "AVX512-BF16 vectors"
-    with cpu_plan.use(name):  # the record names the kernel
-        assert cpu_plan.describe().startswith(
-            f"CPU GEMMs bf16 inputs, fp32 sums through flux1's GEMM in {where}, C "
-        )
     rng = np.random.default_rng(m)
     a = rng.standard_normal((m, k + 5), np.float32)[:, :k]
     w = rng.standard_normal((n, k), np.float32)
