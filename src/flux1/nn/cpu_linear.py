@@ -90,13 +90,14 @@ def _product(
     # 4-bit codes in AMX tiles or AVX512-BF16 vectors where the plan measured that faster, bf16 weights
     # where its GEMM is flux1's own: x packed once for every part of the output, fp32 parts rounded as
     # they are packed.
-    kernel = cpu_plan.quantized_product().kernel if layer.is_quantized else NATIVE_KERNELS.get(path.name)
-    in_own_gemm = (
+    kernel = None
+    if (
         not from_codes
         and path.dtype == "bf16"
-        and kernel is not None
         and fits_tiles(layer, [flat.shape[1] for flat in flats], bounds)
-    )
+    ):
+        kernel = cpu_plan.quantized_product().kernel if layer.is_quantized else NATIVE_KERNELS.get(path.name)
+    in_own_gemm = kernel is not None
     bias = np.ascontiguousarray(as_float32(layer.bias)) if "bias" in layer else None
     outputs = []
     for first, last in itertools.pairwise(bounds):

@@ -228,13 +228,19 @@ def _products(x: np.ndarray, out: np.ndarray, accumulate: bool, kernel, *weight)
     in_parallel(part, out.shape[1])
 
 
+def _running(query: str) -> tuple[str, ...]:
+    """How a kernel file's products run here, as its `query`() answers in bits: "tiles" (2: AMX, the
+    kernels were built for a CPU with AMX-BF16 and Linux granted this process the tile registers),
+    "vectors" (1: AVX512-BF16)."""
+    kernels = library()
+    found = getattr(kernels, query)() if kernels is not None else 0
+    return tuple(name for bit, name in ((2, "tiles"), (1, "vectors")) if found & bit)
+
+
 @functools.cache
 def gemm_kernels() -> tuple[str, ...]:
-    """How `tile_products` can compute its products here: "tiles" (AMX: the kernels were built for a
-    CPU with AMX-BF16 and Linux granted this process the tile registers), "vectors" (AVX512-BF16)."""
-    kernels = library()
-    found = kernels.tile_kernels() if kernels is not None else 0
-    return tuple(name for bit, name in ((2, "tiles"), (1, "vectors")) if found & bit)
+    """How `tile_products` can compute its products here (`_running`)."""
+    return _running("tile_kernels")
 
 
 TILE_ROWS = 32  # tile_products' rows of W and of x at a time: W's rows are split over the cores by them
@@ -332,11 +338,8 @@ def description() -> str:
 
 @functools.cache
 def attention_kernels() -> tuple[str, ...]:
-    """How `attend` can compute its products here: "tiles" (AMX: the kernels were built for a CPU
-    with AMX-BF16 and Linux granted this process the tile registers), "vectors" (AVX512-BF16)."""
-    kernels = library()
-    found = kernels.attention_kernels() if kernels is not None else 0
-    return tuple(name for bit, name in ((2, "tiles"), (1, "vectors")) if found & bit)
+    """How `attend` can compute its products here (`_running`)."""
+    return _running("attention_kernels")
 
 
 class Source(ctypes.Structure):

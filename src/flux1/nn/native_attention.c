@@ -35,8 +35,6 @@
 #define GROUP 8   /* query blocks sharing each chunk of keys */
 #define CHUNK 1024 /* keys at a time */
 #define ROW (CHUNK + 32) /* a block's rows of scores and probabilities apart: not a power of 2 */
-#define VECTORS 1 /* attention_kernels(): the products in AVX512-BF16 vectors */
-#define TILES 2   /* and in AMX tiles */
 
 /* out [32 x 32] (fp32, rows out_stride bytes apart) = a [32 x depth] @ b, plus out if `accumulate`;
  * a's rows a_stride bytes apart, b given as pairs of rows [depth / 2][32][2], its rows b_stride
@@ -100,9 +98,7 @@ static inline void product_tiles(const uint16_t *a, int64_t a_stride, const uint
 }
 #endif
 
-int tiles_granted(void); /* native_tiles.c */
-
-int attention_kernels(void) { return VECTORS | (tiles_granted() ? TILES : 0); }
+int attention_kernels(void) { return products_here(); }
 
 static inline void product_block(int tiles, const uint16_t *a, int64_t a_stride, const uint16_t *b,
                                  int64_t b_stride, int64_t depth, float *out, int64_t out_stride, int accumulate) {

@@ -487,13 +487,10 @@ void block_products(block_kernel expand, const uint8_t *weight, int64_t row_stri
  * AVX512-BF16, the tiles where it targets AMX-BF16 and Linux granted them. */
 #define TILE_ROWS 128
 #define TILE_DEPTH 3072
-#define VECTORS 1 /* tile_kernels(): the products in AVX512-BF16 vectors */
-#define TILES 2   /* and in AMX tiles */
-int tiles_granted(void);  /* native_tiles.c */
-void configure_tiles(void);
+void configure_tiles(void); /* native_tiles.c */
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-int tile_kernels(void) { return VECTORS | (tiles_granted() ? TILES : 0); }
+int tile_kernels(void) { return products_here(); }
 
 /* A weight for tile_products: rows of `stride` bytes at data, bf16 values (scales NULL) or 4-bit
  * codes with scales and offsets [rows, groups] (fp32, or bf16 where `bf16_scales`: read as they are

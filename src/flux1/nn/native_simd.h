@@ -4,6 +4,13 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+int tiles_granted(void); /* native_tiles.c */
+
+/* What tile_kernels() and attention_kernels() answer where the compiler targets AVX512-BF16, bit by
+ * bit (nn/native.py's _running): 1, the products in vectors; 2, in AMX tiles too, where Linux
+ * granted them. */
+static inline int products_here(void) { return 1 | (tiles_granted() ? 2 : 0); }
+
 /* r[i] = lane i of every r[j] (a 16 x 16 transpose of 32-bit lanes): pairs, then quadruples, then
  * 128-bit quarters, then halves interleaved. */
 static inline void transpose16(__m512i r[16]) {
