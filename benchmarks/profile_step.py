@@ -7,7 +7,8 @@ timed). The floor is the step's floating-point work (2 * tokens * in * out per l
 4 * heads * tokens^2 * head_dim per attention) divided by the rate of the GEMM the CPU plan uses at
 this precision (`cpu_plan.active()`), measured here on a 4096 x 3072 x 3072 product through it
 (best of 3, right before each step), and at the rate the plan itself measured on FLUX's linear
-shapes when it was made (issue 15's "plan's own GEMM rate": one moment of this machine's speed).
+shapes when it was made (issue 15's "plan's own GEMM rate": one moment of this machine's speed), and where
+this run measured the plan, how long that took.
 
 With `--quantize BITS` the transformer is quantized as `main.py -q BITS` does, with `--gguf TYPE`
 loaded from the fixture's transformer as a GGUF file of that type (written beside the fixture if
@@ -181,6 +182,8 @@ def profile(args) -> None:
         unit, digits = ("G values/s", 2) if kind in ("activation", "expansion") else ("GFLOP/s", 0)
         rates = ", ".join(f"{name} {rate:.{digits}f}" for name, rate in plan.rates[kind].items())
         print(f"plan, {kind} ({unit}, measured {plan.measured}): {rates}")
+    if plan.seconds:  # measured in this process, not read from the cache
+        print(f"plan measured in this run in {plan.seconds:.1f} s")
     compact = f", -q {args.quantize}" if args.quantize else f", GGUF {args.gguf}" if args.gguf else ""
     weights = f"{args.dtype} weights{compact}"
     print(
