@@ -6,6 +6,7 @@ with the other attention paths (`test_cpu_kernels.py`)."""
 import ctypes
 import itertools
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -176,3 +177,21 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(nan, np.isnan(wide[1])) and np.array_equal(
         a[~nan].view(np.uint8), b[~nan].view(np.uint8)
     )
+
+
+def test_the_attentions_exponential_polynomial_is_within_its_stated_error():
+    """The polynomial native_attention.c's exp2_nonpositive evaluates for 2^f (its coefficients read
+    from the source, Horner's rule in fp32 as the kernel computes it, fused multiply-adds widened to
+    float64 and rounded once) is within 3e-6 of 2^f relatively over |f| <= 1/2, and exactly 1 at 0."""
+    source = native.SOURCES[1].read_text()
+    body = source[source.index("static inline __m512 exp2_nonpositive") :]
+    body = body[: body.index("\n}\n")]
+    terms = re.findall(r"_mm512_set1_ps\(([-0-9.e]+)f\)", body[body.index("__m512 p =") :])
+    coefficients = [np.float32(float(term)) for term in terms]  # highest degree first
+    assert len(coefficients) == 5 and coefficients[-1] == 1.0
+    f = np.linspace(-0.5, 0.5, 100001).astype(np.float32)
+    p = np.full_like(f, coefficients[0])
+    for c in coefficients[1:]:
+        p = (p.astype(np.float64) * f + c).astype(np.float32)  # one rounding, as an FMA
+    exact = 2.0 ** f.astype(np.float64)
+    assert np.max(np.abs(p - exact) / exact) < 3e-6 and p[len(f) // 2] == 1.0
