@@ -180,7 +180,7 @@ def test_more_bad_input(tiny_schnell, tmp_path, capsys):
         ),
         (
             ["--model", "turbo", "--prompt", "x"],
-            "unknown --model 'turbo': expected schnell, dev, fill, kontext (or a Hugging Face repo id)",
+            "unknown --model 'turbo': expected schnell, dev, fill, kontext, canny, depth (or a Hugging Face repo id)",
         ),
         (
             _bad(tiny_schnell, tmp_path / "missing"),

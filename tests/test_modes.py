@@ -1,5 +1,6 @@
 """Each generation mode equals its diffusers pipeline on the same tiny weights, the same injected noise
-and the VAE posterior's mean: true CFG (FluxPipeline), img2img, inpainting, Fill and Kontext."""
+and the VAE posterior's mean: true CFG (FluxPipeline), img2img, inpainting, Fill, Kontext, and Canny
+and Depth (FluxControlPipeline)."""
 
 import importlib
 import os
@@ -36,6 +37,14 @@ def tiny_fill(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_control(tmp_path_factory):
+    """Canny's and Depth's transformer (128 input channels); which of the two, --base-model says."""
+    return build_checkpoint(
+        tmp_path_factory.mktemp("tiny-control"), "tiny", "canny", "float32", seed=4, bfl=True
+    )
+
+
+@pytest.fixture(scope="module")
 def tiny_kontext(tmp_path_factory):
     return build_checkpoint(
         tmp_path_factory.mktemp("tiny-kontext"), "tiny", "kontext", "float32", seed=3, bfl=True
@@ -57,12 +66,11 @@ def right_half_mask() -> Image.Image:
 
 @contextmanager
 def injected(module_name: str, noise: mx.array):
-    """diffusers' pipeline module with our noise for randn_tensor and the posterior's mean for the VAE."""
-    module = importlib.import_module(f"diffusers.pipelines.flux.{module_name}")
-    original = getattr(module, "retrieve_latents", None)  # text-only pipelines encode no image
+    """diffusers' pipeline module with our noise for randn_tensor and the posterior's mean for the VAE
+    (where its pipelines sample one, through retrieve_latents or the distribution itself)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    def mean(encoder_output, generator=None, sample_mode="sample"):
-        return original(encoder_output, generator, sample_mode="argmax")
+    module = importlib.import_module(f"diffusers.pipelines.flux.{module_name}")
 
     def randn(shape, **_):
         assert tuple(shape) == tuple(noise.shape)
@@ -70,7 +78,7 @@ def injected(module_name: str, noise: mx.array):
 
     with (
         mock.patch.object(module, "randn_tensor", randn),
-        mock.patch.object(module, "retrieve_latents", mean, create=original is None),
+        mock.patch.object(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode()),
     ):
         yield
 
@@ -93,10 +101,10 @@ def reference(pipeline: str, module_name: str, checkpoint, noise: mx.array, **ca
     return seen["latents"], image
 
 
-def ours(checkpoint, noise: mx.array, config: Config, inputs: ModeInputs) -> tuple:
+def ours(checkpoint, noise: mx.array, config: Config, inputs: ModeInputs, kind: str | None = None) -> tuple:
     """(final packed latents, float image, record) of flux1."""
     seen = {}
-    flux = Flux1.from_path(checkpoint, precision="fp32")  # fp32 GEMMs, as the reference computes
+    flux = Flux1.from_path(checkpoint, kind, precision="fp32")  # fp32 GEMMs, as the reference computes
     image, record, _ = flux.generate_array(
         SEED, PROMPT, config, noise, False, lambda step: seen.update(latents=np.array(step.latents)), inputs
     )
@@ -220,6 +228,65 @@ def test_kontext_equals_flux_kontext_pipeline(tiny_kontext):
     assert_moved(mine, ours(tiny_kontext, noise, config, ModeInputs(image=picture(1))))
 
 
+@pytest.mark.parametrize("kind", ["canny", "depth"])
+def test_control_equals_flux_control_pipeline(tiny_control, kind):
+    # Guidance 4 for the reason Fill's test gives; the kinds' defaults (30, 10) are the next test's.
+    config = Config(num_inference_steps=3, height=HEIGHT, width=WIDTH, guidance=4.0)
+    noise = latents.noise(SEED, HEIGHT, WIDTH)
+    mine = ours(tiny_control, noise, config, ModeInputs(image=picture(0)), kind)
+    assert mine[2]["base_model"] == kind
+    theirs = reference(
+        "FluxControlPipeline",
+        "pipeline_flux_control",
+        tiny_control,
+        noise,
+        control_image=picture(0),
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        max_sequence_length=mine[2]["max_sequence_length"],
+    )
+    assert_equal(mine, theirs)
+    assert_moved(mine, ours(tiny_control, noise, config, ModeInputs(image=picture(1)), kind))
+
+
+@pytest.mark.parametrize("kind, steps, guidance", [("canny", 50, 30.0), ("depth", 30, 10.0)])
+def test_canny_and_depth_take_their_model_cards_defaults(tiny_control, kind, steps, guidance):
+    flux = Flux1.from_path(tiny_control, kind)
+    assert Config().steps_for(flux.files.base_model) == steps
+    config = Config(num_inference_steps=1, height=16, width=16)
+    image = flux.generate_image(0, PROMPT, config, progress=False, image=picture(0))
+    assert (image.record["base_model"], image.record["guidance"]) == (kind, guidance)
+
+
+def test_canny_takes_the_images_edges_as_its_control_image(tiny_control, tmp_path):
+    """`--canny`: the control image is the Canny edges of the image fitted to the output size (BFL's
+    order: resize, then edges); the record keeps it and `-C` draws the same image again."""
+    from flux1.cli.generate import main
+    from flux1.metadata import read_record
+    from flux1.modes.canny_edges import edges
+    from flux1.modes.images import fit
+
+    photo = picture(0).resize((2 * WIDTH, 2 * HEIGHT))
+    config = Config(num_inference_steps=2, height=HEIGHT, width=WIDTH, guidance=4.0)
+    noise = latents.noise(SEED, HEIGHT, WIDTH)
+    mine = ours(tiny_control, noise, config, ModeInputs(image=photo, canny=True), "canny")
+    edge_map = edges(fit(photo, HEIGHT, WIDTH)).convert("RGB")
+    assert np.array_equal(mine[0], ours(tiny_control, noise, config, ModeInputs(image=edge_map), "canny")[0])
+    assert_moved(mine, ours(tiny_control, noise, config, ModeInputs(image=photo), "canny"))
+    assert mine[2]["canny"] is True
+
+    photo.save(tmp_path / "photo.png")
+    flags = ["--path", str(tiny_control), "--base-model", "canny", "--prompt", PROMPT, "--seed", "3"]
+    flags += ["--steps", "2", "--height", str(HEIGHT), "--width", str(WIDTH)]
+    flags += ["--image-path", str(tmp_path / "photo.png"), "--canny"]
+    assert main([*flags, "--output", str(tmp_path / "a.png")]) == 0
+    assert read_record(tmp_path / "a.png")["canny"] is True
+    assert main(["-C", str(tmp_path / "a.png"), "--output", str(tmp_path / "b.png")]) == 0
+    again = [np.asarray(Image.open(tmp_path / name)) for name in ("a.png", "b.png")]
+    assert np.array_equal(*again)
+    assert read_record(tmp_path / "b.png")["canny"] is True
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """An image, its mask, a mask of another size, a file that is no image."""
@@ -241,6 +308,11 @@ BAD_INPUT = [
     (["--mask-path", "{f}/mask.png"], "--mask-path needs --image-path"),
     (["--image-path", "{f}/image.png", "--image-strength", "1.5"], "--image-strength 1.5: expected a finite"),
     (["--true-cfg-scale", "nan"], "--true-cfg-scale nan: expected a finite number >= 0"),
+    (["--canny"], "--canny needs --image-path (the image whose edges guide FLUX.1 Canny)"),
+    (
+        ["--image-path", "{f}/image.png", "--canny"],
+        "--canny: FLUX.1-schnell does not take Canny edges (FLUX.1-canny does)",
+    ),
 ]
 
 
@@ -273,6 +345,28 @@ def test_bad_mode_input_is_refused_before_any_work(tiny_schnell, files, tmp_path
             ["--image-path", "{f}/image.png", "--image-strength", "0.5"],
             "--image-strength: FLUX.1-kontext with --image-path does not use it",
         ),
+        ("control", ["--base-model", "depth"], "FLUX.1-depth takes --image-path; given no image"),
+        (
+            "control",
+            ["--base-model", "canny", "--image-path", "{f}/image.png", "--mask-path", "{f}/mask.png"],
+            "FLUX.1-canny takes --image-path; given --image-path and --mask-path",
+        ),
+        (
+            "control",
+            ["--base-model", "canny", "--image-path", "{f}/image.png", "--image-strength", "0.5"],
+            "--image-strength: FLUX.1-canny with --image-path does not use it",
+        ),
+        (
+            "control",
+            ["--base-model", "depth", "--image-path", "{f}/image.png", "--canny"],
+            "--canny: FLUX.1-depth does not take Canny edges (FLUX.1-canny does)",
+        ),
+        (
+            "control",
+            ["--image-path", "{f}/image.png"],
+            "transformer: a FLUX.1 Canny or Depth transformer (in_channels 128; the two have the same "
+            "shapes): say which with --base-model canny or --base-model depth",
+        ),
     ],
 )
 def test_a_kind_refuses_inputs_it_cannot_use(request, files, tmp_path, capsys, kind, args, message):
@@ -296,13 +390,26 @@ def test_unused_negative_prompt_and_long_negative_prompt_warn(tiny_schnell, capl
     assert any("the negative prompt has" in r.message and "CLIP" in r.message for r in caplog.records)
 
 
-def test_kinds_from_the_files(tiny_fill, tiny_kontext):
+def test_kinds_from_the_files(tiny_fill, tiny_kontext, tiny_control, tmp_path):
+    """Fill and Kontext from their files; Canny and Depth have the same shapes and pipeline class, so
+    --base-model, the hub repo named, or a save.py folder's record says which."""
     from flux1.model_files import ModelFilesError, resolve
+    from flux1.saving import save_model
 
     assert resolve(path=tiny_fill).base_model == "fill"
     assert resolve(path=tiny_kontext).base_model == "kontext"
     with pytest.raises(ModelFilesError, match="--base-model dev, but .* is a FLUX.1-kontext transformer"):
         resolve(path=tiny_kontext, base_model="dev")
+    with pytest.raises(
+        ModelFilesError, match="--base-model dev, but .* is a FLUX.1 Canny or Depth transformer"
+    ):
+        resolve(path=tiny_control, base_model="dev")
+    assert resolve(path=tiny_control, base_model="depth").base_model == "depth"
+    with mock.patch("flux1.model_files.download", {REPOS["depth"]: tiny_control}.get):  # the hub's copy
+        assert resolve(model=REPOS["depth"]).base_model == "depth"
+        assert resolve(model="depth").base_model == "depth"
+    saved = save_model(Flux1.from_path(tiny_control, "depth"), tmp_path / "saved")
+    assert resolve(path=saved).base_model == "depth"
 
 
 def test_kontext_size_is_its_preferred_resolution_nearest_the_image():
@@ -320,8 +427,9 @@ def test_kontext_size_is_its_preferred_resolution_nearest_the_image():
 
 
 @pytest.fixture(scope="module")
-def model_options(tiny_schnell, tiny_fill, tiny_kontext, tmp_path_factory):
-    """A quantized base with a LoRA under --low-ram, and GGUF transformers (schnell, Fill, Kontext)."""
+def model_options(tiny_schnell, tiny_fill, tiny_kontext, tiny_control, tmp_path_factory):
+    """A quantized base with a LoRA under --low-ram, and GGUF transformers (schnell, Fill, Kontext,
+    Canny)."""
     from tests import lora_files
 
     from flux1.fixtures.gguf import write_gguf
@@ -329,32 +437,35 @@ def model_options(tiny_schnell, tiny_fill, tiny_kontext, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mode-options")
     lora = folder / "style.safetensors"
     lora_files.write(lora, "kohya", seed=5)
-    for name, source in (("schnell", tiny_schnell), ("fill", tiny_fill), ("kontext", tiny_kontext)):
+    sources = {"schnell": tiny_schnell, "fill": tiny_fill, "kontext": tiny_kontext, "canny": tiny_control}
+    for name, source in sources.items():
         write_gguf(source / "transformer", folder / f"{name}-Q8_0.gguf", "Q8_0")
     return {
-        # the LoRA is made for schnell's 64 input channels; Fill's img_in takes 384, so Fill goes without
+        # the LoRA is made for schnell's 64 input channels; Fill's img_in takes 384 and Canny's 128,
+        # so they go without
         "-q 4 + LoRA + low RAM": lambda name: dict(
-            quantize=4, group_size=32, lora_paths=[] if name == "fill" else [lora], low_ram=True
+            quantize=4, group_size=32, lora_paths=[] if name in ("fill", "canny") else [lora], low_ram=True
         ),
         "GGUF Q8_0": lambda name: dict(gguf=folder / f"{name}-Q8_0.gguf"),
     }
 
 
 @pytest.mark.parametrize("option", ["-q 4 + LoRA + low RAM", "GGUF Q8_0"])
-@pytest.mark.parametrize("mode", ["true CFG", "img2img", "inpainting", "Fill", "Kontext"])
+@pytest.mark.parametrize("mode", ["true CFG", "img2img", "inpainting", "Fill", "Kontext", "Canny"])
 def test_every_mode_runs_on_quantized_lora_low_ram_and_gguf_models(
-    tiny_schnell, tiny_fill, tiny_kontext, model_options, option, mode
+    tiny_schnell, tiny_fill, tiny_kontext, tiny_control, model_options, option, mode
 ):
     """Each mode goes through the same loop whatever holds the weights: the image is the mode's (it
     differs from the same model's text-to-image), the record says what made it. A Kontext GGUF has
-    dev's shapes: the folder's kind tells it apart, no --base-model needed."""
+    dev's shapes: the folder's kind tells it apart, no --base-model needed; Canny's folder and GGUF
+    have Depth's shapes too, so --base-model names it."""
     from flux1.model_files import resolve
 
-    kind = mode.lower() if mode in ("Fill", "Kontext") else "schnell"
+    kind = mode.lower() if mode in ("Fill", "Kontext", "Canny") else "schnell"
     options = model_options[option](kind)
     gguf = options.pop("gguf", None)
-    checkpoint = {"fill": tiny_fill, "kontext": tiny_kontext, "schnell": tiny_schnell}[kind]
-    files = resolve(path=checkpoint, gguf=gguf)
+    sources = {"fill": tiny_fill, "kontext": tiny_kontext, "schnell": tiny_schnell, "canny": tiny_control}
+    files = resolve(path=sources[kind], gguf=gguf, base_model="canny" if kind == "canny" else None)
     assert files.base_model == kind
     flux = Flux1(files, precision="fp32", **options)
     inputs = {
@@ -363,6 +474,7 @@ def test_every_mode_runs_on_quantized_lora_low_ram_and_gguf_models(
         "inpainting": dict(image=picture(1), mask=right_half_mask()),
         "Fill": dict(image=picture(1), mask=right_half_mask()),
         "Kontext": dict(image=picture(1)),
+        "Canny": dict(image=picture(1)),
     }[mode]
     config = Config(num_inference_steps=4, height=HEIGHT, width=WIDTH)
     result = flux.generate_image(SEED, PROMPT, config, progress=False, **inputs)
@@ -376,14 +488,14 @@ def test_every_mode_runs_on_quantized_lora_low_ram_and_gguf_models(
     assert (record["negative_prompt"] is not None) == (mode == "true CFG")
 
 
-@pytest.mark.parametrize("kind", ["fill", "kontext"])
+@pytest.mark.parametrize("kind", ["fill", "kontext", "canny"])
 def test_bfl_single_file_draws_what_the_diffusers_folder_draws(request, kind, tmp_path):
     """`--path flux1-<kind>.safetensors` (BFL names; text encoders and VAE from the kind's hub repo, here
     an offline cache of the same fixture) makes the folder's image, pixel for pixel; Kontext's file has
-    dev's architecture, so it needs --base-model. (The file is moved away from the fixture's
+    dev's architecture and Canny's Depth's, so they need --base-model. (The file is moved away from the fixture's
     `ae.safetensors`: a BFL VAE file's config is read from its shapes with the real VAE's 32 norm
     groups, which the tiny VAE does not have.)"""
-    folder = request.getfixturevalue(f"tiny_{kind}")
+    folder = request.getfixturevalue("tiny_control" if kind == "canny" else f"tiny_{kind}")
     (tmp_path / "bfl").mkdir()
     bfl_file = tmp_path / "bfl" / f"flux1-{kind}.safetensors"
     bfl_file.symlink_to(folder / bfl_file.name)
@@ -394,9 +506,10 @@ def test_bfl_single_file_draws_what_the_diffusers_folder_draws(request, kind, tm
     if kind == "fill":
         right_half_mask().save(tmp_path / "mask.png")
         flags += ["--mask-path", str(tmp_path / "mask.png")]
-    single_file = [str(bfl_file)] + (["--base-model", kind] if kind == "kontext" else [])
+    folder_flags = ["--base-model", kind] if kind == "canny" else []  # its folder looks like Depth's
+    file_flags = ["--base-model", kind] if kind in ("kontext", "canny") else []
     pixels = []
-    for source in ([str(folder)], single_file):
+    for source in ([str(folder), *folder_flags], [str(bfl_file), *file_flags]):
         out = tmp_path / f"{len(pixels)}.png"
         env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
         main = Path(__file__).resolve().parents[1] / "main.py"

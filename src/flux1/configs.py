@@ -7,29 +7,48 @@ REPOS = {
     "dev": "black-forest-labs/FLUX.1-dev",
     "fill": "black-forest-labs/FLUX.1-Fill-dev",
     "kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+    "canny": "black-forest-labs/FLUX.1-Canny-dev",
+    "depth": "black-forest-labs/FLUX.1-Depth-dev",
 }
 BASE_MODELS = tuple(REPOS)
-# Steps and guidance: diffusers' FluxPipeline (schnell, dev), FluxFillPipeline and FluxKontextPipeline.
-DEFAULT_STEPS = {"schnell": 4, "dev": 25, "fill": 50, "kontext": 28}
+# Steps and guidance: diffusers' FluxPipeline (schnell, dev), FluxFillPipeline and FluxKontextPipeline;
+# Canny and Depth as their model cards (BFL's cli_control: guidance 30 for Canny, 10 for Depth).
+DEFAULT_STEPS = {"schnell": 4, "dev": 25, "fill": 50, "kontext": 28, "canny": 50, "depth": 30}
 DEFAULT_GUIDANCE = 3.5
-GUIDANCE = {"schnell": None, "dev": DEFAULT_GUIDANCE, "fill": 30.0, "kontext": 2.5}
+GUIDANCE = {
+    "schnell": None,
+    "dev": DEFAULT_GUIDANCE,
+    "fill": 30.0,
+    "kontext": 2.5,
+    "canny": 30.0,
+    "depth": 10.0,
+}
 # T5 prompt length of the real pipelines; CLIP's window.
-MAX_SEQUENCE_LENGTH = {"schnell": 256, "dev": 512, "fill": 512, "kontext": 512}
+MAX_SEQUENCE_LENGTH = {"schnell": 256, "dev": 512, "fill": 512, "kontext": 512, "canny": 512, "depth": 512}
 # model_index.json `_class_name` of each kind's hub repo.
 PIPELINE_CLASSES = {
     "schnell": "FluxPipeline",
     "dev": "FluxPipeline",
     "fill": "FluxFillPipeline",
     "kontext": "FluxKontextPipeline",
+    "canny": "FluxControlPipeline",
+    "depth": "FluxControlPipeline",
 }
 # What each kind's transformer/config.json changes from TRANSFORMER (the schnell config). Kontext is
-# the dev architecture; Fill's transformer reads 64 latent + 64 masked-image latent + 256 mask values per 2x2 patch.
+# the dev architecture; Fill's transformer reads 64 latent + 64 masked-image latent + 256 mask values per 2x2 patch;
+# Canny's and Depth's (the same shapes: only their training differs) 64 latent + 64 control-image latent.
 FILL_IN_CHANNELS = 384
+CONTROL_IN_CHANNELS = 128
+CONTROL_KINDS = ("canny", "depth")
 TRANSFORMER_CHANGES = {
     "schnell": {},
     "dev": {"guidance_embeds": True},
     "fill": {"guidance_embeds": True, "in_channels": FILL_IN_CHANNELS, "out_channels": 64},
     "kontext": {"guidance_embeds": True},
+    **{
+        kind: {"guidance_embeds": True, "in_channels": CONTROL_IN_CHANNELS, "out_channels": 64}
+        for kind in CONTROL_KINDS
+    },
 }
 # Kontext's training resolutions (width, height), as diffusers' PREFERRED_KONTEXT_RESOLUTIONS.
 PREFERRED_KONTEXT_RESOLUTIONS = [

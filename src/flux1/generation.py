@@ -42,7 +42,9 @@ class Config:
     num_inference_steps: int | None = None  # 4 for schnell, 25 for dev
     height: int = 1024
     width: int = 1024
-    guidance: float | None = None  # None: the kind's default (3.5 dev, 30 Fill, 2.5 Kontext); not schnell
+    guidance: float | None = (
+        None  # None: the kind's default (3.5 dev, 30 Fill and Canny, 2.5 Kontext, 10 Depth); not schnell
+    )
     max_sequence_length: int | None = None  # T5 tokens: 256 for schnell, 512 for dev
 
     def __post_init__(self):
@@ -86,6 +88,7 @@ class ModeInputs:
     image: str | Path | InputImage | object | None = None
     mask: str | Path | InputImage | object | None = None  # white = repaint
     image_strength: float | None = None  # how much of the image is kept; None: the mode's default
+    canny: bool = False  # the control image is the image's Canny edges (FLUX.1 Canny)
 
     def __post_init__(self):
         _check_number("--true-cfg-scale", self.true_cfg_scale, 0.0, math.inf)
@@ -95,6 +98,10 @@ class ModeInputs:
             raise ValueError(f"--negative-prompt {self.negative_prompt!r}: expected text")
         if self.mask is not None and self.image is None:
             raise ValueError("--mask-path needs --image-path (the image to repaint)")
+        if not isinstance(self.canny, bool):
+            raise ValueError(f"--canny {self.canny!r}: expected true or false")
+        if self.canny and self.image is None:
+            raise ValueError("--canny needs --image-path (the image whose edges guide FLUX.1 Canny)")
         if self.image is not None and not isinstance(self.image, InputImage):
             self.image = open_input(self.image, "--image-path", "RGB")
         if self.mask is not None and not isinstance(self.mask, InputImage):

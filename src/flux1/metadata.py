@@ -43,6 +43,7 @@ def generation_record(
         **_input_file("image", inputs.image),
         **_input_file("mask", inputs.mask),
         "image_strength": None if mode.DEFAULT_STRENGTH is None else inputs.strength(mode.DEFAULT_STRENGTH),
+        "canny": inputs.canny or None,
         "precision": flux.precision,
         "activations": str(flux.compute_dtype("transformer")).removeprefix("mlx.core."),
         "compute": cpu_plan.describe(quantized=flux.quantization_bits is not None),

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flux1.configs import FILL_IN_CHANNELS, PIPELINE_CLASSES, REPOS
+from flux1.configs import CONTROL_IN_CHANNELS, CONTROL_KINDS, FILL_IN_CHANNELS, PIPELINE_CLASSES, REPOS
 
 COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 # The diffusers layout only: the repos also hold the BFL single files (another 34 GB).
@@ -21,7 +21,7 @@ class ModelFiles:
     root: Path  # scheduler/, text_encoder(_2)/, tokenizer(_2)/ live here
     transformer: Path  # a transformer/ folder or a single .safetensors file
     vae: Path  # a vae/ folder or a BFL ae.safetensors
-    base_model: str  # the kind: "schnell", "dev", "fill" or "kontext"
+    base_model: str  # the kind: "schnell", "dev", "fill", "kontext", "canny" or "depth"
     name: str  # what the user named: an alias, a repo id or a path
 
     @property
@@ -101,11 +101,21 @@ def _check_folder(root: Path, components=COMPONENTS) -> None:
 def _kind_of(
     transformer_config: dict, given: str | None, source: Path, pipeline_class: str | None = None
 ) -> str:
-    """The model kind from the transformer's config (Fill reads 384 input channels, schnell has no
-    guidance embedding) and, for a folder, model_index.json's pipeline class (Kontext has the dev
-    architecture: only its class, or --base-model for a single file, tells it apart)."""
-    if transformer_config.get("in_channels", 64) == FILL_IN_CHANNELS:
+    """The model kind from the transformer's config (Fill reads 384 input channels, Canny and Depth
+    128, schnell has no guidance embedding) and, for a folder, model_index.json's pipeline class
+    (Kontext has the dev architecture: only its class, or --base-model for a single file, tells it
+    apart; Canny and Depth have the same shapes and class: only `given` tells them apart)."""
+    channels = transformer_config.get("in_channels", 64)
+    if channels == FILL_IN_CHANNELS:
         inferred = "fill"
+    elif channels == CONTROL_IN_CHANNELS:
+        if given not in CONTROL_KINDS:
+            raise ModelFilesError(
+                (f"--base-model {given}, but {source} is" if given else f"{source}:")
+                + f" a FLUX.1 Canny or Depth transformer (in_channels {channels}; the two have the same "
+                "shapes): say which with --base-model canny or --base-model depth"
+            )
+        inferred = given
     elif not transformer_config.get("guidance_embeds"):
         inferred = "schnell"
     elif pipeline_class == PIPELINE_CLASSES["kontext"] or (pipeline_class is None and given == "kontext"):
@@ -151,7 +161,8 @@ def resolve(
         if model is None:
             raise ModelFilesError("say which model: --model schnell|dev, or --path a local folder or file")
         root = download(REPOS.get(model, model))
-        return _folder(root, base_model or (model if model in REPOS else None), model)
+        kind_of_repo = {repo: kind for kind, repo in REPOS.items()}
+        return _folder(root, base_model or (model if model in REPOS else kind_of_repo.get(model)), model)
     path = Path(path).expanduser().absolute()  # the record names it from anywhere
     if path.is_dir():
         return _folder(path, base_model or model, str(path))
@@ -170,13 +181,17 @@ def _folder(root: Path, base_model: str | None, name: str) -> ModelFiles:
     config_file = root / "transformer" / "config.json"
     if not config_file.is_file():
         raise ModelFilesError(f"{config_file}: file not found")
-    pipeline_class = json.loads((root / "model_index.json").read_text()).get("_class_name")
+    index = json.loads((root / "model_index.json").read_text())
+    pipeline_class = index.get("_class_name")
     if pipeline_class not in PIPELINE_CLASSES.values():
         raise ModelFilesError(
             f"{root / 'model_index.json'}: _class_name {pipeline_class!r}, expected one of "
             f"{', '.join(sorted(set(PIPELINE_CLASSES.values())))}"
         )
-    base = _kind_of(json.loads(config_file.read_text()), base_model, root / "transformer", pipeline_class)
+    saved = index.get("flux1")  # a save.py folder records its kind (Canny and Depth look alike)
+    recorded = saved.get("base_model") if isinstance(saved, dict) else None
+    given = base_model or (recorded if recorded in REPOS else None)
+    base = _kind_of(json.loads(config_file.read_text()), given, root / "transformer", pipeline_class)
     return ModelFiles(root, root / "transformer", root / "vae", base, name)
 
 
@@ -203,7 +218,10 @@ def _with_gguf(file: Path, model: str | None, path: str | Path | None, base_mode
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in GGUFReader(file).tensors}
     except Exception as e:
         raise ModelFilesError(f"--gguf {file}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    inferred = _kind_of(_single_file_config(shapes), base_model, file)
+    config, given = _single_file_config(shapes), base_model
+    if given is None and config["in_channels"] == CONTROL_IN_CHANNELS and (model or path):
+        given = resolve(model=model, path=path).base_model  # Canny or Depth: the other components say
+    inferred = _kind_of(config, given, file)
     others = resolve(model=model or (None if path else inferred), path=path, base_model=base_model)
     if inferred == "dev" and others.base_model == "kontext" and base_model is None:
         inferred = "kontext"  # Kontext has dev's shapes: the other components tell them apart

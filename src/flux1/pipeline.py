@@ -427,7 +427,7 @@ class Flux1:
         inputs: ModeInputs | None = None,
     ) -> tuple[np.ndarray, dict, Timings]:
         """The float image [H, W, 3] in [0, 1] (before 8-bit rounding), its record and timings;
-        `inputs` selects the mode (negative prompt, img2img, inpainting, Fill, Kontext)."""
+        `inputs` selects the mode (negative prompt, img2img, inpainting, Fill, Kontext, Canny, Depth)."""
         latents.check_seed(seed)
         each = None if on_step is None else (lambda _, step: on_step(step))
         (image,), (record,), timings = self.generate_arrays(
@@ -534,8 +534,8 @@ class Flux1:
         **mode_inputs,
     ) -> GeneratedImage:
         """One image; `latents` injects the initial noise [1, 16, H/8, W/8] instead of the seed's.
-        `mode_inputs` are ModeInputs' fields: negative_prompt, true_cfg_scale, image, image_strength
-        and mask (images as paths or PIL images)."""
+        `mode_inputs` are ModeInputs' fields: negative_prompt, true_cfg_scale, image, image_strength,
+        mask (images as paths or PIL images) and canny."""
         inputs = ModeInputs(**mode_inputs)
         image, record, timings = self.generate_array(
             seed, prompt, config or Config(), latents, progress, on_step, inputs

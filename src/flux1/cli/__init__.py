@@ -38,7 +38,9 @@ def _exit_now(code: int) -> None:
 def add_model_source(group) -> None:
     """--model, --path, --gguf and --base-model, as every program that loads FLUX.1 takes them."""
     group.add_argument(
-        "--model", "-m", help="schnell, dev, fill or kontext (from the Hugging Face hub), or a hub repo id"
+        "--model",
+        "-m",
+        help="schnell, dev, fill, kontext, canny or depth (from the Hugging Face hub), or a hub repo id",
     )
     group.add_argument(
         "--path", help="a local diffusers folder, a folder saved by save.py, or a BFL .safetensors file"

@@ -33,6 +33,7 @@ FROM_RECORD = {
     "image_path": "image_path",
     "mask_path": "mask_path",
     "image_strength": "image_strength",
+    "canny": "canny",
 }
 
 
@@ -93,12 +94,20 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument(
         "--latents", help="initial noise as .npy of shape (1, 16, H/8, W/8) instead of the seed's"
     )
-    image.add_argument("--image-path", help="input image: img2img, inpainting, Fill, Kontext's reference")
+    image.add_argument(
+        "--image-path",
+        help="input image: img2img, inpainting, Fill, Kontext's reference, Canny's or Depth's control image",
+    )
     image.add_argument(
         "--mask-path", "--masked-image-path", help="inpainting mask, white = repaint (same size as the image)"
     )
     image.add_argument(
         "--image-strength", type=float, help="how much of the input image is kept, 0 to 1 (default 0.4)"
+    )
+    image.add_argument(
+        "--canny",
+        action="store_true",
+        help="FLUX.1 Canny: the control image is --image-path's Canny edges (OpenCV's, thresholds 50, 200)",
     )
     image.add_argument(
         "--batch-size",
@@ -191,6 +200,7 @@ _RECORD_TYPES = {  # the type each record value must have (None: absent), and it
     "mask_path": _TEXT,
     "mask_sha256": _TEXT,
     "image_strength": _NUMBER,
+    "canny": (bool, "true or false"),
     "loras": (list, "a list"),
     "latents": (dict, "a file entry"),
 }
@@ -205,7 +215,9 @@ def _check_record_types(record, source) -> None:
         raise ValueError(f"-C {source}: the record is not a JSON object")
     for key, (kind, name) in _RECORD_TYPES.items():
         value = record.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if value is not None and (
+            not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool)
+        ):
             fail(key, value, name)
     entries = [("latents", record["latents"])] if record.get("latents") else []
     entries += [("loras", lora) for lora in record.get("loras") or []]
@@ -331,7 +343,12 @@ def run(argv: list[str]) -> int:
     output = output_file(args.output)
     _check_writable(output)
     inputs = ModeInputs(
-        args.negative_prompt, args.true_cfg_scale, args.image_path, args.mask_path, args.image_strength
+        args.negative_prompt,
+        args.true_cfg_scale,
+        args.image_path,
+        args.mask_path,
+        args.image_strength,
+        args.canny,
     )
     stepwise_dir = Path(args.stepwise_image_output_dir) if args.stepwise_image_output_dir else None
     if args.preview and stepwise_dir is None:

@@ -7,11 +7,11 @@ import logging
 from dataclasses import replace
 from types import ModuleType
 
-from flux1.modes import fill, img2img, inpaint, kontext, text_to_image, true_cfg
+from flux1.modes import control, fill, img2img, inpaint, kontext, text_to_image, true_cfg
 from flux1.modes.conditioning import Conditioning
 
 log = logging.getLogger("flux1")
-MODES = (text_to_image, img2img, inpaint, fill, kontext)
+MODES = (text_to_image, img2img, inpaint, fill, kontext, control)
 FLAGS = {"image": "--image-path", "mask": "--mask-path"}
 
 
@@ -22,6 +22,8 @@ def _describe(inputs: frozenset) -> str:
 def select(kind: str, inputs) -> ModuleType:
     """The mode for a model kind and the inputs given; a clear error when the kind cannot use them."""
     given = frozenset(name for name in FLAGS if getattr(inputs, name) is not None)
+    if inputs.canny and kind != "canny":
+        raise ValueError(f"--canny: FLUX.1-{kind} does not take Canny edges (FLUX.1-canny does)")
     for mode in MODES:
         if kind in mode.KINDS and given == mode.INPUTS:
             if inputs.image_strength is not None and mode.DEFAULT_STRENGTH is None:

@@ -17,7 +17,7 @@ class Conditioning:
     image_latents: mx.array | None = None
     # [1, N, 64] 1 = repaint, 0 = after each step, replaced by image_latents re-noised to the next sigma
     blend_mask: mx.array | None = None
-    channels: mx.array | None = None  # [1, N, C] concatenated to the latents' features (Fill)
+    channels: mx.array | None = None  # [1, N, C] concatenated to the latents' features (Fill, Canny, Depth)
     tokens: mx.array | None = None  # [1, M, 64] appended to the image tokens (Kontext's reference)
     token_ids: mx.array | None = None  # [1, M, 3] their position ids
     # a second prompt (T5 hidden, CLIP pooled) whose velocity v_neg gives v_neg + scale (v - v_neg)

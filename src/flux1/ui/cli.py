@@ -17,14 +17,15 @@ LORA_SUFFIXES = (".safetensors",)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="flux1-ui", description="A local web page for FLUX.1 (schnell, dev, Fill, Kontext)."
+        prog="flux1-ui",
+        description="A local web page for FLUX.1 (schnell, dev, Fill, Kontext, Canny, Depth).",
     )
     p.add_argument(
         "--model",
         "-m",
         nargs="+",
         default=[],
-        help="schnell, dev, fill, kontext or hub repo ids (one or more)",
+        help="schnell, dev, fill, kontext, canny, depth or hub repo ids (one or more)",
     )
     p.add_argument("--path", nargs="+", default=[], help="local model folders or BFL files (one or more)")
     p.add_argument("--gguf", help="a GGUF transformer for the (single) model given")

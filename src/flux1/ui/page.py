@@ -36,6 +36,8 @@ def _gallery(engine: Engine) -> list[tuple[str, str]]:
 def _image_label(kind: str | None) -> str:
     if kind == "kontext":
         return "Reference image (Kontext)"
+    if kind in ("canny", "depth"):
+        return f"Control image ({kind}: an edge map or a depth map, used as given)"
     return "Input image (image to image; inpainting or Fill with a mask)"
 
 

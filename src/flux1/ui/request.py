@@ -44,7 +44,9 @@ class Source:
     path: str | None = None
     gguf: str | None = None
     base_model: str | None = None
-    kind: str | None = None  # schnell, dev, fill or kontext; None: known once loaded (a hub repo id)
+    kind: str | None = (
+        None  # schnell, dev, fill, kontext, canny or depth; None: known once loaded (a hub repo id)
+    )
 
 
 @dataclass(frozen=True)
