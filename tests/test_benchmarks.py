@@ -197,6 +197,20 @@ def test_profile_decode_times_every_part(tmp_path):
         assert all(float(seconds) >= 0 for seconds in timed.values())  # 2 decimals: a tiny part prints 0.00
 
 
+def test_vae_tiling_prints_every_row(tmp_path):
+    """128x128 is 3 x 3 of the tiny VAE's 64-pixel tiles: each implementation's tiled decode differs
+    from its whole one, and flux1's decodes agree with diffusers' same decodes (bf16 weights: a few
+    levels on this random VAE, which amplifies every rounding)."""
+    out = _run("vae_tiling.py", "--preset", "tiny", "--size", "128", "--cache", str(tmp_path))
+    table = out[out.index("| row |") :].splitlines()[2:]
+    cells = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ") for line in table}
+    assert list(cells) == ["flux1 whole", "flux1 --vae-tiling", "diffusers whole", "diffusers enable_tiling"]
+    for row, (_, seconds, peak, from_whole, from_other) in cells.items():
+        assert float(seconds) > 0 and float(peak) > 0
+        assert int(from_other) <= 4
+        assert (int(from_whole) > 8) == ("til" in row)
+
+
 def test_lora_overhead_prints_every_row(tmp_path):
     out = _run(
         "lora_overhead.py", "--preset", "tiny", "--size", "32", "--repeats", "1", "--cache", str(tmp_path)

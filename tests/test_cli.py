@@ -118,6 +118,21 @@ def test_existing_file_is_never_overwritten_and_seeds_name_files(tiny_schnell, t
     assert read_record(tmp_path / "pair_2_seed_4.png")["prompt"] == "a dog"
 
 
+def test_vae_tiling_is_recorded_and_rerun_by_c(tiny_schnell, tmp_path):
+    """96x160 pixels are 2 x 3 of the tiny VAE's 64-pixel tiles: the tiled image differs from the whole
+    decode (each tile's group norms), the record says so, and -C decodes in tiles again."""
+    flags = ["--path", str(tiny_schnell), "--prompt", "x", "--seed", "2", "--steps", "2"]
+    flags += ["--height", "96", "--width", "160"]
+    assert main([*flags, "--vae-tiling", "--output", str(tmp_path / "tiled.png")]) == 0
+    assert main([*flags, "--output", str(tmp_path / "whole.png")]) == 0
+    assert main(["-C", str(tmp_path / "tiled.png"), "--output", str(tmp_path / "again.png")]) == 0
+    tiled, whole, again = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("tiled", "whole", "again"))
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() > 8
+    assert np.array_equal(tiled, again)
+    assert read_record(tmp_path / "again.png")["vae_tiling"] is True
+    assert read_record(tmp_path / "whole.png")["vae_tiling"] is None
+
+
 def test_hub_alias_loads_from_the_cache_offline(tiny_schnell, tmp_path):
     hub_cache(tiny_schnell, tmp_path)
     out = tmp_path / "hub.png"

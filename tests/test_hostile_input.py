@@ -204,6 +204,25 @@ def test_a_size_that_cannot_fit_is_refused_with_the_estimate(tiny_schnell, tmp_p
     assert "--height 8192 --width 8192: the VAE decoder needs about 4535.5 GB of activations" in err
 
 
+def test_vae_tiling_bounds_the_decoders_estimate_to_a_tiles(tiny_schnell, tmp_path, capsys, monkeypatch):
+    """With 16 GB, 2048x2048 fits the transformer (5.5 GB) but not a whole decode (25.8 GB): refused,
+    pointing at --vae-tiling; tiled, the decoder's estimate is a 1024-pixel tile's (3.2 GB)."""
+    from flux1 import generation
+
+    monkeypatch.setattr(generation, "physical_memory", lambda: 16 * 10**9)
+    sizes = ["--height", "2048", "--width", "2048"]
+    needs = generation.activation_bytes(2048, 2048, 512, vae_tiling=True)
+    assert (round(needs["transformer"] / 1e9, 1), round(needs["VAE decoder"] / 1e9, 1)) == (5.5, 3.2)
+    argv = ["--path", str(tiny_schnell), "--prompt", "x", *sizes, "--output", str(tmp_path / "o.png")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --height 2048 --width 2048: the VAE decoder needs about 25.8 GB of activations, more than "
+        "this machine's 16.0 GB (--vae-tiling decodes it a tile at a time)"
+    )
+    generation.check_fits(generation.Config(height=2048, width=2048, vae_tiling=True), 512)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_check_config_rejects_wrong_types():
     config = configs("tiny", "schnell")["vae"]
     with pytest.raises(ConfigError, match=r"vae.json: 'scaling_factor' is nan, expected a finite number"):

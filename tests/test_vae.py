@@ -46,6 +46,26 @@ def test_decode_equals_diffusers(vae_folder, reference, compute_path):
     assert relative_error(_nchw(load_vae(vae_folder).decode(_nhwc(z))), expected) < TOLERANCE
 
 
+@pytest.mark.parametrize("latent_size", [(20, 13), (8, 17), (30, 30)])
+def test_tiled_decode_equals_diffusers_tiled_decode(vae_folder, compute_path, latent_size):
+    """`--vae-tiling` as diffusers' `enable_tiling()`: the tiny VAE's 64-pixel sample size makes 8-latent
+    tiles; (8, 17) is one tile high, (30, 30) four tiles a side with a narrow last one. The whole decode
+    differs (each tile's group norms see that tile only): ignoring the tiles would fail."""
+    from flux1 import vae_tiles
+
+    tiled = AutoencoderKL.from_pretrained(vae_folder)
+    tiled.enable_tiling()
+    z = np.random.default_rng(3).standard_normal((1, 16, *latent_size), dtype=np.float32)
+    with torch.no_grad():
+        expected = tiled.decode(torch.from_numpy(z)).sample.numpy()
+    vae = load_vae(vae_folder)
+    assert vae_tiles.needed(vae.config, _nhwc(z))
+    mine = vae_tiles.decode(vae, _nhwc(z)).transpose(0, 3, 1, 2)
+    assert mine.shape == expected.shape == (1, 3, 8 * latent_size[0], 8 * latent_size[1])
+    assert relative_error(mine, expected) < TOLERANCE
+    assert relative_error(_nchw(vae.decode(_nhwc(z))), expected) > 100 * TOLERANCE
+
+
 def test_encode_equals_diffusers(vae_folder, reference, compute_path):
     x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 48, 80)).astype(np.float32)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flux1.configs import DEFAULT_STEPS, GUIDANCE, MAX_SEQUENCE_LENGTH
+from flux1.configs import DEFAULT_STEPS, GUIDANCE, MAX_SEQUENCE_LENGTH, VAE
 from flux1.modes.images import InputImage, open_input
 
 MAX_STEPS = 1000
@@ -42,13 +42,15 @@ class Config:
     num_inference_steps: int | None = None  # 4 for schnell, 25 for dev
     height: int = 1024
     width: int = 1024
-    guidance: float | None = (
-        None  # None: the kind's default (3.5 dev, 30 Fill and Canny, 2.5 Kontext, 10 Depth); not schnell
-    )
+    # None: the kind's default (3.5 dev, 30 Fill and Canny, 2.5 Kontext, 10 Depth); not schnell
+    guidance: float | None = None
     max_sequence_length: int | None = None  # T5 tokens: 256 for schnell, 512 for dev
+    vae_tiling: bool = False  # decode in overlapping tiles (`flux1.vae_tiles`)
 
     def __post_init__(self):
         check_size(self.height, self.width)
+        if not isinstance(self.vae_tiling, bool):
+            raise ValueError(f"--vae-tiling {self.vae_tiling!r}: expected true or false")
         if self.num_inference_steps is not None:
             _check_integer("--steps", self.num_inference_steps, 1, MAX_STEPS)
         if self.max_sequence_length is not None:
@@ -128,13 +130,17 @@ def check_lora_options(paths: list[str], scales: list[float]) -> None:
             raise ValueError(f"--lora-paths {path}: file not found")
 
 
-def activation_bytes(height: int, width: int, text_tokens: int, batch: int = 1) -> dict[str, int]:
+def activation_bytes(
+    height: int, width: int, text_tokens: int, batch: int = 1, vae_tiling: bool = False
+) -> dict[str, int]:
     """Peak activation memory of one image, per phase, at the real model's widths (an upper bound for
     smaller fixtures): the transformer's widest intermediates over all tokens plus one head's attention
     scores (the CPU kernels compute attention a head at a time), and the VAE decoder's full-resolution
-    128-channel feature maps plus its mid-block attention over the latent pixels."""
+    128-channel feature maps plus its mid-block attention over the latent pixels (of one tile, tiled)."""
     tokens = height * width // 256 + text_tokens
     transformer = batch * 4 * (tokens * (3 * 3072 + 12288) * 3 + tokens * tokens)
+    if vae_tiling:
+        height, width = min(height, VAE["sample_size"]), min(width, VAE["sample_size"])
     latent_pixels = height * width // 64
     vae = batch * 4 * (height * width * 128 * 4 + latent_pixels * latent_pixels)
     return {"transformer": transformer, "VAE decoder": vae}
@@ -152,10 +158,11 @@ def check_fits(config: "Config", text_tokens: int, batch: int = 1) -> None:
     total = physical_memory()
     if total is None:
         return
-    needs = activation_bytes(config.height, config.width, text_tokens, batch)
+    needs = activation_bytes(config.height, config.width, text_tokens, batch, config.vae_tiling)
     phase, largest = max(needs.items(), key=lambda item: item[1])
     if largest > total:
+        tiles = " (--vae-tiling decodes it a tile at a time)" if phase == "VAE decoder" else ""
         raise ValueError(
             f"--height {config.height} --width {config.width}: the {phase} needs about "
-            f"{largest / 1e9:.1f} GB of activations, more than this machine's {total / 1e9:.1f} GB"
+            f"{largest / 1e9:.1f} GB of activations, more than this machine's {total / 1e9:.1f} GB{tiles}"
         )

@@ -38,6 +38,7 @@ def generation_record(
         "height": config.height,
         "width": config.width,
         "max_sequence_length": max_length,
+        "vae_tiling": config.vae_tiling or None,
         "negative_prompt": inputs.negative_prompt,
         "true_cfg_scale": inputs.true_cfg_scale,
         **_input_file("image", inputs.image),

@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from flux1 import backend, cpu_plan, latents, metadata, modes
+from flux1 import backend, cpu_plan, latents, metadata, modes, vae_tiles
 from flux1.configs import CLIP_LENGTH
 from flux1.distributed.agreement import agree_on_model
 from flux1.distributed.shard_source import ShardSource
@@ -408,7 +408,11 @@ class Flux1:
         images = []
         for row in range(packed.shape[0]):
             z = latents.unpack(packed[row : row + 1], config.height, config.width)
-            image = vae.decode((z / vae.scaling_factor + vae.shift_factor).astype(self.compute_dtype("vae")))
+            z = (z / vae.scaling_factor + vae.shift_factor).astype(self.compute_dtype("vae"))
+            if config.vae_tiling and vae_tiles.needed(vae.config, z):
+                image = mx.array(vae_tiles.decode(vae, z))
+            else:
+                image = vae.decode(z)
             image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(image)
             images.append(np.array(image[0]))

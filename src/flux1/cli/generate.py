@@ -27,6 +27,7 @@ FROM_RECORD = {
     "quantize": "quantize",
     "group_size": "group_size",
     "max_sequence_length": "max_sequence_length",
+    "vae_tiling": "vae_tiling",
     "gguf": "gguf",
     "negative_prompt": "negative_prompt",
     "true_cfg_scale": "true_cfg_scale",
@@ -108,6 +109,11 @@ def parser() -> argparse.ArgumentParser:
         "--canny",
         action="store_true",
         help="FLUX.1 Canny: the control image is --image-path's Canny edges (OpenCV's, thresholds 50, 200)",
+    )
+    image.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="decode in overlapping tiles, as diffusers' enable_tiling (large images in less memory)",
     )
     image.add_argument(
         "--batch-size",
@@ -201,6 +207,7 @@ _RECORD_TYPES = {  # the type each record value must have (None: absent), and it
     "mask_sha256": _TEXT,
     "image_strength": _NUMBER,
     "canny": (bool, "true or false"),
+    "vae_tiling": (bool, "true or false"),
     "loras": (list, "a list"),
     "latents": (dict, "a file entry"),
 }
@@ -336,6 +343,7 @@ def run(argv: list[str]) -> int:
         width=1024 if args.width is None else args.width,
         guidance=args.guidance,
         max_sequence_length=args.max_sequence_length,
+        vae_tiling=args.vae_tiling,
     )
     check_fits(config, config.max_sequence_length or max(MAX_SEQUENCE_LENGTH.values()))
     backend.compute_dtype(precision=args.precision)
