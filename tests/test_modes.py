@@ -83,11 +83,13 @@ def injected(module_name: str, noise: mx.array):
         yield
 
 
-def reference(pipeline: str, module_name: str, checkpoint, noise: mx.array, **call) -> tuple:
-    """(final packed latents, float image) of a diffusers pipeline."""
+def reference(pipeline: str, module_name: str, checkpoint, noise: mx.array, tiling=False, **call) -> tuple:
+    """(final packed latents, float image) of a diffusers pipeline (its VAE in tiles with `tiling`)."""
     import diffusers
 
     pipe = getattr(diffusers, pipeline).from_pretrained(checkpoint, dtype=torch.float32)
+    if tiling:
+        pipe.vae.enable_tiling()
     seen = {}
 
     def keep(_pipe, _i, _t, tensors):
@@ -142,9 +144,11 @@ def test_true_cfg_equals_flux_pipeline(tiny_checkpoint):
     assert_moved(mine, ours(tiny_checkpoint, noise, config, ModeInputs()))
 
 
-def test_img2img_equals_flux_img2img_pipeline(tiny_checkpoint):
-    # 4 steps at S = 0.5: both start at step 2 (diffusers: int(4 - 4 * 0.5))
-    config = Config(num_inference_steps=4, height=HEIGHT, width=WIDTH, guidance=4.0)
+@pytest.mark.parametrize("tiling", [False, True])
+def test_img2img_equals_flux_img2img_pipeline(tiny_checkpoint, tiling):
+    # 4 steps at S = 0.5: both start at step 2 (diffusers: int(4 - 4 * 0.5)). Tiled: 80 pixels are
+    # wider than the tiny VAE's 64-pixel tiles, so the image is encoded and decoded in tiles on both sides.
+    config = Config(num_inference_steps=4, height=HEIGHT, width=WIDTH, guidance=4.0, vae_tiling=tiling)
     noise = latents.noise(SEED, HEIGHT, WIDTH)
     mine = ours(tiny_checkpoint, noise, config, ModeInputs(image=picture(0), image_strength=0.5))
     theirs = reference(
@@ -152,6 +156,7 @@ def test_img2img_equals_flux_img2img_pipeline(tiny_checkpoint):
         "pipeline_flux_img2img",
         tiny_checkpoint,
         noise,
+        tiling,
         image=picture(0),
         strength=0.5,
         num_inference_steps=4,

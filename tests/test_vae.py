@@ -59,11 +59,29 @@ def test_tiled_decode_equals_diffusers_tiled_decode(vae_folder, compute_path, la
     with torch.no_grad():
         expected = tiled.decode(torch.from_numpy(z)).sample.numpy()
     vae = load_vae(vae_folder)
-    assert vae_tiles.needed(vae.config, _nhwc(z))
     mine = vae_tiles.decode(vae, _nhwc(z)).transpose(0, 3, 1, 2)
     assert mine.shape == expected.shape == (1, 3, 8 * latent_size[0], 8 * latent_size[1])
     assert relative_error(mine, expected) < TOLERANCE
     assert relative_error(_nchw(vae.decode(_nhwc(z))), expected) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("pixels", [(160, 104), (64, 136), (240, 240), (64, 64)])
+def test_tiled_encode_equals_diffusers_tiled_encode(vae_folder, compute_path, pixels):
+    """The posterior's mean in 64-pixel tiles, as diffusers' enable_tiling() encodes; 64 x 64 is one
+    tile, encoded whole by both (the one case where the whole encode must agree too)."""
+    from flux1 import vae_tiles
+
+    tiled = AutoencoderKL.from_pretrained(vae_folder)
+    tiled.enable_tiling()
+    x = np.random.default_rng(4).uniform(-1, 1, (1, 3, *pixels)).astype(np.float32)
+    with torch.no_grad():
+        expected = tiled.encode(torch.from_numpy(x)).latent_dist.mean.numpy()
+    vae = load_vae(vae_folder)
+    mine = vae_tiles.encode(vae, _nhwc(x)).transpose(0, 3, 1, 2)
+    assert mine.shape == expected.shape == (1, 16, pixels[0] // 8, pixels[1] // 8)
+    assert relative_error(mine, expected) < TOLERANCE
+    whole = relative_error(_nchw(vae.encode(_nhwc(x))), expected)
+    assert whole < TOLERANCE if pixels == (64, 64) else whole > 100 * TOLERANCE
 
 
 def test_encode_equals_diffusers(vae_folder, reference, compute_path):

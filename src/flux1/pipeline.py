@@ -409,10 +409,7 @@ class Flux1:
         for row in range(packed.shape[0]):
             z = latents.unpack(packed[row : row + 1], config.height, config.width)
             z = (z / vae.scaling_factor + vae.shift_factor).astype(self.compute_dtype("vae"))
-            if config.vae_tiling and vae_tiles.needed(vae.config, z):
-                image = mx.array(vae_tiles.decode(vae, z))
-            else:
-                image = vae.decode(z)
+            image = mx.array(vae_tiles.decode(vae, z)) if config.vae_tiling else vae.decode(z)
             image = mx.clip(image.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(image)
             images.append(np.array(image[0]))

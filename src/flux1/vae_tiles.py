@@ -1,10 +1,13 @@
-"""Decoding in overlapping tiles (`--vae-tiling`), as diffusers' `AutoencoderKL.tiled_decode`: the
-latents cut into tiles of the VAE's `sample_size` (1024 pixels for FLUX.1's, 128 latents) whose
-starts are three quarters of a tile apart; each tile decoded alone, so the decoder's activations are a
-tile's whatever the image's size; each overlap blended linearly into a tile from the tile above and
-then the tile on its left, in diffusers' order (tiles blend in place, so a blended tile blends on);
-each tile's first three quarters (the last tiles whole) make the image. The decoder's group norms see a
-tile at a time, so the image differs a little from one decoded whole."""
+"""Decoding and encoding in overlapping tiles (`--vae-tiling`), as diffusers' `AutoencoderKL` with
+`enable_tiling()`: an image larger than the VAE's `sample_size` (1024 pixels for FLUX.1's, 128
+latents) is cut into tiles of that size whose starts are three quarters of a tile apart; each tile goes
+through the decoder (or encoder) alone, so its activations are a tile's whatever the image's size;
+each overlap of the outputs is blended linearly into a tile from the tile above and then the tile on
+its left, in diffusers' order (tiles blend in place, so a blended tile blends on); each output tile's
+first three quarters (the last tiles whole) make the result. The group norms see a tile at a time, so
+the result differs a little from one computed whole. An image no larger than a tile is computed whole."""
+
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -14,11 +17,6 @@ OVERLAP = 0.25
 
 def latent_tile(vae_config: dict) -> int:
     return vae_config["sample_size"] // 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
-def needed(vae_config: dict, z: mx.array) -> bool:
-    """Whether latents [B, h, w, C] are larger than one tile (diffusers decodes them whole otherwise)."""
-    return max(z.shape[1], z.shape[2]) > latent_tile(vae_config)
 
 
 def _blend(before: np.ndarray, tile: np.ndarray, extent: int, axis: int) -> None:
@@ -32,18 +30,20 @@ def _blend(before: np.ndarray, tile: np.ndarray, extent: int, axis: int) -> None
     head[...] = tail * (np.float32(1) - weight) + head * weight
 
 
-def decode(vae, z: mx.array) -> np.ndarray:
-    """The float32 image [B, H, W, 3] of latents [B, h, w, C] (scaled as `vae.decode` takes them)."""
-    size = latent_tile(vae.config)
+def _tiled(network: Callable[[mx.array], mx.array], x: mx.array, size: int, out_size: int) -> np.ndarray:
+    """network(x) [B, H', W', C'] tile by tile: tiles of `size` of x, tiles of `out_size` of the output
+    (whole where x is no larger than a tile, as diffusers)."""
+    if max(x.shape[1], x.shape[2]) <= size:
+        return np.array(network(x).astype(mx.float32))
     stride = int(size * (1 - OVERLAP))
-    blend = int(vae.config["sample_size"] * OVERLAP)
-    keep = vae.config["sample_size"] - blend
+    blend = int(out_size * OVERLAP)
+    keep = out_size - blend
 
-    def decoded(top: int, left: int) -> np.ndarray:
-        return np.array(vae.decode(z[:, top : top + size, left : left + size]).astype(mx.float32))
+    def computed(top: int, left: int) -> np.ndarray:
+        return np.array(network(x[:, top : top + size, left : left + size]).astype(mx.float32))
 
     rows = [
-        [decoded(top, left) for left in range(0, z.shape[2], stride)] for top in range(0, z.shape[1], stride)
+        [computed(top, left) for left in range(0, x.shape[2], stride)] for top in range(0, x.shape[1], stride)
     ]
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
@@ -52,3 +52,13 @@ def decode(vae, z: mx.array) -> np.ndarray:
             if j > 0:
                 _blend(row[j - 1], tile, blend, axis=2)
     return np.concatenate([np.concatenate([t[:, :keep, :keep] for t in row], axis=2) for row in rows], axis=1)
+
+
+def decode(vae, z: mx.array) -> np.ndarray:
+    """The float32 image [B, H, W, 3] of latents [B, h, w, C] (scaled as `vae.decode` takes them)."""
+    return _tiled(vae.decode, z, latent_tile(vae.config), vae.config["sample_size"])
+
+
+def encode(vae, pixels: mx.array) -> np.ndarray:
+    """The float32 latents [B, H/8, W/8, C] (the posterior's mean) of pixels [B, H, W, 3]."""
+    return _tiled(vae.encode, pixels, vae.config["sample_size"], latent_tile(vae.config))

@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument(
         "--vae-tiling",
         action="store_true",
-        help="decode in overlapping tiles, as diffusers' enable_tiling (large images in less memory)",
+        help="decode (and encode) in overlapping tiles, as diffusers' enable_tiling: large images in less memory",
     )
     image.add_argument(
         "--batch-size",

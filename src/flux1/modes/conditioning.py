@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from flux1 import latents
+from flux1 import latents, vae_tiles
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,17 @@ def noised(image_latents: mx.array, noise: mx.array, sigma) -> mx.array:
     return noise * mx.array(sigma) + image_latents * mx.array(np.float32(1) - sigma)
 
 
-def encode_pixels(flux, pixels: mx.array) -> mx.array:
+def encode_pixels(flux, pixels: mx.array, config) -> mx.array:
     """Packed latents [1, h/2 * w/2, 64] of pixels [1, H, W, 3] in [-1, 1]: the mean of the VAE's
-    latent distribution, shifted and scaled as the transformer sees latents."""
+    latent distribution (in tiles with `config.vae_tiling`), shifted and scaled as the transformer sees
+    latents."""
     vae = flux.load("vae")
-    z = vae.encode(pixels.astype(flux.compute_dtype("vae"))).astype(mx.float32)
+    pixels = pixels.astype(flux.compute_dtype("vae"))
+    z = (
+        mx.array(vae_tiles.encode(vae, pixels))
+        if config.vae_tiling
+        else vae.encode(pixels).astype(mx.float32)
+    )
     z = (z - vae.shift_factor) * vae.scaling_factor
     packed = latents.pack(z.transpose(0, 3, 1, 2))  # NHWC -> NCHW, as the noise is
     mx.eval(packed)

@@ -16,4 +16,4 @@ def prepare(flux, inputs, config, steps: int) -> Conditioning:
     image = fit(inputs.image.image, config.height, config.width)
     if inputs.canny:
         image = canny_edges.edges(image).convert("RGB")
-    return Conditioning(channels=encode_pixels(flux, to_pixels(image)))
+    return Conditioning(channels=encode_pixels(flux, to_pixels(image), config))

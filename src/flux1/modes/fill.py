@@ -24,10 +24,10 @@ def mask_channels(mask: mx.array) -> mx.array:
 def prepare(flux, inputs, config, steps: int) -> Conditioning:
     pixels = to_pixels(fit(inputs.image.image, config.height, config.width))
     mask = mx.array(to_mask(fit(inputs.mask.image, config.height, config.width)))
-    masked = encode_pixels(flux, pixels * (1 - mask[None, :, :, None]))
+    masked = encode_pixels(flux, pixels * (1 - mask[None, :, :, None]), config)
     strength = inputs.strength(DEFAULT_STRENGTH)
     return Conditioning(
         start_step=img2img.start_step(steps, strength),
-        image_latents=encode_pixels(flux, pixels) if strength > 0 else None,
+        image_latents=encode_pixels(flux, pixels, config) if strength > 0 else None,
         channels=mx.concatenate([masked, mask_channels(mask)], axis=-1),
     )

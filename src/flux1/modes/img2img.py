@@ -21,5 +21,5 @@ def prepare(flux, inputs, config, steps: int) -> Conditioning:
     pixels = to_pixels(fit(inputs.image.image, config.height, config.width))
     return Conditioning(
         start_step=start_step(steps, inputs.strength(DEFAULT_STRENGTH)),
-        image_latents=encode_pixels(flux, pixels),
+        image_latents=encode_pixels(flux, pixels, config),
     )

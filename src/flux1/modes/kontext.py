@@ -22,4 +22,4 @@ def prepare(flux, inputs, config, steps: int) -> Conditioning:
     pixels = to_pixels(fit(inputs.image.image, config.height, config.width))
     ids = latents.image_ids(config.height, config.width)
     ids[..., 0] = 1
-    return Conditioning(tokens=encode_pixels(flux, pixels), token_ids=ids)
+    return Conditioning(tokens=encode_pixels(flux, pixels, config), token_ids=ids)
