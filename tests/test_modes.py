@@ -213,24 +213,26 @@ def test_fill_equals_flux_fill_pipeline(tiny_fill):
 
 
 def test_kontext_equals_flux_kontext_pipeline(tiny_kontext):
+    """The square reference is taken at Kontext's 1024x1024 (diffusers' default _auto_resize: 4096
+    reference tokens beside the 15 of the 48x80 output), whatever the output's size."""
     config = Config(num_inference_steps=3, height=HEIGHT, width=WIDTH)  # guidance: Kontext's 2.5
     noise = latents.noise(SEED, HEIGHT, WIDTH)
-    mine = ours(tiny_kontext, noise, config, ModeInputs(image=picture(0)))
+    square = [picture(seed).resize((WIDTH, WIDTH)) for seed in (0, 1)]
+    mine = ours(tiny_kontext, noise, config, ModeInputs(image=square[0]))
     assert mine[2]["guidance"] == 2.5
     theirs = reference(
         "FluxKontextPipeline",
         "pipeline_flux_kontext",
         tiny_kontext,
         noise,
-        image=picture(0),
+        image=square[0],
         num_inference_steps=3,
         guidance_scale=2.5,
         max_area=HEIGHT * WIDTH,  # keeps HEIGHT x WIDTH
-        _auto_resize=False,
         max_sequence_length=mine[2]["max_sequence_length"],
     )
     assert_equal(mine, theirs)
-    assert_moved(mine, ours(tiny_kontext, noise, config, ModeInputs(image=picture(1))))
+    assert_moved(mine, ours(tiny_kontext, noise, config, ModeInputs(image=square[1])))
 
 
 @pytest.mark.parametrize("kind", ["canny", "depth"])

@@ -1,5 +1,7 @@
 """FLUX.1 Kontext (diffusers' FluxKontextPipeline): the reference image's latent tokens follow the
-image tokens, with position ids (1, row, col); the velocity of the image tokens alone is used."""
+image tokens, with position ids (1, row, col); the velocity of the image tokens alone is used. The
+reference is taken at Kontext's training resolution nearest its aspect ratio, whatever the output's
+size (as BFL's reference and diffusers' default `_auto_resize`)."""
 
 from flux1 import latents
 from flux1.configs import PREFERRED_KONTEXT_RESOLUTIONS
@@ -19,7 +21,8 @@ def output_size(image) -> tuple[int, int]:
 
 
 def prepare(flux, inputs, config, steps: int) -> Conditioning:
-    pixels = to_pixels(fit(inputs.image.image, config.height, config.width))
-    ids = latents.image_ids(config.height, config.width)
+    height, width = output_size(inputs.image)
+    pixels = to_pixels(fit(inputs.image.image, height, width))
+    ids = latents.image_ids(height, width)
     ids[..., 0] = 1
     return Conditioning(tokens=encode_pixels(flux, pixels, config), token_ids=ids)
