@@ -343,6 +343,47 @@ def test_dropping_a_png_loads_its_settings(server, browser, tmp_path):
     ]
 
 
+@needs_browser
+def test_vae_tiling_in_the_page_writes_what_main_py_writes(server, browser, tmp_path):
+    """96 pixels are wider than the tiny VAE's 64-pixel tiles: the box decodes in tiles, as main.py's
+    --vae-tiling; the record keeps it, and dropping that PNG ticks the box again."""
+    url, out, checkpoint = server
+    page = Page(browser, url)
+    before = _pngs(out)
+    page.settings(prompt="a tiled fox", width=96, height=96, seed=9)
+    page.click("vae-tiling")
+    page.click("generate")
+    page.wait_text("status", "Saved image")
+    (name,) = _pngs(out) - before
+    flags = ["--prompt", "a tiled fox", "--seed", "9", "--steps", "2", "--height", "96", "--width", "96"]
+    reference = _main_py_image(checkpoint, tmp_path, *flags, "--vae-tiling")
+    assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(reference)))
+    record = read_record(out / name)
+    _same_record(record, read_record(reference))
+    assert record["vae_tiling"] is True
+    page = Page(browser, url)
+    assert not page.find("#vae-tiling input").is_selected()
+    page.find("#settings input[type=file]").send_keys(str(out / name))
+    page.wait_text("status", f"Loaded the settings of {name} (seed 9)")
+    assert page.find("#vae-tiling input").is_selected()
+
+
+def test_the_page_takes_canny_edges_for_a_canny_model_only(tmp_path):
+    """The box is shown for a Canny model (or one whose kind is not known yet) and asks for --canny;
+    for another kind it is hidden and ignored."""
+    from flux1.ui.request import Source, build, takes
+
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture)
+    sources = {kind: Source(kind, path=str(tmp_path), kind=kind) for kind in ("canny", "depth", "schnell")}
+    values = dict(width=64, height=64, steps=2, guidance=0, seed=1, batch=1, loras={}, image_strength=0.4)
+    for kind, taken in (("canny", True), ("depth", False), ("schnell", False)):
+        assert takes(kind, "canny") == taken
+        request = build(sources, "x", kind, "none", image=str(picture), canny=True, vae_tiling=True, **values)
+        assert (request.inputs.canny, request.config.vae_tiling) == (taken, True)
+    assert takes(None, "canny")
+
+
 def _kept(out: Path, record: dict, name: str, original: Path) -> None:
     """The record's input file is the upload's bytes, in the output folder, named for what it is."""
     kept = Path(record[f"{name}_path"])
@@ -547,6 +588,7 @@ def test_five_requests_from_two_clients_complete_in_order(server):
         job = clients[i % 2].submit(
             *("a lighthouse", str(checkpoint), "none", 64, 64, steps[i], 0, seed, 1),
             *("", 1, None, None, 0.4, None),  # no negative prompt, input image, mask or drawing
+            *(False, False),  # no Canny edges, no VAE tiling
             0,  # the LoRA's scale
             api_name="/generate",
         )

@@ -128,6 +128,17 @@ def build_page(
                         visible=takes(first.kind, "mask"),
                         elem_id="editor",
                     )
+                    fields["canny"] = gr.Checkbox(
+                        False,
+                        label="Canny edges of the input image as the control image (FLUX.1 Canny)",
+                        visible=takes(first.kind, "canny"),
+                        elem_id="canny",
+                    )
+                fields["vae_tiling"] = gr.Checkbox(
+                    False,
+                    label="VAE tiling: decode (and encode) in 1024-pixel tiles, for large images in less memory",
+                    elem_id="vae-tiling",
+                )
                 settings = gr.File(
                     label="Drop a flux1 PNG (or its JSON) to load its settings",
                     file_types=[".png", ".json"],
@@ -157,6 +168,7 @@ def build_page(
                 fields["image"]: gr.update(label=_image_label(kind)),
                 fields["mask"]: gr.update(visible=takes(kind, "mask")),
                 fields["editor"]: gr.update(visible=takes(kind, "mask")),
+                fields["canny"]: gr.update(visible=takes(kind, "canny")),
                 fields["image_strength"]: gr.update(
                     visible=takes(kind, "strength"), value=default_strength(kind)
                 ),
@@ -224,6 +236,8 @@ def build_page(
                     fields["quantize"]: str(found["quantize"]) if found.get("quantize") else NO_QUANTIZATION,
                     fields["negative_prompt"]: found.get("negative_prompt") or "",
                     fields["true_cfg_scale"]: found.get("true_cfg_scale", 1.0),
+                    fields["canny"]: found.get("canny") is True,
+                    fields["vae_tiling"]: found.get("vae_tiling") is True,
                     size: FREE_SIZE,
                 }
             except (ValueError, KeyError, TypeError) as e:
@@ -266,7 +280,10 @@ def build_page(
         fields["model"].change(
             pick_model,
             fields["model"],
-            [kind_message, fields["image"], fields["mask"], fields["editor"], fields["image_strength"]],
+            [
+                kind_message,
+                *(fields[name] for name in ("image", "mask", "editor", "canny", "image_strength")),
+            ],
             queue=False,
         )
         fields["image"].change(

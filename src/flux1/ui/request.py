@@ -44,9 +44,8 @@ class Source:
     path: str | None = None
     gguf: str | None = None
     base_model: str | None = None
-    kind: str | None = (
-        None  # schnell, dev, fill, kontext, canny or depth; None: known once loaded (a hub repo id)
-    )
+    # schnell, dev, fill, kontext, canny or depth; None: known once loaded (a hub repo id)
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,9 @@ def modes_line(kind: str | None) -> str:
 
 
 def takes(kind: str | None, name: str) -> bool:
-    """Whether a model kind uses the input `name` ("image", "mask" or "strength"); unknown: all."""
+    """Whether a model kind uses the input `name` ("image", "mask", "strength" or "canny"); unknown: all."""
+    if name == "canny":
+        return kind in (None, "canny")
     found = [mode for mode in modes.MODES if kind is None or kind in mode.KINDS]
     if name == "strength":
         return any(mode.DEFAULT_STRENGTH is not None and "image" in mode.INPUTS for mode in found)
@@ -119,7 +120,9 @@ def drawn_mask(editor: dict | None) -> Image.Image | None:
     return Image.fromarray(np.logical_or.reduce(drawn).astype(np.uint8) * 255, "L")
 
 
-def mode_inputs(kind, negative_prompt, true_cfg_scale, image, image_strength, mask, editor) -> ModeInputs:
+def mode_inputs(
+    kind, negative_prompt, true_cfg_scale, image, image_strength, mask, editor, canny=False
+) -> ModeInputs:
     """The uploads read and checked (before anything is queued), and the mode the kind has for them."""
     drawn = drawn_mask(editor)
     if drawn is not None and mask is not None:
@@ -131,6 +134,7 @@ def mode_inputs(kind, negative_prompt, true_cfg_scale, image, image_strength, ma
         mask=mask if drawn is None else drawn,
         # the page always shows a strength: it is given only where an image is and the kind takes one
         image_strength=float(image_strength) if image and takes(kind, "strength") else None,
+        canny=bool(canny) and takes(kind, "canny"),
     )
     if kind is not None:
         modes.select(kind, inputs)
@@ -191,6 +195,8 @@ def build(
     image_strength: float | None = None,
     mask: str | None = None,
     editor: dict | None = None,
+    canny: bool = False,
+    vae_tiling: bool = False,
 ) -> Request:
     """The page's values -> a Request; raises ValueError with a message for the page."""
     if not prompt or not prompt.strip():
@@ -205,9 +211,10 @@ def build(
             height=_whole(height),
             width=_whole(width),
             guidance=float(guidance) if guidance else None,
+            vae_tiling=bool(vae_tiling),
         )
         inputs = mode_inputs(
-            sources[model].kind, negative_prompt, true_cfg_scale, image, image_strength, mask, editor
+            sources[model].kind, negative_prompt, true_cfg_scale, image, image_strength, mask, editor, canny
         )
     except ValueError as e:
         raise ValueError(page_message(e, tuple(u for u in (image, mask) if u))) from None
