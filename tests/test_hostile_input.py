@@ -204,6 +204,26 @@ def test_a_size_that_cannot_fit_is_refused_with_the_estimate(tiny_schnell, tmp_p
     assert "--height 8192 --width 8192: the VAE decoder needs about 4535.5 GB of activations" in err
 
 
+def test_the_transformers_estimate_counts_every_row_of_a_batch(tiny_schnell, tmp_path, capsys, monkeypatch):
+    """With 4 GB, one 1024x1024 image fits (the decoder's 3.2 GB is the most); 4 rows at once through the
+    transformer (5.1 GB) do not, nor 2 with a negative prompt (each step runs both prompts' rows)."""
+    from flux1 import generation
+
+    monkeypatch.setattr(generation, "physical_memory", lambda: 4 * 10**9)
+    generation.check_fits(generation.Config(), 512)
+    argv = ["--path", str(tiny_schnell), "--prompt", "x", "--output", str(tmp_path / "o.png")]
+    for extra in (
+        ["--seed", "1", "2", "3", "4", "--batch-size", "4"],
+        ["--seed", "1", "2", "--batch-size", "2", "--negative-prompt", "blur", "--true-cfg-scale", "3"],
+    ):
+        assert main([*argv, *extra]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "error: --height 1024 --width 1024: the transformer needs about 5.1 GB of activations for 4 rows "
+            "at once, more than this machine's 4.0 GB"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_vae_tiling_bounds_the_decoders_estimate_to_a_tiles(tiny_schnell, tmp_path, capsys, monkeypatch):
     """With 16 GB, 2048x2048 fits the transformer (5.5 GB) but not a whole decode (25.8 GB): refused,
     pointing at --vae-tiling; tiled, the decoder's estimate is a 1024-pixel tile's (3.2 GB)."""

@@ -235,6 +235,20 @@ def test_kontext_equals_flux_kontext_pipeline(tiny_kontext):
     assert_moved(mine, ours(tiny_kontext, noise, config, ModeInputs(image=square[1])))
 
 
+def test_kontexts_reference_tokens_count_in_the_memory_check(tiny_kontext, monkeypatch):
+    """A 768x768 output alone needs 1.55 GB (the decoder's); beside a square reference's 4096 tokens the
+    transformer needs 1.97 GB: refused with 1.8 GB, before any work."""
+    from flux1 import generation
+
+    monkeypatch.setattr(generation, "physical_memory", lambda: 18 * 10**8)
+    flux = Flux1.from_path(tiny_kontext)
+    config = Config(num_inference_steps=1, height=768, width=768)
+    generation.check_fits(config, 512)
+    with pytest.raises(ValueError, match=r"the transformer needs about 2.0 GB of activations, more than"):
+        flux.generate_image(0, PROMPT, config, progress=False, image=picture(0).resize((64, 64)))
+    assert flux._models == {}
+
+
 @pytest.mark.parametrize("kind", ["canny", "depth"])
 def test_control_equals_flux_control_pipeline(tiny_control, kind):
     # Guidance 4 for the reason Fill's test gives; the kinds' defaults (30, 10) are the next test's.

@@ -133,16 +133,17 @@ def check_lora_options(paths: list[str], scales: list[float]) -> None:
 def activation_bytes(
     height: int, width: int, text_tokens: int, batch: int = 1, vae_tiling: bool = False
 ) -> dict[str, int]:
-    """Peak activation memory of one image, per phase, at the real model's widths (an upper bound for
-    smaller fixtures): the transformer's widest intermediates over all tokens plus one head's attention
-    scores (the CPU kernels compute attention a head at a time), and the VAE decoder's full-resolution
-    128-channel feature maps plus its mid-block attention over the latent pixels (of one tile, tiled)."""
+    """Peak activation memory per phase, at the real model's widths (an upper bound for smaller
+    fixtures): the transformer's widest intermediates over all tokens plus one head's attention scores
+    (the CPU kernels compute attention a head at a time), for `batch` rows at once; the VAE decoder's
+    full-resolution 128-channel feature maps plus its mid-block attention over the latent pixels, for
+    one image (it decodes a batch one at a time; in tiles, one tile's)."""
     tokens = height * width // 256 + text_tokens
     transformer = batch * 4 * (tokens * (3 * 3072 + 12288) * 3 + tokens * tokens)
     if vae_tiling:
         height, width = min(height, VAE["sample_size"]), min(width, VAE["sample_size"])
     latent_pixels = height * width // 64
-    vae = batch * 4 * (height * width * 128 * 4 + latent_pixels * latent_pixels)
+    vae = 4 * (height * width * 128 * 4 + latent_pixels * latent_pixels)
     return {"transformer": transformer, "VAE decoder": vae}
 
 
@@ -154,7 +155,8 @@ def physical_memory() -> int | None:
 
 
 def check_fits(config: "Config", text_tokens: int, batch: int = 1) -> None:
-    """Refuse a size whose activations alone exceed this machine's memory, with the estimate."""
+    """Refuse a request whose activations alone exceed this machine's memory, with the estimate;
+    `text_tokens` counts every token beside the output's image tokens, `batch` the transformer's rows."""
     total = physical_memory()
     if total is None:
         return
@@ -162,7 +164,8 @@ def check_fits(config: "Config", text_tokens: int, batch: int = 1) -> None:
     phase, largest = max(needs.items(), key=lambda item: item[1])
     if largest > total:
         tiles = " (--vae-tiling decodes it a tile at a time)" if phase == "VAE decoder" else ""
+        rows = f" for {batch} rows at once" if batch > 1 and phase == "transformer" else ""
         raise ValueError(
             f"--height {config.height} --width {config.width}: the {phase} needs about "
-            f"{largest / 1e9:.1f} GB of activations, more than this machine's {total / 1e9:.1f} GB{tiles}"
+            f"{largest / 1e9:.1f} GB of activations{rows}, more than this machine's {total / 1e9:.1f} GB{tiles}"
         )

@@ -453,7 +453,8 @@ class Flux1:
         modes.select(self.files.base_model, inputs)  # refuses inputs this kind cannot use, before any work
         steps = config.steps_for(self.files.base_model)
         max_length = config.max_length_for(self.files.base_model)
-        check_fits(config, max_length)  # the VAE decodes one image at a time
+        rows = len(items) * (2 if modes.true_cfg.used(inputs) else 1)
+        check_fits(config, max_length + modes.added_tokens(self.files.base_model, inputs), rows)
         timings = Timings(steps=steps)
         loaded_before = self.load_seconds
 

@@ -330,7 +330,7 @@ def run(argv: list[str]) -> int:
     from flux1.generation import Config, ModeInputs, check_fits, check_lora_options
     from flux1.latents import check_seed, load_noise
     from flux1.lora.apply import file_digest
-    from flux1.modes import sized_for_image
+    from flux1.modes import sized_for_image, true_cfg
     from flux1.pipeline import Flux1
 
     prompts, seeds = _prompts(args), _seeds(args)
@@ -345,7 +345,8 @@ def run(argv: list[str]) -> int:
         max_sequence_length=args.max_sequence_length,
         vae_tiling=args.vae_tiling,
     )
-    check_fits(config, config.max_sequence_length or max(MAX_SEQUENCE_LENGTH.values()))
+    rows = batch_size * (2 if true_cfg.used(args) else 1)  # the negative prompt's rows too
+    check_fits(config, config.max_sequence_length or max(MAX_SEQUENCE_LENGTH.values()), rows)
     backend.compute_dtype(precision=args.precision)
     check_lora_options(args.lora_paths or [], args.lora_scales or [1.0] * len(args.lora_paths or []))
     output = output_file(args.output)

@@ -33,6 +33,15 @@ def select(kind: str, inputs) -> ModuleType:
     raise ValueError(f"FLUX.1-{kind} takes {accepted}; given {_describe(given)}")
 
 
+def added_tokens(kind: str, inputs) -> int:
+    """Image tokens the mode of `inputs` puts beside the output's in the transformer (Kontext's
+    reference), for the memory check."""
+    if select(kind, inputs) is not kontext:
+        return 0
+    height, width = kontext.output_size(inputs.image)
+    return height * width // 256
+
+
 def prepare(flux, inputs, config, steps: int, max_length: int) -> Conditioning:
     """What the mode of `inputs` adds to the loop (images encoded, the negative prompt encoded)."""
     conditioning = select(flux.files.base_model, inputs).prepare(flux, inputs, config, steps)

@@ -9,6 +9,11 @@ from flux1.modes.conditioning import Conditioning
 log = logging.getLogger("flux1")
 
 
+def used(inputs) -> bool:
+    """Whether the negative prompt runs (each step then takes twice the rows)."""
+    return inputs.negative_prompt is not None and inputs.true_cfg_scale > 1
+
+
 def add_negative(flux, conditioning: Conditioning, inputs, max_length: int) -> Conditioning:
     if inputs.negative_prompt is None:
         if inputs.true_cfg_scale > 1:
