@@ -586,7 +586,7 @@ def test_five_requests_from_two_clients_complete_in_order(server):
     jobs = []
     for i, seed in enumerate(seeds):
         job = clients[i % 2].submit(
-            *("a lighthouse", str(checkpoint), "none", 64, 64, steps[i], 0, seed, 1),
+            *("a lighthouse", str(checkpoint), "none", 64, 64, steps[i], 0, seed, 1, 1),
             *("", 1, None, None, 0.4, None),  # no negative prompt, input image, mask or drawing
             *(False, False),  # no Canny edges, no VAE tiling
             0,  # the LoRA's scale
@@ -608,6 +608,58 @@ def test_five_requests_from_two_clients_complete_in_order(server):
     # Names are taken as each job starts (image.png, image_1.png, ...): their order is the run order.
     order = [int(Path(name).stem.removeprefix("image").removeprefix("_") or 0) for name in saved]
     assert order == sorted(order) and len(set(order)) == 5
+
+
+def test_a_batch_in_the_page_writes_what_main_py_writes_for_the_batch(server, tmp_path):
+    """Batch count 3, batch size 2: seeds 21 and 22 through the transformer as one batch, then 23; the
+    images and records are main.py's --batch-size 2 ones; a batch size of 0 is refused by name."""
+    from gradio_client import Client
+
+    from flux1.ui.request import Source, build
+
+    url, out, checkpoint = server
+    before = _pngs(out)
+    settings = ("a heron", str(checkpoint), "none", 64, 64, 2, 0, 21, 3)
+    job = Client(url, verbose=False).submit(
+        *settings, 2, *("", 1, None, None, 0.4, None), *(False, False), 0, api_name="/generate"
+    )
+    job.result(timeout=WAIT)
+    said = [output[0] for output in job.outputs()]
+    assert any(line.startswith("images 1-2/3 (seeds 21-22): step 2/2") for line in said), said
+    assert [line.split(" (")[1].split(";")[0] for line in said if line.startswith("Saved")] == [
+        "seed 21",
+        "seed 22",
+        "seed 23",
+    ]
+    assert sum("; batch of 2: " in line for line in said) == 2
+    made = sorted(_pngs(out) - before, key=lambda name: read_record(out / name)["seed"])
+    flags = [
+        "--prompt",
+        "a heron",
+        "--seed",
+        "21",
+        "22",
+        "23",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+    ]
+    main_out = tmp_path / "main.png"
+    assert (
+        generate_main(["--path", str(checkpoint), "--output", str(main_out), *flags, "--batch-size", "2"])
+        == 0
+    )
+    expected = sorted(tmp_path.glob("main_seed_*.png"))
+    assert len(made) == len(expected) == 3
+    for name, reference in zip(made, expected):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(reference)))
+        _same_record(read_record(out / name), read_record(reference))
+    sources = {"tiny": Source("tiny", path=str(checkpoint), kind="schnell")}
+    with pytest.raises(ValueError, match=r"^Batch size 0: expected a whole number >= 1$"):
+        build(sources, "x", "tiny", "none", 64, 64, 2, 0, 1, 2, {}, batch_size=0)
 
 
 def test_serving_beyond_loopback_requires_auth(tiny_schnell, tmp_path, capsys):

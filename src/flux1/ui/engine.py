@@ -50,6 +50,12 @@ class Cancelled(Exception):
     pass
 
 
+def _label(first: int, count: int, total: int, seeds: list[int]) -> str:
+    if count == 1:
+        return f"image {first + 1}/{total} (seed {seeds[0]})"
+    return f"images {first + 1}-{first + count}/{total} (seeds {seeds[0]}-{seeds[-1]})"
+
+
 class Engine:
     def __init__(self, output_dir: Path, **flux_options):
         self.output_dir = Path(output_dir)
@@ -90,23 +96,38 @@ class Engine:
             config, seeds = request.config, request.seeds
             modes.select(flux.files.base_model, request.inputs)  # a hub repo id's kind is known by now
             inputs = vars(keep_inputs(request.inputs, self.output_dir))
-            paths = output_paths(self.output_dir / "image.png", 1, list(seeds))[0]
-            for n, (seed, path) in enumerate(zip(seeds, paths), 1):
-                label = f"image {n}/{len(seeds)} (seed {seed})"
+            made = list(zip(seeds, output_paths(self.output_dir / "image.png", 1, list(seeds))[0]))
+            for first in range(0, len(made), request.batch_size):
+                batch = made[first : first + request.batch_size]
+                label = _label(first, len(batch), len(made), [seed for seed, _ in batch])
 
-                def on_step(step: Step, label=label) -> None:
+                def on_step(n: int, step: Step, label=label) -> None:
                     if flag.is_set():
                         raise Cancelled(f"Cancelled at step {step.index}/{step.total} of {label}")
-                    picture = preview.preview(step, config.height, config.width, rgb)
-                    emit(Progress(f"{label}: step {step.index}/{step.total}, {step.seconds:.2f} s", picture))
+                    if n == 0:  # the preview of a batch's first image
+                        picture = preview.preview(step, config.height, config.width, rgb)
+                        emit(
+                            Progress(
+                                f"{label}: step {step.index}/{step.total}, {step.seconds:.2f} s", picture
+                            )
+                        )
 
-                image = flux.generate_image(
-                    seed, request.prompt, config, progress=False, on_step=on_step, **inputs
+                images = flux.generate_images(
+                    [seed for seed, _ in batch],
+                    request.prompt,
+                    config,
+                    len(batch),
+                    progress=False,
+                    on_step=on_step,
+                    **inputs,
                 )
-                image.save(path)
-                with self._lock:
-                    self.gallery.append((path, image.record))
-                emit(Saved(f"Saved {path.name} (seed {seed}; {image.timings.line()})", path, image.record))
+                for (seed, path), image in zip(batch, images):
+                    image.save(path)
+                    with self._lock:
+                        self.gallery.append((path, image.record))
+                    share = f"batch of {len(batch)}: " if len(batch) > 1 else ""
+                    line = f"Saved {path.name} (seed {seed}; {share}{image.timings.line()})"
+                    emit(Saved(line, path, image.record))
         except Cancelled as e:
             emit(Stopped(str(e)))
         except (ValueError, OSError, NotImplementedError) as e:

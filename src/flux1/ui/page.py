@@ -78,6 +78,9 @@ def build_page(
                 with gr.Row():
                     fields["seed"] = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
                     fields["batch"] = gr.Number(1, label="Batch count", precision=0, elem_id="batch")
+                    fields["batch_size"] = gr.Number(
+                        1, label="Batch size (images at a time)", precision=0, elem_id="batch-size"
+                    )
                 with gr.Accordion("LoRAs (scale 0: off)", open=bool(loras)):
                     sliders = [
                         gr.Slider(-2, 2, value=0, step=0.05, label=path.name, elem_id=f"lora-{i}")

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from flux1 import modes
+from flux1.batch import batch_size_for
 from flux1.generation import Config, ModeInputs, check_lora_options
 from flux1.latents import check_seed
 from flux1.modes.images import InputImage, open_input
@@ -23,6 +24,7 @@ MAX_BATCH = 16
 NO_QUANTIZATION = "none"
 QUANTIZATIONS = [NO_QUANTIZATION] + [str(b) for b in sorted(BITS, reverse=True)]
 PAGE_WORDS = {
+    "--batch-size": "Batch size",
     "--height": "Height",
     "--width": "Width",
     "--steps": "Steps",
@@ -64,6 +66,7 @@ class Request:
     config: Config
     model: ModelChoice
     inputs: ModeInputs
+    batch_size: int = 1  # images at a time through the text encoders and the transformer
 
 
 def page_message(error: Exception, uploads: tuple[str, ...] = ()) -> str:
@@ -197,6 +200,7 @@ def build(
     editor: dict | None = None,
     canny: bool = False,
     vae_tiling: bool = False,
+    batch_size=1,
 ) -> Request:
     """The page's values -> a Request; raises ValueError with a message for the page."""
     if not prompt or not prompt.strip():
@@ -221,7 +225,12 @@ def build(
     chosen = tuple((str(Path(p)), float(s)) for p, s in loras.items() if s)
     check_lora_options([p for p, _ in chosen], [s for _, s in chosen])
     bits = None if quantize == NO_QUANTIZATION else int(quantize)
-    return Request(prompt, seeds(seed, batch), config, ModelChoice(sources[model], bits, chosen), inputs)
+    made = seeds(seed, batch)
+    try:
+        size = batch_size_for(_whole(batch_size), len(made))
+    except ValueError as e:
+        raise ValueError(page_message(e)) from None
+    return Request(prompt, made, config, ModelChoice(sources[model], bits, chosen), inputs, size)
 
 
 def _whole(value):
