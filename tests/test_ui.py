@@ -634,19 +634,8 @@ def test_a_batch_in_the_page_writes_what_main_py_writes_for_the_batch(server, tm
     assert sum("; batch of 2: " in line for line in said) == 2
     made = sorted(_pngs(out) - before, key=lambda name: read_record(out / name)["seed"])
     flags = [
-        "--prompt",
-        "a heron",
-        "--seed",
-        "21",
-        "22",
-        "23",
-        "--steps",
-        "2",
-        "--height",
-        "64",
-        "--width",
-        "64",
-    ]
+        "--prompt", "a heron", "--seed", "21", "22", "23", "--steps", "2", "--height", "64", "--width", "64",
+    ]  # fmt: skip
     main_out = tmp_path / "main.png"
     assert (
         generate_main(["--path", str(checkpoint), "--output", str(main_out), *flags, "--batch-size", "2"])
