@@ -90,8 +90,12 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 1024)")
     image.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 1024)")
     # "--step" spelled out: otherwise that abbreviation would also match --stepwise-image-output-dir
-    image.add_argument("--steps", "--step", type=int, help="denoising steps (default 4 schnell, 25 dev)")
-    image.add_argument("--guidance", type=float, help="guidance scale, dev only (default 3.5)")
+    image.add_argument(
+        "--steps", "--step", type=int, help="denoising steps (default: the model's, 4 schnell, 25 dev)"
+    )
+    image.add_argument(
+        "--guidance", type=float, help="guidance scale, not schnell (default: the model's, 3.5 dev)"
+    )
     image.add_argument(
         "--latents", help="initial noise as .npy of shape (1, 16, H/8, W/8) instead of the seed's"
     )

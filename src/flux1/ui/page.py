@@ -70,7 +70,7 @@ def build_page(
                 size_message = gr.Markdown(elem_id="size-message")
                 with gr.Row():
                     fields["steps"] = gr.Number(
-                        0, label="Steps (0: 4 schnell, 25 dev)", precision=0, elem_id="steps"
+                        0, label="Steps (0: the model's default)", precision=0, elem_id="steps"
                     )
                     fields["guidance"] = gr.Number(
                         0, label="Guidance (0: the model's; schnell has none)", elem_id="guidance"
