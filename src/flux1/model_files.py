@@ -218,11 +218,13 @@ def _with_gguf(file: Path, model: str | None, path: str | Path | None, base_mode
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in GGUFReader(file).tensors}
     except Exception as e:
         raise ModelFilesError(f"--gguf {file}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    config, given = _single_file_config(shapes), base_model
-    if given is None and config["in_channels"] == CONTROL_IN_CHANNELS and (model or path):
-        given = resolve(model=model, path=path).base_model  # Canny or Depth: the other components say
+    config = _single_file_config(shapes)
+    others = resolve(model=model, path=path, base_model=base_model) if model or path else None
+    given = base_model
+    if given is None and others is not None and config["in_channels"] == CONTROL_IN_CHANNELS:
+        given = others.base_model  # Canny or Depth: the other components say which
     inferred = _kind_of(config, given, file)
-    others = resolve(model=model or (None if path else inferred), path=path, base_model=base_model)
+    others = others or resolve(model=inferred, base_model=base_model)
     if inferred == "dev" and others.base_model == "kontext" and base_model is None:
         inferred = "kontext"  # Kontext has dev's shapes: the other components tell them apart
     if others.base_model != inferred:

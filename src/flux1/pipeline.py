@@ -45,6 +45,7 @@ class Timings:
     decode: float = 0.0
     steps: int = 0
     step_seconds: list[float] = field(default_factory=list)
+    images: int = 1  # the batch these timings are of
 
     @property
     def total(self) -> float:
@@ -52,7 +53,7 @@ class Timings:
 
     def line(self) -> str:
         per_step = self.denoise / max(self.steps, 1)
-        return (
+        return (f"batch of {self.images}: " if self.images > 1 else "") + (
             f"load {self.load:.1f}s, encode {self.encode:.1f}s, denoise {self.denoise:.1f}s "
             f"({per_step:.2f}s/step), decode {self.decode:.1f}s"
         )
@@ -453,9 +454,9 @@ class Flux1:
         modes.select(self.files.base_model, inputs)  # refuses inputs this kind cannot use, before any work
         steps = config.steps_for(self.files.base_model)
         max_length = config.max_length_for(self.files.base_model)
-        rows = len(items) * (2 if modes.true_cfg.used(inputs) else 1)
+        rows = modes.true_cfg.rows(inputs, len(items))
         check_fits(config, max_length + modes.added_tokens(self.files.base_model, inputs), rows)
-        timings = Timings(steps=steps)
+        timings = Timings(steps=steps, images=len(items))
         loaded_before = self.load_seconds
 
         def timed(phase: str, compute):

@@ -349,7 +349,7 @@ def run(argv: list[str]) -> int:
         max_sequence_length=args.max_sequence_length,
         vae_tiling=args.vae_tiling,
     )
-    rows = batch_size * (2 if true_cfg.used(args) else 1)  # the negative prompt's rows too
+    rows = true_cfg.rows(args, batch_size)  # args: the flags ModeInputs takes
     check_fits(config, config.max_sequence_length or max(MAX_SEQUENCE_LENGTH.values()), rows)
     backend.compute_dtype(precision=args.precision)
     check_lora_options(args.lora_paths or [], args.lora_scales or [1.0] * len(args.lora_paths or []))
@@ -429,8 +429,7 @@ def run(argv: list[str]) -> int:
                 result.record["latents"] = latents_record
             if keep:
                 result.save(path, export_json=args.metadata)
-                batch = f"batch of {len(chunk)}: " if len(chunk) > 1 else ""
-                print(f"saved {path} (seed {seed}; {batch}{result.timings.line()})")
+                print(f"saved {path} (seed {seed}; {result.timings.line()})")
             if writer is None:
                 continue
             strip = writer.finish()

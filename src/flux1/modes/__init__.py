@@ -12,6 +12,7 @@ from flux1.modes.conditioning import Conditioning
 
 log = logging.getLogger("flux1")
 MODES = (text_to_image, img2img, inpaint, fill, kontext, control)
+CANNY_KINDS = ("canny",)  # the kinds whose control image --canny can make
 FLAGS = {"image": "--image-path", "mask": "--mask-path"}
 
 
@@ -22,7 +23,7 @@ def _describe(inputs: frozenset) -> str:
 def select(kind: str, inputs) -> ModuleType:
     """The mode for a model kind and the inputs given; a clear error when the kind cannot use them."""
     given = frozenset(name for name in FLAGS if getattr(inputs, name) is not None)
-    if inputs.canny and kind != "canny":
+    if inputs.canny and kind not in CANNY_KINDS:
         raise ValueError(f"--canny: FLUX.1-{kind} does not take Canny edges (FLUX.1-canny does)")
     for mode in MODES:
         if kind in mode.KINDS and given == mode.INPUTS:

@@ -9,9 +9,10 @@ from flux1.modes.conditioning import Conditioning
 log = logging.getLogger("flux1")
 
 
-def used(inputs) -> bool:
-    """Whether the negative prompt runs (each step then takes twice the rows)."""
-    return inputs.negative_prompt is not None and inputs.true_cfg_scale > 1
+def rows(inputs, images: int) -> int:
+    """The transformer's rows a step of `images` at once takes: twice over where the negative prompt
+    runs (a negative prompt and a scale above 1)."""
+    return images * (2 if inputs.negative_prompt is not None and inputs.true_cfg_scale > 1 else 1)
 
 
 def add_negative(flux, conditioning: Conditioning, inputs, max_length: int) -> Conditioning:

@@ -125,8 +125,7 @@ class Engine:
                     image.save(path)
                     with self._lock:
                         self.gallery.append((path, image.record))
-                    share = f"batch of {len(batch)}: " if len(batch) > 1 else ""
-                    line = f"Saved {path.name} (seed {seed}; {share}{image.timings.line()})"
+                    line = f"Saved {path.name} (seed {seed}; {image.timings.line()})"
                     emit(Saved(line, path, image.record))
         except Cancelled as e:
             emit(Stopped(str(e)))

@@ -95,7 +95,7 @@ def modes_line(kind: str | None) -> str:
 def takes(kind: str | None, name: str) -> bool:
     """Whether a model kind uses the input `name` ("image", "mask", "strength" or "canny"); unknown: all."""
     if name == "canny":
-        return kind in (None, "canny")
+        return kind is None or kind in modes.CANNY_KINDS
     found = [mode for mode in modes.MODES if kind is None or kind in mode.KINDS]
     if name == "strength":
         return any(mode.DEFAULT_STRENGTH is not None and "image" in mode.INPUTS for mode in found)
